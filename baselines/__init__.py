@@ -1,0 +1,1 @@
+"""Baseline predictors scored by the iclgym harness (each implements ``predict(batch)``)."""

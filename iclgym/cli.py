@@ -1,0 +1,138 @@
+"""The ``iclgym`` command: list, describe, eval, speed (and train, see ``iclgym.harness``)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Sequence
+
+from iclgym.registry import describe, get_entry, list_envs, make_task
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs; values are Python literals when they parse, else strings."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for env_id in list_envs():
+        print(f"{env_id:24s} {get_entry(env_id).summary}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    print(describe(args.env_id))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from iclgym.harness import evaluate, resolve_predictor
+
+    overrides = parse_overrides(args.set)
+    task = make_task(args.env_id, **overrides)
+    names = args.predictor or [*task.strategies, "oracle"]
+    reports = []
+    for name in names:
+        predictor = resolve_predictor(name, task)
+        report = evaluate(
+            predictor,
+            task,
+            split=args.split,
+            seed=args.seed,
+            num_sequences=args.num_sequences,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+        reports.append({**report.to_dict(), "predictor": name, "env_id": args.env_id})
+    if args.json:
+        if not args.curves:
+            for r in reports:
+                r.pop("curves")
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        return 0
+    print(f"{args.env_id}  split={args.split} seed={args.seed} sequences={args.num_sequences}")
+    print(f"  {task.spec}")
+    head = (
+        f"{'predictor':16s} {'CE':>8s} {'excess':>8s} {'+-se':>7s} {'KL':>8s} "
+        f"{'KL_last':>8s} {'acc':>6s} {'oracle':>6s}  nearest"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        print(
+            f"{r['predictor']:16s} {r['cross_entropy']:8.4f} {r['excess_loss']:8.4f} "
+            f"{r['excess_loss_se']:7.4f} {r['kl']:8.4f} {r['kl_last']:8.4f} "
+            f"{r['accuracy']:6.3f} {r['oracle_accuracy']:6.3f}  {r['nearest_strategy']}"
+        )
+    print(
+        f"oracle CE {reports[0]['oracle_cross_entropy']:.4f}, "
+        f"entropy of the true rows H {reports[0]['entropy']:.4f} (nats/token)"
+    )
+    return 0
+
+
+def _cmd_speed(args: argparse.Namespace) -> int:
+    from iclgym.speed import format_table, run
+
+    print(format_table(run(seconds=args.seconds, num_envs=args.num_envs)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iclgym", description="In-context-learning tasks, oracles and baselines."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the registered env ids").set_defaults(run=_cmd_list)
+    p = sub.add_parser("describe", help="describe one env id")
+    p.add_argument("env_id")
+    p.set_defaults(run=_cmd_describe)
+
+    p = sub.add_parser("eval", help="score predictors against the Bayes oracle")
+    p.add_argument("env_id")
+    p.add_argument(
+        "--predictor",
+        action="append",
+        help="oracle | a strategy name | ngram:ORDER[:ALPHA] | checkpoint:PATH (repeatable; "
+        "default: every strategy and the oracle)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-sequences", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    p.add_argument("--curves", action="store_true", help="include per-position curves in JSON")
+    p.set_defaults(run=_cmd_eval)
+
+    p = sub.add_parser("speed", help="throughput benchmark with the project's targets")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per env benchmark")
+    p.add_argument("--num-envs", type=int, default=4096)
+    p.set_defaults(run=_cmd_speed)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""Gymnasium views of any iclgym task: one sequence per episode, one prediction per step.
+
+At step ``t`` the agent has seen ``x_0 .. x_t`` and predicts ``x_{t+1}``; it is scored, then
+``x_{t+1}`` is revealed. After ``seq_len`` steps the episode terminates (the length is part of
+the task, so this is termination, not truncation).
+
+Observations (``observation=``):
+    ``"context"`` (default): the tokens so far as ``MultiDiscrete([V + 1] * (seq_len + 1))``,
+    unrevealed positions holding the PAD id ``V``; ``"token"``: the current token,
+    ``Discrete(V)``; ``"window"``: the last ``window`` tokens, ``MultiDiscrete([V + 1] * W)``,
+    left-padded with ``V``.
+Actions (``action=``):
+    ``"token"`` (default): ``Discrete(V)``, reward ``1[a = x_{t+1}]``;
+    ``"distribution"``: a probability vector in ``Box(0, 1, (V,))``, normalised by its sum,
+    floored at ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward
+    ``log q(x_{t+1})``; ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)``
+    (SB3-friendly), reward ``log q(x_{t+1})``.
+Info (every step): ``t`` (the position scored), ``true_probs`` (the law ``x_{t+1}`` was drawn
+from), ``oracle_probs`` (the Bayes-optimal prediction), ``regret`` (the oracle's reward minus
+the agent's on this step) and, for probability actions, ``kl`` = KL(true || q).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from iclgym.registry import get_entry
+from iclgym.tasks import SPLITS, Task, make_family_task
+
+OBSERVATIONS = ("context", "token", "window")
+ACTIONS = ("token", "distribution", "logits")
+PROB_FLOOR = 1e-6
+BLOCK = 64
+"""Sequences the single env draws per sampler call (amortises the torch call over episodes)."""
+
+
+def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any]) -> Task:
+    """The task an env runs: an explicit ``task``, or ``env_id``'s family with overrides."""
+    if task is not None:
+        if spec_kwargs or env_id is not None:
+            raise ValueError("pass either task= or env_id/spec keyword arguments, not both")
+        return task
+    if env_id is None:
+        raise ValueError("an iclgym env needs env_id= (a registered id) or task= (a Task)")
+    entry = get_entry(env_id)
+    return make_family_task(entry.family, **entry.spec_kwargs(spec_kwargs))
+
+
+def _token_dtype(vocab_size: int) -> type[np.integer]:
+    return np.uint8 if vocab_size < 255 else np.uint16 if vocab_size < 65535 else np.int32
+
+
+class EpisodeStream:
+    """Seeded source of episodes: draws blocks of ``block`` sequences, hands them out in order."""
+
+    def __init__(self, task: Task, split: str, seed_source: np.random.Generator, block: int):
+        self.task = task
+        self.block = block
+        self.generator = task.generator(int(seed_source.integers(2**63)), split)
+        self._offset = block
+
+    def take(self, count: int) -> dict[str, Any]:
+        """The next ``count`` episodes; ``count`` must divide ``block``."""
+        if self._offset == self.block:
+            batch = self.task.sample(self.block, generator=self.generator)
+            self._batch = batch
+            self._tokens = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).numpy()
+            self._true_probs = batch.true_probs.numpy()
+            self._offset = 0
+        rows = slice(self._offset, self._offset + count)
+        self._offset += count
+        return {
+            "tokens": self._tokens[rows],
+            "true_probs": self._true_probs[rows],
+            "batch": self._batch,
+            "rows": rows,
+        }
+
+
+class _Spaces:
+    """Observation/action spaces and action scoring shared by the single and vector env."""
+
+    def _setup(
+        self,
+        task: Task,
+        observation: str,
+        window: int,
+        action: str,
+        logit_scale: float,
+        split: str,
+    ) -> None:
+        if observation not in OBSERVATIONS:
+            raise ValueError(
+                f"observation={observation!r} is invalid: expected one of {OBSERVATIONS}"
+            )
+        if action not in ACTIONS:
+            raise ValueError(f"action={action!r} is invalid: expected one of {ACTIONS}")
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
+        if not np.isfinite(logit_scale) or logit_scale <= 0:
+            raise ValueError(f"logit_scale={logit_scale!r} is invalid: expected a float > 0")
+        self.task, self.split = task, split
+        self.obs_mode, self.action_mode = observation, action
+        self.logit_scale = float(logit_scale)
+        v, t = task.vocab_size, task.seq_len
+        self.vocab_size, self.seq_len, self.pad = v, t, v
+        dtype = _token_dtype(v + 1)
+        width = {"context": t + 1, "window": window}.get(observation)
+        self.window = width
+        self.single_obs_space: spaces.Space = (
+            spaces.Discrete(v)
+            if width is None
+            else spaces.MultiDiscrete([v + 1] * width, dtype=dtype)
+        )
+        self.single_act_space: spaces.Space = {
+            "token": spaces.Discrete(v),
+            "distribution": spaces.Box(0.0, 1.0, (v,), np.float32),
+            "logits": spaces.Box(-1.0, 1.0, (v,), np.float32),
+        }[action]
+
+    def _probabilities(self, action: np.ndarray) -> np.ndarray:
+        """Validated probability vectors (N, V) from distribution or logits actions."""
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape[-1:] != (self.vocab_size,):
+            raise ValueError(f"action shape {a.shape} does not end with ({self.vocab_size},)")
+        if not np.isfinite(a).all():
+            raise ValueError(f"action contains NaN or inf: {action}")
+        if self.action_mode == "logits":
+            if (np.abs(a) > 1.0).any():
+                raise ValueError(f"logits action outside Box(-1, 1): {action}")
+            z = self.logit_scale * a
+            z -= z.max(-1, keepdims=True)
+            e = np.exp(z)
+            return e / e.sum(-1, keepdims=True)
+        if (a < 0).any() or (a > 1).any():
+            raise ValueError(f"distribution action has entries outside [0, 1]: {action}")
+        total = a.sum(-1, keepdims=True)
+        if (total <= 0).any():
+            raise ValueError(f"distribution action sums to zero: {action}")
+        q = np.maximum(a / total, PROB_FLOOR)
+        return q / q.sum(-1, keepdims=True)
+
+    def _check_tokens(self, action: Any) -> np.ndarray:
+        a = np.asarray(action)
+        if not np.issubdtype(a.dtype, np.integer) or (a < 0).any() or (a >= self.vocab_size).any():
+            raise ValueError(f"token action {action!r} is outside Discrete({self.vocab_size})")
+        return a.astype(np.int64)
+
+    def _score(
+        self, action: Any, target: np.ndarray, true: np.ndarray, oracle: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rewards (N,) and per-step info for actions on N envs at one position."""
+        rows = np.arange(target.shape[0])
+        if self.action_mode == "token":
+            a = self._check_tokens(action).reshape(target.shape)
+            reward = (a == target).astype(np.float64)
+            oracle_reward = (oracle.argmax(-1) == target).astype(np.float64)
+            return reward, {"regret": oracle_reward - reward}
+        q = self._probabilities(action).reshape(*target.shape, self.vocab_size)
+        reward = np.log(q[rows, target])
+        oracle_reward = np.log(oracle[rows, target])
+        kl = (true * (np.log(np.maximum(true, 1e-300)) - np.log(q))).sum(-1)
+        return reward, {"regret": oracle_reward - reward, "kl": kl}
+
+
+class ICLEnv(_Spaces, gym.Env):
+    """One in-context sequence per episode; see the module docstring for the spaces."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        env_id: str | None = None,
+        *,
+        task: Task | None = None,
+        observation: str = "context",
+        window: int = 8,
+        action: str = "token",
+        logit_scale: float = 5.0,
+        split: str = "train",
+        render_mode: str | None = None,
+        **spec_kwargs: Any,
+    ) -> None:
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode={render_mode!r} is invalid: expected None or 'ansi'")
+        self._setup(
+            build_task(env_id, task, spec_kwargs), observation, window, action, logit_scale, split
+        )
+        self.observation_space = self.single_obs_space
+        self.action_space = self.single_act_space
+        self.render_mode = render_mode
+        self._stream: EpisodeStream | None = None
+        self._t: int | None = None
+        self._last: tuple[Any, float] | None = None
+
+    def _observation(self) -> Any:
+        t = self._t
+        if self.obs_mode == "token":
+            return int(self._tokens[t])
+        return (
+            self._obs_buffer[t : t + self.window].copy()
+            if self.obs_mode == "window"
+            else self._obs_buffer.copy()
+        )
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self._stream is None:
+            self._stream = EpisodeStream(self.task, self.split, self.np_random, BLOCK)
+        episode = self._stream.take(1)
+        self._tokens = episode["tokens"][0]
+        self._true = episode["true_probs"][0]
+        self._oracle = self._block_oracle(episode["batch"])[episode["rows"]][0]
+        self._t = 0
+        self._last = None
+        dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
+        if self.obs_mode == "context":
+            self._obs_buffer = np.full(self.seq_len + 1, self.pad, dtype=dtype)
+            self._obs_buffer[0] = self._tokens[0]
+        elif self.obs_mode == "window":
+            self._obs_buffer = np.full(self.window + self.seq_len, self.pad, dtype=dtype)
+            self._obs_buffer[self.window - 1 :] = self._tokens
+        return self._observation(), {"t": 0}
+
+    def _block_oracle(self, batch) -> np.ndarray:
+        """Oracle probabilities of the whole block, computed once per block."""
+        if getattr(self, "_oracle_batch", None) is not batch:
+            self._oracle_batch = batch
+            self._oracle_block = self.task.oracle(batch).exp().numpy()
+        return self._oracle_block
+
+    def step(self, action: Any):
+        t = self._t
+        if t is None:
+            raise RuntimeError("step() called before reset()")
+        if t >= self.seq_len:
+            raise RuntimeError("step() called after the episode ended; call reset() first")
+        target = self._tokens[t + 1 : t + 2]
+        true, oracle = self._true[t], self._oracle[t]
+        reward, extra = self._score(np.asarray(action)[None], target, true[None], oracle[None])
+        self._t = t + 1
+        if self.obs_mode == "context":
+            self._obs_buffer[t + 1] = target[0]
+        info = {"t": t, "true_probs": true, "oracle_probs": oracle}
+        info.update((k, float(v[0])) for k, v in extra.items())
+        self._last = (action, float(reward[0]))
+        return self._observation(), float(reward[0]), self._t == self.seq_len, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._t is None:
+            return None
+        shown = " ".join(str(x) for x in self._tokens[max(0, self._t - 15) : self._t + 1])
+        line = f"t={self._t:4d} | ... {shown}"
+        if self._last is not None:
+            action, reward = np.round(np.asarray(self._last[0]), 3), self._last[1]
+            line += f" | last action {action} reward {reward:+.3f}"
+        return line + "\n"
+
+
+class ICLVectorEnv(_Spaces, VectorEnv):
+    """Native batched env: ``num_envs`` sequences stepped in lockstep with no per-env loop.
+
+    Every episode of a task has the same length, so all sub-envs reset together; autoreset is
+    next-step (the step after the last one returns the new first observation, reward 0 and
+    both flags false). Data come from one batched sampler call per episode round, so the
+    stream of a sub-env is not that of ``gym.make`` seeded ``seed + i``; with ``num_envs=1``
+    it is exactly ``gym.make``'s stream for the same seed.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {
+        "render_modes": ["ansi"],
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+    }
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        env_id: str | None = None,
+        *,
+        task: Task | None = None,
+        observation: str = "context",
+        window: int = 8,
+        action: str = "token",
+        logit_scale: float = 5.0,
+        split: str = "train",
+        render_mode: str | None = None,
+        max_episode_steps: int | None = None,
+        **spec_kwargs: Any,
+    ) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} is invalid: expected an int >= 1")
+        if max_episode_steps is not None and (
+            not isinstance(max_episode_steps, int) or max_episode_steps < 1
+        ):
+            raise ValueError(
+                f"max_episode_steps={max_episode_steps!r} is invalid: expected an int >= 1"
+            )
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode={render_mode!r} is invalid: expected None or 'ansi'")
+        self._setup(
+            build_task(env_id, task, spec_kwargs), observation, window, action, logit_scale, split
+        )
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.max_episode_steps = max_episode_steps
+        self.single_observation_space = self.single_obs_space
+        self.single_action_space = self.single_act_space
+        self.observation_space = batch_space(self.single_obs_space, num_envs)
+        self.action_space = batch_space(self.single_act_space, num_envs)
+        self._stream: EpisodeStream | None = None
+        self._t: int | None = None
+        self._autoreset = False
+
+    def _start_round(self) -> tuple[Any, dict[str, Any]]:
+        episode = self._stream.take(self.num_envs)
+        tokens = episode["tokens"]
+        self._tokens_tm = np.ascontiguousarray(tokens.T)  # (T + 1, N): one row per step
+        self._true = episode["true_probs"]
+        batch = episode["batch"]
+        rows = episode["rows"]
+        online = self.task.online_oracle(batch)
+        self._oracle = lambda t: online(t)[rows]
+        self._t = 0
+        self._autoreset = False
+        dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
+        if self.obs_mode == "context":
+            self._obs_buffer = np.full((self.num_envs, self.seq_len + 1), self.pad, dtype=dtype)
+            self._obs_buffer[:, 0] = tokens[:, 0]
+        elif self.obs_mode == "window":
+            self._obs_buffer = np.full(
+                (self.num_envs, self.window + self.seq_len), self.pad, dtype=dtype
+            )
+            self._obs_buffer[:, self.window - 1 :] = tokens
+        else:
+            self._obs_buffer = None
+        return self._observation(), {"t": np.zeros(self.num_envs, dtype=np.int64)}
+
+    def _observation(self) -> np.ndarray:
+        t = self._t
+        if self.obs_mode == "token":
+            return self._tokens_tm[t].astype(np.int64)
+        if self.obs_mode == "window":
+            return self._obs_buffer[:, t : t + self.window].copy()
+        return self._obs_buffer.copy()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self._stream is None:
+            block = max(BLOCK, self.num_envs)
+            if block % self.num_envs:
+                block = self.num_envs * (block // self.num_envs + 1)
+            self._stream = EpisodeStream(self.task, self.split, self.np_random, block)
+        return self._start_round()
+
+    def step(self, actions: Any):
+        if self._t is None:
+            raise RuntimeError("step() called before reset()")
+        if self._autoreset:
+            obs, info = self._start_round()
+            flags = np.zeros(self.num_envs, dtype=np.bool_)
+            return obs, np.zeros(self.num_envs), flags, flags.copy(), info
+        t = self._t
+        target = self._tokens_tm[t + 1]
+        true = self._true[:, t]
+        oracle = self._oracle(t)
+        reward, extra = self._score(actions, target, true, oracle)
+        self._t = t + 1
+        if self.obs_mode == "context":
+            self._obs_buffer[:, t + 1] = target
+        terminated = self._t == self.seq_len
+        truncated = (
+            not terminated
+            and self.max_episode_steps is not None
+            and self._t >= self.max_episode_steps
+        )
+        self._autoreset = terminated or truncated
+        info = {"t": np.full(self.num_envs, t), "true_probs": true, "oracle_probs": oracle, **extra}
+        return (
+            self._observation(),
+            reward,
+            np.full(self.num_envs, terminated),
+            np.full(self.num_envs, truncated),
+            info,
+        )
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi" or self._t is None:
+            return None
+        lo = max(0, self._t - 15)
+        return tuple(
+            f"t={self._t:4d} | ... {' '.join(map(str, self._tokens_tm[lo : self._t + 1, i]))}\n"
+            for i in range(self.num_envs)
+        )

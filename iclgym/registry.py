@@ -1,0 +1,127 @@
+"""Env ids -> task families and default spec kwargs; registration with Gymnasium.
+
+This module imports neither torch nor the envs, so ``import iclgym`` stays cheap: Gymnasium
+gets string entry points and loads ``iclgym.envs`` on the first ``gym.make``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import gymnasium as gym
+
+ENTRY_POINT = "iclgym.envs:ICLEnv"
+VECTOR_ENTRY_POINT = "iclgym.envs:ICLVectorEnv"
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    """One registered env id: its task family, default spec and allowed overrides."""
+
+    env_id: str
+    family: str
+    summary: str
+    defaults: Mapping[str, Any]
+    check: Callable[[Mapping[str, Any]], None] = field(repr=False)
+    """Raises ValueError when merged spec kwargs are outside what this id means."""
+
+    def spec_kwargs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        merged = {**self.defaults, **overrides}
+        self.check(merged)
+        return merged
+
+
+def _first_order(kwargs: Mapping[str, Any]) -> None:
+    if kwargs.get("order", 2) != 2:
+        raise ValueError(
+            f"order={kwargs['order']!r} is invalid for ICL-MarkovChain-v0: it is the first-order "
+            "chain (order=2); use ICL-NGram-v0 for order >= 3"
+        )
+
+
+def _higher_order(kwargs: Mapping[str, Any]) -> None:
+    order = kwargs.get("order")
+    if not isinstance(order, int) or order < 3:
+        raise ValueError(
+            f"order={order!r} is invalid for ICL-NGram-v0: expected an int >= 3 "
+            "(use ICL-MarkovChain-v0 for order=2)"
+        )
+
+
+ENVS: Mapping[str, EnvEntry] = MappingProxyType(
+    {
+        e.env_id: e
+        for e in (
+            EnvEntry(
+                "ICL-MarkovChain-v0",
+                "markov_chain",
+                "In-context first-order Markov chains, Dirichlet rows (Edelman et al. 2024)",
+                MappingProxyType({"num_states": 3, "order": 2, "seq_len": 100, "alpha": 1.0}),
+                _first_order,
+            ),
+            EnvEntry(
+                "ICL-NGram-v0",
+                "markov_chain",
+                "In-context order-n chains (n-grams, n >= 3), Dirichlet rows",
+                MappingProxyType({"num_states": 3, "order": 3, "seq_len": 100, "alpha": 1.0}),
+                _higher_order,
+            ),
+        )
+    }
+)
+
+
+def register_iclgym_envs() -> None:
+    """Register every iclgym id with Gymnasium; calling it again does nothing."""
+    for entry in ENVS.values():
+        if entry.env_id in gym.registry:
+            continue
+        gym.register(
+            id=entry.env_id,
+            entry_point=ENTRY_POINT,
+            vector_entry_point=VECTOR_ENTRY_POINT,
+            kwargs={"env_id": entry.env_id, **entry.defaults},
+        )
+
+
+def get_entry(env_id: str) -> EnvEntry:
+    """The registry entry of ``env_id`` (the ``iclgym:`` module prefix is accepted)."""
+    key = env_id.split(":", 1)[1] if env_id.startswith("iclgym:") else env_id
+    try:
+        return ENVS[key]
+    except KeyError:
+        raise ValueError(
+            f"unknown iclgym env id {env_id!r}; `iclgym list` or iclgym.list_envs() "
+            f"shows the ids: {', '.join(ENVS)}"
+        ) from None
+
+
+def make_task(env_id: str, **overrides: Any):
+    """The task behind ``env_id`` with spec overrides (e.g. ``num_states=5``)."""
+    from iclgym.tasks import make_family_task
+
+    entry = get_entry(env_id)
+    return make_family_task(entry.family, **entry.spec_kwargs(overrides))
+
+
+def list_envs() -> list[str]:
+    """All iclgym env ids."""
+    return list(ENVS)
+
+
+def describe(env_id: str) -> str:
+    """A human-readable description: summary, spec, vocabulary, strategies."""
+    entry = get_entry(env_id)
+    task = make_task(env_id)
+    lines = [
+        f"{entry.env_id}: {entry.summary}",
+        f"  family:      {entry.family}",
+        f"  spec:        {task.spec}",
+        f"  vocabulary:  {task.vocab_size} tokens, {task.seq_len} scored positions",
+        f"  strategies:  {', '.join(task.strategies)}",
+        f"  docs:        docs/envs/{entry.env_id}.md",
+    ]
+    return "\n".join(lines)

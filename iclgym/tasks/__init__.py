@@ -1,0 +1,32 @@
+"""Task families: one module per family, each with a frozen spec, sampler, oracle, strategies."""
+
+from iclgym.tasks.base import SPLITS, Batch, Strategy, Task, TaskSpec, make_generator
+from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
+
+TASK_FAMILIES: dict[str, type[Task]] = {MarkovChainTask.name: MarkovChainTask}
+"""Family name -> task class; the registry builds envs and tasks from these names."""
+
+
+def make_family_task(family: str, **spec_kwargs: object) -> Task:
+    """Instantiate task family ``family`` with spec keyword arguments."""
+    try:
+        cls = TASK_FAMILIES[family]
+    except KeyError:
+        raise ValueError(
+            f"unknown task family {family!r}; known: {sorted(TASK_FAMILIES)}"
+        ) from None
+    return cls(**spec_kwargs)
+
+
+__all__ = [
+    "SPLITS",
+    "TASK_FAMILIES",
+    "Batch",
+    "MarkovChainSpec",
+    "MarkovChainTask",
+    "Strategy",
+    "Task",
+    "TaskSpec",
+    "make_family_task",
+    "make_generator",
+]

@@ -1,0 +1,158 @@
+"""The task contract every iclgym task family implements.
+
+A task is a frozen, validated spec plus three things computed from it: a vectorised,
+seeded sampler of :class:`Batch` es, a Bayes-optimal ``oracle`` and named reference
+``strategies``. Envs, baselines and the harness only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "validation", "test")
+"""Named data splits; each draws from its own seed stream (see :func:`make_generator`)."""
+
+Strategy = Callable[["Batch"], Tensor]
+"""A reference predictor: maps a batch to next-token log-probabilities (B, T, V)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of sequences with everything needed to score a next-token predictor.
+
+    Position ``t`` of a sequence has seen ``tokens[:, : t + 1]`` and must predict
+    ``targets[:, t]`` (which equals ``tokens[:, t + 1]`` for ``t < T - 1``).
+    ``true_probs`` is computed from the latent parameters on first access, so training
+    loops that never read it do not pay for it.
+    """
+
+    tokens: Tensor
+    """(B, T) int64 model input."""
+    targets: Tensor
+    """(B, T) int64 next token at every position."""
+    loss_mask: Tensor
+    """(B, T) bool, the positions that are scored."""
+    params: Mapping[str, Tensor]
+    """Latent task parameters, one leading batch dimension each (never shown to a model)."""
+    vocab_size: int
+    true_probs_fn: Callable[[Batch], Tensor] = field(repr=False, compare=False)
+    """Computes :attr:`true_probs` from this batch (usually a bound task method)."""
+
+    @cached_property
+    def true_probs(self) -> Tensor:
+        """(B, T, V) float32, the law each target was drawn from."""
+        return self.true_probs_fn(self)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device``."""
+        return replace(
+            self,
+            tokens=self.tokens.to(device),
+            targets=self.targets.to(device),
+            loss_mask=self.loss_mask.to(device),
+            params={k: v.to(device) for k, v in self.params.items()},
+        )
+
+
+def make_generator(seed: int, split: str = "train", device: torch.device | str = "cpu"):
+    """A ``torch.Generator`` for ``(seed, split)``.
+
+    Splits get statistically independent streams: the torch seed is drawn from
+    ``numpy.random.SeedSequence(seed, spawn_key=(split_index,))``, so the train, validation
+    and test streams of one seed never coincide.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative int")
+    state = np.random.SeedSequence(int(seed), spawn_key=(SPLITS.index(split),)).generate_state(
+        1, np.uint64
+    )
+    return torch.Generator(device=device).manual_seed(int(state[0]))
+
+
+class TaskSpec:
+    """Base of the frozen spec dataclasses; each validates itself in ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+class Task(ABC):
+    """A task family instance: spec, sampler, oracle and reference strategies."""
+
+    name: ClassVar[str]
+    """Short family name used by the registry (e.g. ``"markov_chain"``)."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids V a predictor must score."""
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int:
+        """Number of scored positions T per sequence."""
+
+    @abstractmethod
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+    ) -> Batch:
+        """Draw ``batch_size`` fresh sequences, each from its own freshly drawn task instance."""
+
+    @abstractmethod
+    def oracle(self, batch: Batch) -> Tensor:
+        """Bayes-optimal next-token log-probabilities (B, T, V) given only the tokens."""
+
+    @property
+    @abstractmethod
+    def strategies(self) -> Mapping[str, Strategy]:
+        """Named reference predictors, ordered from least to most informed."""
+
+    def online_oracle(self, batch: Batch) -> Callable[[int], np.ndarray]:
+        """Oracle probabilities (B, V) for position t, called with t = 0, 1, 2, ... in turn.
+
+        The vector env steps through positions one at a time; tasks whose oracle can be
+        updated incrementally override this to avoid scoring the whole batch up front.
+        """
+        probs = self.oracle(batch).exp().cpu().numpy()
+        return lambda t: probs[:, t]
+
+    def generator(
+        self, seed: int, split: str = "train", device: torch.device | str = "cpu"
+    ) -> torch.Generator:
+        """The seeded generator of ``split`` (see :func:`make_generator`)."""
+        return make_generator(seed, split, device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool):
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")

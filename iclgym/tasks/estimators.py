@@ -1,0 +1,108 @@
+"""In-context count estimators shared by oracles, reference strategies and baselines.
+
+Conventions (one for the whole library):
+
+* A context of ``L`` tokens ``c_0 .. c_{L-1}`` (oldest first) has index
+  ``sum_i c_i * V**(L - 1 - i)``: the *newest* token is the least significant digit.
+* The in-context ``m``-gram at position ``t`` has seen ``x_0 .. x_t``. It counts the
+  observations ``x_u`` (``m - 1 <= u <= t``) whose preceding ``m - 1`` tokens equal the current
+  context ``x_{t-m+2} .. x_t``. For ``m = 1`` the context is empty and every token ``x_0 .. x_t``
+  counts. The token being predicted, ``x_{t+1}``, is never counted (causality).
+
+Everything is vectorised over batch and time in O(B * T * V) memory: the observations are
+sorted by context (stably, so time order is kept inside a context) and a cumulative sum per
+context group gives all counts at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def context_index(tokens: Tensor, vocab_size: int, length: int) -> Tensor:
+    """Index of the last ``length`` tokens ending at every position, newest-last.
+
+    Returns (B, T) int64; positions ``t < length - 1`` (incomplete context) get ``-1``.
+    """
+    if length < 1:
+        raise ValueError(f"length={length} must be >= 1")
+    _batch, _seq = tokens.shape
+    idx = tokens.clone()
+    for lag in range(1, length):
+        shifted = torch.zeros_like(tokens)
+        shifted[:, lag:] = tokens[:, :-lag]
+        idx += shifted * vocab_size**lag
+    idx[:, : length - 1] = -1
+    return idx
+
+
+def one_hot(tokens: Tensor, vocab_size: int) -> Tensor:
+    """float32 one-hot (..., V); a comparison, several times faster than F.one_hot on CPU."""
+    ids = torch.arange(vocab_size, dtype=tokens.dtype, device=tokens.device)
+    return (tokens.unsqueeze(-1) == ids).to(torch.float32)
+
+
+def in_context_counts(tokens: Tensor, vocab_size: int, order: int) -> Tensor:
+    """Counts ``N_t(context_t -> j)`` of the in-context ``order``-gram, (B, T, V) float32."""
+    if order < 1:
+        raise ValueError(f"order={order} must be >= 1")
+    batch, seq = tokens.shape
+    if order == 1:
+        return one_hot(tokens, vocab_size).cumsum(1)
+    # Observation u = 0..T has value x_u and key = context ending at u - 1; the query at
+    # position t is the key of observation t + 1. Observation T (not revealed, value 0 as a
+    # placeholder) is last in its group, so it never enters an exclusive count. One sort of
+    # the combined key (context, time, value) orders by context then time and carries the
+    # time and value along, so no stable sort and no gathers are needed.
+    sentinel = vocab_size ** (order - 1)
+    span = seq + 1
+    ctx = context_index(tokens, vocab_size, order - 1)
+    keys = torch.full((batch, span), sentinel, dtype=torch.int64, device=tokens.device)
+    keys[:, 1:] = torch.where(ctx < 0, sentinel, ctx)
+    keys.mul_(span).add_(torch.arange(span, device=tokens.device)).mul_(vocab_size)
+    keys[:, :seq] += tokens
+    if (sentinel + 1) * span * vocab_size < 2**31:
+        keys = keys.to(torch.int32)
+    ordered = torch.sort(keys, dim=1).values
+    value = ordered % vocab_size
+    time = ordered // vocab_size % span
+    group = ordered // (vocab_size * span)
+    sorted_onehot = one_hot(value, vocab_size)
+    exclusive = sorted_onehot.cumsum(1).sub_(sorted_onehot)
+    positions = torch.arange(span, dtype=time.dtype, device=tokens.device).expand(batch, -1)
+    new_group = torch.ones_like(group, dtype=torch.bool)
+    new_group[:, 1:] = group[:, 1:] != group[:, :-1]
+    row_offset = torch.arange(0, batch * span, span, device=tokens.device).unsqueeze(1)
+    group_start = torch.where(new_group, positions, 0).cummax(1).values + row_offset
+    flat = exclusive.view(-1, vocab_size)
+    flat -= flat.index_select(0, group_start.view(-1))
+    counts = torch.empty_like(exclusive)
+    counts.view(-1, vocab_size).index_copy_(0, (time + row_offset).view(-1), flat)
+    counts = counts[:, 1:]
+    counts[:, : order - 2] = 0.0  # incomplete query context: the prior alone
+    return counts
+
+
+def dirichlet_log_predictive(counts: Tensor, alpha: float | Tensor) -> Tensor:
+    """Log posterior predictive ``log (N_j + a_j) / (N + sum a)`` of a Dirichlet(a) row."""
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(counts)
+        total_alpha = alpha.sum()
+    else:
+        total_alpha = alpha * counts.shape[-1]
+    total = counts.sum(-1, keepdim=True).add_(total_alpha).log_()
+    return (counts + alpha).log_().sub_(total)
+
+
+def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | Tensor) -> Tensor:
+    """Add-``alpha`` in-context ``order``-gram log-probabilities (B, T, V).
+
+    ``order = 0`` is the uniform predictor. With the true order and the prior's ``alpha`` this is
+    the exact Bayes posterior predictive of a chain with i.i.d. Dirichlet rows.
+    """
+    if order == 0:
+        return torch.full((*tokens.shape, vocab_size), -math.log(vocab_size), device=tokens.device)
+    return dirichlet_log_predictive(in_context_counts(tokens, vocab_size, order), alpha)

@@ -1,0 +1,30 @@
+"""The iclgym command: list, describe, eval (table and JSON), errors."""
+
+from __future__ import annotations
+
+import json
+
+from iclgym.cli import main
+
+
+def test_list_and_describe(capsys):
+    assert main(["list"]) == 0
+    assert "ICL-MarkovChain-v0" in capsys.readouterr().out
+    assert main(["describe", "ICL-NGram-v0"]) == 0
+    assert "trigram" in capsys.readouterr().out
+
+
+def test_eval_json_and_table(capsys):
+    args = ["eval", "ICL-MarkovChain-v0", "--num-sequences", "64", "--set", "num_states=2"]
+    assert main([*args, "--predictor", "ngram:2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"]["num_states"] == 2 and abs(report["excess_loss"]) < 1e-6
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "oracle" in out and "unigram" in out
+
+
+def test_eval_bad_input_exits_2(capsys):
+    assert main(["eval", "ICL-MarkovChain-v0", "--set", "alpha=-1"]) == 2
+    assert "alpha=-1" in capsys.readouterr().err
+    assert main(["eval", "ICL-MarkovChain-v0", "--predictor", "magic"]) == 2

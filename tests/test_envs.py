@@ -1,0 +1,182 @@
+"""Envs: both checkers, seeding, single vs native vector semantics, bad actions."""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import iclgym  # noqa: F401
+from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv
+
+
+@pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-NGram-v0"])
+def test_default_env_passes_both_checkers_without_warnings(env_id):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make(env_id)
+        check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+        check_env(gym.make(env_id, render_mode="ansi").unwrapped)
+
+
+@pytest.mark.parametrize("observation", ["context", "token", "window"])
+@pytest.mark.parametrize("action", ["token", "distribution", "logits"])
+def test_every_mode_passes_gymnasium_checker(observation, action):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make("ICL-MarkovChain-v0", observation=observation, action=action, window=4)
+        check_env(env.unwrapped)
+        if action != "distribution":  # SB3 requires Box actions in [-1, 1]
+            sb3_check_env(env.unwrapped)
+
+
+def _rollout(env, actions):
+    obs, _ = env.reset(seed=5)
+    out = [obs]
+    for a in actions:
+        obs, reward, terminated, _truncated, info = env.step(a)
+        out.append((obs, reward, terminated, info["regret"]))
+        if terminated:
+            obs, _ = env.reset()
+            out.append(obs)
+    return out
+
+
+def test_same_seed_same_stream():
+    actions = np.random.default_rng(0).integers(0, 3, 250)
+    a = _rollout(gym.make("ICL-MarkovChain-v0"), actions)
+    b = _rollout(gym.make("ICL-MarkovChain-v0"), actions)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_equal(x, y)
+
+
+def test_episode_semantics():
+    env = gym.make("ICL-MarkovChain-v0", num_states=4, seq_len=12)
+    obs, info = env.reset(seed=1)
+    assert obs.shape == (13,) and (obs[1:] == 4).all() and info["t"] == 0
+    total = 0.0
+    for t in range(12):
+        prev = obs
+        obs, reward, terminated, truncated, info = env.step(t % 4)
+        revealed = obs[t + 1]
+        assert (obs[: t + 1] == prev[: t + 1]).all() and revealed < 4
+        assert reward == float(t % 4 == revealed) and info["t"] == t
+        assert info["true_probs"].sum() == pytest.approx(1.0, abs=1e-5)
+        oracle_reward = float(np.argmax(info["oracle_probs"]) == revealed)
+        assert info["regret"] == pytest.approx(oracle_reward - reward)
+        assert terminated == (t == 11) and not truncated
+        total += reward
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.unwrapped.step(0)
+
+
+def test_distribution_action_reward_and_kl():
+    env = gym.make("ICL-MarkovChain-v0", action="distribution", seq_len=5)
+    obs, _ = env.reset(seed=0)
+    q = np.array([0.2, 0.0, 0.6], dtype=np.float32)
+    obs, reward, *_, info = env.step(q)
+    floored = np.maximum(q / q.sum(), PROB_FLOOR)
+    floored /= floored.sum()
+    assert reward == pytest.approx(np.log(floored[obs[1]]))
+    p = info["true_probs"]
+    assert info["kl"] == pytest.approx(float((p * (np.log(p) - np.log(floored))).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("action_mode", "bad"),
+    [
+        ("token", 3),
+        ("token", -1),
+        ("token", 1.5),
+        ("distribution", np.array([np.nan, 0.5, 0.5], np.float32)),
+        ("distribution", np.array([-0.1, 0.5, 0.6], np.float32)),
+        ("distribution", np.zeros(3, np.float32)),
+        ("distribution", np.ones(4, np.float32)),
+        ("logits", np.array([2.0, 0.0, 0.0], np.float32)),
+    ],
+)
+def test_bad_actions_raise(action_mode, bad):
+    env = ICLEnv("ICL-MarkovChain-v0", action=action_mode)
+    env.reset(seed=0)
+    with pytest.raises(ValueError):
+        env.step(bad)
+    venv = ICLVectorEnv(2, "ICL-MarkovChain-v0", action=action_mode)
+    venv.reset(seed=0)
+    with pytest.raises(ValueError):
+        venv.step(np.stack([bad, bad]))
+
+
+def test_step_before_reset_raises():
+    with pytest.raises(RuntimeError):
+        ICLEnv("ICL-MarkovChain-v0").step(0)
+    with pytest.raises(RuntimeError):
+        ICLVectorEnv(2, "ICL-MarkovChain-v0").step(np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize(
+    ("observation", "action"),
+    [("context", "token"), ("window", "distribution"), ("token", "logits")],
+)
+def test_vector_env_with_one_env_reproduces_single_env(observation, action):
+    kwargs = {"observation": observation, "action": action, "seq_len": 20, "window": 5}
+    single = gym.make("ICL-MarkovChain-v0", **kwargs)
+    vector = gym.make_vec("ICL-MarkovChain-v0", num_envs=1, **kwargs)
+    single.action_space.seed(3)
+    o1, _ = single.reset(seed=9)
+    o2, _ = vector.reset(seed=9)
+    np.testing.assert_array_equal(o1, o2[0])
+    for _step in range(70):
+        a = single.action_space.sample()
+        o1, r1, term1, trunc1, i1 = single.step(a)
+        o2, r2, term2, trunc2, i2 = vector.step(np.asarray(a)[None])
+        np.testing.assert_array_equal(o1, o2[0])
+        assert r1 == pytest.approx(r2[0], rel=1e-5) and term1 == term2[0] and trunc1 == trunc2[0]
+        np.testing.assert_allclose(i1["true_probs"], i2["true_probs"][0])
+        np.testing.assert_allclose(i1["oracle_probs"], i2["oracle_probs"][0], rtol=1e-5)
+        assert i1["regret"] == pytest.approx(i2["regret"][0], rel=1e-4, abs=1e-6)
+        if term1:
+            o1, _ = single.reset()
+            o2, r2, term2, trunc2, _ = vector.step(np.asarray(a)[None])  # next-step autoreset
+            assert r2[0] == 0.0 and not term2[0] and not trunc2[0]
+            np.testing.assert_array_equal(o1, o2[0])
+
+
+def test_native_vector_env_semantics_and_truncation():
+    venv = gym.make_vec("ICL-MarkovChain-v0", num_envs=64, seq_len=10, max_episode_steps=6)
+    assert venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    obs, _ = venv.reset(seed=0)
+    assert obs.shape == (64, 11) and (obs[:, 1:] == 3).all()
+    for t in range(6):
+        actions = np.full(64, t % 3)
+        new_obs, reward, terminated, truncated, info = venv.step(actions)
+        np.testing.assert_array_equal(reward, (new_obs[:, t + 1] == actions).astype(float))
+        np.testing.assert_allclose(info["true_probs"].sum(1), 1.0, rtol=1e-5)
+        assert not terminated.any() and truncated.all() == (t == 5)
+    obs, reward, terminated, truncated, _ = venv.step(np.zeros(64, np.int64))
+    assert (reward == 0).all() and not (terminated | truncated).any() and (obs[:, 1:] == 3).all()
+    full = gym.make_vec("ICL-MarkovChain-v0", num_envs=8, seq_len=10)
+    full.reset(seed=0)
+    flags = [full.step(np.zeros(8, np.int64))[2].all() for _ in range(10)]
+    assert flags == [False] * 9 + [True]
+
+
+def test_vector_env_rejects_bad_construction():
+    with pytest.raises(ValueError, match="num_envs"):
+        ICLVectorEnv(0, "ICL-MarkovChain-v0")
+    with pytest.raises(ValueError, match="observation"):
+        ICLEnv("ICL-MarkovChain-v0", observation="image")
+    with pytest.raises(ValueError, match="num_states"):
+        gym.make("ICL-MarkovChain-v0", num_states=1)
+
+
+def test_ansi_render():
+    env = gym.make("ICL-MarkovChain-v0", render_mode="ansi")
+    env.reset(seed=0)
+    env.step(1)
+    text = env.render()
+    assert text.startswith("t=   1") and "reward" in text

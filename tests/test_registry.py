@@ -1,0 +1,53 @@
+"""Registration: ids, idempotence, overrides, import-free make, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import pytest
+
+import iclgym
+from iclgym.registry import register_iclgym_envs
+
+
+def test_ids_registered_with_entry_points():
+    for env_id in ("ICL-MarkovChain-v0", "ICL-NGram-v0"):
+        spec = gym.spec(env_id)
+        assert spec.entry_point == "iclgym.envs:ICLEnv"
+        assert spec.vector_entry_point == "iclgym.envs:ICLVectorEnv"
+    assert iclgym.list_envs() == ["ICL-MarkovChain-v0", "ICL-NGram-v0"]
+
+
+def test_registration_is_idempotent():
+    before = len(gym.registry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_iclgym_envs()
+        register_iclgym_envs()
+    assert len(gym.registry) == before
+
+
+def test_make_with_module_prefix_needs_no_import_and_import_skips_torch():
+    code = (
+        "import sys, gymnasium as gym\n"
+        "import iclgym\n"
+        "assert 'torch' not in sys.modules\n"
+        "env = gym.make('iclgym:ICL-MarkovChain-v0', num_states=5)\n"
+        "assert env.action_space.n == 5\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code2 = "import gymnasium as gym\nenv = gym.make('iclgym:ICL-NGram-v0')\nenv.reset(seed=0)\n"
+    subprocess.run([sys.executable, "-c", code2], check=True)
+
+
+def test_overrides_and_id_constraints():
+    assert gym.make("ICL-NGram-v0", order=4).unwrapped.task.spec.order == 4
+    with pytest.raises(ValueError, match="ICL-NGram-v0"):
+        gym.make("ICL-MarkovChain-v0", order=3)
+    with pytest.raises(ValueError, match="ICL-MarkovChain-v0"):
+        gym.make("ICL-NGram-v0", order=2)
+    with pytest.raises(ValueError, match="iclgym list"):
+        iclgym.make_task("ICL-Nope-v0")

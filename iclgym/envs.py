@@ -32,7 +32,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from iclgym.registry import get_entry
-from iclgym.tasks import SPLITS, Task, make_family_task
+from iclgym.tasks import SPLITS, Batch, Task, make_family_task
 
 OBSERVATIONS = ("context", "token", "window")
 ACTIONS = ("token", "distribution", "logits")
@@ -66,22 +66,19 @@ class EpisodeStream:
         self.generator = task.generator(int(seed_source.integers(2**63)), split)
         self._offset = block
 
-    def take(self, count: int) -> dict[str, Any]:
-        """The next ``count`` episodes; ``count`` must divide ``block``."""
+    def take(self, count: int) -> tuple[Batch, slice]:
+        """The block holding the next ``count`` episodes and their rows; ``count | block``."""
         if self._offset == self.block:
-            batch = self.task.sample(self.block, generator=self.generator)
-            self._batch = batch
-            self._tokens = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).numpy()
-            self._true_probs = batch.true_probs.numpy()
+            self._batch = self.task.sample(self.block, generator=self.generator)
             self._offset = 0
         rows = slice(self._offset, self._offset + count)
         self._offset += count
-        return {
-            "tokens": self._tokens[rows],
-            "true_probs": self._true_probs[rows],
-            "batch": self._batch,
-            "rows": rows,
-        }
+        return self._batch, rows
+
+
+def full_sequences(batch: Batch) -> np.ndarray:
+    """(B, T + 1) tokens ``x_0 .. x_T`` of a batch, as numpy."""
+    return torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
 
 
 class _Spaces:
@@ -149,11 +146,18 @@ class _Spaces:
         q = np.maximum(a / total, PROB_FLOOR)
         return q / q.sum(-1, keepdims=True)
 
-    def _check_tokens(self, action: Any) -> np.ndarray:
+    def _check_tokens(self, action: Any, shape: tuple[int, ...]) -> np.ndarray:
         a = np.asarray(action)
-        if not np.issubdtype(a.dtype, np.integer) or (a < 0).any() or (a >= self.vocab_size).any():
-            raise ValueError(f"token action {action!r} is outside Discrete({self.vocab_size})")
-        return a.astype(np.int64)
+        if (
+            a.dtype.kind not in "iu"
+            or a.shape != shape
+            or a.min(initial=0) < 0
+            or a.max(initial=0) >= self.vocab_size
+        ):
+            raise ValueError(
+                f"token action {action!r} is outside Discrete({self.vocab_size})^{shape}"
+            )
+        return a
 
     def _score(
         self, action: Any, target: np.ndarray, true: np.ndarray, oracle: np.ndarray
@@ -161,10 +165,8 @@ class _Spaces:
         """Rewards (N,) and per-step info for actions on N envs at one position."""
         rows = np.arange(target.shape[0])
         if self.action_mode == "token":
-            a = self._check_tokens(action).reshape(target.shape)
-            reward = (a == target).astype(np.float64)
-            oracle_reward = (oracle.argmax(-1) == target).astype(np.float64)
-            return reward, {"regret": oracle_reward - reward}
+            reward = (self._check_tokens(action, target.shape) == target).astype(np.float64)
+            return reward, {"regret": (oracle.argmax(-1) == target) - reward}
         q = self._probabilities(action).reshape(*target.shape, self.vocab_size)
         reward = np.log(q[rows, target])
         oracle_reward = np.log(oracle[rows, target])
@@ -199,13 +201,14 @@ class ICLEnv(_Spaces, gym.Env):
         self.action_space = self.single_act_space
         self.render_mode = render_mode
         self._stream: EpisodeStream | None = None
+        self._block_batch: Batch | None = None
         self._t: int | None = None
         self._last: tuple[Any, float] | None = None
 
     def _observation(self) -> Any:
         t = self._t
         if self.obs_mode == "token":
-            return int(self._tokens[t])
+            return self._token_list[t]
         return (
             self._obs_buffer[t : t + self.window].copy()
             if self.obs_mode == "window"
@@ -216,10 +219,17 @@ class ICLEnv(_Spaces, gym.Env):
         super().reset(seed=seed)
         if seed is not None or self._stream is None:
             self._stream = EpisodeStream(self.task, self.split, self.np_random, BLOCK)
-        episode = self._stream.take(1)
-        self._tokens = episode["tokens"][0]
-        self._true = episode["true_probs"][0]
-        self._oracle = self._block_oracle(episode["batch"])[episode["rows"]][0]
+        batch, rows = self._stream.take(1)
+        if batch is not self._block_batch:  # score the whole block once
+            self._block_batch = batch
+            self._block = (
+                full_sequences(batch),
+                batch.true_probs.cpu().numpy(),
+                self.task.oracle(batch).exp().cpu().numpy(),
+            )
+        self._tokens, self._true, self._oracle = (a[rows][0] for a in self._block)
+        self._token_list = self._tokens.tolist()
+        self._oracle_hits = (self._oracle.argmax(-1) == self._tokens[1:]).astype(float).tolist()
         self._t = 0
         self._last = None
         dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
@@ -231,29 +241,42 @@ class ICLEnv(_Spaces, gym.Env):
             self._obs_buffer[self.window - 1 :] = self._tokens
         return self._observation(), {"t": 0}
 
-    def _block_oracle(self, batch) -> np.ndarray:
-        """Oracle probabilities of the whole block, computed once per block."""
-        if getattr(self, "_oracle_batch", None) is not batch:
-            self._oracle_batch = batch
-            self._oracle_block = self.task.oracle(batch).exp().numpy()
-        return self._oracle_block
-
     def step(self, action: Any):
         t = self._t
         if t is None:
             raise RuntimeError("step() called before reset()")
         if t >= self.seq_len:
             raise RuntimeError("step() called after the episode ended; call reset() first")
-        target = self._tokens[t + 1 : t + 2]
+        target = self._token_list[t + 1]
         true, oracle = self._true[t], self._oracle[t]
-        reward, extra = self._score(np.asarray(action)[None], target, true[None], oracle[None])
+        info = {"t": t, "true_probs": true, "oracle_probs": oracle}
+        if self.action_mode == "token":  # scalar fast path: this is the per-step hot loop
+            reward = 1.0 if self._token(action) == target else 0.0
+            info["regret"] = self._oracle_hits[t] - reward
+        else:
+            rewards, extra = self._score(
+                np.asarray(action)[None], np.array([target]), true[None], oracle[None]
+            )
+            reward = float(rewards[0])
+            info.update((k, float(v[0])) for k, v in extra.items())
         self._t = t + 1
         if self.obs_mode == "context":
-            self._obs_buffer[t + 1] = target[0]
-        info = {"t": t, "true_probs": true, "oracle_probs": oracle}
-        info.update((k, float(v[0])) for k, v in extra.items())
-        self._last = (action, float(reward[0]))
-        return self._observation(), float(reward[0]), self._t == self.seq_len, False, info
+            self._obs_buffer[t + 1] = target
+        self._last = (action, reward)
+        return self._observation(), reward, self._t == self.seq_len, False, info
+
+    def _token(self, action: Any) -> int:
+        """A validated token id from an int, a numpy integer or a one-element int array."""
+        if isinstance(action, (int, np.integer)) and not isinstance(action, (bool, np.bool_)):
+            a = int(action)
+        else:
+            arr = np.asarray(action)
+            if arr.size != 1 or arr.dtype.kind not in "iu":
+                raise ValueError(f"token action {action!r} is outside Discrete({self.vocab_size})")
+            a = int(arr.reshape(()))
+        if not 0 <= a < self.vocab_size:
+            raise ValueError(f"token action {action!r} is outside Discrete({self.vocab_size})")
+        return a
 
     def render(self) -> str | None:
         if self.render_mode != "ansi" or self._t is None:
@@ -321,14 +344,12 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         self._autoreset = False
 
     def _start_round(self) -> tuple[Any, dict[str, Any]]:
-        episode = self._stream.take(self.num_envs)
-        tokens = episode["tokens"]
+        batch, rows = self._stream.take(self.num_envs)
+        tokens = full_sequences(batch)[rows]
         self._tokens_tm = np.ascontiguousarray(tokens.T)  # (T + 1, N): one row per step
-        self._true = episode["true_probs"]
-        batch = episode["batch"]
-        rows = episode["rows"]
-        online = self.task.online_oracle(batch)
-        self._oracle = lambda t: online(t)[rows]
+        online = self.task.online(batch)
+        whole = rows == slice(0, self.block)
+        self._online = online if whole else lambda t: tuple(a[rows] for a in online(t))
         self._t = 0
         self._autoreset = False
         dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
@@ -359,6 +380,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             if block % self.num_envs:
                 block = self.num_envs * (block // self.num_envs + 1)
             self._stream = EpisodeStream(self.task, self.split, self.np_random, block)
+            self.block = block
         return self._start_round()
 
     def step(self, actions: Any):
@@ -370,8 +392,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             return obs, np.zeros(self.num_envs), flags, flags.copy(), info
         t = self._t
         target = self._tokens_tm[t + 1]
-        true = self._true[:, t]
-        oracle = self._oracle(t)
+        true, oracle = self._online(t)
         reward, extra = self._score(actions, target, true, oracle)
         self._t = t + 1
         if self.obs_mode == "context":

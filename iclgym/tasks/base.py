@@ -132,14 +132,15 @@ class Task(ABC):
     def strategies(self) -> Mapping[str, Strategy]:
         """Named reference predictors, ordered from least to most informed."""
 
-    def online_oracle(self, batch: Batch) -> Callable[[int], np.ndarray]:
-        """Oracle probabilities (B, V) for position t, called with t = 0, 1, 2, ... in turn.
+    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """Per-position ``(true_probs, oracle_probs)``, each (B, V), for t = 0, 1, 2, ... in turn.
 
         The vector env steps through positions one at a time; tasks whose oracle can be
         updated incrementally override this to avoid scoring the whole batch up front.
         """
-        probs = self.oracle(batch).exp().cpu().numpy()
-        return lambda t: probs[:, t]
+        true = batch.true_probs.cpu().numpy()
+        oracle = self.oracle(batch).exp().cpu().numpy()
+        return lambda t: (true[:, t], oracle[:, t])
 
     def generator(
         self, seed: int, split: str = "train", device: torch.device | str = "cpu"

@@ -347,10 +347,14 @@ class MarkovChainTask(Task):
         rows = tables.gather(1, ctx.unsqueeze(-1).expand(-1, -1, k))
         if n == 2:
             return rows
-        digits = k ** torch.arange(n - 2, -1, -1, device=tables.device)
+        return torch.cat([self._first_context_laws(batch), rows], 1)
+
+    def _first_context_laws(self, batch: Batch) -> Tensor:
+        """True laws (B, n-2, k) at the positions inside the first context (order > 2)."""
+        k, n = self.spec.num_states, self.spec.order
+        digits = k ** torch.arange(n - 2, -1, -1, device=batch.tokens.device)
         first = (batch.tokens[:, : n - 1] * digits).sum(1)
-        law = batch.params["initial_law"]
-        return torch.cat([self._init_conditionals(law, first), rows], 1)
+        return self._init_conditionals(batch.params["initial_law"], first)
 
     # ------------------------------------------------------------ oracle and strategies
     def oracle(self, batch: Batch) -> Tensor:
@@ -362,33 +366,45 @@ class MarkovChainTask(Task):
             log_probs[:, : spec.order - 2] = -math.log(spec.num_states)
         return log_probs
 
-    def online_oracle(self, batch: Batch) -> Callable[[int], np.ndarray]:
-        """The oracle one position at a time from running counts (B, S, V): O(B * V) per step.
+    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """True rows and oracle one position at a time: O(B * V) work per step.
 
-        Equals :meth:`oracle` position by position (tested); used by the vector env.
+        Keeps each sequence's current context and running transition counts; a step reveals
+        one observation (one scatter-add), reads the table row and the count row of the new
+        context (two gathers) and normalises. Equals :attr:`Batch.true_probs` and
+        :meth:`oracle` position by position (tested); the vector env uses it.
         """
-        k, n = self.spec.num_states, self.spec.order
-        tokens = batch.tokens.cpu().numpy()
-        ctx = (
-            context_index(batch.tokens, k, n - 1).cpu().numpy() if n > 1 else np.zeros_like(tokens)
-        )
-        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float64), (k,))
-        rows = np.arange(tokens.shape[0])
-        counts = np.zeros((tokens.shape[0], self.spec.num_contexts, k))
-        uniform = np.full((tokens.shape[0], k), 1.0 / k)
-        position = iter(range(tokens.shape[1]))
+        k, n, states = self.spec.num_states, self.spec.order, self.spec.num_contexts
+        tokens = batch.tokens.T.contiguous().cpu().numpy()  # (T, B): one row per step
+        size = tokens.shape[1]
+        tables = batch.params["transition"].cpu().numpy().reshape(size * states, k)
+        offset = np.arange(size) * states
+        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))
+        counts = np.zeros((size * states, k), dtype=np.float32)
+        flat_counts = counts.reshape(-1)
+        uniform = np.full((size, k), 1.0 / k, dtype=np.float32)
+        init = self._first_context_laws(batch).cpu().numpy() if n > 2 else None
+        state = {"t": 0, "ctx": np.zeros(size, dtype=np.int64), "rows": offset}
 
-        def probs(t: int) -> np.ndarray:
-            if t != next(position):
-                raise ValueError(f"online oracle positions must be visited in order, got {t}")
+        def step(t: int) -> tuple[np.ndarray, np.ndarray]:
+            if t != state["t"]:
+                raise ValueError(f"online positions must be visited in order, got {t}")
+            state["t"] = t + 1
+            x = tokens[t]
+            previous_rows = state["rows"]
+            if n > 1:  # context of position t: the last n - 1 tokens, newest-last
+                state["ctx"] = (state["ctx"] * k + x) % states
+            rows = state["rows"] = offset + state["ctx"]
             if t >= n - 1:  # reveal observation x_t, whose context ends at t - 1
-                counts[rows, ctx[:, t - 1] if n > 1 else 0, tokens[:, t]] += 1.0
+                flat_counts[(previous_rows if n > 1 else rows) * k + x] += 1.0
             if t < n - 2:
-                return uniform
-            c = counts[rows, ctx[:, t]] + alpha
-            return c / c.sum(1, keepdims=True)
+                return init[:, t], uniform
+            c = counts[rows]
+            c += alpha
+            c /= c.sum(1, keepdims=True)
+            return tables[rows], c
 
-        return probs
+        return step
 
     @property
     def strategies(self) -> Mapping[str, Strategy]:

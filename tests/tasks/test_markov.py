@@ -223,15 +223,20 @@ def test_ngram_predictions_are_causal(m, cut, seed):
 
 
 @pytest.mark.parametrize(
-    ("k", "order", "alpha"), [(3, 2, 1.0), (2, 3, 0.5), (4, 2, (0.2, 1.0, 2.0, 0.7))]
+    ("k", "order", "alpha"), [(3, 2, 1.0), (2, 3, 0.5), (3, 1, 1.0), (2, 4, 2.0), (4, 2, (0.2, 1.0, 2.0, 0.7))]
 )
-def test_online_oracle_equals_batched_oracle(k, order, alpha):
+def test_online_scorer_equals_batched_truth_and_oracle(k, order, alpha):
     task = MarkovChainTask(num_states=k, order=order, alpha=alpha, seq_len=40)
     batch = task.sample(32, generator=task.generator(2))
     probs = task.oracle(batch).exp().numpy()
-    online = task.online_oracle(batch)
+    true = batch.true_probs.numpy()
+    online = task.online(batch)
     for t in range(40):
-        np.testing.assert_allclose(online(t), probs[:, t], rtol=1e-5, atol=1e-6)
+        true_t, oracle_t = online(t)
+        np.testing.assert_allclose(true_t, true[:, t], rtol=1e-6)
+        np.testing.assert_allclose(oracle_t, probs[:, t], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="in order"):
+        online(3)
 
 
 def test_oracle_is_exact_bayes_under_uniform_init():

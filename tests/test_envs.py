@@ -8,10 +8,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import iclgym  # noqa: F401
-from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv
+from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv, first_argmax
 
 
 @pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-NGram-v0"])
@@ -180,3 +182,16 @@ def test_ansi_render():
     env.step(1)
     text = env.render()
     assert text.startswith("t=   1") and "reward" in text
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.lists(st.integers(0, 3), min_size=3 * n, max_size=3 * n).map(
+            lambda xs: np.asarray(xs, dtype=np.float32).reshape(-1, 3)
+        )
+    )
+)
+def test_first_argmax_matches_numpy_including_ties(p):
+    np.testing.assert_array_equal(first_argmax(p), p.argmax(-1))
+    np.testing.assert_array_equal(first_argmax(np.asfortranarray(p)), p.argmax(-1))

@@ -377,11 +377,13 @@ class MarkovChainTask(Task):
         k, n, states = self.spec.num_states, self.spec.order, self.spec.num_contexts
         tokens = batch.tokens.T.contiguous().cpu().numpy()  # (T, B): one row per step
         size = tokens.shape[1]
-        tables = batch.params["transition"].cpu().numpy().reshape(size * states, k)
-        offset = np.arange(size) * states
-        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))
-        counts = np.zeros((size * states, k), dtype=np.float32)
+        cols = size * states
+        # token-major layouts (k, B * S): numpy reduces and gathers fast along the long axis
+        tables = batch.params["transition"].reshape(cols, k).T.contiguous().cpu().numpy()
+        counts = np.zeros((k, cols), dtype=np.float32)
         flat_counts = counts.reshape(-1)
+        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))[:, None]
+        offset = np.arange(size) * states
         uniform = np.full((size, k), 1.0 / k, dtype=np.float32)
         init = self._first_context_laws(batch).cpu().numpy() if n > 2 else None
         state = {"t": 0, "ctx": np.zeros(size, dtype=np.int64), "rows": offset}
@@ -391,18 +393,18 @@ class MarkovChainTask(Task):
                 raise ValueError(f"online positions must be visited in order, got {t}")
             state["t"] = t + 1
             x = tokens[t]
-            previous_rows = state["rows"]
+            observed = state["rows"]  # context of position t - 1 (for n = 1, the empty one)
             if n > 1:  # context of position t: the last n - 1 tokens, newest-last
-                state["ctx"] = (state["ctx"] * k + x) % states
-            rows = state["rows"] = offset + state["ctx"]
-            if t >= n - 1:  # reveal observation x_t, whose context ends at t - 1
-                flat_counts[(previous_rows if n > 1 else rows) * k + x] += 1.0
+                state["ctx"] = x if n == 2 else (state["ctx"] * k + x) % states
+                state["rows"] = offset + state["ctx"]
+            if t >= n - 1:  # reveal observation x_t; distinct sequences hit distinct cells
+                flat_counts[x * cols + observed] += 1.0
             if t < n - 2:
                 return init[:, t], uniform
-            c = counts[rows]
+            c = np.take(counts, state["rows"], axis=1)
             c += alpha
-            c /= c.sum(1, keepdims=True)
-            return tables[rows], c
+            c /= c.sum(0)
+            return np.take(tables, state["rows"], axis=1).T, c.T
 
         return step
 

@@ -223,7 +223,8 @@ def test_ngram_predictions_are_causal(m, cut, seed):
 
 
 @pytest.mark.parametrize(
-    ("k", "order", "alpha"), [(3, 2, 1.0), (2, 3, 0.5), (3, 1, 1.0), (2, 4, 2.0), (4, 2, (0.2, 1.0, 2.0, 0.7))]
+    ("k", "order", "alpha"),
+    [(3, 2, 1.0), (2, 3, 0.5), (3, 1, 1.0), (2, 4, 2.0), (4, 2, (0.2, 1.0, 2.0, 0.7))],
 )
 def test_online_scorer_equals_batched_truth_and_oracle(k, order, alpha):
     task = MarkovChainTask(num_states=k, order=order, alpha=alpha, seq_len=40)

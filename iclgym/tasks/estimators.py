@@ -45,56 +45,67 @@ def one_hot(tokens: Tensor, vocab_size: int) -> Tensor:
     return (tokens.unsqueeze(-1) == ids).to(torch.float32)
 
 
-def in_context_counts(tokens: Tensor, vocab_size: int, order: int) -> Tensor:
-    """Counts ``N_t(context_t -> j)`` of the in-context ``order``-gram, (B, T, V) float32."""
+def in_context_counts(tokens: Tensor, vocab_size: int, order: int) -> tuple[Tensor, Tensor]:
+    """Counts ``N_t(context_t -> j)`` (B, T, V) and totals ``N_t(context_t)`` (B, T), float32.
+
+    The totals come from each observation's rank inside its context group, so no reduction
+    over the vocabulary is needed.
+    """
     if order < 1:
         raise ValueError(f"order={order} must be >= 1")
     batch, seq = tokens.shape
+    device = tokens.device
     if order == 1:
-        return one_hot(tokens, vocab_size).cumsum(1)
+        totals = torch.arange(1, seq + 1, dtype=torch.float32, device=device).expand(batch, -1)
+        return one_hot(tokens, vocab_size).cumsum(1), totals
     # Observation u = 0..T has value x_u and key = context ending at u - 1; the query at
     # position t is the key of observation t + 1. Observation T (not revealed, value 0 as a
-    # placeholder) is last in its group, so it never enters an exclusive count. One sort of
-    # the combined key (context, time, value) orders by context then time and carries the
-    # time and value along, so no stable sort and no gathers are needed.
+    # placeholder) is last in its group, so it never enters an exclusive count. One sort of a
+    # bit-packed key (context | time | value) orders by context then time and carries time and
+    # value along: no stable sort, no gathers, and shifts instead of integer division.
     sentinel = vocab_size ** (order - 1)
     span = seq + 1
+    value_bits, time_bits = max(1, (vocab_size - 1).bit_length()), max(1, seq.bit_length())
+    low_bits = value_bits + time_bits
+    dtype = torch.int32 if sentinel.bit_length() + low_bits <= 31 else torch.int64
     ctx = context_index(tokens, vocab_size, order - 1)
-    keys = torch.full((batch, span), sentinel, dtype=torch.int64, device=tokens.device)
+    keys = torch.full((batch, span), sentinel, dtype=dtype, device=device)
     keys[:, 1:] = torch.where(ctx < 0, sentinel, ctx)
-    keys.mul_(span).add_(torch.arange(span, device=tokens.device)).mul_(vocab_size)
-    keys[:, :seq] += tokens
-    if (sentinel + 1) * span * vocab_size < 2**31:
-        keys = keys.to(torch.int32)
+    keys.bitwise_left_shift_(low_bits)
+    keys.bitwise_or_(torch.arange(span, dtype=dtype, device=device) << value_bits)
+    keys[:, :seq].bitwise_or_(tokens.to(dtype))
     ordered = torch.sort(keys, dim=1).values
-    value = ordered % vocab_size
-    time = ordered // vocab_size % span
-    group = ordered // (vocab_size * span)
+    value = ordered & (2**value_bits - 1)
+    time = (ordered >> value_bits) & (2**time_bits - 1)
+    group = ordered >> low_bits
     sorted_onehot = one_hot(value, vocab_size)
     exclusive = sorted_onehot.cumsum(1).sub_(sorted_onehot)
-    positions = torch.arange(span, dtype=time.dtype, device=tokens.device).expand(batch, -1)
+    positions = torch.arange(span, dtype=dtype, device=device).expand(batch, -1)
     new_group = torch.ones_like(group, dtype=torch.bool)
     new_group[:, 1:] = group[:, 1:] != group[:, :-1]
-    row_offset = torch.arange(0, batch * span, span, device=tokens.device).unsqueeze(1)
-    group_start = torch.where(new_group, positions, 0).cummax(1).values + row_offset
+    group_start = torch.where(new_group, positions, 0).cummax(1).values
+    row_offset = torch.arange(0, batch * span, span, device=device).unsqueeze(1)
     flat = exclusive.view(-1, vocab_size)
-    flat -= flat.index_select(0, group_start.view(-1))
+    flat -= flat.index_select(0, (group_start + row_offset).view(-1))
+    destination = (time + row_offset).view(-1)
     counts = torch.empty_like(exclusive)
-    counts.view(-1, vocab_size).index_copy_(0, (time + row_offset).view(-1), flat)
-    counts = counts[:, 1:]
+    counts.view(-1, vocab_size).index_copy_(0, destination, flat)
+    totals = torch.empty(batch, span, device=device)
+    totals.view(-1).index_copy_(0, destination, (positions - group_start).view(-1).float())
+    counts, totals = counts[:, 1:], totals[:, 1:]
     counts[:, : order - 2] = 0.0  # incomplete query context: the prior alone
-    return counts
+    totals[:, : order - 2] = 0.0
+    return counts, totals
 
 
-def dirichlet_log_predictive(counts: Tensor, alpha: float | Tensor) -> Tensor:
+def dirichlet_log_predictive(counts: Tensor, totals: Tensor, alpha: float | Tensor) -> Tensor:
     """Log posterior predictive ``log (N_j + a_j) / (N + sum a)`` of a Dirichlet(a) row."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(counts)
         total_alpha = alpha.sum()
     else:
         total_alpha = alpha * counts.shape[-1]
-    total = counts.sum(-1, keepdim=True).add_(total_alpha).log_()
-    return (counts + alpha).log_().sub_(total)
+    return (counts + alpha).log_().sub_((totals + total_alpha).log_().unsqueeze(-1))
 
 
 def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | Tensor) -> Tensor:
@@ -105,4 +116,4 @@ def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | 
     """
     if order == 0:
         return torch.full((*tokens.shape, vocab_size), -math.log(vocab_size), device=tokens.device)
-    return dirichlet_log_predictive(in_context_counts(tokens, vocab_size, order), alpha)
+    return dirichlet_log_predictive(*in_context_counts(tokens, vocab_size, order), alpha)

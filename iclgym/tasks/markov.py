@@ -161,7 +161,11 @@ class MarkovChainTask(Task):
         """Dirichlet(alpha) rows, drawn in log space so tiny alpha cannot underflow.
 
         Uses G = Gamma(a + 1) * U**(1/a) ~ Gamma(a) and normalises with a softmax of log G.
+        Dirichlet(1, ..., 1) rows are normalised Exp(1) draws: exact and far cheaper.
         """
+        if self.spec.alpha == 1.0:
+            e = torch.empty(*shape, self.spec.num_states, device=device).exponential_(generator=gen)
+            return e / e.sum(-1, keepdim=True)
         alpha = self._alpha(device).expand(*shape, self.spec.num_states).contiguous()
         log_g = torch._standard_gamma(alpha + 1.0, generator=gen).log_()
         u = torch.rand(alpha.shape, generator=gen, device=device)
@@ -288,7 +292,7 @@ class MarkovChainTask(Task):
             shift = (start * width).to(dtype)
             visited = [shift]
             for i in range(steps):
-                shift = (packed[i] >> shift).bitwise_and_(2**width - 1)
+                shift = torch.bitwise_right_shift(packed[i], shift).bitwise_and_(2**width - 1)
                 visited.append(shift)
             return torch.stack(visited).div_(width, rounding_mode="floor")
         rows = cdf.reshape(batch * states, km1)

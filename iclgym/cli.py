@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from collections.abc import Sequence
 
-from iclgym.registry import describe, get_entry, list_envs, make_task
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs; values are Python literals when they parse, else strings."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
+from iclgym.registry import describe, get_entry, list_envs, make_task, parse_overrides
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -86,7 +71,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_speed(args: argparse.Namespace) -> int:
     from iclgym.speed import format_table, run
 
-    print(format_table(run(seconds=args.seconds, num_envs=args.num_envs)))
+    print(format_table(run(seconds=args.seconds, repeats=args.repeats, num_envs=args.num_envs)))
     return 0
 
 
@@ -118,16 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curves", action="store_true", help="include per-position curves in JSON")
     p.set_defaults(run=_cmd_eval)
 
+    # Listed for --help only: main() hands `iclgym train ...` to iclgym.harness.train, whose
+    # flags come from its config dataclasses (importing torch), so `iclgym list` stays light.
+    sub.add_parser("train", help="train a model on an env id and plot its phases (--help)")
+
     p = sub.add_parser("speed", help="throughput benchmark with the project's targets")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds per env benchmark")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per env benchmark run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per benchmark (best counts)")
     p.add_argument("--num-envs", type=int, default=4096)
     p.set_defaults(run=_cmd_speed)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:
+            from iclgym.harness.train import main as train_main
+
+            train_main(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

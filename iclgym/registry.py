@@ -6,7 +6,8 @@ gets string entry points and loads ``iclgym.envs`` on the first ``gym.make``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import ast
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -105,6 +106,21 @@ def make_task(env_id: str, **overrides: Any):
 
     entry = get_entry(env_id)
     return make_family_task(entry.family, **entry.spec_kwargs(overrides))
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Spec overrides from ``KEY=VALUE`` strings (``--set`` on the command line); values are
+    Python literals when they parse (``5``, ``0.5``, ``(1, 2)``), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. num_states=2), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
 
 def list_envs() -> list[str]:

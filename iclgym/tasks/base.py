@@ -70,21 +70,24 @@ class Batch:
         )
 
 
-def make_generator(seed: int, split: str = "train", device: torch.device | str = "cpu"):
-    """A ``torch.Generator`` for ``(seed, split)``.
+def stream_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for random stream ``stream`` of ``seed``, independent of every other stream.
 
-    Splits get statistically independent streams: the torch seed is drawn from
-    ``numpy.random.SeedSequence(seed, spawn_key=(split_index,))``, so the train, validation
-    and test streams of one seed never coincide.
+    Drawn from ``numpy.random.SeedSequence(seed, spawn_key=(stream,))``. Streams
+    ``0 .. len(SPLITS) - 1`` are the data splits; later ones are free for other uses (dropout).
     """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} is invalid: expected an int >= 0")
+    state = np.random.SeedSequence(int(seed), spawn_key=(stream,)).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def make_generator(seed: int, split: str = "train", device: torch.device | str = "cpu"):
+    """A ``torch.Generator`` for ``(seed, split)``; splits get independent streams, so the
+    train, validation and test data of one seed never coincide (see :func:`stream_seed`)."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative int")
-    state = np.random.SeedSequence(int(seed), spawn_key=(SPLITS.index(split),)).generate_state(
-        1, np.uint64
-    )
-    return torch.Generator(device=device).manual_seed(int(state[0]))
+        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, SPLITS.index(split)))
 
 
 class TaskSpec:

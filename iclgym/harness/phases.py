@@ -1,0 +1,84 @@
+"""Phase detection on a logged training curve (``shared/specs/markov-chain.md`` section 4).
+
+Every evaluation record carries ``strategy_kl_last`` (KL(strategy || model) at the last
+position) and its argmin ``nearest``, the phase label. From a sequence of records this module
+finds the phases (maximal runs of one label; the long ones are the plateaus) and the persistent
+switch step from one strategy to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from typing import Any
+
+Record = Mapping[str, Any]
+
+
+def phases(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Maximal runs of evaluations with the same nearest strategy, in order.
+
+    Each phase has ``label``, ``start_step`` and ``end_step`` (its first and last evaluation),
+    ``checkpoints`` (how many evaluations) and the ``kl_last`` range inside it.
+    """
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        if out and out[-1]["label"] == rec["nearest"]:
+            phase = out[-1]
+            phase["end_step"] = rec["step"]
+            phase["checkpoints"] += 1
+            phase["kl_last_min"] = min(phase["kl_last_min"], rec["kl_last"])
+            phase["kl_last_max"] = max(phase["kl_last_max"], rec["kl_last"])
+        else:
+            out.append(
+                {
+                    "label": rec["nearest"],
+                    "start_step": rec["step"],
+                    "end_step": rec["step"],
+                    "checkpoints": 1,
+                    "kl_last_min": rec["kl_last"],
+                    "kl_last_max": rec["kl_last"],
+                }
+            )
+    return out
+
+
+def plateaus(records: Sequence[Record], min_checkpoints: int = 3) -> list[dict[str, Any]]:
+    """The phases that last at least ``min_checkpoints`` evaluations (short runs are
+    transitions or noise)."""
+    return [p for p in phases(records) if p["checkpoints"] >= min_checkpoints]
+
+
+def persistent_switch_step(
+    records: Sequence[Record], before: str = "unigram", after: str = "bigram"
+) -> int | None:
+    """First checkpoint step from which KL(after || model) < KL(before || model) holds at
+    every later checkpoint; ``None`` when it does not hold at the last one (or either strategy
+    is missing)."""
+    switch = None
+    for rec in records:
+        kl = rec["strategy_kl_last"]
+        if before not in kl or after not in kl:
+            return None
+        if kl[after] >= kl[before]:
+            switch = None
+        elif switch is None:
+            switch = rec["step"]
+    return switch
+
+
+def phase_report(records: Sequence[Record], order: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything above in one JSON-friendly dict (used by the training summary).
+
+    ``switch_step`` is the unigram -> bigram switch of the spec; ``switches`` has the persistent
+    switch between every pair of consecutive strategies in ``order`` (e.g. uniform, unigram,
+    bigram, trigram for an order-3 task).
+    """
+    return {
+        "switch_step": persistent_switch_step(records),
+        "switches": {
+            f"{a}->{b}": persistent_switch_step(records, a, b) for a, b in pairwise(order)
+        },
+        "phases": phases(records),
+        "plateaus": plateaus(records),
+    }

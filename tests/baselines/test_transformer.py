@@ -49,7 +49,7 @@ def test_parameter_count_of_variants():
     assert make().num_parameters() == base + V * d + 2 * (T + 1) * d
 
 
-@pytest.mark.parametrize(("positional", "mlp"), itertools.product(POSITIONAL, [False, True]))
+@pytest.mark.parametrize(("positional", "mlp"), list(itertools.product(POSITIONAL, [False, True])))
 def test_causal_for_every_positional_scheme(positional, mlp):
     # Editing tokens >= 60 must leave the logits of positions < 60 unchanged
     # (shared/specs/markov-chain.md sections 5 and 7.7), on both attention paths.

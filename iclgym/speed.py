@@ -1,11 +1,11 @@
 """Throughput benchmark behind ``iclgym speed``: sampler, oracle and envs, with targets.
 
-Throughputs are the best of several runs (env benchmarks interleaved with CartPole's), the usual
-way to read throughput on a shared machine. Targets (issue 2, on the project's 2-core CPU): the sampler at k=3, T=256, B=4096 with
-stationary init >= 40 M tokens/s (the public reference generator makes ~6.6 M); the oracle on
-the same batch >= 20 M tokens/s; single-env ``step`` through ``gym.make`` at least CartPole-v1's,
-and the native vector env at 4096 envs at least CartPole's native vector env, measured side by
-side in the same run.
+Throughputs are the best of several runs (env benchmarks interleaved with CartPole's), the
+usual way to read throughput on a shared machine. Targets (issue 2, on the project's 2-core
+CPU): the sampler at k=3, T=256, B=4096 with stationary init >= 40 M tokens/s (the public
+reference generator makes ~6.6 M); the oracle on the same batch >= 20 M tokens/s; single-env
+``step`` through ``gym.make`` at least CartPole-v1's, and the native vector env at 4096 envs at
+least CartPole's native vector env, measured side by side in the same run.
 """
 
 from __future__ import annotations

@@ -434,6 +434,7 @@ class MarkovChainTask(Task):
         return named
 
 
-# Mean number of proposals per accepted exact doubly-stochastic table (measured, rounded up),
-# used only to size the rejection batches.
-_BIRKHOFF_INVERSE_ACCEPTANCE = {2: 1, 3: 2, 4: 8, 5: 80}
+# Proposals per accepted exact doubly-stochastic table, 1 / acceptance rounded up; used only to
+# size the rejection batches. Acceptance measured on 400,000 proposals: k=3 0.500, k=4 0.208,
+# k=5 0.075 (k=2 always accepts).
+_BIRKHOFF_INVERSE_ACCEPTANCE = {2: 1, 3: 2, 4: 5, 5: 14}

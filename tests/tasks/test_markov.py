@@ -173,6 +173,21 @@ def test_priors_have_their_structure():
     assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
+def test_doubly_stochastic_prior_is_uniform_on_the_birkhoff_polytope():
+    """For k = 2 the polytope is {[[p, 1-p], [1-p, p]]}: uniform means p ~ U(0, 1). For k = 3
+    every entry has mean 1/3 by symmetry."""
+    n, bins = 20000, 10
+    two = MarkovChainTask(num_states=2, prior="doubly_stochastic", seq_len=2)
+    p = two.sample(n, generator=two.generator(0)).params["transition"][:, 0, 0]
+    observed = torch.histc(p, bins=bins, min=0.0, max=1.0)
+    stat = ((observed - n / bins) ** 2 / (n / bins)).sum().item()
+    assert stat < (bins - 1) + 5 * math.sqrt(2 * (bins - 1)), stat
+    three = MarkovChainTask(num_states=3, prior="doubly_stochastic", seq_len=2)
+    tables = three.sample(n, generator=three.generator(0)).params["transition"]
+    se = tables.std(0) / math.sqrt(n)
+    assert (torch.abs(tables.mean(0) - 1 / 3) < 4 * se).all()
+
+
 def test_vector_alpha_sets_the_dirichlet_mean():
     alpha = (0.5, 1.0, 2.5)
     task = MarkovChainTask(num_states=3, alpha=alpha, seq_len=5, init="uniform")

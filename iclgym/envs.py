@@ -230,7 +230,8 @@ class _Spaces:
         q = self._probabilities(action, target.shape)
         reward = np.log(q[rows, target])
         oracle_reward = np.log(oracle[rows, target])
-        kl = (true * (np.log(np.maximum(true, 1e-300)) - np.log(q))).sum(-1)
+        tiny = np.finfo(true.dtype).tiny  # 0 log 0 = 0 (1e-300 underflows in float32)
+        kl = (true * (np.log(np.maximum(true, tiny)) - np.log(q))).sum(-1)
         return reward, {"regret": oracle_reward - reward, "kl": kl}
 
 

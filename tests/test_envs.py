@@ -195,3 +195,15 @@ def test_ansi_render():
 def test_first_argmax_matches_numpy_including_ties(p):
     np.testing.assert_array_equal(first_argmax(p), p.argmax(-1))
     np.testing.assert_array_equal(first_argmax(np.asfortranarray(p)), p.argmax(-1))
+
+
+def test_distribution_kl_is_finite_when_true_probabilities_vanish():
+    """With alpha = 0.001 many true transition probabilities are exactly 0 in float32."""
+    env = gym.make("ICL-MarkovChain-v0", action="distribution", alpha=0.001, seq_len=50)
+    env.reset(seed=0)
+    kls, zero_seen = [], False
+    for _ in range(50):
+        *_, info = env.step(np.full(3, 1 / 3, dtype=np.float32))
+        zero_seen |= bool((info["true_probs"] == 0).any())
+        kls.append(info["kl"])
+    assert zero_seen and np.isfinite(kls).all() and min(kls) >= 0

@@ -7,8 +7,16 @@ pre-LayerNorm plus a final LayerNorm, no absolute positions, Shaw-style relative
 bias-free Q/K/V/output/LM head, dropout 0.1, init N(0, 0.02) with output projections
 N(0, 0.01). For k = 3 it has 5,472 parameters (k = 2: 5,440).
 
-Other options: learned absolute, rotary or no positions; a 4x ReLU MLP per block; tied
-unembedding; a replaceable input layer (``embed``: any module mapping ids to (B, T, d)).
+Other options: learned absolute, rotary or no positions; an MLP per block (4x ReLU by
+default, any width, GELU); tied unembedding; a replaceable input layer (``embed``: any module
+mapping ids to (B, T, d)); ``n_outputs`` other than V (e.g. 1 for a regression head);
+bidirectional attention (``causal=False``); PyTorch's default init (``init="default"``).
+
+The two identity scalars of Boix-Adserà et al. 2024 (``shared/specs/symbol-templates.md``
+section 5), both initialised at 0 and trainable, per head h, with x~ the block's LayerNormed
+attention input: ``kq_identity`` adds ``a_h * <x~_i, x~_j>`` to the attention logits (outside
+the 1/sqrt(d_head) scaling), ``vo_identity`` adds ``sum_h b_h * sum_j A_h[i, j] x~_j`` to the
+attention output (after W_O).
 Attention runs through ``F.scaled_dot_product_attention`` (for relative positions the q.r term
 is passed as an additive float mask). The weights are computed explicitly when they are asked
 for (``forward(..., return_attention=True)`` returns them per layer for the probes) and when
@@ -32,6 +40,8 @@ from torch import Tensor, nn
 from iclgym.tasks.base import Batch, Task
 
 POSITIONAL = ("relative", "learned", "rotary", "none")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+INITS = ("small", "default")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,16 @@ class TransformerConfig:
         dropout: rate on embeddings, attention weights, residual branches, relative table.
         positional: ``"relative"`` (Shaw), ``"learned"`` (absolute), ``"rotary"`` or ``"none"``.
         tied: use the token embedding as the unembedding (needs an ``nn.Embedding`` input).
+        causal: mask attention to future positions (False = bidirectional, not with
+            relative positions).
+        mlp_width: hidden width of the MLP (``None`` = 4 * d_model).
+        activation: MLP activation, ``"relu"`` or ``"gelu"``.
+        n_outputs: size of the output head (``None`` = vocab_size; 1 for regression).
+        kq_identity: add the trainable per-head a_h * <x~_i, x~_j> to the attention logits.
+        vo_identity: add the trainable sum_h b_h * sum_j A_h[i, j] x~_j to the attention output.
+        init: ``"small"`` (N(0, 0.02), output projections N(0, 0.01)) or ``"default"``
+            (PyTorch's Linear init, N(0, 1) token and position embeddings: the template
+            reference model).
     """
 
     vocab_size: int
@@ -64,6 +84,13 @@ class TransformerConfig:
     dropout: float = 0.1
     positional: str = "relative"
     tied: bool = False
+    causal: bool = True
+    mlp_width: int | None = None
+    activation: str = "relu"
+    n_outputs: int | None = None
+    kq_identity: bool = False
+    vo_identity: bool = False
+    init: str = "small"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "n_layers", "n_heads", "d_model"):
@@ -94,6 +121,23 @@ class TransformerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is invalid: expected a float in [0, 1)")
+        for name in ("mlp_width", "n_outputs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} is invalid: expected None or an int >= 1")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={self.activation!r} is invalid: expected one of {tuple(ACTIVATIONS)}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is invalid: expected one of {INITS}")
+        if not self.causal and self.positional == "relative":
+            raise ValueError(
+                "causal=False is invalid with positional='relative' (its distance table is "
+                "causal): use 'learned', 'rotary' or 'none'"
+            )
+        if self.tied and self.n_outputs not in (None, self.vocab_size):
+            raise ValueError(f"tied=True needs n_outputs=None (= vocab_size), got {self.n_outputs}")
 
     def heads(self, layer: int) -> int:
         """Number of heads of block ``layer`` (0-based)."""
@@ -123,7 +167,8 @@ class Dropout(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a choice of positional scheme.
+    """Multi-head self-attention (causal unless ``causal=False``) with a choice of positional
+    scheme and the optional identity scalars (see the module docstring).
 
     For ``relative``, row m of a per-layer table (m = i - j, clipped at ``max_len``) is added to
     the key: score_ij = q_i . (k_j + r_{i-j}) / sqrt(e). Dropout acts on the table rows (the
@@ -139,7 +184,12 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)  # Q, K and V stacked: one matmul
         self.out = nn.Linear(d, d, bias=False)
         self.dropout = config.dropout
+        self.causal = config.causal
         self.resid_dropout = Dropout(config.dropout)
+        if config.kq_identity:  # a_h: logits += a_h <x~_i, x~_j>
+            self.kq_identity_scale = nn.Parameter(torch.zeros(n_heads))
+        if config.vo_identity:  # b_h: output += sum_h b_h sum_j A_h[i, j] x~_j
+            self.vo_identity_scale = nn.Parameter(torch.zeros(n_heads))
         if self.positional == "relative":
             self.rel_table = nn.Parameter(torch.empty(config.max_len + 1, d))
             self.rel_dropout = Dropout(config.dropout)
@@ -177,35 +227,46 @@ class CausalSelfAttention(nn.Module):
         if self.positional == "rotary":
             q, k = self._rotary(q, k)
         drop = self.training and self.dropout > 0
+        kq, vo = hasattr(self, "kq_identity_scale"), hasattr(self, "vo_identity_scale")
+        explicit = return_attention or drop or vo  # the weights themselves are needed
         weights = None
-        if self.positional != "relative" and not (return_attention or drop):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.positional != "relative" and not (explicit or kq):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             q = q * (1.0 / math.sqrt(self.head_dim))
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
-            bias = torch.zeros(T, T, device=x.device).masked_fill_(future, -math.inf)
+            bias = torch.zeros(T, T, device=x.device)
+            if self.causal:
+                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
+                bias = bias.masked_fill_(future, -math.inf)
             if self.positional == "relative":
                 bias = self._rel_scores(q) + bias
-            if return_attention or drop:
+            if kq:  # not scaled by 1/sqrt(d_head): <x~_i, x~_i> is about d
+                gram = x @ x.transpose(-2, -1)  # (B, T, T)
+                bias = bias + self.kq_identity_scale.view(1, -1, 1, 1) * gram.unsqueeze(1)
+            if explicit:
                 weights = (q @ k.transpose(-2, -1)).add_(bias).softmax(-1)
                 y = dropout(weights, self.dropout, self.training) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        y = y.transpose(1, 2).reshape(B, T, d)
-        return self.resid_dropout(self.out(y)), weights
+        y = self.out(y.transpose(1, 2).reshape(B, T, d))
+        if vo:  # outside W_O, summed over heads
+            y = y + torch.einsum("h,bhij,bjd->bid", self.vo_identity_scale, weights, x)
+        return self.resid_dropout(y), weights
 
 
 class MLP(nn.Module):
-    """Position-wise 4x ReLU MLP (with biases, as in the reference)."""
+    """Position-wise MLP, 4x ReLU by default (with biases, as in the reference)."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(config.d_model, 4 * config.d_model)
-        self.out = nn.Linear(4 * config.d_model, config.d_model)
+        width = config.mlp_width or 4 * config.d_model
+        self.up = nn.Linear(config.d_model, width)
+        self.out = nn.Linear(width, config.d_model)
         self.dropout = Dropout(config.dropout)
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.out(F.relu(self.up(x))))
+        return self.dropout(self.out(self.activation(self.up(x))))
 
 
 class Block(nn.Module):
@@ -248,15 +309,25 @@ class Transformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(config.d_model)
         if not config.tied:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(
+                config.d_model, config.n_outputs or config.vocab_size, bias=False
+            )
         self._init_weights()
 
     def _init_weights(self) -> None:
         """N(0, 0.02) for linear, embedding and relative-table weights; N(0, 0.01) for the
-        output projections (attention and MLP); LayerNorm at (1, 0), biases at 0."""
+        output projections (attention and MLP); LayerNorm at (1, 0), biases at 0. With
+        ``init="default"`` Linear layers keep PyTorch's init and the token and position
+        embeddings are N(0, 1). The identity scalars start at 0 either way."""
         for name, p in self.named_parameters():
             if name.startswith("embed.") and not isinstance(self.embed, nn.Embedding):
                 continue  # a user-supplied input layer keeps its own init
+            if name.endswith("identity_scale"):
+                continue  # zeros: the model starts as the plain transformer
+            if self.config.init == "default":
+                if name in ("embed.weight", "pos_embed.weight"):
+                    nn.init.normal_(p, mean=0.0, std=1.0)
+                continue
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif ".ln_" in name or name.startswith("ln_f"):
@@ -293,6 +364,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
         """Predictor protocol: next-token log-probabilities (B, T, V), eval mode, no grad."""
+        if self.config.n_outputs not in (None, self.config.vocab_size):
+            raise ValueError(
+                f"predict() needs next-token logits, but this model has n_outputs="
+                f"{self.config.n_outputs}"
+            )
         if batch.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"batch vocab_size={batch.vocab_size} does not match the model's "

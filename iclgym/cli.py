@@ -1,4 +1,4 @@
-"""The ``iclgym`` command: list, describe, eval, speed (and train, see ``iclgym.harness``)."""
+"""The ``iclgym`` command: list, describe, eval, speed (and train, sweep: ``iclgym.harness``)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `iclgym train ...` to iclgym.harness.train, whose
     # flags come from its config dataclasses (importing torch), so `iclgym list` stays light.
     sub.add_parser("train", help="train a model on an env id and plot its phases (--help)")
+    sub.add_parser(
+        "sweep", help="template tasks: train a model x width x n x seed grid, table + plot (--help)"
+    )
 
     p = sub.add_parser("speed", help="throughput benchmark with the project's targets")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per env benchmark run")
@@ -122,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from iclgym.harness.train import main as train_main
 
             train_main(argv[1:])
+            return 0
+        if argv[:1] == ["sweep"]:
+            from iclgym.harness.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -2,7 +2,9 @@
 
 At step ``t`` the agent has seen ``x_0 .. x_t`` and predicts ``x_{t+1}``; it is scored, then
 ``x_{t+1}`` is revealed. After ``seq_len`` steps the episode terminates (the length is part of
-the task, so this is termination, not truncation).
+the task, so this is termination, not truncation). Tasks whose leading positions are context
+only (``task.first_scored_position`` = s > 0, e.g. single-label template tasks) start the
+episode at ``t = s`` with ``x_0 .. x_s`` revealed, so they take ``seq_len - s`` steps.
 
 Observations (``observation=``):
     ``"context"`` (default): the tokens so far as ``MultiDiscrete([V + 1] * (seq_len + 1))``,
@@ -14,7 +16,11 @@ Actions (``action=``):
     ``"distribution"``: a probability vector in ``Box(0, 1, (V,))``, normalised by its sum,
     floored at ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward
     ``log q(x_{t+1})``; ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)``
-    (SB3-friendly), reward ``log q(x_{t+1})``.
+    (SB3-friendly), reward ``log q(x_{t+1})``; ``"value"``: for tasks with real-valued labels
+    (``task.label_values``, the value of each label token), a real prediction in
+    ``Box(lo, hi, (1,))`` with ``[lo, hi]`` the label range widened to contain ``[-1, 1]``,
+    reward ``-(a - y)^2`` with ``y`` the value of ``x_{t+1}`` (the oracle predicts the
+    expected value under its law).
 Info (every step): ``t`` (the position scored), ``true_probs`` (the law ``x_{t+1}`` was drawn
 from), ``oracle_probs`` (the Bayes-optimal prediction), ``regret`` (the oracle's reward minus
 the agent's on this step) and, for probability actions, ``kl`` = KL(true || q).
@@ -36,7 +42,7 @@ from iclgym.registry import get_entry
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
 
 OBSERVATIONS = ("context", "token", "window")
-ACTIONS = ("token", "distribution", "logits")
+ACTIONS = ("token", "distribution", "logits", "value")
 PROB_FLOOR = 1e-6
 BLOCK = 64
 """Sequences the single env draws per sampler call (amortises the torch call over episodes)."""
@@ -165,7 +171,14 @@ class _Spaces:
             raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
         if not np.isfinite(logit_scale) or logit_scale <= 0:
             raise ValueError(f"logit_scale={logit_scale!r} is invalid: expected a float > 0")
+        values = getattr(task, "label_values", None)
+        if action == "value" and values is None:
+            raise ValueError(
+                f"action='value' needs a task with real-valued labels (label_values); "
+                f"{type(task).__name__} has none"
+            )
         self.task, self.split = task, split
+        self.first = task.first_scored_position
         self.obs_mode, self.action_mode = observation, action
         self.logit_scale = float(logit_scale)
         v, t = task.vocab_size, task.seq_len
@@ -182,7 +195,14 @@ class _Spaces:
             "token": spaces.Discrete(v),
             "distribution": spaces.Box(0.0, 1.0, (v,), np.float32),
             "logits": spaces.Box(-1.0, 1.0, (v,), np.float32),
+            "value": None,
         }[action]
+        if action == "value":
+            values = np.asarray(values, dtype=np.float64)
+            self.values = np.nan_to_num(values, nan=0.0)
+            finite = values[np.isfinite(values)]
+            low, high = min(-1.0, finite.min()), max(1.0, finite.max())
+            self.single_act_space = spaces.Box(low, high, (1,), np.float32)
 
     def _probabilities(self, action: Any, shape: tuple[int, ...]) -> np.ndarray:
         """Validated probability vectors of ``shape + (V,)`` from distribution/logits actions."""
@@ -226,6 +246,19 @@ class _Spaces:
         if self.action_mode == "token":
             reward = (self._check_tokens(action, target.shape) == target).astype(np.float64)
             return reward, {"regret": (first_argmax(oracle) == target) - reward}
+        if self.action_mode == "value":
+            a = np.asarray(action, dtype=np.float64)
+            box = self.single_act_space
+            if a.shape != (*target.shape, 1) or not np.isfinite(a).all():
+                raise ValueError(f"value action {action!r} is not a finite {(*target.shape, 1)}")
+            if (a < box.low[0]).any() or (a > box.high[0]).any():
+                raise ValueError(
+                    f"value action {action!r} is outside [{box.low[0]}, {box.high[0]}]"
+                )
+            y = self.values[target]
+            reward = -((a[..., 0] - y) ** 2)
+            oracle_reward = -((oracle @ self.values - y) ** 2)
+            return reward, {"regret": oracle_reward - reward, "label": y}
         rows = np.arange(target.shape[0])
         q = self._probabilities(action, target.shape)
         reward = np.log(q[rows, target])
@@ -291,16 +324,16 @@ class ICLEnv(_Spaces, gym.Env):
         self._tokens, self._true, self._oracle = (a[rows][0] for a in self._block)
         self._token_list = self._tokens.tolist()
         self._oracle_hits = (self._oracle.argmax(-1) == self._tokens[1:]).astype(float).tolist()
-        self._t = 0
+        self._t = self.first
         self._last = None
         dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
         if self.obs_mode == "context":
             self._obs_buffer = np.full(self.seq_len + 1, self.pad, dtype=dtype)
-            self._obs_buffer[0] = self._tokens[0]
+            self._obs_buffer[: self.first + 1] = self._tokens[: self.first + 1]
         elif self.obs_mode == "window":
             self._obs_buffer = np.full(self.window + self.seq_len, self.pad, dtype=dtype)
             self._obs_buffer[self.window - 1 :] = self._tokens
-        return self._observation(), {"t": 0}
+        return self._observation(), {"t": self.first}
 
     def step(self, action: Any):
         t = self._t
@@ -413,12 +446,12 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         online = self.task.online(batch)
         whole = rows == slice(0, self.block)
         self._online = online if whole else lambda t: tuple(a[rows] for a in online(t))
-        self._t = 0
+        self._t = self.first
         self._autoreset = False
         dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
         if self.obs_mode == "context":
             self._obs_buffer = np.full((self.num_envs, self.seq_len + 1), self.pad, dtype=dtype)
-            self._obs_buffer[:, 0] = tokens[:, 0]
+            self._obs_buffer[:, : self.first + 1] = tokens[:, : self.first + 1]
         elif self.obs_mode == "window":
             self._obs_buffer = np.full(
                 (self.num_envs, self.window + self.seq_len), self.pad, dtype=dtype
@@ -426,7 +459,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             self._obs_buffer[:, self.window - 1 :] = self._tokens_tm.T
         else:
             self._obs_buffer = None
-        return self._observation(), {"t": np.zeros(self.num_envs, dtype=np.int64)}
+        return self._observation(), {"t": np.full(self.num_envs, self.first, dtype=np.int64)}
 
     def _observation(self) -> np.ndarray:
         t = self._t
@@ -467,7 +500,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         truncated = (
             not terminated
             and self.max_episode_steps is not None
-            and self._t >= self.max_episode_steps
+            and self._t - self.first >= self.max_episode_steps
         )
         self._autoreset = terminated or truncated
         info = {"t": np.full(self.num_envs, t), "true_probs": true, "oracle_probs": oracle, **extra}

@@ -52,6 +52,27 @@ def _higher_order(kwargs: Mapping[str, Any]) -> None:
         )
 
 
+def _any(kwargs: Mapping[str, Any]) -> None:
+    """Every spec is allowed (the spec validates itself)."""
+
+
+def _preset(preset: str, env_id: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(kwargs: Mapping[str, Any]) -> None:
+        if kwargs.get("preset") != preset:
+            raise ValueError(
+                f"preset={kwargs.get('preset')!r} is invalid for {env_id}: it is the "
+                f"{preset!r} task; use ICL-SymbolTemplate-v0 for other template sets"
+            )
+
+    return check
+
+
+_TEMPLATE_DEFAULTS = {
+    "train_alphabet_size": 512,
+    "val_alphabet_size": 256,
+    "test_alphabet_size": 1024,
+}
+
 ENVS: Mapping[str, EnvEntry] = MappingProxyType(
     {
         e.env_id: e
@@ -69,6 +90,33 @@ ENVS: Mapping[str, EnvEntry] = MappingProxyType(
                 "In-context order-n chains (n-grams, n >= 3), Dirichlet rows",
                 MappingProxyType({"num_states": 3, "order": 3, "seq_len": 100, "alpha": 1.0}),
                 _higher_order,
+            ),
+            EnvEntry(
+                "ICL-SymbolTemplate-v0",
+                "symbol_template",
+                "Template tasks over abstract symbols, unseen-symbol test split (Boix-Adsera 2024)",
+                MappingProxyType(
+                    {"preset": "aba_abb", "label_type": "regression", **_TEMPLATE_DEFAULTS}
+                ),
+                _any,
+            ),
+            EnvEntry(
+                "ICL-SameDifferent-v0",
+                "symbol_template",
+                "Same/different: AA -> +1, AB -> -1 over abstract symbols",
+                MappingProxyType(
+                    {"preset": "same_different", "label_type": "regression", **_TEMPLATE_DEFAULTS}
+                ),
+                _preset("same_different", "ICL-SameDifferent-v0"),
+            ),
+            EnvEntry(
+                "ICL-SymbolCopy-v0",
+                "symbol_template",
+                "Copy the first of two abstract symbols (next-token label), unseen-symbol test",
+                MappingProxyType(
+                    {"preset": "copy", "label_type": "multiclass", **_TEMPLATE_DEFAULTS}
+                ),
+                _preset("copy", "ICL-SymbolCopy-v0"),
             ),
         )
     }
@@ -136,7 +184,8 @@ def describe(env_id: str) -> str:
         f"{entry.env_id}: {entry.summary}",
         f"  family:      {entry.family}",
         f"  spec:        {task.spec}",
-        f"  vocabulary:  {task.vocab_size} tokens, {task.seq_len} scored positions",
+        f"  vocabulary:  {task.vocab_size} tokens, "
+        f"{task.seq_len - task.first_scored_position} scored positions",
         f"  strategies:  {', '.join(task.strategies)}",
         f"  docs:        docs/envs/{entry.env_id}.md",
     ]

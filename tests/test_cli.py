@@ -28,3 +28,12 @@ def test_eval_bad_input_exits_2(capsys):
     assert main(["eval", "ICL-MarkovChain-v0", "--set", "alpha=-1"]) == 2
     assert "alpha=-1" in capsys.readouterr().err
     assert main(["eval", "ICL-MarkovChain-v0", "--predictor", "magic"]) == 2
+
+
+def test_sweep_subcommand_runs_a_grid(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["sweep", "--models", "mlp", "--ns", "8", "--seeds", "0", "--epochs", "1"]
+    assert main([*args, "--eval-sequences", "20", "--out", str(out)]) == 0
+    assert "median test MSE" in capsys.readouterr().out
+    assert (out / "sweep.txt").is_file() and (out / "sweep.png").is_file()
+    assert main(["sweep", "--set", "preset=nope", "--ns", "8", "--out", str(out)]) == 2

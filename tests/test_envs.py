@@ -197,6 +197,88 @@ def test_first_argmax_matches_numpy_including_ties(p):
     np.testing.assert_array_equal(first_argmax(np.asfortranarray(p)), p.argmax(-1))
 
 
+TEMPLATE_IDS = ["ICL-SymbolTemplate-v0", "ICL-SameDifferent-v0", "ICL-SymbolCopy-v0"]
+
+
+@pytest.mark.parametrize("env_id", TEMPLATE_IDS)
+@pytest.mark.parametrize("action", ["token", "logits", "value"])
+def test_template_envs_pass_both_checkers_without_warnings(env_id, action):
+    if action == "value" and env_id == "ICL-SymbolCopy-v0":
+        with pytest.raises(ValueError, match="real-valued labels"):
+            gym.make(env_id, action=action)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make(env_id, action=action)
+        check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+        check_env(gym.make(env_id, action=action, render_mode="ansi").unwrapped)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_template_episode_is_one_scored_step_at_the_label(split):
+    env = gym.make("ICL-SymbolTemplate-v0", split=split)
+    task = env.unwrapped.task
+    start, size = task.alphabets[split]
+    for episode in range(20):
+        obs, info = env.reset(seed=episode)
+        assert (
+            info["t"] == 3
+            and obs.shape == (5,)
+            and obs[3] == task.query_id
+            and obs[4] == task.vocab_size
+        )
+        assert (obs[:3] >= start).all() and (obs[:3] < start + size).all()
+        obs2, reward, terminated, truncated, info = env.step(task.ids["<y=1>"])
+        label = obs2[4]
+        is_aba = obs[0] == obs[2]
+        assert label == task.ids["<y=1>" if is_aba else "<y=-1>"]
+        assert reward == float(is_aba) and terminated and not truncated
+        assert info["regret"] == 1.0 - reward  # the oracle matches the template exactly
+        assert info["oracle_probs"][label] == pytest.approx(1.0)
+        assert info["true_probs"][label] == 1.0
+        with pytest.raises(RuntimeError, match="after the episode ended"):
+            env.unwrapped.step(0)
+
+
+def test_template_value_action_rewards_negative_squared_error_in_both_envs():
+    env = gym.make("ICL-SameDifferent-v0", action="value")
+    assert env.action_space.shape == (1,) and env.action_space.low[0] == -1.0
+    obs, _ = env.reset(seed=0)
+    obs, reward, terminated, _, info = env.step(np.array([0.5], np.float32))
+    y = 1.0 if obs[0] == obs[1] else -1.0
+    assert info["label"] == y and reward == pytest.approx(-((0.5 - y) ** 2)) and terminated
+    assert info["regret"] == pytest.approx(-reward)  # the oracle predicts y exactly
+    with pytest.raises(ValueError, match="outside"):
+        env.reset(seed=1)
+        env.unwrapped.step(np.array([1.5], np.float32))
+    venv = gym.make_vec("ICL-SameDifferent-v0", num_envs=16, action="value")
+    obs, info = venv.reset(seed=0)
+    assert (info["t"] == 2).all()
+    _obs2, reward, terminated, truncated, info = venv.step(np.zeros((16, 1), np.float32))
+    np.testing.assert_array_equal(reward, -np.ones(16))
+    assert terminated.all() and not truncated.any()
+    np.testing.assert_array_equal(info["label"], np.where(obs[:, 0] == obs[:, 1], 1.0, -1.0))
+    obs3, reward, terminated, _, _ = venv.step(np.zeros((16, 1), np.float32))  # autoreset
+    assert (reward == 0).all() and not terminated.any() and (obs3[:, 3] == obs3.max()).all()
+
+
+def test_template_vector_env_with_one_env_reproduces_single_env():
+    single = gym.make("ICL-SymbolCopy-v0")
+    vector = gym.make_vec("ICL-SymbolCopy-v0", num_envs=1)
+    o1, _ = single.reset(seed=4)
+    o2, _ = vector.reset(seed=4)
+    for _ in range(10):
+        np.testing.assert_array_equal(o1, o2[0])
+        a = int(o1[0])  # copy the first symbol: always right
+        o1, r1, t1, _, _ = single.step(a)
+        o2, r2, t2, _, _ = vector.step(np.array([a]))
+        assert r1 == r2[0] == 1.0 and t1 and t2[0]
+        np.testing.assert_array_equal(o1, o2[0])
+        o1, _ = single.reset()
+        o2, *_ = vector.step(np.array([a]))
+
+
 def test_distribution_kl_is_finite_when_true_probabilities_vanish():
     """With alpha = 0.001 many true transition probabilities are exactly 0 in float32."""
     env = gym.make("ICL-MarkovChain-v0", action="distribution", alpha=0.001, seq_len=50)

@@ -14,11 +14,18 @@ from iclgym.registry import register_iclgym_envs
 
 
 def test_ids_registered_with_entry_points():
-    for env_id in ("ICL-MarkovChain-v0", "ICL-NGram-v0"):
+    ids = [
+        "ICL-MarkovChain-v0",
+        "ICL-NGram-v0",
+        "ICL-SymbolTemplate-v0",
+        "ICL-SameDifferent-v0",
+        "ICL-SymbolCopy-v0",
+    ]
+    for env_id in ids:
         spec = gym.spec(env_id)
         assert spec.entry_point == "iclgym.envs:ICLEnv"
         assert spec.vector_entry_point == "iclgym.envs:ICLVectorEnv"
-    assert iclgym.list_envs() == ["ICL-MarkovChain-v0", "ICL-NGram-v0"]
+    assert iclgym.list_envs() == ids
 
 
 def test_registration_is_idempotent():
@@ -51,3 +58,17 @@ def test_overrides_and_id_constraints():
         gym.make("ICL-NGram-v0", order=2)
     with pytest.raises(ValueError, match="iclgym list"):
         iclgym.make_task("ICL-Nope-v0")
+
+
+def test_template_ids_fix_their_preset_and_accept_kwargs():
+    task = iclgym.make_task(
+        "ICL-SymbolTemplate-v0", preset="aabb_abab", label_type="classification"
+    )
+    assert task.spec.templates == (("A", "A", "B", "B"), ("A", "B", "A", "B"))
+    assert iclgym.make_task("ICL-SameDifferent-v0").spec.preset == "same_different"
+    copy = gym.make("ICL-SymbolCopy-v0", train_alphabet_size=32).unwrapped.task
+    assert copy.spec.label_type == "multiclass" and copy.spec.train_alphabet_size == 32
+    with pytest.raises(ValueError, match="ICL-SameDifferent-v0"):
+        gym.make("ICL-SameDifferent-v0", preset="aba_abb")
+    with pytest.raises(ValueError, match="ICL-SymbolCopy-v0"):
+        iclgym.make_task("ICL-SymbolCopy-v0", preset="aba_abb")

@@ -21,6 +21,8 @@ OUT = Path(__file__).resolve().parents[1] / "envs"
 def main() -> None:
     for env_id in iclgym.list_envs():
         task = iclgym.make_task(env_id)
+        if task.name != "markov_chain":  # single-label tasks have no per-position curve
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for name in task.strategies:
             if name == "true":

@@ -2,8 +2,12 @@
 
 from iclgym.tasks.base import SPLITS, Batch, Strategy, Task, TaskSpec, make_generator
 from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
+from iclgym.tasks.templates import SymbolTemplateSpec, SymbolTemplateTask
 
-TASK_FAMILIES: dict[str, type[Task]] = {MarkovChainTask.name: MarkovChainTask}
+TASK_FAMILIES: dict[str, type[Task]] = {
+    MarkovChainTask.name: MarkovChainTask,
+    SymbolTemplateTask.name: SymbolTemplateTask,
+}
 """Family name -> task class; the registry builds envs and tasks from these names."""
 
 
@@ -25,6 +29,8 @@ __all__ = [
     "MarkovChainSpec",
     "MarkovChainTask",
     "Strategy",
+    "SymbolTemplateSpec",
+    "SymbolTemplateTask",
     "Task",
     "TaskSpec",
     "make_family_task",

@@ -82,12 +82,41 @@ def stream_seed(seed: int, stream: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+class SplitGenerator(torch.Generator):
+    """A ``torch.Generator`` that knows its split, for tasks whose splits differ in more than
+    the seed stream (e.g. disjoint symbol alphabets): their ``sample`` reads
+    :func:`generator_split`."""
+
+    split: str = "train"
+
+    def __reduce__(self):  # keep the split through pickle and deepcopy
+        return (_restore_split_generator, (str(self.device), self.split, self.get_state()))
+
+    def __deepcopy__(self, memo: dict) -> SplitGenerator:
+        return _restore_split_generator(str(self.device), self.split, self.get_state())
+
+
+def _restore_split_generator(device: str, split: str, state: torch.Tensor) -> SplitGenerator:
+    generator = SplitGenerator(device=device)
+    generator.split = split
+    generator.set_state(state)
+    return generator
+
+
+def generator_split(generator: torch.Generator) -> str:
+    """The split of a generator made by :func:`make_generator`; ``"train"`` for a plain one."""
+    return getattr(generator, "split", "train")
+
+
 def make_generator(seed: int, split: str = "train", device: torch.device | str = "cpu"):
     """A ``torch.Generator`` for ``(seed, split)``; splits get independent streams, so the
-    train, validation and test data of one seed never coincide (see :func:`stream_seed`)."""
+    train, validation and test data of one seed never coincide (see :func:`stream_seed`).
+    It is a :class:`SplitGenerator` that carries ``split``."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
-    return torch.Generator(device=device).manual_seed(stream_seed(seed, SPLITS.index(split)))
+    generator = SplitGenerator(device=device)
+    generator.split = split
+    return generator.manual_seed(stream_seed(seed, SPLITS.index(split)))
 
 
 class TaskSpec:
@@ -115,6 +144,12 @@ class Task(ABC):
     @abstractmethod
     def seq_len(self) -> int:
         """Number of scored positions T per sequence."""
+
+    @property
+    def first_scored_position(self) -> int:
+        """Positions before this one are context only (never scored); env episodes start
+        here. 0 for next-token tasks; the last position for single-label tasks."""
+        return 0
 
     @abstractmethod
     def sample(

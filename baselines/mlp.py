@@ -1,0 +1,76 @@
+"""A fully connected baseline for fixed-length tasks: one-hot concat -> ReLU MLP.
+
+The input is the concatenation of the one-hot codes of the T tokens (T * V features); the
+first Linear layer is computed as a sum of T embedding lookups (row ``t * V + token``), which
+is the same map without building the one-hot matrix. The rows of tokens never seen in
+training get no gradient, so on unseen symbols the network acts with its random init: the
+failure that ``shared/specs/symbol-templates.md`` (section 3, target T1) reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Architecture of :class:`MLP`.
+
+    Attributes:
+        vocab_size: token ids V per position.
+        seq_len: positions T of the input.
+        n_outputs: output size (1 for regression, V for next-token logits).
+        width: hidden width of each ReLU layer.
+        depth: number of hidden ReLU layers.
+    """
+
+    vocab_size: int
+    seq_len: int
+    n_outputs: int = 1
+    width: int = 256
+    depth: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_outputs", "width", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+
+
+class MLP(nn.Module):
+    """``out = W_k relu(... relu(W_1 onehot(x) + b_1) ...)``; PyTorch's default Linear init
+    (the first layer's rows uniform in +-1/sqrt(T * V), as a Linear of that fan-in)."""
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        self.config = config
+        fan_in = config.seq_len * config.vocab_size
+        self.embed = nn.Embedding(fan_in, config.width)  # the first layer's weight, transposed
+        self.bias = nn.Parameter(torch.empty(config.width))
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(self.embed.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+        self.hidden = nn.ModuleList(
+            nn.Linear(config.width, config.width) for _ in range(config.depth - 1)
+        )
+        self.head = nn.Linear(config.width, config.n_outputs)
+        self.register_buffer(
+            "offsets", torch.arange(config.seq_len) * config.vocab_size, persistent=False
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, n_outputs)."""
+        if tokens.shape[1] != self.config.seq_len:
+            raise ValueError(f"expected {self.config.seq_len} tokens, got {tokens.shape[1]}")
+        h = F.relu(self.embed(tokens + self.offsets).sum(1) + self.bias)
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return self.head(h)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,208 @@
+"""Sweep template-task training over a grid: model kind x embedding width x n x seed.
+
+``iclgym sweep --set preset=aba_abb --models transformer transformer+kq mlp --widths 128
+--ns 64 128 256 512 --seeds 0 1 2 --out runs/sweep`` trains every combination with the
+protocol of :mod:`iclgym.harness.template_train` (n = train alphabet size = number of
+training strings unless ``--n-train`` decouples them) and writes, into ``--out``:
+
+- ``sweep.json``: one record per run (scores, steps, seconds), rewritten after every run;
+- ``sweep.txt``: the median test error over seeds per (model, width) and n (error = test
+  MSE for regression, 1 - accuracy otherwise), with the accuracy next to it;
+- ``sweep.png``: median test error against n (log2 axis), one line per (model, width), the
+  seed range shaded: the paper's sample-complexity plot, and across widths its inverse
+  scaling plot.
+
+Transformers have ``width // head_dim`` heads and an MLP of ``mlp_ratio * width``; the
+``mlp`` baseline ignores the width axis (hidden width ``--mlp-width``) and runs once per n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from iclgym.harness.template_train import TemplateTrainConfig, train_template_model
+
+MODEL_KINDS = ("mlp", "transformer", "transformer+kq", "transformer+vo", "transformer+kq+vo")
+
+
+def model_config(kind: str, width: int, args: argparse.Namespace, seed: int) -> TemplateTrainConfig:
+    """The training config of one grid cell."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind {kind!r} is invalid: expected one of {MODEL_KINDS}")
+    base = TemplateTrainConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=seed,
+        eval_sequences=args.eval_sequences,
+    )
+    if kind == "mlp":
+        return replace(base, model="mlp", mlp_width=args.mlp_width, mlp_depth=args.mlp_depth)
+    if width % args.head_dim:
+        raise ValueError(f"width {width} is not a multiple of --head-dim {args.head_dim}")
+    return replace(
+        base,
+        d_model=width,
+        n_heads=width // args.head_dim,
+        n_layers=args.n_layers,
+        mlp_width=args.mlp_ratio * width,
+        kq_identity="+kq" in kind,
+        vo_identity="+vo" in kind,
+    )
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[int, dict]]:
+    """(model, width) -> n -> median/min/max test error and median accuracy over seeds."""
+    cells: dict[tuple[str, int], dict[int, list[dict]]] = {}
+    for r in records:
+        cells.setdefault((r["model"], r["width"]), {}).setdefault(r["n"], []).append(r)
+    out: dict[tuple[str, int], dict[int, dict]] = {}
+    for key, by_n in cells.items():
+        out[key] = {}
+        for n, runs in sorted(by_n.items()):
+            errors = [r["error"] for r in runs]
+            out[key][n] = {
+                "median": statistics.median(errors),
+                "min": min(errors),
+                "max": max(errors),
+                "accuracy": statistics.median(r["test_accuracy"] for r in runs),
+                "seeds": len(runs),
+            }
+    return out
+
+
+def format_table(records: list[dict[str, Any]], metric: str) -> str:
+    """Median test error (median accuracy) over seeds: one row per (model, width)."""
+    summary = summarise(records)
+    ns = sorted({r["n"] for r in records})
+    head = f"{'model':20s} {'width':>6s} " + " ".join(f"{'n=' + str(n):>14s}" for n in ns)
+    lines = [f"median test {metric} (median test accuracy) over seeds", head, "-" * len(head)]
+    for (model, width), by_n in sorted(summary.items()):
+        cells = [
+            f"{by_n[n]['median']:6.3f} ({by_n[n]['accuracy']:.2f})" if n in by_n else f"{'-':>14s}"
+            for n in ns
+        ]
+        lines.append(f"{model:20s} {width:6d} " + " ".join(f"{c:>14s}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path, metric: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (model, width), by_n in sorted(summarise(records).items()):
+        ns = sorted(by_n)
+        label = model if model == "mlp" else f"{model}, D={width}"
+        (line,) = ax.plot(ns, [by_n[n]["median"] for n in ns], marker="o", label=label)
+        ax.fill_between(
+            ns,
+            [by_n[n]["min"] for n in ns],
+            [by_n[n]["max"] for n in ns],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n (training symbols = training strings)")
+    ax.set_ylabel(f"test {metric} on unseen symbols")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from iclgym.registry import make_task, parse_overrides
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = parse_overrides(args.overrides)
+    records: list[dict[str, Any]] = []
+    metric = None
+    grid = [
+        (kind, width, n, seed)
+        for kind in args.models
+        for width in (args.widths[:1] if kind == "mlp" else args.widths)
+        for n in args.ns
+        for seed in args.seeds
+    ]
+    for i, (kind, width, n, seed) in enumerate(grid):
+        task = make_task(
+            args.env,
+            **{
+                **overrides,
+                "train_alphabet_size": n,
+                "n_train": args.n_train,
+                "train_set_seed": seed,
+            },
+        )
+        metric = "MSE" if task.spec.label_type == "regression" else "error"
+        config = model_config(kind, width, args, seed)
+        result = train_template_model(task, config)
+        result.pop("model_object")
+        result["width"] = config.mlp_width if kind == "mlp" else width
+        records.append(result)
+        acc = result["test_accuracy"]
+        print(
+            f"[{i + 1}/{len(grid)}] {kind:18s} D={width:<5d} n={n:<6d} seed={seed}: "
+            f"test {metric} {result['error']:.3f} acc {acc:.3f} "
+            f"(train {result.get('train_mse', result.get('train_loss')):.3f}) "
+            f"{result['wall_s']:.0f} s",
+            flush=True,
+        )
+        (out / "sweep.json").write_text(json.dumps(records, indent=1))
+    table = format_table(records, metric or "error")
+    (out / "sweep.txt").write_text(table + "\n")
+    title = f"{args.env} {' '.join(args.overrides)}, {args.epochs} epochs"
+    plot(records, out / "sweep.png", metric or "error", title)
+    print(table)
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.txt'}, {out / 'sweep.png'}")
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iclgym sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--env", default="ICL-SymbolTemplate-v0", help="a template env id")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--models", nargs="+", default=["mlp", "transformer", "transformer+kq"], choices=MODEL_KINDS
+    )
+    p.add_argument("--widths", nargs="+", type=int, default=[128], help="embedding widths D")
+    p.add_argument(
+        "--ns", nargs="+", type=int, default=[64, 128, 256, 512], help="train alphabet sizes n"
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-train", type=int, default=None, help="training strings (default n)")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--mlp-ratio", type=int, default=2, help="transformer MLP width / D")
+    p.add_argument("--mlp-width", type=int, default=256, help="hidden width of the mlp model")
+    p.add_argument("--mlp-depth", type=int, default=2)
+    p.add_argument("--eval-sequences", type=int, default=1000)
+    p.add_argument("--out", default="runs/sweep")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    records = run(build_parser().parse_args(argv))
+    print(f"sweep took {time.perf_counter() - start:.0f} s")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,8 @@ The two identity scalars of Boix-Adserà et al. 2024 (``shared/specs/symbol-temp
 section 5), both initialised at 0 and trainable, per head h, with x~ the block's LayerNormed
 attention input: ``kq_identity`` adds ``a_h * <x~_i, x~_j>`` to the attention logits (outside
 the 1/sqrt(d_head) scaling), ``vo_identity`` adds ``sum_h b_h * sum_j A_h[i, j] x~_j`` to the
-attention output (after W_O).
+attention output (after W_O); each term has a fixed factor (c_KQ, c_VO; 1 by default, as in the
+reference's regression model).
 Attention runs through ``F.scaled_dot_product_attention`` (for relative positions the q.r term
 is passed as an additive float mask). The weights are computed explicitly when they are asked
 for (``forward(..., return_attention=True)`` returns them per layer for the probes) and when
@@ -69,6 +70,10 @@ class TransformerConfig:
         n_outputs: size of the output head (``None`` = vocab_size; 1 for regression).
         kq_identity: add the trainable per-head a_h * <x~_i, x~_j> to the attention logits.
         vo_identity: add the trainable sum_h b_h * sum_j A_h[i, j] x~_j to the attention output.
+        kq_identity_mult: c_KQ, the fixed factor of the a_h term (the reference's
+            ``wkwq_id_mult``). With Adam a scalar moves about lr per step whatever its
+            gradient, so c is in effect the learning-rate multiplier of the scalar.
+        vo_identity_mult: c_VO, the fixed factor of the b_h term (``wvwo_id_mult``).
         init: ``"small"`` (N(0, 0.02), output projections N(0, 0.01)) or ``"default"``
             (PyTorch's Linear init, N(0, 1) token and position embeddings: the template
             reference model).
@@ -90,6 +95,8 @@ class TransformerConfig:
     n_outputs: int | None = None
     kq_identity: bool = False
     vo_identity: bool = False
+    kq_identity_mult: float = 1.0
+    vo_identity_mult: float = 1.0
     init: str = "small"
 
     def __post_init__(self) -> None:
@@ -125,6 +132,14 @@ class TransformerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} is invalid: expected None or an int >= 1")
+        for name in ("kq_identity_mult", "vo_identity_mult"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"{name}={value!r} is invalid: expected a finite float > 0")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation={self.activation!r} is invalid: expected one of {tuple(ACTIVATIONS)}"
@@ -186,10 +201,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.causal = config.causal
         self.resid_dropout = Dropout(config.dropout)
-        if config.kq_identity:  # a_h: logits += a_h <x~_i, x~_j>
+        if config.kq_identity:  # a_h: logits += c_KQ a_h <x~_i, x~_j>
             self.kq_identity_scale = nn.Parameter(torch.zeros(n_heads))
-        if config.vo_identity:  # b_h: output += sum_h b_h sum_j A_h[i, j] x~_j
+            self.kq_mult = config.kq_identity_mult
+        if config.vo_identity:  # b_h: output += c_VO sum_h b_h sum_j A_h[i, j] x~_j
             self.vo_identity_scale = nn.Parameter(torch.zeros(n_heads))
+            self.vo_mult = config.vo_identity_mult
         if self.positional == "relative":
             self.rel_table = nn.Parameter(torch.empty(config.max_len + 1, d))
             self.rel_dropout = Dropout(config.dropout)
@@ -242,7 +259,8 @@ class CausalSelfAttention(nn.Module):
                 bias = self._rel_scores(q) + bias
             if kq:  # not scaled by 1/sqrt(d_head): <x~_i, x~_i> is about d
                 gram = x @ x.transpose(-2, -1)  # (B, T, T)
-                bias = bias + self.kq_identity_scale.view(1, -1, 1, 1) * gram.unsqueeze(1)
+                scale = self.kq_mult * self.kq_identity_scale
+                bias = bias + scale.view(1, -1, 1, 1) * gram.unsqueeze(1)
             if explicit:
                 weights = (q @ k.transpose(-2, -1)).add_(bias).softmax(-1)
                 y = dropout(weights, self.dropout, self.training) @ v
@@ -250,7 +268,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         y = self.out(y.transpose(1, 2).reshape(B, T, d))
         if vo:  # outside W_O, summed over heads
-            y = y + torch.einsum("h,bhij,bjd->bid", self.vo_identity_scale, weights, x)
+            scale = self.vo_mult * self.vo_identity_scale
+            y = y + torch.einsum("h,bhij,bjd->bid", scale, weights, x)
         return self.resid_dropout(y), weights
 
 

@@ -20,10 +20,25 @@ Actions (``action=``):
     (``task.label_values``, the value of each label token), a real prediction in
     ``Box(lo, hi, (1,))`` with ``[lo, hi]`` the label range widened to contain ``[-1, 1]``,
     reward ``-(a - y)^2`` with ``y`` the value of ``x_{t+1}`` (the oracle predicts the
-    expected value under its law).
-Info (every step): ``t`` (the position scored), ``true_probs`` (the law ``x_{t+1}`` was drawn
-from), ``oracle_probs`` (the Bayes-optimal prediction), ``regret`` (the oracle's reward minus
-the agent's on this step) and, for probability actions, ``kl`` = KL(true || q).
+    expected value under its law); ``"class"``: for tasks with classes (``task.class_tokens``,
+    the label token of each class), ``Discrete(C)``, action c standing for the token of class
+    c, reward ``1[class_tokens[a] = x_{t+1}]``.
+Splits: ``split=`` (``"train"``, ``"validation"`` or its alias ``"val"``, ``"test"``) picks the
+data split; ``reset(options={"split": ...})`` switches it for this and later episodes (a new
+episode stream seeded from the env's ``np_random``, so seeded resets stay deterministic).
+Other option keys and unknown splits raise ``ValueError``.
+Info (every step): ``t`` (the position scored), ``split``, ``true_probs`` (the law ``x_{t+1}``
+was drawn from), ``oracle_probs`` (the Bayes-optimal prediction), ``regret`` (the oracle's
+reward minus the agent's on this step) and, for probability actions, ``kl`` = KL(true || q);
+``reset`` gives ``t`` and ``split``. Tasks with per-episode info (``task.episode_info(batch)``,
+columns of per-sequence values, e.g. template tasks' ``template_id`` and ``substitution``
+{wildcard: token id}) add it, with ``label`` (the last token ``x_T`` in label units: its real
+value where the task has ``label_values``, its class id where it has ``class_tokens``, else the
+token id) and ``oracle_pred`` (the oracle's prediction in those units: expected value, or the
+class / token of its argmax), to the info of the last step, which scores the label: they
+reveal the answer, so they come only after the prediction.
+The vector env gives every key as an array over sub-envs (``split`` a read-only str array;
+``substitution`` a dict of arrays, -1 where a sub-env's template lacks the wildcard).
 """
 
 from __future__ import annotations
@@ -42,10 +57,37 @@ from iclgym.registry import get_entry
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
 
 OBSERVATIONS = ("context", "token", "window")
-ACTIONS = ("token", "distribution", "logits", "value")
+ACTIONS = ("token", "distribution", "logits", "value", "class")
+SPLIT_ALIASES = {"val": "validation"}
+"""Other names accepted for a split (spec ``symbol-templates.md`` section 8 says ``"val"``)."""
+RESET_OPTIONS = ("split",)
 PROB_FLOOR = 1e-6
 BLOCK = 64
 """Sequences the single env draws per sampler call (amortises the torch call over episodes)."""
+
+
+def check_split(split: Any, name: str = "split") -> str:
+    """The canonical name of a split (one of ``SPLITS``; ``"val"`` is ``"validation"``)."""
+    canonical = SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
+    if canonical not in SPLITS:
+        raise ValueError(
+            f"{name}={split!r} is invalid: expected one of {SPLITS} (or 'val' for 'validation')"
+        )
+    return canonical
+
+
+def reset_split(options: dict[str, Any] | None) -> str | None:
+    """The split asked for by ``reset(options=...)``, or None; unknown keys raise."""
+    if not options:
+        return None
+    if not isinstance(options, dict):
+        raise ValueError(f"options={options!r} is invalid: expected a dict or None")
+    unknown = sorted(set(options) - set(RESET_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(
+            f"reset options {unknown} are invalid: expected keys among {RESET_OPTIONS}"
+        )
+    return check_split(options["split"], "options['split']") if "split" in options else None
 
 
 def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any]) -> Task:
@@ -165,8 +207,7 @@ class _Spaces:
             )
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is invalid: expected one of {ACTIONS}")
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+        split = check_split(split)
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
         if not np.isfinite(logit_scale) or logit_scale <= 0:
@@ -177,7 +218,25 @@ class _Spaces:
                 f"action='value' needs a task with real-valued labels (label_values); "
                 f"{type(task).__name__} has none"
             )
+        class_tokens = getattr(task, "class_tokens", None)
+        if action == "class" and not class_tokens:
+            raise ValueError(
+                f"action='class' needs a task with classes (task.class_tokens, e.g. a template "
+                f"task with label_type='classification'); this {type(task).__name__} has none"
+            )
         self.task, self.split = task, split
+        # Tasks with per-episode info (template tasks) give it as columns of a batch; None
+        # for the others (Markov), whose step path then stays as it was.
+        self._episode_fn = getattr(task, "episode_info", None)
+        self._episode: dict[str, Any] | None = None
+        # Label units for info["label"] / info["oracle_pred"]: values, class ids or tokens.
+        self.values = None if values is None else np.nan_to_num(np.asarray(values, np.float64))
+        self.class_tokens = class_of = None
+        if class_tokens:
+            self.class_tokens = np.asarray(class_tokens, dtype=np.int64)
+            class_of = np.full(task.vocab_size, -1, dtype=np.int64)
+            class_of[self.class_tokens] = np.arange(len(class_tokens))
+        self.class_of = class_of
         self.first = task.first_scored_position
         self.obs_mode, self.action_mode = observation, action
         self.logit_scale = float(logit_scale)
@@ -196,10 +255,10 @@ class _Spaces:
             "distribution": spaces.Box(0.0, 1.0, (v,), np.float32),
             "logits": spaces.Box(-1.0, 1.0, (v,), np.float32),
             "value": None,
+            "class": None if class_tokens is None else spaces.Discrete(len(class_tokens)),
         }[action]
         if action == "value":
             values = np.asarray(values, dtype=np.float64)
-            self.values = np.nan_to_num(values, nan=0.0)
             finite = values[np.isfinite(values)]
             low, high = min(-1.0, finite.min()), max(1.0, finite.max())
             self.single_act_space = spaces.Box(low, high, (1,), np.float32)
@@ -226,18 +285,36 @@ class _Spaces:
         q = np.maximum(a / total, PROB_FLOOR)
         return q / q.sum(-1, keepdims=True)
 
-    def _check_tokens(self, action: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def _check_tokens(
+        self, action: Any, shape: tuple[int, ...], n: int | None = None, kind: str = "token"
+    ) -> np.ndarray:
+        n = self.vocab_size if n is None else n
         a = np.asarray(action)
-        if (
-            a.dtype.kind not in "iu"
-            or a.shape != shape
-            or a.min() < 0
-            or a.max() >= self.vocab_size
-        ):
-            raise ValueError(
-                f"token action {action!r} is outside Discrete({self.vocab_size})^{shape}"
-            )
+        if a.dtype.kind not in "iu" or a.shape != shape or a.min() < 0 or a.max() >= n:
+            raise ValueError(f"{kind} action {action!r} is outside Discrete({n})^{shape}")
         return a
+
+    def _labels(self, target: np.ndarray, oracle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (N,) and the oracle's predictions (N,) in label units: the real value
+        (regression; the oracle predicts its expected value), the class id, or the token."""
+        if self.values is not None:
+            return self.values[target], oracle @ self.values
+        if self.class_of is not None:
+            return self.class_of[target], self.class_of[first_argmax(oracle)]
+        return target.astype(np.int64), first_argmax(oracle).astype(np.int64)
+
+    def _episode_columns(
+        self, batch: Batch, rows: slice, target: np.ndarray, oracle: np.ndarray
+    ) -> dict[str, Any]:
+        """Per-episode info columns of ``batch[rows]``: the task's ``episode_info`` plus
+        ``label`` and ``oracle_pred``; ``target`` (N,) is the last token x_T of each row and
+        ``oracle`` (N, V) the oracle's law of it."""
+        columns = {
+            key: {k: v[rows] for k, v in col.items()} if isinstance(col, dict) else col[rows]
+            for key, col in self._episode_fn(batch).items()
+        }
+        columns["label"], columns["oracle_pred"] = self._labels(target, oracle)
+        return columns
 
     def _score(
         self, action: Any, target: np.ndarray, true: np.ndarray, oracle: np.ndarray
@@ -245,6 +322,10 @@ class _Spaces:
         """Rewards (N,) and per-step info for actions on N envs at one position."""
         if self.action_mode == "token":
             reward = (self._check_tokens(action, target.shape) == target).astype(np.float64)
+            return reward, {"regret": (first_argmax(oracle) == target) - reward}
+        if self.action_mode == "class":
+            a = self._check_tokens(action, target.shape, len(self.class_tokens), "class")
+            reward = (self.class_tokens[a] == target).astype(np.float64)
             return reward, {"regret": (first_argmax(oracle) == target) - reward}
         if self.action_mode == "value":
             a = np.asarray(action, dtype=np.float64)
@@ -310,8 +391,10 @@ class ICLEnv(_Spaces, gym.Env):
         )
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        split = reset_split(options)
         super().reset(seed=seed)
-        if seed is not None or self._stream is None:
+        if seed is not None or self._stream is None or split not in (None, self.split):
+            self.split = split or self.split
             self._stream = EpisodeStream(self.task, self.split, self.np_random, BLOCK)
         batch, rows = self._stream.take(1)
         if batch is not self._block_batch:  # score the whole block once
@@ -321,6 +404,11 @@ class ICLEnv(_Spaces, gym.Env):
                 batch.true_probs.cpu().numpy(),
                 self.task.oracle(batch).exp().cpu().numpy(),
             )
+            if self._episode_fn is not None:
+                seqs, oracle = self._block[0], self._block[2]
+                self._block_info = self._episode_columns(
+                    batch, slice(None), seqs[:, -1], oracle[:, -1]
+                )
         self._tokens, self._true, self._oracle = (a[rows][0] for a in self._block)
         self._token_list = self._tokens.tolist()
         self._oracle_hits = (self._oracle.argmax(-1) == self._tokens[1:]).astype(float).tolist()
@@ -333,7 +421,24 @@ class ICLEnv(_Spaces, gym.Env):
         elif self.obs_mode == "window":
             self._obs_buffer = np.full(self.window + self.seq_len, self.pad, dtype=dtype)
             self._obs_buffer[self.window - 1 :] = self._tokens
-        return self._observation(), {"t": self.first}
+        if self._episode_fn is not None:
+            self._episode = self._episode_row(self._block_info, rows.start)
+        return self._observation(), {"t": self.first, "split": self.split}
+
+    @staticmethod
+    def _episode_row(columns: dict[str, Any], i: int) -> dict[str, Any]:
+        """Row ``i`` of episode info columns as Python scalars; in nested dicts (the
+        substitution) negative entries mean absent and are left out."""
+        return {
+            key: {k: int(v[i]) for k, v in col.items() if v[i] >= 0}
+            if isinstance(col, dict)
+            else col[i].item()
+            for key, col in columns.items()
+        }
+
+    def _episode_info(self) -> dict[str, Any]:
+        """A fresh copy of this episode's info (no object shared between two infos)."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._episode.items()}
 
     def step(self, action: Any):
         t = self._t
@@ -343,7 +448,7 @@ class ICLEnv(_Spaces, gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset() first")
         target = self._token_list[t + 1]
         true, oracle = self._true[t], self._oracle[t]
-        info = {"t": t, "true_probs": true, "oracle_probs": oracle}
+        info = {"t": t, "true_probs": true, "oracle_probs": oracle, "split": self.split}
         if self.action_mode == "token":  # scalar fast path: this is the per-step hot loop
             reward = 1.0 if self._token(action) == target else 0.0
             info["regret"] = self._oracle_hits[t] - reward
@@ -357,7 +462,10 @@ class ICLEnv(_Spaces, gym.Env):
         if self.obs_mode == "context":
             self._obs_buffer[t + 1] = target
         self._last = (action, reward)
-        return self._observation(), reward, self._t == self.seq_len, False, info
+        terminated = self._t == self.seq_len
+        if terminated and self._episode is not None:  # the label step of a template task
+            info.update(self._episode_info())
+        return self._observation(), reward, terminated, False, info
 
     def _token(self, action: Any) -> int:
         """A validated token id from an int, a numpy integer or a one-element int array."""
@@ -446,6 +554,12 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         online = self.task.online(batch)
         whole = rows == slice(0, self.block)
         self._online = online if whole else lambda t: tuple(a[rows] for a in online(t))
+        info = {"t": np.full(self.num_envs, self.first, dtype=np.int64), "split": self._splits()}
+        if self._episode_fn is not None:  # label info needs the law of x_T now: keep it
+            last, fetch = self.seq_len - 1, self._online
+            laws = fetch(last)
+            self._online = lambda t: laws if t == last else fetch(t)
+            self._episode = self._episode_columns(batch, rows, self._tokens_tm[-1], laws[1])
         self._t = self.first
         self._autoreset = False
         dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
@@ -459,7 +573,19 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             self._obs_buffer[:, self.window - 1 :] = self._tokens_tm.T
         else:
             self._obs_buffer = None
-        return self._observation(), {"t": np.full(self.num_envs, self.first, dtype=np.int64)}
+        return self._observation(), info
+
+    def _splits(self) -> np.ndarray:
+        """info["split"]: a read-only (num_envs,) str array (a broadcast view: ~4 us at 4096
+        envs where a filled copy costs ~12 us per step)."""
+        return np.broadcast_to(np.array(self.split), (self.num_envs,))
+
+    def _episode_info(self) -> dict[str, Any]:
+        """Fresh copies of this round's episode info arrays."""
+        return {
+            key: {k: v.copy() for k, v in col.items()} if isinstance(col, dict) else col.copy()
+            for key, col in self._episode.items()
+        }
 
     def _observation(self) -> np.ndarray:
         t = self._t
@@ -469,8 +595,10 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         return fresh_copy(self._obs_buffer if view is None else view)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        split = reset_split(options)
         super().reset(seed=seed)
-        if seed is not None or self._stream is None:
+        if seed is not None or self._stream is None or split not in (None, self.split):
+            self.split = split or self.split
             block = max(BLOCK, self.num_envs)
             if block % self.num_envs:
                 block = self.num_envs * (block // self.num_envs + 1)
@@ -503,7 +631,15 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             and self._t - self.first >= self.max_episode_steps
         )
         self._autoreset = terminated or truncated
-        info = {"t": np.full(self.num_envs, t), "true_probs": true, "oracle_probs": oracle, **extra}
+        info = {
+            "t": np.full(self.num_envs, t),
+            "true_probs": true,
+            "oracle_probs": oracle,
+            "split": self._splits(),
+            **extra,
+        }
+        if terminated and self._episode is not None:  # the label step of a template task
+            info.update(self._episode_info())
         return (
             self._observation(),
             reward,

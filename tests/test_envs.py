@@ -289,3 +289,219 @@ def test_distribution_kl_is_finite_when_true_probabilities_vanish():
         zero_seen |= bool((info["true_probs"] == 0).any())
         kls.append(info["kl"])
     assert zero_seen and np.isfinite(kls).all() and min(kls) >= 0
+
+
+def _decode_check(task, obs, info, split):
+    """The observation is the template of info["template_id"] under info["substitution"]."""
+    template = task.spec.templates[info["template_id"]]
+    used = {s for s in template if s in task.spec.wildcards}
+    assert set(info["substitution"]) == used
+    start, size = task.alphabets[split]
+    for symbol in info["substitution"].values():
+        assert start <= symbol < start + size
+    assert len(set(info["substitution"].values())) == len(used)  # injective
+    decoded = [
+        info["substitution"][s] if s in task.spec.wildcards else task.ids[s] for s in template
+    ]
+    np.testing.assert_array_equal(obs[: len(template)], decoded)
+    assert obs[len(template)] == task.query_id
+
+
+def _label_token(task, label):
+    """The token of a label in label units (real value, class id or token id)."""
+    if task.spec.label_type == "regression":
+        return task.ids[f"<y={label:g}>"]
+    if task.spec.label_type == "classification":
+        return task.class_tokens[label]
+    return label
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [
+        ("ICL-SymbolTemplate-v0", {}),
+        ("ICL-SymbolTemplate-v0", {"preset": "majority4", "label_type": "classification"}),
+        ("ICL-SymbolTemplate-v0", {"preset": "aabb_abab", "label_type": "multiclass"}),
+        ("ICL-SymbolCopy-v0", {}),
+    ],
+)
+def test_template_episode_info_on_the_test_split(env_id, kwargs):
+    env = gym.make(env_id, split="test", **kwargs)
+    task = env.unwrapped.task
+    templates_seen = set()
+    for episode in range(64):
+        obs, info = env.reset(seed=0 if episode == 0 else None)  # one block of 64 episodes
+        assert info == {"t": task.spec.template_len, "split": "test"}  # no answer before acting
+        obs2, reward, terminated, _, step_info = env.step(0)
+        assert terminated and step_info["split"] == "test"
+        _decode_check(task, obs, step_info, "test")
+        label = _label_token(task, step_info["label"])
+        assert step_info["oracle_pred"] == step_info["label"]  # the oracle is exact
+        assert obs2[-1] == label and reward == float(label == 0)
+        assert step_info["regret"] == 1.0 - reward
+        templates_seen.add(step_info["template_id"])
+    assert templates_seen == set(range(task.spec.num_templates))
+
+
+def test_markov_env_info_has_split_but_no_template_keys():
+    env = gym.make("ICL-MarkovChain-v0", split="val", seq_len=3)
+    _, info = env.reset(seed=0)
+    assert info == {"t": 0, "split": "validation"}
+    for _ in range(3):
+        *_, info = env.step(0)
+        assert info["split"] == "validation" and "label" not in info
+    venv = gym.make_vec("ICL-MarkovChain-v0", num_envs=3, seq_len=2)
+    _, info = venv.reset(seed=0)
+    assert set(info) == {"t", "split"} and info["split"].tolist() == ["train"] * 3
+
+
+@pytest.mark.parametrize("split", ["test", "validation", "val"])
+def test_reset_split_option_switches_the_split_and_is_seeded(split):
+    env = gym.make("ICL-SymbolTemplate-v0")
+    task = env.unwrapped.task
+    canonical = "validation" if split == "val" else split
+    start, size = task.alphabets[canonical]
+    first = env.reset(seed=3, options={"split": split})
+    again = env.reset(seed=3, options={"split": split})
+    other = gym.make("ICL-SymbolTemplate-v0").reset(seed=3, options={"split": split})
+    for a, b in ((first, again), (first, other)):
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1] == b[1]
+    for _ in range(10):  # later episodes stay in the new split
+        obs, info = env.reset()
+        assert info["split"] == canonical and ((obs[:3] >= start) & (obs[:3] < start + size)).all()
+        *_, info = env.step(0)
+        assert info["split"] == canonical
+    train_start, train_size = task.alphabets["train"]
+    obs, info = env.reset(options={"split": "train"})
+    assert info["split"] == "train" and (obs[:3] < train_start + train_size).all()
+    assert env.unwrapped.split == "train"
+
+
+def test_vector_env_reset_split_option_and_episode_info_arrays():
+    venv = gym.make_vec("ICL-SymbolTemplate-v0", num_envs=8, preset="majority4")
+    task = venv.unwrapped.task
+    obs, info = venv.reset(seed=1, options={"split": "test"})
+    obs_again, _ = venv.reset(seed=1, options={"split": "test"})
+    np.testing.assert_array_equal(obs, obs_again)
+    assert set(info) == {"t", "split"}  # no answer before acting
+    unused_b = False
+    start, size = task.alphabets["test"]
+    for _round in range(5):
+        assert info["split"].tolist() == ["test"] * 8
+        _obs, reward, terminated, _, step_info = venv.step(np.zeros(8, np.int64))
+        assert terminated.all() and step_info["split"].tolist() == ["test"] * 8
+        np.testing.assert_array_equal(step_info["label"], step_info["oracle_pred"])
+        assert step_info["template_id"].shape == (8,) and step_info["template_id"].dtype == np.int64
+        for i in range(8):
+            sub = {k: int(v[i]) for k, v in step_info["substitution"].items() if v[i] >= 0}
+            row = {"template_id": int(step_info["template_id"][i]), "substitution": sub}
+            _decode_check(task, obs[i], row, "test")
+            assert ((obs[i, :4] >= start) & (obs[i, :4] < start + size)).all()
+        unused_b |= bool((step_info["substitution"]["B"] == -1).any())  # template AAAA
+        labels = np.array([_label_token(task, y) for y in step_info["label"]])
+        np.testing.assert_array_equal(reward, (labels == 0).astype(float))
+        obs, _, _, _, info = venv.step(np.zeros(8, np.int64))  # next-step autoreset
+        assert "label" not in info
+    assert unused_b
+    with pytest.raises(ValueError, match="validation"):
+        venv.reset(options={"split": "dev"})
+
+
+def test_vector_env_info_matches_single_env_with_one_env():
+    single = gym.make("ICL-SymbolTemplate-v0", split="test", label_type="classification")
+    vector = gym.make_vec("ICL-SymbolTemplate-v0", num_envs=1, label_type="classification")
+    single.reset(seed=2)
+    vector.reset(seed=2, options={"split": "test"})
+    for _ in range(5):
+        *_, i1 = single.step(0)
+        *_, i2 = vector.step(np.zeros(1, np.int64))
+        assert i1["split"] == i2["split"][0] and i1["template_id"] == i2["template_id"][0]
+        assert i1["label"] == i2["label"][0] and i1["oracle_pred"] == i2["oracle_pred"][0]
+        assert i1["substitution"] == {k: int(v[0]) for k, v in i2["substitution"].items()}
+        single.reset()
+        vector.step(np.zeros(1, np.int64))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"split": "dev"}, {"split": None}, {"split": 1}, {"spilt": "test"}, {"split": "test", "x": 0}],
+)
+def test_bad_reset_options_raise(options):
+    env = ICLEnv("ICL-SymbolTemplate-v0")
+    with pytest.raises(ValueError, match=r"split|options") as err:
+        env.reset(seed=0, options=options)
+    assert "validation" in str(err.value) or "('split',)" in str(err.value)
+    venv = ICLVectorEnv(2, "ICL-MarkovChain-v0")
+    with pytest.raises(ValueError, match=r"split|options"):
+        venv.reset(seed=0, options=options)
+    with pytest.raises(ValueError, match="split"):
+        ICLEnv("ICL-SymbolTemplate-v0", split="dev")
+
+
+@pytest.mark.parametrize("preset", ["aba_abb", "majority4"])
+def test_class_action_passes_both_checkers_and_scores_the_class(preset):
+    kwargs = {"preset": preset, "label_type": "classification", "action": "class"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make("ICL-SymbolTemplate-v0", **kwargs)
+        check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+        check_env(gym.make("ICL-SymbolTemplate-v0", render_mode="ansi", **kwargs).unwrapped)
+    task = env.unwrapped.task
+    assert env.action_space == gym.spaces.Discrete(len(task.label_set))
+    for episode in range(5):
+        env.reset(seed=episode)
+        _obs, reward, _, _, step_info = env.step(0)
+        label = step_info["label"]
+        assert task.class_tokens[label] == _obs[-1]
+        assert reward == float(label == 0) and step_info["regret"] == 1.0 - reward
+        env.reset(seed=episode)  # the same episode again
+        _obs, reward, _, _, step_info = env.step(np.int64(label))
+        assert reward == 1.0 and step_info["regret"] == 0.0
+    with pytest.raises(ValueError, match="class action"):
+        env.reset(seed=0)
+        env.unwrapped.step(len(task.label_set))
+    venv = gym.make_vec("ICL-SymbolTemplate-v0", num_envs=6, **kwargs)
+    venv.reset(seed=0)
+    _, reward, _, _, step_info = venv.step(np.zeros(6, np.int64))
+    np.testing.assert_array_equal(reward, (step_info["label"] == 0).astype(float))
+    venv.step(np.zeros(6, np.int64))  # next-step autoreset
+    venv.reset(seed=0)  # the same round again, now answered right
+    _, reward, _, _, step_info = venv.step(step_info["label"])
+    np.testing.assert_array_equal(reward, np.ones(6))
+    np.testing.assert_array_equal(step_info["regret"], np.zeros(6))
+    venv.step(np.zeros(6, np.int64))  # next-step autoreset (the action is ignored)
+    with pytest.raises(ValueError, match="class action"):
+        venv.step(np.full(6, len(task.label_set)))
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [
+        ("ICL-SymbolTemplate-v0", {}),
+        ("ICL-SymbolCopy-v0", {}),
+        ("ICL-MarkovChain-v0", {}),
+    ],
+)
+def test_class_action_needs_a_task_with_classes(env_id, kwargs):
+    with pytest.raises(ValueError, match="needs a task with classes"):
+        gym.make(env_id, action="class", **kwargs)
+    with pytest.raises(ValueError, match="needs a task with classes"):
+        gym.make_vec(env_id, num_envs=2, action="class", **kwargs)
+
+
+@pytest.mark.parametrize("action", ["token", "class", "value"])
+def test_template_envs_with_split_options_pass_both_checkers(action):
+    label_type = "classification" if action == "class" else "regression"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make("ICL-SymbolTemplate-v0", split="val", action=action, label_type=label_type)
+        assert env.unwrapped.split == "validation"
+        check_env(env.unwrapped)
+        env.reset(seed=0, options={"split": "test"})
+        check_env(env.unwrapped)  # now on the test split (seeded resets keep it)
+        sb3_check_env(env.unwrapped)
+        assert env.unwrapped.split == "test"
+        _, info = env.reset(seed=0)
+        assert info["split"] == "test"

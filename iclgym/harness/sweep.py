@@ -54,6 +54,8 @@ def model_config(kind: str, width: int, args: argparse.Namespace, seed: int) -> 
         mlp_width=args.mlp_ratio * width,
         kq_identity="+kq" in kind,
         vo_identity="+vo" in kind,
+        kq_identity_mult=args.kq_mult,
+        vo_identity_mult=args.vo_mult,
     )
 
 
@@ -164,7 +166,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         (out / "sweep.json").write_text(json.dumps(records, indent=1))
     table = format_table(records, metric or "error")
     (out / "sweep.txt").write_text(table + "\n")
-    title = f"{args.env} {' '.join(args.overrides)}, {args.epochs} epochs"
+    mults = "".join(
+        f", {name}={value:g}"
+        for name, value in (("c_KQ", args.kq_mult), ("c_VO", args.vo_mult))
+        if value != 1.0
+    )
+    title = f"{args.env} {' '.join(args.overrides)}, {args.epochs} epochs{mults}"
     plot(records, out / "sweep.png", metric or "error", title)
     print(table)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.txt'}, {out / 'sweep.png'}")
@@ -190,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--mlp-ratio", type=int, default=2, help="transformer MLP width / D")
+    p.add_argument("--kq-mult", type=float, default=1.0, help="c_KQ, factor of the a_h term")
+    p.add_argument("--vo-mult", type=float, default=1.0, help="c_VO, factor of the b_h term")
     p.add_argument("--mlp-width", type=int, default=256, help="hidden width of the mlp model")
     p.add_argument("--mlp-depth", type=int, default=2)
     p.add_argument("--eval-sequences", type=int, default=1000)

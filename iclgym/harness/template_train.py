@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from baselines.mlp import MLP, MLPConfig
 from baselines.transformer import Transformer, TransformerConfig
 from iclgym.harness.regression import nearest_label
-from iclgym.tasks.base import Batch, stream_seed
+from iclgym.tasks.base import SPLITS, Batch, stream_seed
 from iclgym.tasks.templates import SymbolTemplateTask
 
 MODELS = ("transformer", "mlp")
@@ -54,6 +54,10 @@ class TemplateTrainConfig:
         mlp_depth: hidden ReLU layers of the MLP baseline.
         kq_identity: transformer with the trainable a_h <x~_i, x~_j> attention term.
         vo_identity: transformer with the trainable b_h sum_j A_ij x~_j output term.
+        kq_identity_mult: c_KQ, fixed factor of the a_h term (in effect a_h's learning-rate
+            multiplier under Adam; 1 as in the reference regression model).
+        vo_identity_mult: c_VO, fixed factor of the b_h term (the copy task needs a large
+            one: see ``docs/results/symbol-templates.md``, T5).
         lr: Adam learning rate (constant, no weight decay).
         batch_size: strings per step (the effective batch is min(n_train, batch_size)).
         epochs: passes over the fixed training set.
@@ -73,6 +77,8 @@ class TemplateTrainConfig:
     mlp_depth: int = 2
     kq_identity: bool = False
     vo_identity: bool = False
+    kq_identity_mult: float = 1.0
+    vo_identity_mult: float = 1.0
     lr: float = 1e-3
     batch_size: int = 1024
     epochs: int = 1000
@@ -92,8 +98,10 @@ class TemplateTrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is invalid: expected a finite float > 0")
+        for name in ("lr", "kq_identity_mult", "vo_identity_mult"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} is invalid: expected a finite float > 0")
         if self.model == "mlp" and (self.kq_identity or self.vo_identity):
             raise ValueError("kq_identity/vo_identity are transformer options, not for model='mlp'")
 
@@ -133,6 +141,8 @@ def build_template_model(task: SymbolTemplateTask, config: TemplateTrainConfig) 
             n_outputs=1 if kind == "regression" else None,
             kq_identity=config.kq_identity,
             vo_identity=config.vo_identity,
+            kq_identity_mult=config.kq_identity_mult,
+            vo_identity_mult=config.vo_identity_mult,
             init="default",
         )
         return Transformer(model_config)
@@ -147,13 +157,13 @@ def label_output(model: nn.Module, tokens: Tensor) -> Tensor:
 def _untrained_rows(model: nn.Module, task: SymbolTemplateTask) -> Tensor | None:
     """A copy of the input-embedding rows of the validation and test symbols (None when a
     tied unembedding trains them through the softmax)."""
-    start = task.alphabets["validation"][0]
+    rows = torch.cat([torch.arange(s, s + n) for s, n in map(task.alphabets.get, SPLITS[1:])])
     if isinstance(model, MLP):
         table = model.embed.weight.view(task.seq_len, task.vocab_size, -1)
-        return table[:, start:].detach().clone()
+        return table[:, rows].detach().clone()
     if model.config.tied:
         return None
-    return model.embed.weight[start:].detach().clone()
+    return model.embed.weight[rows].detach().clone()
 
 
 def _loss(task: SymbolTemplateTask, out: Tensor, batch: Batch) -> Tensor:

@@ -9,9 +9,10 @@ label, or a regular token). Train, validation and test use disjoint alphabets, s
 split measures generalisation to symbols never seen in training
 (``shared/specs/symbol-templates.md``).
 
-**Vocabulary** (contiguous blocks, spec section 2): wildcards | regular tokens (the declared
-ones, then one token per regression value or class, then the QUERY token) | train alphabet |
-validation alphabet | test alphabet. Wildcard ids are reserved and never appear in data.
+**Vocabulary** (spec section 2): wildcards | regular tokens (the declared ones, then one token
+per regression value or class, then the QUERY token) | the symbol pool: train alphabet |
+validation alphabet | test alphabet, contiguous by default or placed by ``alphabet_offsets``
+(disjoint, gaps allowed). Wildcard ids are reserved and never appear in data.
 
 **Batch mapping.** A sequence is the template string followed by QUERY, ``T = L + 1`` tokens;
 position ``t < T - 1`` predicts the next template token (context, ``loss_mask`` False) and the
@@ -35,8 +36,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from itertools import product
+from functools import cached_property, lru_cache
+from itertools import accumulate, combinations, product
 
 import torch
 from torch import Tensor
@@ -61,30 +62,6 @@ above it collisions among m uniform draws are redrawn (rejection)."""
 FIXED_SET_STREAM = len(SPLITS) + 1
 """Seed stream of the fixed training set (stream len(SPLITS) is the trainer's dropout)."""
 LOG_FLOOR = 1e-30
-
-
-def _majority(k: int) -> tuple[tuple[str, ...], ...]:
-    return tuple(("A", *rest) for rest in product("AB", repeat=k - 1))
-
-
-# name -> (templates, wildcards, regression labels or None, multiclass labels or None)
-PRESETS: Mapping[str, tuple] = {
-    "same_different": (("AA", "AB"), "AB", (1.0, -1.0), None),
-    "aba_abb": (("ABA", "ABB"), "AB", (1.0, -1.0), None),
-    "aabb_abab": (("AABB", "ABAB"), "AB", (1.0, -1.0), None),
-    **{
-        f"majority{k}": (
-            _majority(k),
-            "AB",
-            tuple(1.0 if t.count("A") > k / 2 else -1.0 for t in _majority(k)),
-            None,
-        )
-        for k in (2, 4, 6, 8)
-    },
-    # Copy: "A B" -> A, the first of two distinct symbols (a design choice, spec section 2).
-    "copy": (("AB",), "AB", None, ("A",)),
-}
-"""Built-in task sets. Wildcards are the letters A, B; regression labels are +1 / -1."""
 
 
 def _invalid(name: str, value: object, valid: str) -> ValueError:
@@ -114,18 +91,153 @@ def canonical(template: Sequence[str], wildcards: Sequence[str]) -> tuple[object
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A built-in task set.
+
+    Attributes:
+        templates: the templates (one symbol per character, or whitespace-separated).
+        wildcards: the wildcard symbols.
+        values: each template's real label, or ``None`` for a template without one (it is
+            left out of ``"regression"`` and ``"classification"``).
+        symbols: each template's next-token label (a wildcard of it or a regular token);
+            ``None``: the real label as a regular token (``"+1"`` / ``"-1"``).
+        regular: the regular tokens of the templates.
+    """
+
+    templates: tuple[str, ...]
+    wildcards: tuple[str, ...]
+    values: tuple[float | None, ...]
+    symbols: tuple[str, ...] | None = None
+    regular: tuple[str, ...] = ()
+
+
+WILDCARDS = "ABCDEFG"
+"""Wildcard names of the generated presets (counting, random)."""
+RANDOM_REGULAR = ("x", "y")
+"""Regular-token names of the ``random`` preset."""
+
+
+def _majority(k: int) -> Preset:
+    """Every length-k string over {A, B} that starts with A; +1 iff A fills more than half."""
+    templates = tuple("A" + "".join(rest) for rest in product("AB", repeat=k - 1))
+    values = tuple(1.0 if t.count("A") > k / 2 else -1.0 for t in templates)
+    return Preset(templates, ("A", "B"), values)
+
+
+def _counting(k: int) -> Preset:
+    """Counting-k (reconstructed): template c = 1 .. k is the first symbol A repeated c times,
+    then k - c distinct other wildcards (k=5: ABCDE, AABCD, ..., AAAAA); the label is c, the
+    number of occurrences of the first symbol (equivalently k - c + 1 distinct symbols). One
+    template per count, so uniform ``template_probs`` make the k classes uniform (chance error
+    1 - 1/k: 0.80 for k=5, 0.86 for k=7). Regression labels are c, class ids c - 1, next-token
+    labels the regular tokens ``count1 .. countk``. ABCDE.. needs alphabets of >= k symbols."""
+    counts = range(1, k + 1)
+    templates = tuple("A" * c + WILDCARDS[1 : k - c + 1] for c in counts)
+    return Preset(
+        templates,
+        tuple(WILDCARDS[:k]),
+        tuple(float(c) for c in counts),
+        tuple(f"count{c}" for c in counts),
+    )
+
+
+PRESETS: Mapping[str, Preset] = {
+    "same_different": Preset(("AA", "AB"), ("A", "B"), (1.0, -1.0)),
+    "aba_abb": Preset(("ABA", "ABB"), ("A", "B"), (1.0, -1.0)),
+    "aabb_abab": Preset(("AABB", "ABAB"), ("A", "B"), (1.0, -1.0)),
+    **{f"majority{k}": _majority(k) for k in (2, 4, 6, 8)},
+    **{f"counting{k}": _counting(k) for k in (5, 7)},
+    # Copy: "A B" -> A, the first of two distinct symbols (a design choice, spec section 2).
+    "copy": Preset(("AB",), ("A", "B"), (None,), ("A",)),
+    # Variable binding (spec section 2): "a = +1 ; print ( a )" -> +1 (real) and
+    # "a = q ; print ( a )" -> q (symbolic). Regression and classification use the two
+    # real-valued templates; "multiclass" adds the symbolic one, whose label is the symbol q
+    # (the real ones are labelled by their regular tokens "+1" / "-1").
+    "var_binding": Preset(
+        ("a = +1 ; print ( a )", "a = -1 ; print ( a )", "a = q ; print ( a )"),
+        ("a", "q"),
+        (1.0, -1.0, None),
+        ("+1", "-1", "q"),
+        ("=", ";", "print", "(", ")", "+1", "-1"),
+    ),
+}
+"""Built-in task sets (the generated ``"random"`` preset is :func:`random_preset`)."""
+
+RANDOM_RANGES: Mapping[str, tuple[int, int]] = {
+    "random_num_templates": (2, 15),
+    "random_length": (2, 20),
+    "random_wildcards": (2, 7),
+    "random_regular": (0, 2),
+}
+"""Valid ranges (inclusive) of the ``random`` preset's parameters (spec section 2)."""
+
+
+def num_patterns(length: int, wildcards: int, regular: int) -> int:
+    """The number of templates of ``length`` over ``wildcards`` wildcards and ``regular``
+    regular tokens that differ up to renaming wildcards and hold at least one wildcard: sum
+    over m wildcard positions of C(L, m) |R|^(L - m) times the partitions of the m positions
+    into at most |W| blocks (Stirling numbers of the second kind)."""
+    stirling = [[1]]  # stirling[m][j]: partitions of m items into j blocks
+    for m in range(1, length + 1):
+        prev = stirling[-1] + [0]
+        stirling.append([0] + [j * prev[j] + prev[j - 1] for j in range(1, m + 1)])
+    return sum(
+        math.comb(length, m) * regular ** (length - m) * sum(stirling[m][1 : wildcards + 1])
+        for m in range(1, length + 1)
+    )
+
+
+@lru_cache(maxsize=64)
+def random_preset(
+    num_templates: int, length: int, num_wildcards: int, num_regular: int, seed: int
+) -> Preset:
+    """The ``random`` preset, a pure function of its arguments (an explicit generator seeded
+    with ``seed``): templates of ``length`` symbols drawn uniformly from the wildcards
+    A, B, ... and the regular tokens x, y, redrawing those without a wildcard or equal up to
+    renaming to an earlier one (wildcards renamed by first appearance), then balanced random
+    +1 / -1 labels (ceil(r / 2) templates +1 in a random order), so the task is never
+    constant and predicting 0 has MSE 1 for even r."""
+    available = num_patterns(length, num_wildcards, num_regular)
+    if num_templates > available:
+        raise ValueError(
+            f"random_num_templates={num_templates} is invalid: expected at most {available}, "
+            f"the number of templates of random_length={length} over "
+            f"random_wildcards={num_wildcards} wildcards and random_regular={num_regular} "
+            "regular tokens that differ up to renaming wildcards"
+        )
+    wildcards = WILDCARDS[:num_wildcards]
+    symbols = wildcards + "".join(RANDOM_REGULAR[:num_regular])
+    gen = torch.Generator().manual_seed(seed)
+    found: dict[tuple, str] = {}
+    while len(found) < num_templates:
+        draw = [symbols[i] for i in torch.randint(len(symbols), (length,), generator=gen).tolist()]
+        key = canonical(draw, wildcards)
+        if any(s in wildcards for s in draw) and key not in found:
+            found[key] = "".join(WILDCARDS[s] if _is_int(s) else s[1] for s in key)
+    positive = torch.randperm(num_templates, generator=gen) < (num_templates + 1) // 2
+    return Preset(
+        tuple(found.values()),
+        tuple(wildcards),
+        tuple(1.0 if p else -1.0 for p in positive.tolist()),
+        regular=RANDOM_REGULAR[:num_regular],
+    )
+
+
+@dataclass(frozen=True)
 class SymbolTemplateSpec(TaskSpec):
     """Parameters of a template task (``symbol-templates.md`` section 2).
 
     Attributes:
         preset: a key of :data:`PRESETS` (``same_different``, ``aba_abb``, ``aabb_abab``,
-            ``majority2/4/6/8``, ``copy``) or ``"custom"`` (then ``templates``,
-            ``wildcards`` and ``labels`` are required).
+            ``majority2/4/6/8``, ``counting5/7``, ``copy``, ``var_binding``), ``"random"``
+            (templates drawn by :func:`random_preset` from the ``random_*`` parameters) or
+            ``"custom"`` (then ``templates``, ``wildcards`` and ``labels`` are required).
         templates: templates of equal length L, pairwise not equal up to renaming wildcards;
             each a string (one symbol per character, or whitespace-separated) or a sequence
             of symbol names.
         wildcards: the wildcard symbols; every other template symbol must be in ``regular``.
-        regular: fixed regular tokens (in templates, or as multiclass labels).
+        regular: fixed regular tokens (in templates, or as multiclass labels); a preset puts
+            its own first and adds its next-token labels.
         labels: one per template: a real (regression), a class id >= 0 (classification) or
             a symbol (multiclass: a wildcard of that template, or a regular token). ``None``
             takes the preset's labels for ``label_type``.
@@ -138,6 +250,16 @@ class SymbolTemplateSpec(TaskSpec):
             resamples ``n_train`` strings drawn once).
         n_train: size of the fixed training set (default n = train_alphabet_size).
         train_set_seed: seed of the fixed training set.
+        alphabet_offsets: start of the train, validation and test alphabets inside the symbol
+            pool (ids from :attr:`SymbolTemplateTask.alphabet_start`), ints >= 0 whose ranges
+            must not overlap (gaps are unused ids). ``None``: contiguous blocks in that order.
+            Fixed offsets keep the vocabulary and the test ids unchanged while n is swept.
+        random_num_templates: r, templates of the ``random`` preset (2 .. 15).
+        random_length: L, their length (2 .. 20; default 5, the shortest for which every r
+            is possible with 2 wildcards and no regular token).
+        random_wildcards: |W|, wildcards they draw from (2 .. 7).
+        random_regular: |R|, regular tokens they draw from (0 .. 2).
+        random_seed: seed of the template and label draw (>= 0).
     """
 
     preset: str = "aba_abb"
@@ -153,6 +275,12 @@ class SymbolTemplateSpec(TaskSpec):
     data_mode: str = "online"
     n_train: int | None = None
     train_set_seed: int = 0
+    alphabet_offsets: tuple[int, int, int] | None = None
+    random_num_templates: int = 2
+    random_length: int = 5
+    random_wildcards: int = 2
+    random_regular: int = 0
+    random_seed: int = 0
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -160,23 +288,20 @@ class SymbolTemplateSpec(TaskSpec):
 
         if self.label_type not in LABEL_TYPES:
             raise _invalid("label_type", self.label_type, f"one of {LABEL_TYPES}")
+        self._check_random()
         if self.preset == "custom":
             for name in ("templates", "wildcards", "labels"):
                 if getattr(self, name) is None:
                     raise _invalid(name, None, "a value when preset='custom'")
-        elif self.preset in PRESETS:
+        elif self.preset in PRESETS or self.preset == "random":
             if self.templates is not None or self.wildcards is not None:
                 raise ValueError(
                     f"templates/wildcards are given with preset={self.preset!r}: pass "
                     "preset='custom' to define your own task set"
                 )
-            templates, wildcards, values, symbolic = PRESETS[self.preset]
-            put("templates", templates)
-            put("wildcards", tuple(wildcards))
-            if self.labels is None:
-                put("labels", self._preset_labels(values, symbolic))
+            self._use_preset(self._preset())
         else:
-            raise _invalid("preset", self.preset, f"one of {[*PRESETS, 'custom']}")
+            raise _invalid("preset", self.preset, f"one of {[*PRESETS, 'random', 'custom']}")
 
         templates = tuple(_symbols(t) for t in self.templates)  # type: ignore[union-attr]
         wildcards = _symbols(self.wildcards) if isinstance(self.wildcards, str) else None
@@ -247,22 +372,81 @@ class SymbolTemplateSpec(TaskSpec):
             raise _invalid("n_train", self.n_train, "None (= train_alphabet_size) or an int >= 1")
         if not _is_int(self.train_set_seed) or self.train_set_seed < 0:
             raise _invalid("train_set_seed", self.train_set_seed, "an int >= 0")
+        if self.alphabet_offsets is not None:
+            self._check_offsets()
 
-    def _preset_labels(self, values: tuple | None, symbolic: tuple | None) -> tuple:
-        if self.label_type == "multiclass":
-            if symbolic is not None:
-                return symbolic
-            return tuple(f"{v:+g}" for v in values)  # regular label tokens "+1" / "-1"
-        if values is None:
+    def _check_random(self) -> None:
+        """The ``random_*`` parameters: ints in :data:`RANDOM_RANGES`, used by preset='random'
+        only (a non-default value with another preset would be silently ignored)."""
+        checks = {**RANDOM_RANGES, "random_seed": (0, None)}
+        for name, (lo, hi) in checks.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < lo or (hi is not None and value > hi):
+                valid = f"an int in {lo} .. {hi}" if hi is not None else f"an int >= {lo}"
+                raise _invalid(name, value, valid)
+            if self.preset != "random" and value != type(self).__dataclass_fields__[name].default:
+                raise ValueError(
+                    f"{name}={value!r} is given with preset={self.preset!r}: the random_* "
+                    "parameters apply to preset='random' only"
+                )
+
+    def _preset(self) -> Preset:
+        if self.preset != "random":
+            return PRESETS[self.preset]
+        return random_preset(
+            self.random_num_templates,
+            self.random_length,
+            self.random_wildcards,
+            self.random_regular,
+            self.random_seed,
+        )
+
+    def _use_preset(self, preset: Preset) -> None:
+        """Take the preset's templates, wildcards and regular tokens, and its labels for
+        ``label_type`` unless ``labels`` is given. Templates without a real label are left out
+        of regression and classification; classes are the sorted distinct real labels."""
+        multiclass = self.label_type == "multiclass"
+        keep = [i for i, v in enumerate(preset.values) if multiclass or v is not None]
+        if not keep:
             raise _invalid(
                 "label_type",
                 self.label_type,
                 f"'multiclass' for preset={self.preset!r} (its labels are symbols)",
             )
-        if self.label_type == "regression":
-            return values
-        classes = sorted(set(values))
-        return tuple(classes.index(v) for v in values)
+        values = [preset.values[i] for i in keep]
+        if multiclass:
+            symbols = preset.symbols or tuple(f"{v:+g}" for v in preset.values)  # "+1", "-1"
+            labels = tuple(symbols[i] for i in keep)
+        elif self.label_type == "regression":
+            labels = tuple(values)
+        else:
+            classes = sorted(set(values))
+            labels = tuple(classes.index(v) for v in values)
+        labels = labels if self.labels is None else self.labels
+        label_tokens = [y for y in labels if isinstance(y, str) and y not in preset.wildcards]
+        regular = (*preset.regular, *self.regular, *(label_tokens if multiclass else ()))
+        object.__setattr__(self, "templates", tuple(preset.templates[i] for i in keep))
+        object.__setattr__(self, "wildcards", preset.wildcards)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "regular", tuple(dict.fromkeys(regular)))
+
+    def _check_offsets(self) -> None:
+        offsets = self.alphabet_offsets
+        if (
+            not isinstance(offsets, Sequence)
+            or len(offsets) != len(SPLITS)
+            or not all(_is_int(o) and o >= 0 for o in offsets)
+        ):
+            raise _invalid("alphabet_offsets", offsets, "None or 3 ints >= 0 (train, val, test)")
+        object.__setattr__(self, "alphabet_offsets", tuple(offsets))
+        for (a, (lo_a, hi_a)), (b, (lo_b, hi_b)) in combinations(
+            zip(SPLITS, self.alphabet_ranges, strict=True), 2
+        ):
+            if lo_a < hi_b and lo_b < hi_a:
+                raise ValueError(
+                    f"alphabet_offsets={offsets!r} is invalid: the {a} alphabet [{lo_a}, {hi_a}) "
+                    f"and the {b} alphabet [{lo_b}, {hi_b}) overlap; splits must be disjoint"
+                )
 
     def _check_labels(self, templates, wildcards, regular) -> None:
         labels = tuple(self.labels)  # type: ignore[arg-type]
@@ -279,9 +463,6 @@ class SymbolTemplateSpec(TaskSpec):
             if not all(_is_int(y) and y >= 0 for y in labels):
                 raise _invalid("labels", self.labels, "class ids >= 0 for 'classification'")
         else:
-            if self.preset in PRESETS and self.preset != "copy" and not regular:
-                regular = tuple(dict.fromkeys(labels))  # the preset's "+1" / "-1" tokens
-                object.__setattr__(self, "regular", regular)
             for i, (y, t) in enumerate(zip(labels, templates, strict=True)):
                 if y in wildcards and y not in t:
                     raise ValueError(
@@ -303,6 +484,14 @@ class SymbolTemplateSpec(TaskSpec):
     def template_len(self) -> int:
         """L, symbols per template (sequences are L + 1 tokens with QUERY)."""
         return len(self.templates[0])  # type: ignore[index]
+
+    @property
+    def alphabet_ranges(self) -> tuple[tuple[int, int], ...]:
+        """[start, stop) of the train, validation and test alphabets inside the symbol pool:
+        from ``alphabet_offsets``, or contiguous blocks in that order."""
+        sizes = (self.train_alphabet_size, self.val_alphabet_size, self.test_alphabet_size)
+        offsets = self.alphabet_offsets or tuple(accumulate(sizes[:-1], initial=0))
+        return tuple((o, o + n) for o, n in zip(offsets, sizes, strict=True))
 
 
 class SymbolTemplateTask(Task):
@@ -329,16 +518,15 @@ class SymbolTemplateTask(Task):
         self.token_names = names
         self.ids = {name: i for i, name in enumerate(names)}
         self.query_id = self.ids[QUERY]
-        starts, size = {}, len(names)
-        for split, n in zip(
-            SPLITS, (s.train_alphabet_size, s.val_alphabet_size, s.test_alphabet_size), strict=True
-        ):
-            starts[split] = (size, n)
-            size += n
-        self.alphabets: Mapping[str, tuple[int, int]] = starts
-        """split -> (first id, size) of its alphabet."""
         self.alphabet_start = len(names)
-        self._vocab_size = size
+        """First id of the symbol pool that holds the three alphabets."""
+        ranges = s.alphabet_ranges
+        self.alphabets: Mapping[str, tuple[int, int]] = {
+            split: (self.alphabet_start + lo, hi - lo)
+            for split, (lo, hi) in zip(SPLITS, ranges, strict=True)
+        }
+        """split -> (first id, size) of its alphabet."""
+        self._vocab_size = self.alphabet_start + max(hi for _, hi in ranges)
         # ---- per-template tables (r, L): wildcard slot (order of first appearance) or -1,
         # fixed id of regular positions, first position of the same wildcard
         r = s.num_templates
@@ -598,14 +786,45 @@ class SymbolTemplateTask(Task):
         return {"uniform": uniform, "template_prior": template_prior}
 
     def describe_string(self, tokens: Sequence[int]) -> str:
-        """Token ids as names (alphabet symbols as ``split:index``)."""
+        """Token ids as names (alphabet symbols as ``split:index``, ids in a gap between
+        alphabets as ``unused:offset``)."""
         out = []
         for i in tokens:
             i = int(i)
             if i < self.alphabet_start:
                 out.append(self.token_names[i])
                 continue
+            name = f"unused:{i - self.alphabet_start}"  # a gap between alphabet_offsets
             for split, (start, size) in self.alphabets.items():
                 if start <= i < start + size:
-                    out.append(f"{split}:{i - start}")
+                    name = f"{split}:{i - start}"
+            out.append(name)
         return " ".join(out)
+
+    # ------------------------------------------------------------------ env info
+    @property
+    def class_tokens(self) -> tuple[int, ...] | None:
+        """The label token of each class 0 .. C - 1 for ``label_type="classification"``
+        (None otherwise): the envs' ``action="class"`` maps action c to ``class_tokens[c]``."""
+        if self.spec.label_type != "classification":
+            return None
+        return tuple(self.ids[f"<class {c}>"] for c in self.label_set)
+
+    def episode_info(self, batch: Batch) -> dict[str, object]:
+        """Per-sequence env info read from ``batch.params``, as numpy int64 columns:
+        ``template_id`` (B,) and ``substitution``, a dict wildcard name -> (B,) token id put
+        in for it, -1 in rows whose template does not use that wildcard. The envs add
+        ``label`` and ``oracle_pred`` and show one row per episode (:mod:`iclgym.envs`)."""
+        wildcards = self.spec.wildcards
+        table = []  # (r, |W|): the slot (order of first appearance) of each wildcard, or -1
+        for template in self.spec.templates:
+            order = list(dict.fromkeys(s for s in template if s in wildcards))
+            table.append([order.index(w) if w in order else -1 for w in wildcards])
+        z = batch.params["template_id"].cpu()
+        slots = torch.tensor(table, dtype=torch.long)[z]  # (B, |W|)
+        draws = batch.params["substitution"].cpu().gather(1, slots.clamp_min(0))
+        symbols = torch.where(slots >= 0, draws, -1).numpy()
+        return {
+            "template_id": z.numpy(),
+            "substitution": {w: symbols[:, k] for k, w in enumerate(wildcards)},
+        }

@@ -54,13 +54,13 @@ def test_identity_scalars_start_at_zero_and_leave_the_function_unchanged():
 
 
 def reference_attention(attn, x, causal):
-    """The spec's formulas written out per head: logits s <q_i, k_j> + a_h <x_i, x_j>,
-    output W_O concat_h(A_h v) + sum_h b_h A_h x."""
+    """The spec's formulas written out per head: logits s <q_i, k_j> + c_KQ a_h <x_i, x_j>,
+    output W_O concat_h(A_h v) + c_VO sum_h b_h A_h x."""
     _B, T, d = x.shape
     H, e = attn.n_heads, attn.head_dim
     wq, wk, wv = attn.qkv.weight.split(d)
-    a = getattr(attn, "kq_identity_scale", torch.zeros(H))
-    b = getattr(attn, "vo_identity_scale", torch.zeros(H))
+    a = getattr(attn, "kq_identity_scale", torch.zeros(H)) * getattr(attn, "kq_mult", 1.0)
+    b = getattr(attn, "vo_identity_scale", torch.zeros(H)) * getattr(attn, "vo_mult", 1.0)
     heads, skip = [], torch.zeros_like(x)
     for h in range(H):
         rows = slice(h * e, (h + 1) * e)
@@ -74,10 +74,13 @@ def reference_attention(attn, x, causal):
     return F.linear(torch.cat(heads, -1), attn.out.weight) + skip
 
 
+@pytest.mark.parametrize("mult", [1.0, 30.0])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("kq", "vo"), [(True, False), (False, True), (True, True)])
-def test_identity_terms_match_the_spec_formula(causal, kq, vo):
-    model = template_model(kq_identity=kq, vo_identity=vo, causal=causal)
+def test_identity_terms_match_the_spec_formula(causal, kq, vo, mult):
+    model = template_model(
+        kq_identity=kq, vo_identity=vo, causal=causal, kq_identity_mult=mult, vo_identity_mult=mult
+    )
     attn = model.blocks[0].attn
     with torch.no_grad():
         if kq:
@@ -115,3 +118,6 @@ def test_template_options_init_and_errors():
         TransformerConfig(vocab_size=3, init="xavier")
     with pytest.raises(ValueError, match="n_outputs"):
         TransformerConfig(vocab_size=3, tied=True, n_outputs=1)
+    for bad in (0.0, -1.0, math.inf, True):
+        with pytest.raises(ValueError, match="vo_identity_mult"):
+            TransformerConfig(vocab_size=3, vo_identity_mult=bad)

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iclgym.harness import OraclePredictor, StrategyPredictor, evaluate
 from iclgym.harness.regression import evaluate_regression
@@ -13,9 +15,14 @@ from iclgym.tasks import make_family_task
 from iclgym.tasks.templates import (
     PRESETS,
     QUERY,
+    RANDOM_REGULAR,
     TOPK_MAX_ALPHABET,
+    WILDCARDS,
     SymbolTemplateSpec,
     SymbolTemplateTask,
+    canonical,
+    num_patterns,
+    random_preset,
 )
 
 SMALL = {"train_alphabet_size": 16, "val_alphabet_size": 8, "test_alphabet_size": 32}
@@ -94,6 +101,35 @@ def draw(task, n, split="train", seed=0):
             },
             "finite reals",
         ),
+        ({"preset": "var_binding", "labels": (1.0,)}, r"one label per template \(2\)"),
+        ({"preset": "random", "random_num_templates": 1}, r"random_num_templates=1 .* 2 \.\. 15"),
+        ({"preset": "random", "random_num_templates": 16}, r"random_num_templates=16 .* 2 \.\. 15"),
+        ({"preset": "random", "random_length": 21}, r"random_length=21 .* 2 \.\. 20"),
+        ({"preset": "random", "random_length": 1}, r"random_length=1 .* 2 \.\. 20"),
+        ({"preset": "random", "random_wildcards": 8}, r"random_wildcards=8 .* 2 \.\. 7"),
+        ({"preset": "random", "random_regular": 3}, r"random_regular=3 .* 0 \.\. 2"),
+        ({"preset": "random", "random_regular": 1.0}, r"random_regular=1\.0 .* 0 \.\. 2"),
+        (
+            {"preset": "random", "random_seed": -1},
+            "random_seed=-1 is invalid: expected an int >= 0",
+        ),
+        (
+            {"preset": "random", "random_num_templates": 3, "random_length": 2},
+            "random_num_templates=3 is invalid: expected at most 2, .* random_length=2",
+        ),
+        ({"random_num_templates": 3}, "random_num_templates=3 is given with preset='aba_abb'"),
+        ({"preset": "counting5", "train_alphabet_size": 4}, "train_alphabet_size=4 is invalid"),
+        ({"alphabet_offsets": (0, 512)}, r"alphabet_offsets=\(0, 512\) is invalid: expected"),
+        ({"alphabet_offsets": (0, 512, -1)}, "alphabet_offsets=.* is invalid: expected"),
+        ({"alphabet_offsets": (0, 512, 1.5)}, "alphabet_offsets=.* is invalid: expected"),
+        (
+            {"alphabet_offsets": (0, 500, 800)},
+            r"the train alphabet \[0, 512\) and the validation alphabet \[500, 756\) overlap",
+        ),
+        (
+            {"alphabet_offsets": (2000, 0, 100)},
+            r"the validation alphabet \[0, 256\) and the test alphabet \[100, 1124\) overlap",
+        ),
     ],
 )
 def test_bad_specs_raise_with_the_reason(kwargs, match):
@@ -102,7 +138,7 @@ def test_bad_specs_raise_with_the_reason(kwargs, match):
 
 
 def test_presets_and_label_types():
-    for name in PRESETS:
+    for name in [*PRESETS, "random"]:
         kinds = ["multiclass"] if name == "copy" else ["regression", "classification", "multiclass"]
         for kind in kinds:
             task = SymbolTemplateTask(preset=name, label_type=kind, **SMALL)
@@ -359,3 +395,201 @@ def test_split_survives_pickle_and_deepcopy_of_the_generator():
             task.sample(8, generator=clone).tokens,
             task.sample(8, generator=copy.deepcopy(gen)).tokens,
         )
+
+
+# ------------------------------------------------------ counting, random, var_binding
+NEW_PRESETS = [
+    {"preset": "counting5"},
+    {"preset": "counting7"},
+    {"preset": "var_binding"},
+    {"preset": "random"},
+    {"preset": "random", "random_num_templates": 15, "random_length": 6, "random_wildcards": 4},
+    {"preset": "random", "random_regular": 2, "random_length": 3, "random_seed": 7},
+]
+
+
+@pytest.mark.parametrize("kwargs", NEW_PRESETS)
+@pytest.mark.parametrize("label_type", ["regression", "classification", "multiclass"])
+def test_new_presets_oracle_matches_every_test_string(kwargs, label_type):
+    task = SymbolTemplateTask(label_type=label_type, **kwargs, **SMALL)
+    keys = [canonical(t, task.spec.wildcards) for t in task.spec.templates]
+    assert len(set(keys)) == len(keys)  # pairwise non-equivalent
+    batch = draw(task, 600, "test")
+    z = batch.params["template_id"]
+    assert (task.match(batch.tokens) == z).all()
+    post = task.posterior(batch)[:, :, -1]
+    assert torch.equal(post, torch.nn.functional.one_hot(z, task.spec.num_templates).double())
+    assert (task.oracle(batch)[:, -1].argmax(-1) == batch.targets[:, -1]).all()
+    if label_type == "regression":
+        reg = evaluate_regression(OraclePredictor(task), task, num_sequences=500)
+        assert reg["mse"] == 0.0 and reg["accuracy"] == 1.0
+    else:
+        assert evaluate(OraclePredictor(task), task, num_sequences=500).accuracy == 1.0
+
+
+@pytest.mark.parametrize("k", [5, 7])
+def test_counting_label_is_the_count_of_the_first_symbol_and_classes_are_uniform(k):
+    task = SymbolTemplateTask(preset=f"counting{k}", label_type="classification")
+    assert task.spec.num_templates == k and task.spec.template_len == k
+    n = 20000
+    batch = draw(task, n, "test")
+    body = batch.tokens[:, :k]
+    count = (body == body[:, :1]).sum(1)
+    distinct = torch.tensor([len(set(row)) for row in body.tolist()])
+    label = batch.targets[:, -1] - task.ids["<class 0>"]  # class c - 1 stands for count c
+    assert torch.equal(label + 1, count) and torch.equal(distinct, k - count + 1)
+    freq = torch.bincount(label, minlength=k).double()
+    p = 1 / k
+    assert ((freq - n * p).abs() < 4 * math.sqrt(n * p * (1 - p))).all()
+    # blind to the pattern, the best guess is one class: chance error 1 - 1/k (0.80, 0.86)
+    head = draw(task, 4000, "test", seed=1)
+    blind = task.strategies["template_prior"](head)[:, -1].argmax(-1) == head.targets[:, -1]
+    assert abs((1 - blind.double().mean()) - (1 - p)) < 4 * math.sqrt(p * (1 - p) / 4000)
+    names = SymbolTemplateTask(preset=f"counting{k}", label_type="multiclass").spec.regular
+    assert names == tuple(f"count{c}" for c in range(1, k + 1))
+
+
+def test_var_binding_strings_read_as_assignments_and_print_the_bound_value():
+    reg = SymbolTemplateTask(preset="var_binding", **SMALL)
+    # the regular tokens "+1" / "-1" and the regression label tokens are distinct ids
+    assert {"+1", "-1", "<y=1>", "<y=-1>"} <= set(reg.ids) and len(reg.ids) == len(reg.token_names)
+    batch = draw(reg, 200, "test")
+    start = reg.alphabets["test"][0]
+    for row, z, a, y in zip(
+        batch.tokens.tolist(),
+        batch.params["template_id"].tolist(),
+        batch.params["substitution"][:, 0].tolist(),
+        batch.params["label_value"].tolist(),
+        strict=True,
+    ):
+        value = ("+1", "-1")[z]
+        a = f"test:{a - start}"
+        assert reg.describe_string(row) == f"{a} = {value} ; print ( {a} ) {QUERY}"
+        assert y == float(value)
+    sym = SymbolTemplateTask(preset="var_binding", label_type="multiclass", **SMALL)
+    assert sym.spec.num_templates == 3 and sym.spec.labels == ("+1", "-1", "q")
+    batch = draw(sym, 300, "test")
+    z = batch.params["template_id"]
+    assert set(z.tolist()) == {0, 1, 2}
+    q = batch.tokens[:, 2]  # "a = q ; ...": the value printed is the token bound to q
+    expected = torch.where(z == 2, q, torch.tensor([sym.ids["+1"], sym.ids["-1"], -1])[z])
+    assert torch.equal(batch.targets[:, -1], expected)
+    row, start = batch.tokens[z == 2][0].tolist(), sym.alphabets["test"][0]
+    a, q = (f"test:{row[i] - start}" for i in (0, 2))
+    assert sym.describe_string(row) == f"{a} = {q} ; print ( {a} ) {QUERY}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    r=st.integers(2, 15),
+    length=st.integers(2, 20),
+    wildcards=st.integers(2, 7),
+    regular=st.integers(0, 2),
+    seed=st.integers(0, 2**31),
+)
+def test_random_templates_are_a_valid_pure_function_of_the_seed(
+    r, length, wildcards, regular, seed
+):
+    kwargs = {
+        "preset": "random",
+        "random_num_templates": r,
+        "random_length": length,
+        "random_wildcards": wildcards,
+        "random_regular": regular,
+        "random_seed": seed,
+        **SMALL,
+    }
+    if num_patterns(length, wildcards, regular) < r:
+        with pytest.raises(ValueError, match=f"random_num_templates={r} is invalid"):
+            SymbolTemplateSpec(**kwargs)
+        return
+    spec = SymbolTemplateSpec(**kwargs)
+    assert spec.num_templates == r and spec.template_len == length
+    keys = {canonical(t, spec.wildcards) for t in spec.templates}
+    assert len(keys) == r  # pairwise non-equivalent
+    for t in spec.templates:
+        assert set(t) & set(WILDCARDS[:wildcards])  # at least one wildcard
+        assert set(t) <= set(WILDCARDS[:wildcards]) | set(RANDOM_REGULAR[:regular])
+    assert sorted(spec.labels) == [-1.0] * (r // 2) + [1.0] * ((r + 1) // 2)  # balanced
+    random_preset.cache_clear()
+    again = SymbolTemplateSpec(**kwargs)
+    assert again.templates == spec.templates and again.labels == spec.labels
+    task = SymbolTemplateTask(spec)
+    batch = draw(task, 64, "test")
+    assert (task.match(batch.tokens) == batch.params["template_id"]).all()
+
+
+def test_random_templates_differ_between_seeds():
+    def templates(seed, **kwargs):
+        return SymbolTemplateSpec(preset="random", random_seed=seed, **kwargs).templates
+
+    assert templates(0, random_length=10, random_wildcards=4) != templates(
+        1, random_length=10, random_wildcards=4
+    )
+    assert len({templates(seed) for seed in range(10)}) > 1  # also at the defaults
+    assert templates(3) == templates(3)
+
+
+# ------------------------------------------------------------------ alphabet offsets
+def test_offsets_place_each_alphabet_and_leave_gaps_unused():
+    task = SymbolTemplateTask(preset="counting5", alphabet_offsets=(40, 0, 100), **SMALL)
+    pool = task.alphabet_start
+    assert task.alphabets == {
+        "train": (pool + 40, 16),
+        "validation": (pool, 8),
+        "test": (pool + 100, 32),
+    }
+    assert task.vocab_size == pool + 132
+    for split in ("train", "validation", "test"):
+        start, size = task.alphabets[split]
+        batch = draw(task, 400, split)
+        body = batch.tokens[:, :-1]
+        assert ((body >= start) & (body < start + size)).all()
+        assert set(body.flatten().tolist()) == set(range(start, start + size))
+        laws = batch.true_probs[:, 0]  # the law of the second symbol: within the range only
+        assert laws[:, :start].sum() == 0 and laws[:, start + size :].sum() == 0
+        assert (task.match(batch.tokens) == batch.params["template_id"]).all()
+    fixed = SymbolTemplateTask(
+        preset="counting5", alphabet_offsets=(40, 0, 100), data_mode="fixed", **SMALL
+    )
+    train = fixed.train_set().tokens[:, :-1]
+    assert ((train >= pool + 40) & (train < pool + 56)).all()
+    assert evaluate(OraclePredictor(task), task, num_sequences=300).accuracy == 1.0
+    assert (
+        task.describe_string([pool + 20, pool + 3, pool + 101]) == "unused:20 validation:3 test:1"
+    )
+
+
+def test_contiguous_offsets_reproduce_the_default_layout_and_data():
+    default = SymbolTemplateTask(**SMALL)
+    explicit = SymbolTemplateTask(alphabet_offsets=(0, 16, 24), **SMALL)
+    assert explicit.alphabets == default.alphabets
+    assert explicit.vocab_size == default.vocab_size
+    for split in ("train", "test"):
+        assert torch.equal(draw(default, 64, split).tokens, draw(explicit, 64, split).tokens)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    offsets=st.tuples(*[st.integers(0, 60)] * 3),
+    sizes=st.tuples(*[st.integers(2, 20)] * 3),
+)
+def test_offsets_are_accepted_iff_the_alphabets_are_disjoint(offsets, sizes):
+    kwargs = dict(
+        zip(("train_alphabet_size", "val_alphabet_size", "test_alphabet_size"), sizes, strict=True)
+    )
+    ranges = [range(o, o + n) for o, n in zip(offsets, sizes, strict=True)]
+    overlap = any(set(a) & set(b) for i, a in enumerate(ranges) for b in ranges[i + 1 :])
+    if overlap:
+        with pytest.raises(ValueError, match=r"alphabet_offsets=.* the \w+ alphabet .* overlap"):
+            SymbolTemplateSpec(alphabet_offsets=offsets, **kwargs)
+        return
+    task = SymbolTemplateTask(alphabet_offsets=offsets, **kwargs)
+    assert task.vocab_size == task.alphabet_start + max(r.stop for r in ranges)
+    for split, r in zip(("train", "validation", "test"), ranges, strict=True):
+        start, size = task.alphabets[split]
+        assert range(start - task.alphabet_start, start - task.alphabet_start + size) == r
+        batch = draw(task, 32, split)
+        body = batch.tokens[:, :-1]
+        assert ((body >= start) & (body < start + size)).all()
+        assert (task.oracle(batch)[:, -1].argmax(-1) == batch.targets[:, -1]).all()

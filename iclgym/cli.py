@@ -23,24 +23,28 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from iclgym.harness import evaluate, resolve_predictor
+    from iclgym.harness.regression import evaluate_regression
 
     overrides = parse_overrides(args.set)
     task = make_task(args.env_id, **overrides)
     names = args.predictor or [*task.strategies, "oracle"]
+    regression = getattr(task, "label_values", None) is not None
+    data = {
+        "split": args.split,
+        "seed": args.seed,
+        "num_sequences": args.num_sequences,
+        "batch_size": args.batch_size,
+    }
     reports = []
     for name in names:
         predictor = resolve_predictor(name, task)
-        report = evaluate(
-            predictor,
-            task,
-            split=args.split,
-            seed=args.seed,
-            num_sequences=args.num_sequences,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.json and sys.stderr.isatty(),
-        )
-        reports.append({**report.to_dict(), "predictor": name, "env_id": args.env_id})
+        progress = not args.json and sys.stderr.isatty()
+        report = evaluate(predictor, task, **data, device=args.device, progress=progress)
+        row = {**report.to_dict(), "predictor": name, "env_id": args.env_id}
+        if regression:  # the real prediction E_q[label value] at the label position
+            scores = evaluate_regression(predictor, task, **data)
+            row.update(mse=scores["mse"], mse_se=scores["mse_se"])
+        reports.append(row)
     if args.json:
         if not args.curves:
             for r in reports:
@@ -51,7 +55,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"  {task.spec}")
     head = (
         f"{'predictor':16s} {'CE':>8s} {'excess':>8s} {'+-se':>7s} {'KL':>8s} "
-        f"{'KL_last':>8s} {'acc':>6s} {'oracle':>6s}  nearest"
+        f"{'KL_last':>8s} {'acc':>6s} {'oracle':>6s}" + f" {'MSE':>7s}" * regression + "  nearest"
     )
     print(head)
     print("-" * len(head))
@@ -59,7 +63,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"{r['predictor']:16s} {r['cross_entropy']:8.4f} {r['excess_loss']:8.4f} "
             f"{r['excess_loss_se']:7.4f} {r['kl']:8.4f} {r['kl_last']:8.4f} "
-            f"{r['accuracy']:6.3f} {r['oracle_accuracy']:6.3f}  {r['nearest_strategy']}"
+            f"{r['accuracy']:6.3f} {r['oracle_accuracy']:6.3f}"
+            + (f" {r['mse']:7.4f}" if regression else "")
+            + f"  {r['nearest_strategy']}"
         )
     print(
         f"oracle CE {reports[0]['oracle_cross_entropy']:.4f}, "

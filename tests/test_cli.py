@@ -37,3 +37,13 @@ def test_sweep_subcommand_runs_a_grid(tmp_path, capsys):
     assert "median test MSE" in capsys.readouterr().out
     assert (out / "sweep.txt").is_file() and (out / "sweep.png").is_file()
     assert main(["sweep", "--set", "preset=nope", "--ns", "8", "--out", str(out)]) == 2
+
+
+def test_eval_reports_mse_for_real_valued_labels(capsys):
+    args = ["eval", "ICL-SymbolTemplate-v0", "--num-sequences", "200", "--json"]
+    assert main([*args, "--predictor", "oracle"]) == 0
+    assert json.loads(capsys.readouterr().out)["mse"] == 0.0  # exact template matching
+    assert main([*args, "--predictor", "template_prior"]) == 0
+    assert json.loads(capsys.readouterr().out)["mse"] == 1.0  # predicts 0 against +-1
+    assert main(["eval", "ICL-MarkovChain-v0", "--num-sequences", "8", "--json"]) == 0
+    assert all("mse" not in r for r in json.loads(capsys.readouterr().out))

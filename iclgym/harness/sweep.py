@@ -5,12 +5,13 @@
 protocol of :mod:`iclgym.harness.template_train` (n = train alphabet size = number of
 training strings unless ``--n-train`` decouples them) and writes, into ``--out``:
 
-- ``sweep.json``: one record per run (scores, steps, seconds), rewritten after every run;
+- ``sweep.json``: one record per run (scores, steps, seconds), rewritten after every run, so
+  ``--resume`` can pick up an interrupted sweep or add seeds to a finished one;
 - ``sweep.txt``: the median test error over seeds per (model, width) and n (error = test
   MSE for regression, 1 - accuracy otherwise), with the accuracy next to it;
 - ``sweep.png``: median test error against n (log2 axis), one line per (model, width), the
   seed range shaded: the paper's sample-complexity plot, and across widths its inverse
-  scaling plot.
+  scaling plot (against the width D when the sweep has one n and several widths).
 
 Transformers have ``width // head_dim`` heads and an MLP of ``mlp_ratio * width``; the
 ``mlp`` baseline ignores the width axis (hidden width ``--mlp-width``) and runs once per n.
@@ -95,25 +96,35 @@ def format_table(records: list[dict[str, Any]], metric: str) -> str:
 
 
 def plot(records: list[dict[str, Any]], path: Path, metric: str, title: str) -> Path:
+    """Median test error against n, one line per (model, width), the seed range shaded; when
+    the sweep has a single n and several widths, against the width D instead, one line per
+    model (the inverse-scaling view)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = summarise(records)
+    ns = sorted({r["n"] for r in records})
+    widths = {width for model, width in summary if model != "mlp"}
+    by_width = len(ns) == 1 and len(widths) > 1
+    curves: dict[str, dict[int, dict]] = {}
+    for (model, width), by_n in sorted(summary.items()):
+        if by_width:
+            curves.setdefault(model, {})[width] = by_n[ns[0]]
+        else:
+            curves[model if model == "mlp" else f"{model}, D={width}"] = by_n
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (model, width), by_n in sorted(summarise(records).items()):
-        ns = sorted(by_n)
-        label = model if model == "mlp" else f"{model}, D={width}"
-        (line,) = ax.plot(ns, [by_n[n]["median"] for n in ns], marker="o", label=label)
-        ax.fill_between(
-            ns,
-            [by_n[n]["min"] for n in ns],
-            [by_n[n]["max"] for n in ns],
-            color=line.get_color(),
-            alpha=0.15,
-        )
+    for label, cells in curves.items():
+        xs = sorted(cells)
+        (line,) = ax.plot(xs, [cells[x]["median"] for x in xs], marker="o", label=label)
+        lows, highs = [cells[x]["min"] for x in xs], [cells[x]["max"] for x in xs]
+        ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("n (training symbols = training strings)")
+    if by_width:
+        ax.set_xlabel(f"embedding width D (n = {ns[0]} training symbols = training strings)")
+    else:
+        ax.set_xlabel("n (training symbols = training strings)")
     ax.set_ylabel(f"test {metric} on unseen symbols")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -131,6 +142,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     overrides = parse_overrides(args.overrides)
     records: list[dict[str, Any]] = []
+    if args.resume and (out / "sweep.json").exists():
+        records = json.loads((out / "sweep.json").read_text())
+    done = {(r["model"], r["width"], r["n"], r["config"]["seed"]) for r in records}
     metric = None
     grid = [
         (kind, width, n, seed)
@@ -140,6 +154,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for seed in args.seeds
     ]
     for i, (kind, width, n, seed) in enumerate(grid):
+        cell_width = args.mlp_width if kind == "mlp" else width
+        if (kind, cell_width, n, seed) in done:
+            print(f"[{i + 1}/{len(grid)}] {kind} D={width} n={n} seed={seed}: in sweep.json")
+            continue
         task = make_task(
             args.env,
             **{
@@ -153,7 +171,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         config = model_config(kind, width, args, seed)
         result = train_template_model(task, config)
         result.pop("model_object")
-        result["width"] = config.mlp_width if kind == "mlp" else width
+        result["width"] = cell_width
         records.append(result)
         acc = result["test_accuracy"]
         print(
@@ -164,7 +182,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             flush=True,
         )
         (out / "sweep.json").write_text(json.dumps(records, indent=1))
-    table = format_table(records, metric or "error")
+    metric = metric or ("MSE" if records and "test_mse" in records[0] else "error")
+    table = format_table(records, metric)
     (out / "sweep.txt").write_text(table + "\n")
     mults = "".join(
         f", {name}={value:g}"
@@ -172,7 +191,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if value != 1.0
     )
     title = f"{args.env} {' '.join(args.overrides)}, {args.epochs} epochs{mults}"
-    plot(records, out / "sweep.png", metric or "error", title)
+    plot(records, out / "sweep.png", metric, title)
     print(table)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.txt'}, {out / 'sweep.png'}")
     return records
@@ -203,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-depth", type=int, default=2)
     p.add_argument("--eval-sequences", type=int, default=1000)
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in OUT/sweep.json and train only the missing grid cells "
+        "(cells are matched on model, width, n and seed: keep the other flags unchanged)",
+    )
     return p
 
 

@@ -103,3 +103,35 @@ def test_sweep_writes_json_table_and_png(tmp_path, capsys):
     table = (out / "sweep.txt").read_text()
     assert "transformer+kq" in table and "n=16" in table
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_resume_trains_only_missing_cells(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    common = ["--models", "transformer", "--widths", "32", "--ns", "8", "--epochs", "2"]
+    common += ["--eval-sequences", "50", "--out", str(out)]
+    first = sweep_main([*common, "--seeds", "0"])
+    both = sweep_main([*common, "--seeds", "0", "1", "--resume"])
+    assert len(first) == 1 and len(both) == 2
+    assert both[0] == json.loads(json.dumps(first[0]))  # seed 0 read back, not retrained
+    assert [r["config"]["seed"] for r in both] == [0, 1]
+    assert "in sweep.json" in capsys.readouterr().out
+    again = sweep_main([*common, "--seeds", "0", "1", "--resume"])
+    assert again == json.loads(json.dumps(both))  # nothing retrained
+    assert len(json.loads((out / "sweep.json").read_text())) == 2
+
+
+def test_sweep_over_widths_at_one_n_plots_error_against_width(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    xlabels = []
+    original = matplotlib.axes.Axes.set_xlabel
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_xlabel",
+        lambda ax, text, *a, **k: xlabels.append(text) or original(ax, text, *a, **k),
+    )
+    out = tmp_path / "widths"
+    args = ["--models", "transformer", "--widths", "32", "64", "--ns", "8", "--seeds", "0"]
+    sweep_main([*args, "--epochs", "1", "--eval-sequences", "20", "--out", str(out)])
+    assert xlabels and xlabels[-1].startswith("embedding width D (n = 8")
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -32,6 +32,7 @@ def label_values(task: Task) -> Tensor:
 
 def expected_value(log_q: Tensor, values: Tensor) -> Tensor:
     """E_q[value] over the label tokens, log_q (B, V) -> (B,)."""
+    values = values.to(log_q.device)
     is_label = torch.isfinite(values)
     q = log_q[:, is_label].softmax(-1)
     return q @ values[is_label].to(q.dtype)
@@ -39,7 +40,7 @@ def expected_value(log_q: Tensor, values: Tensor) -> Tensor:
 
 def nearest_label(pred: Tensor, values: Tensor) -> Tensor:
     """The label value closest to each prediction (first one on ties)."""
-    labels = values[torch.isfinite(values)].unique().to(pred.dtype)
+    labels = values[torch.isfinite(values)].unique().to(pred)  # pred's device and dtype
     return labels[(pred[:, None] - labels).abs().argmin(1)]
 
 

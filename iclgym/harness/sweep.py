@@ -42,6 +42,7 @@ def model_config(kind: str, width: int, args: argparse.Namespace, seed: int) -> 
         epochs=args.epochs,
         seed=seed,
         eval_sequences=args.eval_sequences,
+        device=args.device,
     )
     if kind == "mlp":
         return replace(base, model="mlp", mlp_width=args.mlp_width, mlp_depth=args.mlp_depth)
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-width", type=int, default=256, help="hidden width of the mlp model")
     p.add_argument("--mlp-depth", type=int, default=2)
     p.add_argument("--eval-sequences", type=int, default=1000)
+    p.add_argument("--device", default="cpu", help="torch device of the runs (cpu, cuda)")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument(
         "--resume",

@@ -64,6 +64,9 @@ class TemplateTrainConfig:
         seed: model init and batch order.
         eval_sequences: fresh validation and test strings scored at the end.
         eval_seed: seed of the validation and test strings.
+        device: torch device of the model and the batches (``"cpu"``, ``"cuda"``, ...); the
+            data are drawn on the CPU either way, so a seed gives the same strings on every
+            device.
         threads: torch CPU threads during the run (1, as in the spec's measurements: these
             models are small, and on a shared 2-core machine 2 threads were up to 80x slower
             per step than 1; 0 = leave torch's setting).
@@ -85,6 +88,7 @@ class TemplateTrainConfig:
     seed: int = 0
     eval_sequences: int = 1000
     eval_seed: int = 0
+    device: str = "cpu"
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -102,6 +106,14 @@ class TemplateTrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} is invalid: expected a finite float > 0")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"device={self.device!r} is invalid: expected a torch device"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} is invalid: CUDA is not available here")
         if self.model == "mlp" and (self.kq_identity or self.vo_identity):
             raise ValueError("kq_identity/vo_identity are transformer options, not for model='mlp'")
 
@@ -219,8 +231,9 @@ def train_template_model(
 
 def _train(task: SymbolTemplateTask, config: TemplateTrainConfig, log_every: int) -> dict[str, Any]:
     start_time = time.perf_counter()
-    model = build_template_model(task, config)
-    data = task.train_set()
+    device = torch.device(config.device)
+    model = build_template_model(task, config).to(device)
+    data = task.train_set().to(device)
     n = data.batch_size
     size = min(n, config.batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -229,7 +242,7 @@ def _train(task: SymbolTemplateTask, config: TemplateTrainConfig, log_every: int
     model.train()
     steps = 0
     for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, size):
             rows = order[i : i + size]
             batch = Batch(
@@ -247,6 +260,8 @@ def _train(task: SymbolTemplateTask, config: TemplateTrainConfig, log_every: int
             steps += 1
         if log_every and (epoch + 1) % log_every == 0:
             print(f"epoch {epoch + 1}: loss {loss.item():.4f}", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the wall time covers the queued kernels
     train_wall = time.perf_counter() - start_time
     after = _untrained_rows(model, task)
     if frozen is not None:
@@ -265,7 +280,7 @@ def _train(task: SymbolTemplateTask, config: TemplateTrainConfig, log_every: int
     splits = {"train": data}
     for split in ("validation", "test"):
         gen_eval = task.generator(config.eval_seed, split)
-        splits[split] = task.sample(config.eval_sequences, generator=gen_eval)
+        splits[split] = task.sample(config.eval_sequences, generator=gen_eval).to(device)
     for split, batch in splits.items():
         prefix = {"train": "train", "validation": "val", "test": "test"}[split]
         result.update({f"{prefix}_{k}": v for k, v in score(model, task, batch).items()})

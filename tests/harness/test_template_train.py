@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +63,24 @@ def test_config_validation():
         TemplateTrainConfig(model="mlp", kq_identity=True)
     with pytest.raises(ValueError, match="lr="):
         TemplateTrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        TemplateTrainConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            TemplateTrainConfig(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_trains_on_the_same_strings_as_the_cpu_run():
+    task = SymbolTemplateTask(**SMALL)
+    config = TemplateTrainConfig(d_model=32, n_heads=2, mlp_width=64, epochs=30, kq_identity=True)
+    cpu = train_template_model(task, config)
+    gpu = train_template_model(task, replace(config, device="cuda"))
+    assert next(gpu["model_object"].parameters()).is_cuda
+    assert gpu["n_train"] == cpu["n_train"] and gpu["steps"] == cpu["steps"]
+    assert gpu["untrained_rows_checked"]
+    # the same data and init; float differences between the devices stay small
+    assert gpu["train_mse"] == pytest.approx(cpu["train_mse"], abs=0.05)
 
 
 def test_regression_helpers():

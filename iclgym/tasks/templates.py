@@ -537,6 +537,7 @@ class SymbolTemplateTask(Task):
         bound_before = torch.zeros((r, L), dtype=torch.long)  # distinct wildcards before s
         label_slot = torch.full((r,), -1, dtype=torch.long)
         label_fixed = torch.zeros((r,), dtype=torch.long)
+        wildcard_slot = torch.full((r, len(w)), -1, dtype=torch.long)  # per wildcard name
         for z, t in enumerate(s.templates):
             order: dict[str, int] = {}
             where: dict[str, int] = {}
@@ -555,10 +556,13 @@ class SymbolTemplateTask(Task):
                 label_fixed[z] = self.ids[y]
             else:
                 label_fixed[z] = self.ids[label_tokens[self.label_set.index(y)]]
+            for k, name in enumerate(w):
+                wildcard_slot[z, k] = order.get(name, -1)
         self.num_slots = max(len(set(t) & set(w)) for t in s.templates)
         self._slot, self._fixed, self._first, self._new = slot, fixed, first, new
         self._bound_before = bound_before
         self._label_slot, self._label_fixed = label_slot, label_fixed
+        self._wildcard_slot = wildcard_slot
         probs = s.template_probs or (1.0 / r,) * r
         self._probs = torch.tensor(probs, dtype=torch.float64)
         # Next-token source at position t (predicting token t + 1), t = 0 .. L:
@@ -816,12 +820,8 @@ class SymbolTemplateTask(Task):
         in for it, -1 in rows whose template does not use that wildcard. The envs add
         ``label`` and ``oracle_pred`` and show one row per episode (:mod:`iclgym.envs`)."""
         wildcards = self.spec.wildcards
-        table = []  # (r, |W|): the slot (order of first appearance) of each wildcard, or -1
-        for template in self.spec.templates:
-            order = list(dict.fromkeys(s for s in template if s in wildcards))
-            table.append([order.index(w) if w in order else -1 for w in wildcards])
         z = batch.params["template_id"].cpu()
-        slots = torch.tensor(table, dtype=torch.long)[z]  # (B, |W|)
+        slots = self._wildcard_slot[z]  # (B, |W|): each wildcard's slot, or -1
         draws = batch.params["substitution"].cpu().gather(1, slots.clamp_min(0))
         symbols = torch.where(slots >= 0, draws, -1).numpy()
         return {

@@ -1,6 +1,14 @@
 """Task families: one module per family, each with a frozen spec, sampler, oracle, strategies."""
 
-from iclgym.tasks.base import SPLITS, Batch, Strategy, Task, TaskSpec, make_generator
+from iclgym.tasks.base import (
+    SPLITS,
+    Batch,
+    OracleEstimate,
+    Strategy,
+    Task,
+    TaskSpec,
+    make_generator,
+)
 from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
 from iclgym.tasks.templates import SymbolTemplateSpec, SymbolTemplateTask
 
@@ -28,6 +36,7 @@ __all__ = [
     "Batch",
     "MarkovChainSpec",
     "MarkovChainTask",
+    "OracleEstimate",
     "Strategy",
     "SymbolTemplateSpec",
     "SymbolTemplateTask",

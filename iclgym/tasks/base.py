@@ -119,6 +119,49 @@ def make_generator(seed: int, split: str = "train", device: torch.device | str =
     return generator.manual_seed(stream_seed(seed, SPLITS.index(split)))
 
 
+@dataclass(frozen=True)
+class OracleEstimate:
+    """The Bayes oracle's prediction on a batch, and its Monte-Carlo replicates when it is an
+    estimate rather than a closed form (DESIGN.md: "every task has an exact oracle ... where no
+    closed form exists, an exact estimator with its error reported").
+
+    ``replicates`` are R >= 2 independent estimates (each from its own share of the samples)
+    whose pool is ``log_probs``; their spread gives :meth:`mc_error`.
+    """
+
+    log_probs: Tensor
+    """(B, T, V) float32 Bayes log-probabilities (natural log)."""
+    replicates: Tensor | None = None
+    """(R, B, T, V) float32 log-probabilities of the R replicates, or None (closed form)."""
+
+    def mc_error(self, targets: Tensor, mask: Tensor) -> tuple[float, float]:
+        """Monte-Carlo error of the oracle's mean cross-entropy on ``targets`` (B, T) over the
+        scored positions ``mask`` (B, T) bool: ``(bias, se)`` in nats/token, both 0 for a
+        closed form.
+
+        The pool of R replicates has about 1/R of one replicate's noise-induced bias (the
+        bias of an average of S samples scales as 1/S), so ``bias = (mean_r CE_r - CE_pool)
+        / (R - 1)``; it is >= 0 in expectation (a noisy predictive loses log-loss, Jensen).
+        ``se`` is the random part: per sequence the spread of the replicates' CE over
+        sqrt(R), averaged over sequences. ``bias + 3 se`` bounds, with high probability, how
+        far the oracle's CE is above the exact Bayes CE.
+        """
+        if self.replicates is None:
+            return 0.0, 0.0
+        r = self.replicates.shape[0]
+        index = targets.unsqueeze(-1)
+        pool = -self.log_probs.gather(-1, index).squeeze(-1).double()
+        reps = -self.replicates.gather(-1, index.expand(r, -1, -1, -1)).squeeze(-1).double()
+        weight = mask.double()
+        count = weight.sum()
+        per_seq_pool = (pool * weight).sum(-1)  # (B,)
+        per_seq_reps = (reps * weight).sum(-1)  # (R, B)
+        bias = (per_seq_reps.mean(0) - per_seq_pool).sum() / count / (r - 1)
+        var = per_seq_reps.var(0) / r  # (B,) variance of the pooled per-sequence total
+        se = var.sum().sqrt() / count
+        return bias.item(), se.item()
+
+
 class TaskSpec:
     """Base of the frozen spec dataclasses; each validates itself in ``__post_init__``."""
 
@@ -164,6 +207,16 @@ class Task(ABC):
     @abstractmethod
     def oracle(self, batch: Batch) -> Tensor:
         """Bayes-optimal next-token log-probabilities (B, T, V) given only the tokens."""
+
+    def oracle_estimate(self, batch: Batch) -> OracleEstimate:
+        """:meth:`oracle` with its Monte-Carlo replicates; tasks whose oracle is a closed form
+        keep this default (no replicates, zero Monte-Carlo error)."""
+        return OracleEstimate(self.oracle(batch))
+
+    @property
+    def oracle_name(self) -> str:
+        """How the oracle is computed for this spec (reported by ``evaluate``)."""
+        return "bayes (closed form)"
 
     @property
     @abstractmethod

@@ -1,0 +1,92 @@
+"""Argument checks shared by specs, envs, the harness and baselines.
+
+Every check raises ``ValueError`` naming the parameter, the value it got and the valid range
+(DESIGN.md, "bad input fails loudly and early"). Integers may be Python ints or numpy integers
+(never bools) and come back as Python ints, so a value read from a numpy array is as good as a
+literal and the spaces built from it hold plain ints.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+MEMORY_LIMIT_BYTES = 8 * 2**30
+"""Largest single allocation (bytes) a spec or env may imply for one sequence or one buffer;
+larger sizes are refused before anything is allocated (issue 8, "impossible sizes"). The
+machines this project targets have 24 GiB; one sequence's tensors must leave room for a batch."""
+
+
+def invalid(name: str, value: object, valid: str) -> ValueError:
+    """The standard error: ``name=value is invalid: expected valid``."""
+    return ValueError(f"{name}={value!r} is invalid: expected {valid}")
+
+
+def is_int(value: object) -> bool:
+    """True for Python and numpy integers, False for bools (which are ints to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as a Python int in ``[low, high]`` (either bound may be None)."""
+    too_low = low is not None and is_int(value) and value < low
+    too_high = high is not None and is_int(value) and value > high
+    if not is_int(value) or too_low or too_high:
+        if low is not None and high is not None:
+            valid = f"an int in [{low}, {high}]"
+        elif low is not None:
+            valid = f"an int >= {low}"
+        elif high is not None:
+            valid = f"an int <= {high}"
+        else:
+            valid = "an int"
+        raise invalid(name, value, valid)
+    return int(value)
+
+
+def is_real(value: object) -> bool:
+    """True for Python/numpy reals (ints and floats), False for bools."""
+    return isinstance(value, (Real, np.floating, np.integer)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def as_float(
+    name: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite Python float in the interval from ``low`` to ``high``
+    (closed unless ``low_open`` / ``high_open``)."""
+    ok = is_real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise invalid(name, value, f"a finite float in {left}{low:g}, {high:g}{right}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1.5 GiB``-style size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_memory(name: str, value: object, nbytes: float, what: str) -> None:
+    """Refuse a size whose ``what`` would take ``nbytes`` (> :data:`MEMORY_LIMIT_BYTES`)."""
+    if nbytes > MEMORY_LIMIT_BYTES:
+        raise ValueError(
+            f"{name}={value!r} is invalid: {what} would take {format_bytes(nbytes)}, over the "
+            f"{format_bytes(MEMORY_LIMIT_BYTES)} limit per allocation"
+        )

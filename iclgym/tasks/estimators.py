@@ -17,9 +17,42 @@ context group gives all counts at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from iclgym.validation import invalid, is_real
+
+ALPHA_RANGE = (1e-300, 1e300)
+"""Valid Dirichlet concentrations (each entry). Inside it every sampler, oracle and add-alpha
+predictor computes in float64 where float32 would under- or overflow, so no result is NaN;
+outside it (denormal or non-finite values) the arithmetic cannot represent the prior."""
+
+
+def check_alpha(
+    alpha: object, size: int | None = None, name: str = "alpha"
+) -> float | tuple[float, ...]:
+    """A Dirichlet concentration: a real in :data:`ALPHA_RANGE`, or (when ``size`` is given)
+    a sequence of ``size`` such reals; returned as a float or a tuple of floats.
+
+    Raises ``ValueError`` naming ``name``, the value and the valid range.
+    """
+    lo, hi = ALPHA_RANGE
+    valid = f"a float in [{lo:g}, {hi:g}]" + (
+        f" or {size} such floats (one per token)" if size is not None else ""
+    )
+    if isinstance(alpha, Sequence) and not isinstance(alpha, str):
+        values = tuple(alpha)
+        if size is None or len(values) != size:
+            raise invalid(name, alpha, valid)
+    else:
+        values = (alpha,)
+    for a in values:
+        if not is_real(a) or not lo <= float(a) <= hi:  # type: ignore[arg-type]
+            raise invalid(name, alpha, valid)
+    floats = tuple(float(a) for a in values)  # type: ignore[arg-type]
+    return floats if len(values) != 1 or isinstance(alpha, Sequence) else floats[0]
 
 
 def context_index(tokens: Tensor, vocab_size: int, length: int) -> Tensor:
@@ -99,13 +132,28 @@ def in_context_counts(tokens: Tensor, vocab_size: int, order: int) -> tuple[Tens
 
 
 def dirichlet_log_predictive(counts: Tensor, totals: Tensor, alpha: float | Tensor) -> Tensor:
-    """Log posterior predictive ``log (N_j + a_j) / (N + sum a)`` of a Dirichlet(a) row."""
+    """Log posterior predictive ``log (N_j + a_j) / (N + sum a)`` of a Dirichlet(a) row.
+
+    ``counts`` (..., V) and ``totals`` (...) are float32 counts; returns float32 (..., V).
+    Concentrations outside [1e-30, 1e30] (any entry) are computed in float64, where
+    ``N_j + a_j`` neither underflows to 0 nor overflows, so every value is finite for every
+    alpha in :data:`ALPHA_RANGE`.
+    """
     if isinstance(alpha, Tensor):
-        alpha = alpha.to(counts)
-        total_alpha = alpha.sum()
+        small, large = alpha.min().item(), alpha.max().item()
     else:
-        total_alpha = alpha * counts.shape[-1]
-    return (counts + alpha).log_().sub_((totals + total_alpha).log_().unsqueeze(-1))
+        small = large = float(alpha)
+    if small >= 1e-30 and large * counts.shape[-1] <= 1e30:
+        if isinstance(alpha, Tensor):
+            alpha = alpha.to(counts)
+            total_alpha = alpha.sum()
+        else:
+            total_alpha = alpha * counts.shape[-1]
+        return (counts + alpha).log_().sub_((totals + total_alpha).log_().unsqueeze(-1))
+    a = alpha.to(torch.float64) if isinstance(alpha, Tensor) else alpha
+    total_alpha = a.sum() if isinstance(a, Tensor) else a * counts.shape[-1]
+    log_q = (counts.double() + a).log_().sub_((totals.double() + total_alpha).log_().unsqueeze(-1))
+    return log_q.float()
 
 
 def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | Tensor) -> Tensor:

@@ -1,1 +1,41 @@
-"""Baseline predictors scored by the iclgym harness (each implements ``predict(batch)``)."""
+"""Baseline models and predictors scored by the iclgym harness, and the names the command line
+resolves to them (the harness itself imports no baseline).
+
+``MODELS`` maps ``iclgym train --model NAME`` to a factory import path, default model
+arguments and the argument a width sweep sets (``None``: the model has no width axis).
+``PREDICTOR_KINDS`` maps ``iclgym eval --predictor KIND:ARGS`` prefixes to their parsers.
+Both are plain data, so importing this package imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
+
+class ModelEntry(NamedTuple):
+    """A named model: factory import path, default arguments, and the width argument."""
+
+    factory: str
+    args: Mapping[str, object]
+    width_arg: str | None
+
+
+_TRANSFORMER = "baselines.transformer:make_model"
+MODELS: Mapping[str, ModelEntry] = MappingProxyType(
+    {
+        "transformer": ModelEntry(_TRANSFORMER, {}, "d_model"),
+        "transformer+kq": ModelEntry(_TRANSFORMER, {"kq_identity": True}, "d_model"),
+        "transformer+vo": ModelEntry(_TRANSFORMER, {"vo_identity": True}, "d_model"),
+        "transformer+kq+vo": ModelEntry(
+            _TRANSFORMER, {"kq_identity": True, "vo_identity": True}, "d_model"
+        ),
+        "mlp": ModelEntry("baselines.mlp:make_model", {}, "width"),
+        "lstm": ModelEntry("baselines.lstm:make_model", {}, "hidden_size"),
+    }
+)
+"""``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024."""
+
+PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
+"""``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""

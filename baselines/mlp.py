@@ -5,6 +5,10 @@ first Linear layer is computed as a sum of T embedding lookups (row ``t * V + to
 is the same map without building the one-hot matrix. The rows of tokens never seen in
 training get no gradient, so on unseen symbols the network acts with its random init: the
 failure that ``shared/specs/symbol-templates.md`` (section 3, target T1) reproduces.
+
+It reads the whole sequence, so it is bidirectional: under the model contract
+(:mod:`iclgym.harness.model`) it suits tasks that score one position per sequence (template
+labels). Its one prediction is broadcast over the T positions: (B, T, n_outputs).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class MLPConfig:
     Attributes:
         vocab_size: token ids V per position.
         seq_len: positions T of the input.
-        n_outputs: output size (1 for regression, V for next-token logits).
+        n_outputs: output size (1 for a value head, V for next-token logits).
         width: hidden width of each ReLU layer.
         depth: number of hidden ReLU layers.
     """
@@ -63,8 +67,8 @@ class MLP(nn.Module):
             "offsets", torch.arange(config.seq_len) * config.vocab_size, persistent=False
         )
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, n_outputs)."""
+    def features(self, tokens: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, n_outputs): the network's one prediction per sequence."""
         if tokens.shape[1] != self.config.seq_len:
             raise ValueError(f"expected {self.config.seq_len} tokens, got {tokens.shape[1]}")
         h = F.relu(self.embed(tokens + self.offsets).sum(1) + self.bias)
@@ -72,5 +76,24 @@ class MLP(nn.Module):
             h = F.relu(layer(h))
         return self.head(h)
 
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, n_outputs), the prediction repeated at every position."""
+        out = self.features(tokens)
+        return out[:, None, :].expand(-1, tokens.shape[1], -1)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def input_embedding(self) -> Tensor:
+        """The first layer's weight as (V, T, width): row ``v`` holds token v's weights at
+        every position (zero-gradient rows for tokens never seen in training)."""
+        c = self.config
+        return self.embed.weight.view(c.seq_len, c.vocab_size, c.width).transpose(0, 1)
+
+
+def make_model(
+    vocab_size: int, seq_len: int, n_outputs: int | None = None, width: int = 256, depth: int = 2
+) -> MLP:
+    """The factory of the model contract (``iclgym train --model mlp``): ``n_outputs`` None
+    means V logits; 1 is a value head for tasks with real-valued labels."""
+    return MLP(MLPConfig(vocab_size, seq_len, n_outputs or vocab_size, width, depth))

@@ -24,21 +24,24 @@ for (``forward(..., return_attention=True)`` returns them per layer for the prob
 training with attention dropout, where SDPA on CPU falls back to its unfused math path with an
 extra safe-softmax pass (measured slower than the plain softmax below).
 
-The model implements the iclgym ``Predictor`` protocol; :func:`load_predictor` rebuilds one
-from a checkpoint written by ``iclgym.harness.train``.
+The model follows the iclgym model contract (:mod:`iclgym.harness.model`: (B, T) ids ->
+(B, T, V) logits, or (B, T, 1) values with ``n_outputs=1``), with its optional hooks
+(``return_attention``, ``num_parameters``, ``decay_parameters``, ``input_embedding``), and
+implements the ``Predictor`` protocol. :func:`make_model` is its factory for
+``iclgym train --model transformer``; checkpoints of the trainer rebuild it through
+``iclgym.harness.model.load_model``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iclgym.tasks.base import Batch, Task
+from iclgym.tasks.base import Batch
 
 POSITIONAL = ("relative", "learned", "rotary", "none")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -406,39 +409,35 @@ class Transformer(nn.Module):
         rest = [p for p in self.parameters() if id(p) not in decay]
         return list(decay.values()), rest
 
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by ``iclgym.harness.train`` (clear error if it is not one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-        raise ValueError(f"{str(path)!r} is not an iclgym transformer checkpoint")
-    return state
+    def input_embedding(self) -> Tensor | None:
+        """The token embedding (V, d_model), or None when it is tied to the unembedding (the
+        softmax then trains every row) or replaced by another input layer."""
+        if self.config.tied or not isinstance(self.embed, nn.Embedding):
+            return None
+        return self.embed.weight
 
 
-def load_predictor(path: str | Path, task: Task) -> Transformer:
-    """A trained :class:`Transformer` from a checkpoint file or run folder, in eval mode.
-
-    Raises ``ValueError`` when the checkpoint's vocabulary differs from ``task``'s, or when
-    its learned positions cannot cover the task's sequence length.
-    """
-    state = load_checkpoint(path)
-    config = TransformerConfig(**state["model_config"])
-    if config.vocab_size != task.vocab_size:
-        raise ValueError(
-            f"checkpoint {str(path)!r} was trained with vocab_size={config.vocab_size}, but the "
-            f"task has vocab_size={task.vocab_size}"
-        )
-    if config.positional == "learned" and task.seq_len > config.max_len:
-        raise ValueError(
-            f"checkpoint {str(path)!r} has learned positions up to {config.max_len}, but the "
-            f"task has seq_len={task.seq_len}"
-        )
-    model = Transformer(config)
-    model.load_state_dict(state["model"])
-    model.name = f"transformer:{Path(path).name}"
-    return model.eval()
+def make_model(
+    vocab_size: int,
+    seq_len: int,
+    head_dim: int | None = None,
+    mlp_ratio: int | None = None,
+    **config: object,
+) -> Transformer:
+    """The factory of the model contract: a :class:`Transformer` with ``max_len = seq_len`` and
+    the :class:`TransformerConfig` fields in ``config`` (defaults: the Edelman et al. reference
+    model). ``head_dim`` sets ``n_heads = d_model // head_dim`` and ``mlp_ratio`` sets
+    ``mlp_width = mlp_ratio * d_model`` (so a width sweep changes ``d_model`` alone).
+    Raises ``ValueError`` for invalid settings."""
+    d_model = config.get("d_model", TransformerConfig.d_model)
+    if head_dim is not None:
+        if not isinstance(head_dim, int) or head_dim < 1 or d_model % head_dim:
+            raise ValueError(
+                f"head_dim={head_dim!r} is invalid: expected an int >= 1 dividing d_model={d_model}"
+            )
+        config["n_heads"] = d_model // head_dim
+    if mlp_ratio is not None:
+        if not isinstance(mlp_ratio, int) or mlp_ratio < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio!r} is invalid: expected an int >= 1")
+        config["mlp_width"] = mlp_ratio * d_model
+    return Transformer(TransformerConfig(vocab_size=vocab_size, max_len=seq_len, **config))

@@ -1,30 +1,203 @@
 """Score any predictor on any task against the Bayes-optimal oracle.
 
-``evaluate`` draws held-out sequences from the task's seeded split stream, runs the predictor
-and the oracle on the same batches, and returns a :class:`Report`: mean cross-entropy,
-excess loss over the oracle, KL(true || predictor) per position and at the last position,
-accuracy next to the oracle's, per-position curves, and strategy attribution
-(KL(strategy || predictor) for every reference strategy, and the nearest one).
+:class:`HeldOut` is a fixed evaluation set with everything about it that does not depend on
+the predictor, computed once: the sequences (from the task's seeded split stream), the true
+next-token laws, the oracle's prediction and its Monte-Carlo error, and every reference
+strategy's prediction, all kept only at the scored positions. :func:`evaluate` runs a predictor
+on it and returns a :class:`Report`: mean cross-entropy, excess loss over the oracle, KL(true
+|| predictor) over the scored positions and at each sequence's last scored position, accuracy
+next to the oracle's, per-position curves, strategy attribution (KL(strategy || predictor) for
+every reference strategy, and the nearest one) and, for tasks with real-valued labels, the
+squared error of the predicted label value. ``iclgym eval`` and the trainer's periodic
+evaluation both go through :func:`evaluate`.
+
+**Scored positions only.** Every metric is computed on the positions of ``batch.loss_mask``
+*selected* (never multiplied by the mask), so a predictor's values at unscored positions,
+``-inf`` or NaN included, cannot reach any number. A predictor equal to the oracle at the
+scored positions gets the oracle's report exactly.
+
+**Value predictors.** On tasks with ``task.label_values`` a predictor may return (B, T, 1) real
+predictions instead of log-probabilities (a value model, :mod:`iclgym.harness.model`); its report
+has the MSE fields and ``accuracy`` (the nearest label value equals the true one), and ``None``
+for the fields that need a distribution (cross-entropy, KL, strategies).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from iclgym.harness.metrics import accuracy, cross_entropy, entropy, kl_divergence
 from iclgym.harness.predictors import Predictor
-from iclgym.tasks.base import Task
+from iclgym.tasks.base import Batch, Task
+
+PRIVILEGED_STRATEGIES = ("true",)
+"""Strategies that read the latent parameters: reported, never a ``nearest_strategy``."""
+
+
+def kl_at(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row, (N, V) -> (N,), with 0 log 0 = 0: entries where p = 0 contribute 0
+    whatever q is there (``-inf`` included)."""
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=log_q.dtype))
+    return terms.sum(-1)
+
+
+def expected_value(log_q: Tensor, values: Tensor) -> Tensor:
+    """E_q[value] over the label tokens (q renormalised over them): (N, V), (V,) -> (N,)."""
+    is_label = torch.isfinite(values)
+    q = log_q[:, is_label].softmax(-1)
+    return q @ values[is_label].to(q.dtype)
+
+
+def nearest_label(pred: Tensor, values: Tensor) -> Tensor:
+    """The label value closest to each prediction (the first one on ties): (N,) -> (N,)."""
+    labels = values[torch.isfinite(values)].unique().to(pred)
+    return labels[(pred[:, None] - labels).abs().argmin(1)]
+
+
+@dataclass
+class _Part:
+    """One batch of a held-out set, kept at its N scored positions."""
+
+    batch: Batch
+    rows: Tensor  # (N,) sequence index of each scored position
+    cols: Tensor  # (N,) position index
+    targets: Tensor  # (N,)
+    true: Tensor  # (N, V) true next-token law
+    oracle: Tensor  # (N, V) oracle log-probs
+    oracle_ce: Tensor  # (N,)
+    oracle_kl: Tensor  # (N,)
+    oracle_acc: Tensor  # (N,)
+    entropy: Tensor  # (N,)
+    strategies: dict[str, tuple[Tensor, Tensor]]  # name -> (probs, log-probs), (N, V) each
+    last: Tensor  # (B,) index in 0..N-1 of each sequence's last scored position
+    values: Tensor | None  # (N,) true label values (tasks with label_values)
+    mc: tuple[float, float, int]  # oracle Monte-Carlo (bias, se, scored count) of this batch
+
+
+class HeldOut:
+    """A fixed evaluation set and the predictor-independent quantities on it, computed once.
+
+    The sequences are ``num_sequences`` draws of ``split`` from ``task.generator(seed, split)``
+    in batches of ``batch_size`` (the same arguments always give the same data), or the given
+    ``batches``. The oracle (``task.oracle_estimate``) and every strategy run once per batch,
+    here; :func:`evaluate` then only runs the predictor. Memory: a few (N, V) float32 tensors,
+    N = the number of scored positions.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        split: str = "test",
+        seed: int = 0,
+        num_sequences: int = 2048,
+        batch_size: int = 512,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+        batches: Sequence[Batch] | None = None,
+        env_id: str | None = None,
+    ) -> None:
+        self.task, self.split, self.seed, self.env_id = task, split, seed, env_id
+        self.device = torch.device(device)
+        if batches is None:
+            for name, value in (("num_sequences", num_sequences), ("batch_size", batch_size)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+            gen = task.generator(seed, split, device)
+            starts = range(0, num_sequences, batch_size)
+            sizes = [min(batch_size, num_sequences - d) for d in starts]
+            batches = (task.sample(b, generator=gen, device=device) for b in sizes)
+        else:
+            batches = list(batches)
+            num_sequences = sum(b.batch_size for b in batches)
+        self.num_sequences = num_sequences
+        values = getattr(task, "label_values", None)
+        self.label_values = values.to(self.device) if values is not None else None
+        names = list(task.strategies)
+        self.strategy_names = names
+        self.parts: list[_Part] = []
+        bar = tqdm(total=num_sequences, disable=not progress, desc="held-out set", unit="seq")
+        with bar:
+            for batch in batches:
+                self.parts.append(self._part(batch, names))
+                bar.update(batch.batch_size)
+        self.oracle_name = task.oracle_name
+        count = sum(p.mc[2] for p in self.parts)
+        self.oracle_mc_bias = sum(p.mc[0] * p.mc[2] for p in self.parts) / count
+        self.oracle_mc_se = math.sqrt(sum((p.mc[1] * p.mc[2]) ** 2 for p in self.parts)) / count
+        self.seq_len = task.seq_len
+
+    def _part(self, batch: Batch, names: Iterable[str]) -> _Part:
+        mask = batch.loss_mask
+        rows, cols = mask.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            raise ValueError("a held-out batch has no scored position (loss_mask all False)")
+        targets = batch.targets[rows, cols]
+        estimate = self.task.oracle_estimate(batch)  # the oracle: once per batch
+        oracle = estimate.log_probs[rows, cols].float()
+        true = batch.true_probs[rows, cols].float()
+        log_true = true.clamp_min(1e-45).log()
+        strategies = {}
+        for name in names:
+            log_s = self.task.strategies[name](batch)[rows, cols].float()
+            strategies[name] = (log_s.exp(), log_s)
+        # each sequence's last scored position: the largest flat index of its row
+        last = torch.full((batch.batch_size,), -1, dtype=torch.long, device=rows.device)
+        last.scatter_reduce_(0, rows, torch.arange(rows.numel(), device=rows.device), "amax")
+        bias, se = estimate.mc_error(batch.targets, mask)
+        values = None
+        if self.label_values is not None:
+            values = self.label_values[targets]
+        return _Part(
+            batch=batch,
+            rows=rows,
+            cols=cols,
+            targets=targets,
+            true=true,
+            oracle=oracle,
+            oracle_ce=-oracle.gather(-1, targets[:, None])[:, 0],
+            oracle_kl=kl_at(true, log_true, oracle),
+            oracle_acc=(oracle.argmax(-1) == targets).float(),
+            entropy=-torch.xlogy(true, true).sum(-1),
+            strategies=strategies,
+            last=last[last >= 0],
+            values=values,
+            mc=(bias, se, int(rows.numel())),
+        )
+
+    @property
+    def oracle_mc_error(self) -> float:
+        """``bias + 3 se`` of the oracle's mean cross-entropy over the whole set (nats/token):
+        with high probability the oracle's CE is at most this far above the exact Bayes CE.
+        0 for a closed-form oracle."""
+        return self.oracle_mc_bias + 3 * self.oracle_mc_se
+
+    def strategy_kl_last_references(self) -> dict[str, float]:
+        """KL(true || strategy) at each sequence's last scored position, mean over the set, per
+        non-privileged strategy (the reference lines of the phase diagram)."""
+        out = {}
+        for name in self.strategy_names:
+            if name in PRIVILEGED_STRATEGIES:
+                continue
+            kls = []
+            for part in self.parts:
+                p, log_p = part.true[part.last], part.true[part.last].clamp_min(1e-45).log()
+                kls.append(kl_at(p, log_p, part.strategies[name][1][part.last]))
+            out[name] = torch.cat(kls).mean().item()
+        return out
 
 
 @dataclass(frozen=True)
 class Report:
-    """Evaluation of one predictor on one task split; all losses in nats per token."""
+    """Evaluation of one predictor on one task split; losses in nats per token, over the
+    scored positions only. Fields that need a distribution are ``None`` for a value predictor;
+    the MSE fields are ``None`` for tasks without real-valued labels."""
 
     predictor: str
     env_id: str | None
@@ -32,23 +205,42 @@ class Report:
     split: str
     seed: int
     num_sequences: int
-    cross_entropy: float
-    cross_entropy_se: float
+    oracle: str
+    """How the oracle is computed (``task.oracle_name``)."""
+    oracle_mc_error: float
+    """Monte-Carlo error bound of the oracle's CE over this set: bias + 3 se (0: closed form)."""
+    oracle_mc_bias: float
+    oracle_mc_se: float
+    cross_entropy: float | None
+    cross_entropy_se: float | None
     oracle_cross_entropy: float
-    excess_loss: float
-    excess_loss_se: float
+    excess_loss: float | None
+    excess_loss_se: float | None
     entropy: float
-    kl: float
-    kl_last: float
-    kl_last_se: float
+    kl: float | None
+    kl_last: float | None
+    kl_last_se: float | None
     oracle_kl: float
     oracle_kl_last: float
     accuracy: float
+    """Argmax accuracy (first token wins ties); for a value predictor, the nearest label value
+    equals the true one."""
     oracle_accuracy: float
-    strategy_kl: Mapping[str, float]
-    strategy_kl_last: Mapping[str, float]
-    nearest_strategy: str
-    curves: Mapping[str, list[float]] = field(repr=False)
+    mse: float | None
+    """Squared error of the predicted label value (a value predictor's output, else E_q[value]
+    over the label tokens), tasks with real-valued labels."""
+    mse_se: float | None
+    value_accuracy: float | None
+    """The label value nearest to the predicted value equals the true one (sign accuracy for
+    +-1 labels)."""
+    chance_mse: float | None
+    """MSE of predicting the mean label of this set (the chance level)."""
+    strategy_kl: Mapping[str, float] | None
+    strategy_kl_last: Mapping[str, float] | None
+    nearest_strategy: str | None
+    """argmin of ``strategy_kl_last`` over the non-privileged strategies (the phase label)."""
+    curves: Mapping[str, list[float | None]] = field(repr=False)
+    """Per-position means (``None`` at positions never scored)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -57,16 +249,49 @@ class Report:
         return json.dumps(self.to_dict(), **kwargs)  # type: ignore[arg-type]
 
 
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+def _mean_se(values: Tensor) -> tuple[float, float]:
     n = values.numel()
-    se = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    se = values.std().item() / math.sqrt(n) if n > 1 else math.nan
     return values.mean().item(), se
+
+
+class _Sums:
+    """Per-position sums and per-sequence sums of per-token values."""
+
+    def __init__(self, seq_len: int, device: torch.device) -> None:
+        self.pos: dict[str, Tensor] = {}
+        self.seq: dict[str, list[Tensor]] = {}
+        self.last: dict[str, list[Tensor]] = {}
+        self.counts = torch.zeros(seq_len, device=device)
+        self.T = seq_len
+
+    def add(self, name: str, part: _Part, values: Tensor, per_seq: bool = False) -> None:
+        values = values.float()
+        pos = torch.zeros(self.T, device=values.device).index_add_(0, part.cols, values)
+        self.pos[name] = self.pos[name] + pos if name in self.pos else pos
+        if per_seq:
+            B = part.batch.batch_size
+            sums = torch.zeros(B, device=values.device).index_add_(0, part.rows, values)
+            counts = torch.zeros(B, device=values.device).index_add_(
+                0, part.rows, torch.ones_like(values)
+            )
+            self.seq.setdefault(name, []).append((sums / counts)[counts > 0])
+            self.last.setdefault(name, []).append(values[part.last])
+
+    def mean(self, name: str) -> float:
+        return (self.pos[name].sum() / self.counts.sum()).item()
+
+    def curve(self, name: str) -> list[float | None]:
+        return [
+            (s / c).item() if c > 0 else None
+            for s, c in zip(self.pos[name], self.counts, strict=True)
+        ]
 
 
 @torch.no_grad()
 def evaluate(
     predictor: Predictor,
-    task: Task | str,
+    task: Task | str | HeldOut,
     *,
     split: str = "test",
     seed: int = 0,
@@ -76,97 +301,151 @@ def evaluate(
     progress: bool = False,
     **task_kwargs: object,
 ) -> Report:
-    """Evaluate ``predictor`` on ``num_sequences`` sequences of ``split``.
+    """Evaluate ``predictor`` on ``num_sequences`` sequences of ``split`` (see :class:`Report`).
 
-    ``task`` is a :class:`Task` or a registered env id (``task_kwargs`` override its spec).
-    The same ``(task, split, seed, num_sequences, batch_size)`` always gives the same data.
+    ``task`` is a :class:`Task`, a registered env id (``task_kwargs`` override its spec) or a
+    :class:`HeldOut` set (then the data arguments are ignored: the set fixes them). The same
+    ``(task, split, seed, num_sequences, batch_size)`` always gives the same data. Raises
+    ``ValueError`` for a predictor output that is not (B, T, V) log-probabilities (or (B, T, 1)
+    values on a task with real-valued labels).
     """
-    env_id = None
-    if isinstance(task, str):
-        from iclgym.registry import make_task
+    if isinstance(task, HeldOut):
+        if task_kwargs:
+            raise ValueError("task keyword overrides need an env id, not a HeldOut set")
+        held_out = task
+    else:
+        env_id = None
+        if isinstance(task, str):
+            from iclgym.registry import make_task
 
-        env_id, task = task, make_task(task, **task_kwargs)
-    elif task_kwargs:
-        raise ValueError("task keyword overrides need an env id, not a Task instance")
-    if num_sequences < 1 or batch_size < 1:
-        raise ValueError(f"num_sequences={num_sequences} and batch_size={batch_size} must be >= 1")
-    generator = task.generator(seed, split, device)
-    names = list(task.strategies)
-    per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in ("ce", "oracle_ce", "kl_last")}
-    sums: dict[str, torch.Tensor] = {}
-    counts = torch.zeros(task.seq_len, device=device)
+            env_id, task = task, make_task(task, **task_kwargs)
+        elif task_kwargs:
+            raise ValueError("task keyword overrides need an env id, not a Task instance")
+        held_out = HeldOut(
+            task,
+            split=split,
+            seed=seed,
+            num_sequences=num_sequences,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            env_id=env_id,
+        )
+    return _score(predictor, held_out, progress)
 
-    def add(name: str, values: torch.Tensor) -> None:
-        total = values.sum(0)
-        sums[name] = sums[name] + total if name in sums else total
 
-    done = 0
-    with tqdm(total=num_sequences, disable=not progress, desc="evaluate", unit="seq") as bar:
-        while done < num_sequences:
-            size = min(batch_size, num_sequences - done)
-            batch = task.sample(size, generator=generator, device=device)
-            mask = batch.loss_mask.to(torch.float32)
-            log_q = predictor.predict(batch)
-            if log_q.shape != (*batch.tokens.shape, batch.vocab_size):
-                raise ValueError(
-                    f"predictor returned shape {tuple(log_q.shape)}, expected "
-                    f"{(*batch.tokens.shape, batch.vocab_size)}"
+def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
+    task, V = held.task, held.task.vocab_size
+    values_table = held.label_values
+    device = held.device
+    sums = _Sums(held.seq_len, device)
+    names = held.strategy_names
+    value_mode: bool | None = None
+    squared: list[Tensor] = []
+    value_hits: list[Tensor] = []
+    labels: list[Tensor] = []
+    with tqdm(total=held.num_sequences, disable=not progress, desc="evaluate", unit="seq") as bar:
+        for part in held.parts:
+            out = predictor.predict(part.batch)
+            B, T = part.batch.tokens.shape
+            if tuple(out.shape) == (B, T, V):
+                is_values = False
+            elif values_table is not None and tuple(out.shape) == (B, T, 1) and V != 1:
+                is_values = True
+            else:
+                expected = f"{(B, T, V)}" + (
+                    f" log-probs or {(B, T, 1)} values" if values_table is not None else ""
                 )
-            log_o = task.oracle(batch)
-            p = batch.true_probs
-            ce, oracle_ce = cross_entropy(log_q, batch.targets), cross_entropy(log_o, batch.targets)
-            kl, oracle_kl = kl_divergence(p, log_q), kl_divergence(p, log_o)
-            tokens_per_seq = mask.sum(1)
-            per_seq["ce"].append((ce * mask).sum(1) / tokens_per_seq)
-            per_seq["oracle_ce"].append((oracle_ce * mask).sum(1) / tokens_per_seq)
-            per_seq["kl_last"].append(kl[:, -1])
-            counts += mask.sum(0)
-            for name, values in (
-                ("cross_entropy", ce),
-                ("oracle_cross_entropy", oracle_ce),
-                ("kl", kl),
-                ("oracle_kl", oracle_kl),
-                ("accuracy", accuracy(log_q, batch.targets)),
-                ("oracle_accuracy", accuracy(log_o, batch.targets)),
-                ("entropy", entropy(p)),
-            ):
-                add(name, values * mask)
-            for name, strategy in task.strategies.items():
-                log_s = strategy(batch)
-                add(f"strategy:{name}", kl_divergence(log_s.exp(), log_q) * mask)
-            done += size
-            bar.update(size)
+                raise ValueError(
+                    f"predictor returned shape {tuple(out.shape)}, expected {expected}"
+                )
+            if value_mode is not None and is_values != value_mode:
+                raise ValueError("predictor switched between log-probs and values across batches")
+            value_mode = is_values
+            sel = out[part.rows, part.cols].to(device)  # (N, V) or (N, 1): selection
+            sums.counts += torch.zeros_like(sums.counts).index_add_(
+                0, part.cols, torch.ones_like(part.oracle_ce)
+            )
+            sums.add("oracle_cross_entropy", part, part.oracle_ce, per_seq=True)
+            sums.add("oracle_kl", part, part.oracle_kl, per_seq=True)
+            sums.add("oracle_accuracy", part, part.oracle_acc)
+            sums.add("entropy", part, part.entropy)
+            if is_values:
+                pred = sel[:, 0].double()
+            else:
+                log_q = sel
+                ce = -log_q.gather(-1, part.targets[:, None])[:, 0]
+                log_true = part.true.clamp_min(1e-45).log()
+                sums.add("cross_entropy", part, ce, per_seq=True)
+                sums.add("kl", part, kl_at(part.true, log_true, log_q), per_seq=True)
+                sums.add("accuracy", part, log_q.argmax(-1) == part.targets)
+                for name in names:
+                    p, log_p = part.strategies[name]
+                    sums.add(f"strategy:{name}", part, kl_at(p, log_p, log_q), per_seq=True)
+                pred = None
+                if values_table is not None:
+                    pred = expected_value(log_q, values_table).double()
+            if part.values is not None and pred is not None:
+                y = part.values.double()
+                squared.append((pred - y) ** 2)
+                hit = nearest_label(pred, values_table) == y
+                value_hits.append(hit.float())
+                labels.append(y)
+                if is_values:
+                    sums.add("accuracy", part, hit)
+            bar.update(B)
 
-    curves = {k: (v / counts).tolist() for k, v in sums.items() if not k.startswith("strategy:")}
-    strat_curves = {n: sums[f"strategy:{n}"] / counts for n in names}
-    total = counts.sum()
-    mean = {k: (v.sum() / total).item() for k, v in sums.items()}
-    ce_mean, ce_se = _mean_se(torch.cat(per_seq["ce"]))
-    excess, excess_se = _mean_se(torch.cat(per_seq["ce"]) - torch.cat(per_seq["oracle_ce"]))
-    kl_last, kl_last_se = _mean_se(torch.cat(per_seq["kl_last"]))
-    strategy_kl_last = {n: c[-1].item() for n, c in strat_curves.items()}
+    mse = mse_se = value_accuracy = chance_mse = None
+    if squared:
+        err, y = torch.cat(squared), torch.cat(labels)
+        mse, mse_se = _mean_se(err)
+        value_accuracy = torch.cat(value_hits).mean().item()
+        chance_mse = ((y - y.mean()) ** 2).mean().item()
+    oracle_kl_last = torch.cat(sums.last["oracle_kl"])
+    ce = ce_se = excess = excess_se = kl = kl_last = kl_last_se = None
+    strategy_kl = strategy_kl_last = nearest = None
+    curve_names = ["oracle_cross_entropy", "oracle_kl", "oracle_accuracy", "entropy", "accuracy"]
+    if not value_mode:
+        per_seq_ce = torch.cat(sums.seq["cross_entropy"])
+        ce, ce_se = _mean_se(per_seq_ce)
+        excess, excess_se = _mean_se(per_seq_ce - torch.cat(sums.seq["oracle_cross_entropy"]))
+        kl = sums.mean("kl")
+        kl_last, kl_last_se = _mean_se(torch.cat(sums.last["kl"]))
+        strategy_kl = {n: sums.mean(f"strategy:{n}") for n in names}
+        strategy_kl_last = {n: torch.cat(sums.last[f"strategy:{n}"]).mean().item() for n in names}
+        candidates = {n: v for n, v in strategy_kl_last.items() if n not in PRIVILEGED_STRATEGIES}
+        nearest = min(candidates, key=candidates.__getitem__) if candidates else None
+        curve_names += ["cross_entropy", "kl"]
     return Report(
         predictor=getattr(predictor, "name", type(predictor).__name__),
-        env_id=env_id,
+        env_id=held.env_id,
         task={"family": task.name, **task.spec.to_dict()},
-        split=split,
-        seed=seed,
-        num_sequences=num_sequences,
-        cross_entropy=ce_mean,
+        split=held.split,
+        seed=held.seed,
+        num_sequences=held.num_sequences,
+        oracle=held.oracle_name,
+        oracle_mc_error=held.oracle_mc_error,
+        oracle_mc_bias=held.oracle_mc_bias,
+        oracle_mc_se=held.oracle_mc_se,
+        cross_entropy=ce,
         cross_entropy_se=ce_se,
-        oracle_cross_entropy=mean["oracle_cross_entropy"],
+        oracle_cross_entropy=sums.mean("oracle_cross_entropy"),
         excess_loss=excess,
         excess_loss_se=excess_se,
-        entropy=mean["entropy"],
-        kl=mean["kl"],
+        entropy=sums.mean("entropy"),
+        kl=kl,
         kl_last=kl_last,
         kl_last_se=kl_last_se,
-        oracle_kl=mean["oracle_kl"],
-        oracle_kl_last=curves["oracle_kl"][-1],
-        accuracy=mean["accuracy"],
-        oracle_accuracy=mean["oracle_accuracy"],
-        strategy_kl={n: (sums[f"strategy:{n}"].sum() / total).item() for n in names},
+        oracle_kl=sums.mean("oracle_kl"),
+        oracle_kl_last=oracle_kl_last.mean().item(),
+        accuracy=sums.mean("accuracy"),
+        oracle_accuracy=sums.mean("oracle_accuracy"),
+        mse=mse,
+        mse_se=mse_se,
+        value_accuracy=value_accuracy,
+        chance_mse=chance_mse,
+        strategy_kl=strategy_kl,
         strategy_kl_last=strategy_kl_last,
-        nearest_strategy=min(strategy_kl_last, key=strategy_kl_last.__getitem__),
-        curves=curves,
+        nearest_strategy=nearest,
+        curves={name: sums.curve(name) for name in curve_names},
     )

@@ -1,7 +1,9 @@
-"""The Predictor protocol and the predictors every task gives for free (oracle, strategies)."""
+"""The Predictor protocol and the predictors every task gives for free (oracle, strategies,
+trained checkpoints), and :func:`resolve_predictor` for command-line names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -11,7 +13,9 @@ from iclgym.tasks.base import Batch, Task
 
 @runtime_checkable
 class Predictor(Protocol):
-    """Anything that maps a batch to next-token log-probabilities (B, T, V).
+    """Anything that maps a batch to next-token log-probabilities (B, T, V) float, natural log;
+    on tasks with real-valued labels (``task.label_values``) it may instead return (B, T, 1)
+    real label predictions. Only the positions of ``batch.loss_mask`` are read.
 
     Position ``t`` may only use ``batch.tokens[:, : t + 1]``: reading targets, true_probs or
     params is cheating (the oracle and the ``true`` strategy are labelled as privileged).
@@ -48,32 +52,37 @@ class StrategyPredictor:
         return self._predict(batch)
 
 
-def resolve_predictor(text: str, task: Task) -> Predictor:
+PredictorKind = Callable[[str, Task], Predictor]
+"""Builds a predictor from the text after ``KIND:`` (e.g. ``"2:0.5"`` of ``ngram:2:0.5``)."""
+
+
+def resolve_predictor(
+    text: str,
+    task: Task,
+    kinds: Mapping[str, PredictorKind] | None = None,
+    *,
+    device: str = "cpu",
+) -> Predictor:
     """Build a predictor from a command-line string.
 
     ``oracle``; a strategy name (``uniform``, ``unigram``, ``bigram``, ...);
-    ``ngram:ORDER[:ALPHA]`` (the in-context n-gram baseline);
-    ``checkpoint:PATH`` (a trained model saved by ``iclgym train``).
+    ``checkpoint:PATH`` (a model saved by :func:`iclgym.harness.train`, rebuilt from its recorded
+    factory, on ``device``); ``KIND:ARGS`` for every entry of ``kinds`` (the command line adds the
+    baselines', e.g. ``ngram:ORDER[:ALPHA]``: the harness imports no baseline itself).
+    Raises ``ValueError`` naming the text and the valid forms.
     """
+    kinds = dict(kinds or {})
     kind, _, rest = text.partition(":")
-    if kind == "oracle" and not rest:
+    if text == "oracle":
         return OraclePredictor(task)
-    if kind == "ngram":
-        from baselines.ngram import NGramPredictor
+    if kind == "checkpoint" and rest:
+        from iclgym.harness.model import load_predictor
 
-        order, _, alpha = rest.partition(":")
-        if not order.isdigit():
-            raise ValueError(f"expected ngram:ORDER[:ALPHA], got {text!r}")
-        return NGramPredictor(
-            vocab_size=task.vocab_size, order=int(order), alpha=float(alpha) if alpha else 1.0
-        )
-    if kind == "checkpoint":
-        from baselines.transformer import load_predictor
-
-        return load_predictor(rest, task)
-    if not rest and text in task.strategies:
+        return load_predictor(rest, task, device)
+    if kind in kinds and rest:
+        return kinds[kind](rest, task)
+    if text in task.strategies:
         return StrategyPredictor(task, text)
-    raise ValueError(
-        f"unknown predictor {text!r}: use 'oracle', a strategy ({', '.join(task.strategies)}), "
-        "'ngram:ORDER[:ALPHA]' or 'checkpoint:PATH'"
-    )
+    forms = ["'oracle'", f"a strategy ({', '.join(task.strategies)})", "'checkpoint:PATH'"]
+    forms[2:2] = [f"'{k}:...'" for k in kinds]
+    raise ValueError(f"unknown predictor {text!r}: use " + ", ".join(forms))

@@ -1,202 +1,493 @@
-"""Train a model on any registered task and watch its in-context-learning phases.
+"""One trainer for every task and any model: ``train(model, task, config, run)``.
 
-``train(model, task, config)`` runs the reference recipe of Edelman et al. 2024
-(``shared/specs/markov-chain.md`` section 5): a fresh batch from the task's train seed stream
-every step, AdamW (lr 5e-4, betas (0.9, 0.95), weight decay 0.1 on Linear weights only, constant
-lr, no clipping), next-token cross-entropy on every scored position. Every ``eval_every`` steps
-it scores the model in eval mode on a fixed held-out set (validation split): loss, per-token
-and last-token KL to the true next-token law, KL(strategy || model) at the last position for
-every reference strategy, the nearest strategy (the phase label) and the attention probes.
-Each evaluation is one line of ``metrics.jsonl`` in the run folder; the run ends with the
-phase report (:mod:`iclgym.harness.phases`), ``summary.json`` and ``phases.png``.
+Read it top to bottom (nanoGPT style): :class:`TrainConfig` (everything that determines the
+trajectory), :class:`RunOptions` (where it is written and how it is shown), the loss
+(:func:`loss_of_output`, a pure function of a model output and the scored targets), the two
+data regimes, the optimisers, then :func:`train` itself. Paper protocols are recipes
+(:mod:`iclgym.harness.recipes`): values of these two dataclasses, not code paths.
 
-Checkpoints (``checkpoint.pt``: model, optimizer, both random-number streams and the step)
-are written every ``checkpoint_every`` steps, at the end and on Ctrl-C; ``resume=True`` continues
-a run bit for bit as if it had never stopped. The first Ctrl-C finishes the current step, saves
-and then raises ``KeyboardInterrupt``; a second one interrupts at once.
+- **Model**: any module of the contract in :mod:`iclgym.harness.model`, checked before training
+  (output shape, causality probe where the task scores several positions).
+- **Data**: ``stream`` draws a fresh batch from the task's train seed stream every step (Edelman
+  et al. 2024); ``finite`` draws one fixed training set (``train_sequences`` sequences of the
+  train stream, or the task's own ``task.train_set()`` when 0) and reshuffles it every epoch,
+  batches of ``min(N, batch_size)``, ``epochs * ceil(N / batch)`` steps (Boix-Adserà et al.
+  2024).
+- **Loss**: from the task, on the positions of ``loss_mask`` selected (never multiplied):
+  cross-entropy of (B, T, V) logits, or the mean squared error of (B, T, 1) values against
+  ``task.label_values[targets]``.
+- **Optimiser**: ``adamw`` (fused), ``adam``, ``sgd`` or an import path to a factory
+  ``factory(model, config, **optimizer_args) -> torch.optim.Optimizer``: the hook for custom
+  steps (a preconditioned proximal step, normalised gradient descent, ...). Its ``step()`` is
+  called once per batch after ``backward()`` (and gradient clipping); its ``state_dict`` is
+  checkpointed, so resume stays exact. Constant or warm-up + cosine learning rate (the factor
+  multiplies every group's initial lr), optional gradient clipping.
+- **Evaluation** every ``eval_every`` steps through the same :func:`iclgym.harness.evaluate`
+  as ``iclgym eval``, on fixed held-out sets (:class:`~iclgym.harness.evaluate.HeldOut`: data,
+  oracle and strategies computed once), one per split of ``eval_splits`` and, in the finite
+  regime, the training set itself; attention probes when the model exposes attention; phases
+  and the phase diagram at the end.
+- **Run folder** (``run.out``): ``metrics.jsonl`` (one JSON record per line), ``summary.json``,
+  ``checkpoint.pt`` (model, optimiser, data and dropout random streams, step; written every
+  ``checkpoint_every`` steps, at the end and on Ctrl-C), ``phases.png`` and ``train.lock``: a
+  second process training into the same folder is refused while the first runs. ``resume``
+  continues bit for bit as if the run had never stopped. The first Ctrl-C finishes the current
+  step, evaluates, saves and raises ``KeyboardInterrupt``; a second one interrupts at once.
 
-:class:`TrainConfig` doubles as the command line: :func:`add_train_arguments` turns its
-fields, and the model's, into ``--flags`` and :func:`run_from_args` runs them
-(``python -m iclgym.harness.train ICL-MarkovChain-v0 --steps 2000``).
+Random streams of ``config.seed`` (:func:`iclgym.tasks.base.stream_seed`): 0 the train data,
+3 dropout (the global torch state), 5 the model init (:func:`iclgym.harness.model.build_model`),
+6 the batch order of the finite regime.
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
+import ast
+import contextlib
 import json
 import math
 import os
-import re
 import resource
 import signal
 import threading
 import time
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from baselines.transformer import Transformer, TransformerConfig, load_checkpoint
-from iclgym.harness.metrics import cross_entropy, kl_divergence
+from iclgym.harness.evaluate import HeldOut, Report, evaluate
+from iclgym.harness.model import (
+    CHECKPOINT_FORMAT,
+    ModelPredictor,
+    check_device,
+    check_model,
+    decay_parameters,
+    factory_info,
+    import_object,
+    input_embedding,
+    load_checkpoint,
+    num_parameters,
+)
 from iclgym.harness.phases import phase_report
 from iclgym.harness.plots import plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.tasks.base import SPLITS, Task, stream_seed
+from iclgym.validation import as_float, as_int
 
-CHECKPOINT, LOG, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "phases.png"
-# Fields that may change when resuming: they do not alter the weights or the logged curve.
-RESUMABLE_CHANGES = ("steps", "resume", "progress", "plot", "run_dir", "checkpoint_every")
+CHECKPOINT, LOG, SUMMARY, PLOT, LOCK = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "summary.json",
+    "phases.png",
+    "train.lock",
+)
+OPTIMIZERS = ("adamw", "adam", "sgd")
+DROPOUT_STREAM, ORDER_STREAM = len(SPLITS), 6
+SPLIT_PREFIX = {"train": "train", "validation": "val", "test": "test"}
+SPLIT_METRICS = ("loss", "excess_loss", "kl", "kl_last", "accuracy", "mse", "value_accuracy")
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training trajectory; every field is a ``--flag`` of
+    ``iclgym train`` and ``iclgym sweep``. A resumed run must use the same values (``steps``
+    and ``epochs`` may grow under a constant learning rate)."""
+
+    data: Literal["stream", "finite"] = "stream"
+    """stream: a fresh batch every step; finite: a fixed training set, reshuffled every epoch."""
+    steps: int = 2000
+    """Optimisation steps (stream regime)."""
+    epochs: int = 1000
+    """Passes over the fixed training set (finite regime)."""
+    train_sequences: int = 0
+    """Size N of the fixed training set, drawn from the train stream (finite regime); 0 = the
+    task's own training set (task.train_set(), e.g. n strings over n template symbols)."""
+    batch_size: int = 64
+    """Sequences per step (finite regime: min(N, batch_size))."""
+    optimizer: str = "adamw"
+    """adamw | adam | sgd | an import path package.module:factory, called as
+    factory(model, config, **optimizer_args) and returning a torch.optim.Optimizer."""
+    optimizer_args: tuple[str, ...] = ()
+    """KEY=VALUE keyword arguments (Python literals) of a custom optimiser factory."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam(W) betas."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) or L2 (Adam, SGD) weight decay on the model's decayed parameters
+    (default split: nn.Linear weights; embeddings and norms are never decayed)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after the warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from lr / warmup_steps to lr."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    grad_clip: float = 0.0
+    """Clip the gradient's global norm to this value (0 = no clipping)."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating-point type of the model's parameters and outputs."""
+    device: str = "cpu"
+    """Torch device of the model and the batches (cpu, cuda, cuda:1, ...)."""
+    threads: int = 1
+    """Torch CPU threads during the run (0 = leave torch's setting). 1 by default: these models
+    are small, and on a shared 2-core machine 2 threads were slower (docs/harness.md)."""
+    seed: int = 0
+    """Seeds the train data, dropout, the finite batch order (and the init of models built by
+    name)."""
+    eval_every: int = 25
+    """Steps between evaluations (0 = only at the start and the end)."""
+    eval_sequences: int = 1024
+    """Sequences of each held-out split."""
+    eval_batch_size: int = 256
+    """Sequences per evaluation batch; the probes read the first batch."""
+    eval_seed: int = 0
+    """Seed of the held-out sets (the same sets for every training seed)."""
+    eval_splits: tuple[Literal["validation", "test"], ...] = ("validation",)
+    """Held-out splits scored at every evaluation; the first is the primary one (its metrics are
+    logged unprefixed, the others as val_*, test_*)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "epochs", "batch_size", "eval_sequences", "eval_batch_size"):
+            as_int(name, getattr(self, name), 1)
+        for name in ("train_sequences", "warmup_steps", "threads", "seed", "eval_every"):
+            as_int(name, getattr(self, name), 0)
+        as_int("eval_seed", self.eval_seed, 0)
+        as_float("lr", self.lr, 0.0, low_open=True)
+        as_float("min_lr", self.min_lr, 0.0, self.lr)
+        as_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        as_float("weight_decay", self.weight_decay, 0.0)
+        as_float("grad_clip", self.grad_clip, 0.0)
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas
+        ):
+            raise ValueError(f"betas={self.betas!r} is invalid: expected two floats in [0, 1)")
+        choices = {
+            "data": ("stream", "finite"),
+            "schedule": ("constant", "cosine"),
+            "dtype": ("float32", "float64"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is invalid: expected one of {valid}"
+                )
+        if self.optimizer not in OPTIMIZERS and ":" not in self.optimizer:
+            raise ValueError(
+                f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}"
+                " or an import path 'package.module:factory'"
+            )
+        object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
+        if not self.eval_splits or any(s not in SPLITS[1:] for s in self.eval_splits):
+            raise ValueError(
+                f"eval_splits={self.eval_splits!r} is invalid: expected one or more of {SPLITS[1:]}"
+            )
+        parse_assignments(self.optimizer_args, "optimizer_args")
+        check_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; every field is also a ``--flag`` of ``iclgym train``.
+class RunOptions:
+    """Where a run is written and how it is shown; none of it changes the trajectory."""
 
-    Attributes:
-        steps: optimisation steps (each sees batch_size fresh sequences).
-        batch_size: sequences per step.
-        lr: AdamW learning rate (constant, no warm-up).
-        betas: AdamW betas.
-        weight_decay: AdamW weight decay on Linear weights (embeddings, LayerNorm and
-            positional tables are not decayed).
-        seed: seeds the model init, the train data stream and dropout.
-        eval_every: steps between evaluations on the held-out set.
-        eval_sequences: size of the fixed held-out set (validation split).
-        eval_batch_size: sequences per evaluation forward pass; the probes use the first batch.
-        eval_seed: seed of the held-out set (the same set for every training seed).
-        checkpoint_every: steps between checkpoints (also written at the end and on Ctrl-C).
-        run_dir: run folder for the checkpoint, log, summary and plot
-            (default runs/ENV_ID-seedSEED).
-        resume: continue the run in run_dir from its checkpoint.
-        progress: show a progress bar.
-        plot: write the phase diagram at the end of the run.
-        device: torch device to train on.
-    """
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    seed: int = 0
-    eval_every: int = 25
-    eval_sequences: int = 1024
-    eval_batch_size: int = 256
-    eval_seed: int = 0
-    checkpoint_every: int = 250
-    run_dir: str = ""
+    out: str = ""
+    """Run folder (default runs/ENV_ID-seedSEED)."""
     resume: bool = False
+    """Continue the run in the folder from its checkpoint."""
+    checkpoint_every: int = 250
+    """Steps between checkpoints (also written at the end and on Ctrl-C)."""
     progress: bool = True
+    """Show a progress bar."""
     plot: bool = True
-    device: str = "cpu"
+    """Write the phase diagram at the end (models with log-prob outputs)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        for name in (
-            "steps",
-            "batch_size",
-            "eval_every",
-            "eval_sequences",
-            "eval_batch_size",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
-        for name in ("seed", "eval_seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is invalid: expected a finite float > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas={self.betas!r} is invalid: expected two floats in [0, 1)")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r} is invalid: expected >= 0")
+        as_int("checkpoint_every", self.checkpoint_every, 1)
 
 
-# ------------------------------------------------------------------------- evaluation
-class HeldOut:
-    """The fixed evaluation set with everything about it that does not depend on the model:
-    true next-token laws, the reference strategies' last-token predictions and their KL to the
-    truth (the horizontal reference lines of the phase diagram)."""
+def parse_assignments(items: tuple[str, ...] | list[str], name: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; values are Python literals when they parse, else strings.
+    ``ValueError`` naming ``name`` and the item for a string without ``=``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{name} expects KEY=VALUE items (e.g. depth=2), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+# -------------------------------------------------------------------------------- loss
+@dataclass(frozen=True)
+class Targets:
+    """The scored positions of a batch, selected once outside the model call: the loss reads
+    the model output at ``(rows, cols)`` only. For a vectorised (``torch.func.vmap``) engine,
+    stack these per copy: every current task scores the same number of positions per sequence."""
+
+    rows: Tensor
+    """(N,) int64 sequence index of each scored position."""
+    cols: Tensor
+    """(N,) int64 position index."""
+    tokens: Tensor
+    """(N,) int64 target token ids."""
+    values: Tensor | None = None
+    """(N,) float real labels ``task.label_values[tokens]`` (value models only)."""
+
+    @classmethod
+    def select(
+        cls, targets: Tensor, loss_mask: Tensor, label_values: Tensor | None = None
+    ) -> Targets:
+        """From (B, T) ``targets`` and (B, T) bool ``loss_mask``; ``label_values`` (V,) for a
+        value model."""
+        rows, cols = loss_mask.nonzero(as_tuple=True)
+        tokens = targets[rows, cols]
+        values = label_values[tokens] if label_values is not None else None
+        return cls(rows, cols, tokens, values)
+
+
+def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
+    """Mean loss over the scored positions of a model output: cross-entropy of (B, T, V)
+    logits, or the mean squared error of (B, T, 1) values against ``targets.values``.
+    A pure function (no state, no randomness): ``torch.func.functional_call`` + ``vmap`` can
+    map it over stacked copies of a model."""
+    selected = output[targets.rows, targets.cols]  # (N, V) or (N, 1): selection, never a product
+    if targets.values is not None:
+        return F.mse_loss(selected[:, 0], targets.values.to(selected.dtype))
+    return F.cross_entropy(selected, targets.tokens)
+
+
+def model_loss(model: nn.Module, tokens: Tensor, targets: Targets) -> Tensor:
+    """:func:`loss_of_output` of ``model(tokens)``."""
+    return loss_of_output(model(tokens), targets)
+
+
+# -------------------------------------------------------------------------------- data
+class StreamData:
+    """A fresh batch of the task's train split every step (generator of ``config.seed``)."""
 
     def __init__(self, task: Task, config: TrainConfig) -> None:
-        gen = task.generator(config.eval_seed, "validation", config.device)
-        total, size = config.eval_sequences, config.eval_batch_size
-        sizes = [min(size, total - done) for done in range(0, total, size)]
-        self.batches = [task.sample(b, generator=gen, device=config.device) for b in sizes]
-        self.true = [b.true_probs for b in self.batches]
-        self.true_last = torch.cat([p[:, -1] for p in self.true])
-        # ``true`` reads the latent parameters: a privileged oracle, not a phase a model can be in.
-        strategies = {n: s for n, s in task.strategies.items() if n != "true"}
-        self.strategy_last = {
-            name: torch.cat([s(b)[:, -1] for b in self.batches]).exp()
-            for name, s in strategies.items()
-        }
-        self.references = {
-            name: kl_divergence(self.true_last, p.clamp_min(1e-30).log()).mean().item()
-            for name, p in self.strategy_last.items()
-        }
+        self.task, self.size, self.device = task, config.batch_size, torch.device(config.device)
+        self.generator = task.generator(config.seed, "train", config.device)
+        self.seen_tokens: Tensor | None = None  # every token may appear: nothing to check
 
-    @torch.no_grad()
-    def evaluate(self, model: Transformer) -> dict[str, Any]:
-        """Metrics of ``model`` in eval mode; the probes read the first batch's attention."""
-        was_training = model.training
-        model.eval()
-        ce = kl = count = 0.0
-        last = []
-        for i, batch in enumerate(self.batches):
-            if i == 0:
-                logits, attention = model(batch.tokens, return_attention=True)
-            else:
-                logits = model(batch.tokens)
-            log_q = F.log_softmax(logits.float(), dim=-1)
-            mask = batch.loss_mask
-            ce += cross_entropy(log_q, batch.targets)[mask].sum().item()
-            kl += kl_divergence(self.true[i], log_q)[mask].sum().item()
-            count += mask.sum().item()
-            last.append(log_q[:, -1])
-        model.train(was_training)
-        log_q_last = torch.cat(last)
-        kl_last = kl_divergence(self.true_last, log_q_last)
-        strategy_kl = {
-            name: kl_divergence(p, log_q_last).mean().item()
-            for name, p in self.strategy_last.items()
-        }
-        record = {
-            "loss": ce / count,
-            "kl": kl / count,
-            "kl_last": kl_last.mean().item(),
-            "kl_last_se": kl_last.std().item() / math.sqrt(kl_last.numel()),
-            "strategy_kl_last": strategy_kl,
-            "nearest": min(strategy_kl, key=strategy_kl.__getitem__),
-            "prev_token_score": previous_token_score(attention[0]),
-        }
-        if len(attention) > 1:
-            record["induction_score"] = induction_score(attention[1], self.batches[0].tokens)
-        return record
+    def steps(self, config: TrainConfig) -> int:
+        return config.steps
+
+    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+        batch = self.task.sample(self.size, generator=self.generator, device=self.device)
+        return batch.tokens, batch.targets, batch.loss_mask
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
 
 
-# ------------------------------------------------------------------------ checkpoints
+class FiniteData:
+    """One fixed training set, drawn on the CPU (the same sequences on every device) and
+    reshuffled every epoch with the order stream of ``config.seed``."""
+
+    def __init__(self, task: Task, config: TrainConfig) -> None:
+        if config.train_sequences:
+            gen = task.generator(config.seed, "train")
+            data = task.sample(config.train_sequences, generator=gen, device="cpu")
+        elif callable(getattr(task, "train_set", None)):
+            data = task.train_set()
+        else:
+            raise ValueError(
+                f"data='finite' with train_sequences=0 needs a task with its own training set "
+                f"(task.train_set()); {type(task).__name__} has none: set train_sequences >= 1"
+            )
+        self.device = torch.device(config.device)
+        self.data = data.to(self.device)
+        self.n = data.batch_size
+        self.size = min(self.n, config.batch_size)
+        self.generator = torch.Generator().manual_seed(stream_seed(config.seed, ORDER_STREAM))
+        self.order = torch.arange(self.n, device=self.device)
+        self.position = self.n  # the first call draws the first epoch's order
+        self.seen_tokens = data.tokens.unique()
+
+    def steps(self, config: TrainConfig) -> int:
+        return config.epochs * math.ceil(self.n / self.size)
+
+    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.position >= self.n:
+            self.order = torch.randperm(self.n, generator=self.generator).to(self.device)
+            self.position = 0
+        rows = self.order[self.position : self.position + self.size]
+        self.position += self.size
+        return self.data.tokens[rows], self.data.targets[rows], self.data.loss_mask[rows]
+
+    def batches(self, size: int) -> list:
+        """The training set in order, in batches of ``size`` (its held-out view)."""
+        d = self.data
+        return [
+            replace(
+                d,
+                tokens=d.tokens[i : i + size],
+                targets=d.targets[i : i + size],
+                loss_mask=d.loss_mask[i : i + size],
+                params={k: v[i : i + size] for k, v in d.params.items()},
+            )
+            for i in range(0, self.n, size)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.order = state["order"].to(self.device)
+        self.position = state["position"]
+
+
+# --------------------------------------------------------------------------- optimiser
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of ``config.optimizer`` over ``model``'s parameters (see the module
+    docstring); ``ValueError`` for an import path that does not resolve or a factory that does
+    not return a ``torch.optim.Optimizer``."""
+    if ":" in config.optimizer:
+        factory = import_object(config.optimizer, "optimizer")
+        kwargs = parse_assignments(config.optimizer_args, "optimizer_args")
+        optimizer = factory(model, config, **kwargs)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer factory {config.optimizer!r} returned {type(optimizer).__name__}, "
+                "expected a torch.optim.Optimizer"
+            )
+        return optimizer
+    if config.optimizer_args:
+        raise ValueError(
+            f"optimizer_args={config.optimizer_args!r} is invalid for optimizer="
+            f"{config.optimizer!r}: they are for an import-path optimiser factory"
+        )
+    if config.weight_decay > 0:
+        decay, rest = decay_parameters(model)
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        params: Any = [g for g in groups if g["params"]]
+    else:
+        params = list(model.parameters())
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, fused=True)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=config.betas)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def lr_factor(config: TrainConfig, step: int, total: int) -> float:
+    """Multiplier of the initial learning rates at (0-based) ``step`` of ``total``: linear
+    warm-up over ``warmup_steps``, then 1 (constant) or a half cosine down to ``min_lr / lr``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    floor = config.min_lr / config.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------ run plumbing
+class _DeferredInterrupt:
+    """While active, the first SIGINT only sets ``requested`` (the loop stops at the next step
+    boundary); a second one raises ``KeyboardInterrupt`` at once. Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/train.lock`` (``fcntl.flock``, released by the OS
+    even if the process dies); ``ValueError`` if another process holds it."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"run folder {str(folder)!r} is in use by another training process (lock "
+            f"{str(path)!r}): wait for it to finish or choose another --out"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (0 = unchanged), restored after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _normalise(obj: Any) -> Any:
     """JSON round trip, so tuples and lists compare equal."""
-    return json.loads(json.dumps(obj))
+    return json.loads(json.dumps(obj, default=str))
 
 
-def _describe(task: Task, model: Transformer, config: TrainConfig, env_id: str | None) -> dict:
+def describe_run(task: Task, model: nn.Module, config: TrainConfig, env_id: str | None) -> dict:
     """What a checkpoint must match to be resumed: task, model and trajectory settings."""
-    trajectory = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    trajectory = asdict(config)
+    if config.schedule == "constant" and not config.warmup_steps:
+        trajectory.pop("steps")
+        trajectory.pop("epochs")
+    cls = type(model)
     return _normalise(
         {
             "task": {"env_id": env_id, "family": task.name, "spec": task.spec.to_dict()},
-            "model_config": asdict(model.config),
+            "model": {
+                "class": f"{cls.__module__}.{cls.__qualname__}",
+                "factory": factory_info(model),
+                "num_parameters": num_parameters(model),
+            },
             "train_config": trajectory,
         }
     )
@@ -204,7 +495,7 @@ def _describe(task: Task, model: Transformer, config: TrainConfig, env_id: str |
 
 def _differences(old: dict, new: dict) -> list[str]:
     out = []
-    for section in ("task", "model_config", "train_config"):
+    for section in ("task", "model", "train_config"):
         a, b = old[section], new[section]
         for key in sorted(set(a) | set(b)):
             if key != "env_id" and a.get(key) != b.get(key):
@@ -231,193 +522,305 @@ def _write_log(path: Path, records: list[dict], mode: str = "a") -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-class _DeferredInterrupt:
-    """While active, the first SIGINT only sets ``requested`` (the loop stops at the next step
-    boundary); a second one raises ``KeyboardInterrupt`` at once. Only in the main thread."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+def report_metrics(report: Report) -> dict[str, Any]:
+    """The training log's view of a :class:`Report`: ``loss`` (cross-entropy, or MSE for a value
+    model), excess loss, KL, last-position KL, accuracy, strategy attribution and ``nearest``
+    (the phase label), and the label-value MSE where the task has real labels."""
+    loss = report.cross_entropy if report.cross_entropy is not None else report.mse
+    out = {
+        "loss": loss,
+        "excess_loss": report.excess_loss,
+        "kl": report.kl,
+        "kl_last": report.kl_last,
+        "kl_last_se": report.kl_last_se,
+        "accuracy": report.accuracy,
+        "strategy_kl_last": report.strategy_kl_last,
+        "nearest": report.nearest_strategy,
+    }
+    if report.mse is not None:
+        out.update(mse=report.mse, value_accuracy=report.value_accuracy)
+    return out
 
 
-def _check_model(model: Transformer, task: Task) -> None:
-    if not isinstance(getattr(model, "config", None), TransformerConfig):
-        raise ValueError(
-            f"train() needs a baselines.transformer.Transformer, got {type(model).__name__}"
-        )
-    if model.config.vocab_size != task.vocab_size:
-        raise ValueError(
-            f"model vocab_size={model.config.vocab_size} does not match the task's "
-            f"vocab_size={task.vocab_size}"
-        )
-    if model.config.positional == "learned" and task.seq_len > model.config.max_len:
-        raise ValueError(
-            f"the task's seq_len={task.seq_len} exceeds the model's learned positions "
-            f"(max_len={model.config.max_len})"
-        )
-
-
-# --------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------- training
 def train(
-    model: Transformer, task: Task, config: TrainConfig, *, env_id: str | None = None
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig | None = None,
+    run: RunOptions | None = None,
+    *,
+    env_id: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` and return the run summary (also in ``summary.json``).
 
     A fresh run seeds the global torch random state (the dropout stream) from ``config.seed``;
-    a resumed one restores it. Raises ``ValueError`` before any training for a model that does
-    not fit the task, a fresh run whose folder already holds a checkpoint, or a resume whose
-    checkpoint is missing or was made with a different task, model or training configuration.
+    a resumed one restores it. Raises ``ValueError`` before any training for a model that breaks
+    the contract on this task (:func:`iclgym.harness.model.check_model`), an optimiser that
+    cannot be built, a run folder in use by another process, a fresh run whose folder already
+    holds a checkpoint, or a resume whose checkpoint is missing or was made with a different
+    task, model or training configuration.
     """
+    config, run = config or TrainConfig(), run or RunOptions()
     start = time.perf_counter()
-    _check_model(model, task)
-    run_dir = Path(config.run_dir or f"runs/{env_id or task.name}-seed{config.seed}")
-    ckpt_path, log_path = run_dir / CHECKPOINT, run_dir / LOG
-    meta = _describe(task, model, config, env_id)
-    model.to(config.device)
-    decay, no_decay = model.decay_parameters()
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        betas=config.betas,
-        fused=True,
-    )
-    data_gen = task.generator(config.seed, "train", config.device)
-    on_cuda = torch.device(config.device).type == "cuda"  # dropout then draws from the CUDA stream
-    if config.resume:
-        state = load_checkpoint(ckpt_path)
-        differences = _differences(state["meta"], meta)
-        if differences:
-            raise ValueError(
-                f"cannot resume {str(run_dir)!r} with a different configuration:\n  "
-                + "\n  ".join(differences)
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], config.device)
-        step = state["step"]
-        # Drop log lines written after the checkpoint (a hard kill between the two).
-        kept = [r for r in _read_log(log_path) if r["step"] <= step]
-        _write_log(log_path, [*kept, {"type": "resume", "step": step}], mode="w")
-        held_out = HeldOut(task, config)
-        records = [r for r in kept if r["type"] == "eval"]
-    else:
-        if ckpt_path.exists():
+    device, dtype = torch.device(config.device), config.torch_dtype
+    with torch_threads(config.threads):
+        # 1. Everything that can be wrong is checked before the run folder is touched.
+        model.to(device=device, dtype=dtype)
+        checked = check_model(model, task, device)
+        values_table = getattr(task, "label_values", None)
+        label_values = None
+        if checked.output == "values":
+            label_values = values_table.to(device=device, dtype=dtype)
+        data = FiniteData(task, config) if config.data == "finite" else StreamData(task, config)
+        total_steps = data.steps(config)
+        optimizer = build_optimizer(model, config)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        meta = describe_run(task, model, config, env_id)
+        out = Path(run.out or f"runs/{env_id or task.name}-seed{config.seed}")
+        ckpt_path, log_path = out / CHECKPOINT, out / LOG
+        if not run.resume and ckpt_path.exists():
             raise ValueError(
                 f"{str(ckpt_path)!r} exists: pass resume=True (--resume) to continue that run, "
-                "or choose another run_dir"
+                "or choose another --out"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(
-            stream_seed(config.seed, len(SPLITS))
-        )  # the dropout stream (CPU and CUDA)
-        step = 0
-        held_out = HeldOut(task, config)
-        header = {"type": "start", "step": 0, "num_parameters": model.num_parameters()}
-        _write_log(log_path, [{**header, "references": held_out.references, **meta}], mode="w")
+        state = load_checkpoint(ckpt_path) if run.resume else None
+        if state is not None:
+            differences = _differences(state["meta"], meta)
+            if differences:
+                raise ValueError(
+                    f"cannot resume {str(out)!r} with a different configuration: "
+                    + "; ".join(differences)
+                )
+        with run_lock(out):
+            return _run(
+                model=model,
+                task=task,
+                config=config,
+                run=run,
+                env_id=env_id,
+                data=data,
+                optimizer=optimizer,
+                total_steps=total_steps,
+                label_values=label_values,
+                checked=checked,
+                meta=meta,
+                out=out,
+                ckpt_path=ckpt_path,
+                log_path=log_path,
+                start=start,
+                state=state,
+            )
+
+
+def _run(
+    *,
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    run: RunOptions,
+    env_id: str | None,
+    data: StreamData | FiniteData,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    label_values: Tensor | None,
+    checked: Any,
+    meta: dict,
+    out: Path,
+    ckpt_path: Path,
+    log_path: Path,
+    start: float,
+    state: dict | None,
+) -> dict[str, Any]:
+    device = torch.device(config.device)
+    on_cuda = device.type == "cuda"
+    # 2. The held-out sets: data, oracle and strategies computed once for the whole run.
+    held = {
+        split: HeldOut(
+            task,
+            split=split,
+            seed=config.eval_seed,
+            num_sequences=config.eval_sequences,
+            batch_size=config.eval_batch_size,
+            device=device,
+            env_id=env_id,
+        )
+        for split in config.eval_splits
+    }
+    if isinstance(data, FiniteData):
+        held["train"] = HeldOut(
+            task, split="train", batches=data.batches(config.eval_batch_size), env_id=env_id
+        )
+    primary = config.eval_splits[0]
+    references = held[primary].strategy_kl_last_references()
+    oracle = {
+        "name": held[primary].oracle_name,
+        "mc_error": {split: h.oracle_mc_error for split, h in held.items()},
+    }
+    probe_tokens = held[primary].parts[0].batch.tokens
+    embedding = input_embedding(model) if data.seen_tokens is not None else None
+    unseen = frozen = None
+    if embedding is not None:
+        present = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+        present[data.seen_tokens.to(embedding.device)] = True
+        unseen = (~present).nonzero()[:, 0]
+        frozen = embedding.detach()[unseen].clone()
+
+    # 3. A fresh start, or the state of the checkpoint.
+    step, sequences, loss_sum, loss_count = 0, 0, 0.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        step, sequences = state["step"], state["sequences"]
+        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
+        kept = [r for r in _read_log(log_path) if r["step"] <= step]  # drop lines after a kill
+        _write_log(log_path, [*kept, {"type": "resume", "step": step}], mode="w")
+        records = [r for r in kept if r["type"] == "eval"]
+    else:
+        torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM))  # CPU and CUDA
+        header = {
+            "type": "start",
+            "step": 0,
+            "num_parameters": num_parameters(model),
+            "model_output": checked.output,
+            "total_steps": total_steps,
+            "references": references,
+            "oracle": oracle,
+            **meta,
+        }
+        _write_log(log_path, [header], mode="w")
         records = []
 
     def checkpoint() -> None:
-        state = {
-            "meta": meta,
-            "model_config": meta["model_config"],
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "data_rng": data_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(config.device) if on_cuda else None,
-        }
-        _save(ckpt_path, state)
+        _save(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "meta": meta,
+                "model_factory": factory_info(model),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "sequences": sequences,
+                "loss_sum": loss_sum,
+                "loss_count": loss_count,
+                "data": data.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if on_cuda else None,
+            },
+        )
 
-    def evaluate() -> None:
-        rec = {
+    def evaluation() -> dict[str, Any]:
+        nonlocal loss_sum, loss_count
+        predictor = ModelPredictor(model)
+        rec: dict[str, Any] = {
             "type": "eval",
             "step": step,
-            "sequences": step * config.batch_size,
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            **held_out.evaluate(model),
-            "elapsed_s": time.perf_counter() - start,
+            "sequences": sequences,
+            "batch_loss": loss_sum / loss_count if loss_count else None,
         }
-        losses.clear()
+        for split, held_out in held.items():
+            metrics = report_metrics(evaluate(predictor, held_out))
+            if split == primary:
+                rec.update(metrics)
+            else:
+                prefix = SPLIT_PREFIX[split]
+                rec.update({f"{prefix}_{k}": metrics[k] for k in SPLIT_METRICS if k in metrics})
+        if checked.attention:
+            rec.update(probe_scores(model, probe_tokens))
+        rec["elapsed_s"] = time.perf_counter() - start
+        loss_sum, loss_count = 0.0, 0
         records.append(rec)
         _write_log(log_path, [rec])
-        bar.set_postfix(kl_last=f"{rec['kl_last']:.4f}", phase=rec["nearest"])
+        shown = {"loss": f"{rec['loss']:.4f}"}
+        if rec.get("nearest") is not None:
+            shown = {"kl_last": f"{rec['kl_last']:.4f}", "phase": rec["nearest"]}
+        bar.set_postfix(shown)
+        return rec
 
-    losses: list[float] = []  # training losses since the last evaluation
+    # 4. The loop.
     first_step = step
+    scheduled = config.schedule != "constant" or config.warmup_steps > 0
     model.train()
     with (
-        tqdm(total=config.steps, initial=step, disable=not config.progress, unit="step") as bar,
+        tqdm(total=total_steps, initial=step, disable=not run.progress, unit="step") as bar,
         _DeferredInterrupt() as interrupt,
     ):
         if not records:
-            evaluate()
-        while step < config.steps and not interrupt.requested:
-            batch = task.sample(config.batch_size, generator=data_gen, device=config.device)
-            logits = model(batch.tokens)
-            per_token = F.cross_entropy(
-                logits.flatten(0, 1), batch.targets.flatten(), reduction="none"
-            )
-            mask = batch.loss_mask.flatten().to(per_token.dtype)
-            loss = (per_token * mask).sum() / mask.sum()
+            evaluation()
+        while step < total_steps and not interrupt.requested:
+            if scheduled:
+                factor = lr_factor(config, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+            tokens, targets, mask = data.next()
+            loss = model_loss(model, tokens, Targets.select(targets, mask, label_values))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            losses.append(loss.item())
+            sequences += tokens.shape[0]
+            loss_sum += loss.item()
+            loss_count += 1
             bar.update()
-            if step % config.eval_every == 0 or step == config.steps:
-                evaluate()
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            at_end = step == total_steps
+            if (config.eval_every and step % config.eval_every == 0) or at_end:
+                evaluation()
+            if step % run.checkpoint_every == 0 or at_end:
                 checkpoint()
         if interrupt.requested:
             if records[-1]["step"] != step:
-                evaluate()
+                evaluation()
             checkpoint()
+    if on_cuda:
+        torch.cuda.synchronize(device)
+
+    # 5. The summary.
     wall = time.perf_counter() - start
-    summary = {
+    untrained = None
+    if frozen is not None:
+        after = input_embedding(model).detach()[unseen]
+        untrained = {"rows": int(unseen.numel()), "unchanged": bool(torch.equal(frozen, after))}
+        if not untrained["unchanged"]:
+            warnings.warn(
+                f"{untrained['rows']} input-embedding rows of tokens absent from the training set "
+                "changed in training (weight decay on embeddings, or a model that mixes rows)",
+                stacklevel=2,
+            )
+    summary: dict[str, Any] = {
         "type": "summary",
         "step": step,
-        "sequences": step * config.batch_size,
+        "sequences": sequences,
         "interrupted": interrupt.requested,
-        "run_dir": str(run_dir),
+        "out": str(out),
         "checkpoint": str(ckpt_path),
-        "num_parameters": model.num_parameters(),
+        "num_parameters": num_parameters(model),
+        "model_output": checked.output,
         "final": records[-1],
-        "references": held_out.references,
-        **phase_report(records, order=list(held_out.references)),
+        "references": references,
+        "oracle": oracle,
+        "untrained_rows": untrained,
         "wall_s": wall,
         "steps_per_s": (step - first_step) / wall,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if config.plot:
+    has_phases = all(r.get("nearest") is not None for r in records)
+    if has_phases:
+        summary.update(phase_report(records, order=list(references)))
+    if run.plot and has_phases:
         title = (
             f"{env_id or task.name}: vocabulary {task.vocab_size}, T={task.seq_len}, "
             f"seed {config.seed}"
         )
-        summary["plot"] = str(plot_run(records, held_out.references, run_dir / PLOT, title=title))
+        summary["plot"] = str(plot_run(records, references, out / PLOT, title=title))
     _write_log(log_path, [summary])
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     if interrupt.requested:
         raise KeyboardInterrupt(
             f"interrupted at step {step}; checkpoint saved to {ckpt_path}, continue with --resume"
@@ -425,113 +828,37 @@ def train(
     return summary
 
 
-# ------------------------------------------------------------------------ command line
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Field help texts from the ``Attributes:`` section of a dataclass docstring."""
-    docs: dict[str, str] = {}
-    doc = inspect.getdoc(cls) or ""
-    section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
-    name = None
-    for line in section.splitlines():
-        match = re.match(r"^    (\w+): (.*)$", line)
-        if match:
-            name, docs[match[1]] = match[1], match[2]
-        elif name and line.startswith("        "):
-            docs[name] += " " + line.strip()
-    return docs
+@torch.no_grad()
+def probe_scores(model: nn.Module, tokens: Tensor) -> dict[str, float]:
+    """Previous-token score of layer 1 and induction score of layer 2 (when present) from the
+    model's attention maps on ``tokens`` (eval mode; :mod:`iclgym.harness.probes`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, attention = model(tokens, return_attention=True)
+    finally:
+        model.train(was_training)
+    attention = [a for a in attention if a is not None]
+    scores = {}
+    if attention:
+        scores["prev_token_score"] = previous_token_score(attention[0])
+    if len(attention) > 1:
+        scores["induction_score"] = induction_score(attention[1], tokens)
+    return scores
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip=()) -> None:
-    """One ``--flag`` per field of dataclass ``cls`` (type, default and help from the class):
-    bools become ``--x/--no-x``, tuples take several values, ``X | None`` accepts an X."""
-    hints = typing.get_type_hints(cls)
-    docs = _attribute_docs(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        kind, default = hints[f.name], f.default
-        assert default is not MISSING, f"{cls.__name__}.{f.name} needs a default for the CLI"
-        kwargs: dict[str, Any] = {
-            "default": default,
-            "help": f"{docs.get(f.name, '')} (default: {default})",
-        }
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is tuple:
-            args = typing.get_args(kind)
-            kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args))
-        else:
-            kwargs["type"] = kind
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
-
-
-def dataclass_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The values of the flags that :func:`add_dataclass_arguments` added for ``cls``."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``iclgym train``: the env id (positional), ``--model``, ``--set KEY=VALUE``
-    spec overrides (as in ``iclgym eval``), the model's settings and :class:`TrainConfig`."""
-    parser.add_argument("env_id", help="registered env id, e.g. ICL-MarkovChain-v0")
-    parser.add_argument(
-        "--model",
-        default="transformer",
-        choices=["transformer"],
-        help="model to train: baselines.transformer (default: transformer)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="task spec override, repeatable (e.g. --set num_states=2)",
-    )
-    add_dataclass_arguments(parser, TransformerConfig, skip=("vocab_size", "max_len"))
-    add_dataclass_arguments(parser, TrainConfig)
-
-
-def build_model(task: Task, seed: int, **settings: Any) -> Transformer:
-    """A freshly initialised transformer sized for ``task``; the init depends only on ``seed``
-    (the global torch random state is left untouched)."""
-    config = TransformerConfig(vocab_size=task.vocab_size, max_len=task.seq_len, **settings)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Transformer(config)
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``iclgym train`` from parsed :func:`add_train_arguments` flags; print the summary."""
-    from iclgym.registry import make_task, parse_overrides
-
-    task = make_task(args.env_id, **parse_overrides(args.overrides))
-    config = TrainConfig(**dataclass_values(TrainConfig, args))
-    model = build_model(task, config.seed, **dataclass_values(TransformerConfig, args))
-    summary = train(model, task, config, env_id=args.env_id)
-    final = summary["final"]
-    print(
-        f"{args.env_id}: {summary['step']} steps in {summary['wall_s']:.1f} s, "
-        f"{summary['num_parameters']} parameters\n"
-        f"  final KL_last {final['kl_last']:.4f} (loss {final['loss']:.4f}), "
-        f"nearest strategy {final['nearest']}; references "
-        + ", ".join(f"{k} {v:.4f}" for k, v in summary["references"].items())
-        + f"\n  switch step {summary['switch_step']}; phases "
-        + ", ".join(f"{p['label']} {p['start_step']}-{p['end_step']}" for p in summary["phases"])
-        + f"\n  run folder {summary['run_dir']}"
-    )
-    return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m iclgym.harness.train ENV_ID [flags]``."""
-    parser = argparse.ArgumentParser(prog="iclgym train", description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+__all__ = [
+    "FiniteData",
+    "RunOptions",
+    "StreamData",
+    "Targets",
+    "TrainConfig",
+    "build_optimizer",
+    "describe_run",
+    "loss_of_output",
+    "lr_factor",
+    "model_loss",
+    "parse_assignments",
+    "report_metrics",
+    "train",
+]

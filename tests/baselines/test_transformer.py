@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,10 +13,9 @@ from baselines.transformer import (
     Transformer,
     TransformerConfig,
     dropout,
-    load_predictor,
+    make_model,
 )
-from iclgym.harness.evaluate import evaluate
-from iclgym.harness.predictors import resolve_predictor
+from iclgym.harness import build_model, check_model
 from iclgym.registry import make_task
 
 
@@ -201,21 +199,18 @@ def test_predict_returns_log_probs_in_eval_mode():
         make(vocab_size=4).predict(batch)
 
 
-def test_load_predictor_checks_the_vocabulary(tmp_path):
-    model = make()
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"model_config": asdict(model.config), "model": model.state_dict()}, path)
-    task = make_task("ICL-MarkovChain-v0")
-    loaded = load_predictor(tmp_path, task)  # a run folder works as well as the file
-    batch = task.sample(2, generator=task.generator(0))
-    torch.testing.assert_close(loaded.predict(batch), model.predict(batch))
-    predictor = resolve_predictor(f"checkpoint:{path}", task)
-    report = evaluate(predictor, task, num_sequences=64, batch_size=64)
-    assert report.kl_last > 0.1  # untrained: about uniform
-    with pytest.raises(ValueError, match="vocab_size=3, but the task has vocab_size=5"):
-        load_predictor(path, make_task("ICL-MarkovChain-v0", num_states=5))
-    with pytest.raises(ValueError, match="does not exist"):
-        load_predictor(tmp_path / "missing.pt", task)
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an iclgym transformer checkpoint"):
-        load_predictor(tmp_path / "other.pt", task)
+def test_factory_head_dim_mlp_ratio_and_contract_hooks():
+    model = make_model(vocab_size=5, seq_len=12, d_model=64, head_dim=16, mlp=True, mlp_ratio=2)
+    assert model.config.n_heads == 4 and model.config.mlp_width == 128
+    assert model.config.max_len == 12
+    with pytest.raises(ValueError, match="head_dim=24"):
+        make_model(5, 12, d_model=64, head_dim=24)
+    with pytest.raises(ValueError, match="mlp_ratio=0"):
+        make_model(5, 12, mlp_ratio=0)
+    assert model.input_embedding() is model.embed.weight
+    assert make_model(5, 12, tied=True).input_embedding() is None
+    task = make_task("ICL-MarkovChain-v0", seq_len=30)
+    check = check_model(build_model("baselines.transformer:make_model", task), task)
+    assert check.output == "logits" and check.causality_checked and check.attention
+    for positional in ("learned", "rotary", "none"):  # every scheme passes the probe
+        check_model(build_model(make_model, task, positional=positional, n_heads=2), task)

@@ -1,43 +1,67 @@
-"""Unit tests of the training harness: config and CLI, resume, Ctrl-C, errors, probes, phases,
+"""The one trainer: run folder and logs, resume and Ctrl-C, the lock, failing early, the loss
+by selection, optimisers and schedules, both data regimes, value models, probes, phases and
 plots. Runs are tiny (small batches and held-out sets) so the file takes seconds."""
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
+import math
 import os
-import shlex
 import signal
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from baselines.transformer import load_predictor
+from iclgym.harness import ModelPredictor, build_model, evaluate, load_predictor
+from iclgym.harness.model import check_model, load_model
 from iclgym.harness.phases import persistent_switch_step, phase_report, phases, plateaus
 from iclgym.harness.plots import plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.harness.train import (
+    FiniteData,
+    RunOptions,
+    Targets,
     TrainConfig,
-    add_dataclass_arguments,
-    add_train_arguments,
-    build_model,
-    main,
-    run_from_args,
+    loss_of_output,
+    lr_factor,
+    run_lock,
     train,
 )
 from iclgym.registry import make_task
+from iclgym.tasks.templates import SymbolTemplateTask
 
-TINY = dict(
-    steps=40,
-    batch_size=8,
-    eval_every=10,
-    eval_sequences=48,
-    eval_batch_size=32,
-    checkpoint_every=10,
-    progress=False,
-    plot=False,
+TRANSFORMER = "baselines.transformer:make_model"
+TINY = TrainConfig(steps=40, batch_size=8, eval_every=10, eval_sequences=48, eval_batch_size=32)
+QUIET = RunOptions(checkpoint_every=10, progress=False, plot=False)
+SMALL_TEMPLATES = {"train_alphabet_size": 16, "val_alphabet_size": 8, "test_alphabet_size": 32}
+TEMPLATE_MODEL = {
+    "d_model": 16,
+    "n_heads": 2,
+    "mlp": True,
+    "mlp_width": 32,
+    "activation": "gelu",
+    "dropout": 0.0,
+    "positional": "learned",
+    "causal": False,
+    "init": "default",
+}
+FINITE = TrainConfig(
+    data="finite",
+    epochs=150,
+    batch_size=1024,
+    optimizer="adam",
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    weight_decay=0.0,
+    eval_every=0,
+    eval_sequences=200,
+    eval_batch_size=200,
+    eval_splits=("validation", "test"),
 )
 
 
@@ -46,13 +70,16 @@ def task():
     return make_task("ICL-MarkovChain-v0", seq_len=32)
 
 
-def tiny_config(tmp_path, name="run", **kwargs) -> TrainConfig:
-    return TrainConfig(**{**TINY, "run_dir": str(tmp_path / name), **kwargs})
+def model_for(task, seed=0, **args):
+    return build_model(TRANSFORMER, task, seed=seed, **args)
 
 
-def read_log(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def run_in(tmp_path, name="run", **kwargs) -> RunOptions:
+    return replace(QUIET, out=str(tmp_path / name), **kwargs)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -61,46 +88,56 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-# ---------------------------------------------------------------------------- training
+# ------------------------------------------------------------------- run folder, logs
 def test_train_logs_evaluations_checkpoint_summary_and_plot(tmp_path, task):
-    config = tiny_config(tmp_path, plot=True)
-    summary = train(build_model(task, 0), task, config)
-    log = read_log(config.run_dir)
+    run = run_in(tmp_path, plot=True)
+    summary = train(model_for(task), task, TINY, run)
+    log = read_log(run.out)
     assert log[0]["type"] == "start" and log[0]["num_parameters"] == summary["num_parameters"]
+    assert log[0]["model"]["factory"]["factory"] == TRANSFORMER
     evals = [r for r in log if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
     assert [r["sequences"] for r in evals] == [0, 80, 160, 240, 320]
     for rec in evals:
-        assert set(rec["strategy_kl_last"]) == {"uniform", "unigram", "bigram"}
-        assert rec["nearest"] == min(rec["strategy_kl_last"], key=rec["strategy_kl_last"].get)
+        assert set(rec["strategy_kl_last"]) == {"uniform", "unigram", "bigram", "true"}
+        phase_kl = {k: v for k, v in rec["strategy_kl_last"].items() if k != "true"}
+        assert rec["nearest"] == min(phase_kl, key=phase_kl.get)  # privileged `true` excluded
         assert 0 <= rec["prev_token_score"] <= 1 and 0 <= rec["induction_score"] <= 1
         assert rec["loss"] > 0 and rec["kl_last"] > 0
+    assert evals[0]["batch_loss"] is None and evals[1]["batch_loss"] > 0
     assert evals[0]["nearest"] == "uniform"  # an untrained model predicts about uniformly
     assert log[-1]["type"] == "summary" and summary["final"] == evals[-1]
     refs = summary["references"]
     assert refs["uniform"] > refs["unigram"] > refs["bigram"] > 0
-    assert summary["switch_step"] is None or summary["switch_step"] in {0, 10, 20, 30, 40}
+    assert summary["oracle"]["name"] == task.oracle_name
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 40
-    model = load_predictor(config.run_dir, task)  # what `iclgym eval --predictor checkpoint:` uses
+    # the trainer's evaluation is evaluate() on the same held-out set
+    model = load_model(run.out, task)
+    report = evaluate(
+        ModelPredictor(model), task, split="validation", num_sequences=48, batch_size=32
+    )
+    assert report.cross_entropy == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    assert report.kl_last == pytest.approx(evals[-1]["kl_last"], rel=1e-5)
     batch = task.sample(4, generator=task.generator(0, "test"))
-    assert model.predict(batch).shape == (4, 32, 3)
+    assert load_predictor(run.out, task).predict(batch).shape == (4, 32, 3)
 
 
 def test_training_learns_the_unigram_phase(tmp_path, task):
-    config = tiny_config(
-        tmp_path, steps=150, batch_size=32, eval_every=150, eval_sequences=256, eval_batch_size=256
+    config = replace(
+        TINY, steps=150, batch_size=32, eval_every=150, eval_sequences=256, eval_batch_size=256
     )
-    train(build_model(task, 0), task, config)
-    first, last = [r for r in read_log(config.run_dir) if r["type"] == "eval"]
+    train(model_for(task), task, config, run_in(tmp_path))
+    first, last = [r for r in read_log(tmp_path / "run") if r["type"] == "eval"]
     assert last["kl_last"] < first["kl_last"] - 0.05
     assert last["nearest"] == "unigram"
 
 
+# --------------------------------------------------------------------- resume, Ctrl-C
 def test_resume_gives_bit_identical_weights(tmp_path, task):
-    straight = train(build_model(task, 0), task, tiny_config(tmp_path, "straight"))
-    train(build_model(task, 0), task, tiny_config(tmp_path, "split", steps=20))
-    resumed = train(build_model(task, 0), task, tiny_config(tmp_path, "split", resume=True))
+    straight = train(model_for(task), task, TINY, run_in(tmp_path, "straight"))
+    train(model_for(task), task, replace(TINY, steps=20), run_in(tmp_path, "split"))
+    resumed = train(model_for(task), task, TINY, run_in(tmp_path, "split", resume=True))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 40
@@ -109,10 +146,35 @@ def test_resume_gives_bit_identical_weights(tmp_path, task):
         a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
     ):
         assert_same_state(sa, sb)
-    assert torch.equal(a["data_rng"], b["data_rng"]) and torch.equal(a["torch_rng"], b["torch_rng"])
-    assert straight["final"]["kl_last"] == resumed["final"]["kl_last"]
+    assert torch.equal(a["data"]["rng"], b["data"]["rng"])
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert straight["final"] == {**resumed["final"], "elapsed_s": straight["final"]["elapsed_s"]}
     evals = [r for r in read_log(tmp_path / "split") if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+
+
+def test_finite_regime_resumes_mid_epoch_bit_identically(tmp_path):
+    task = SymbolTemplateTask(**SMALL_TEMPLATES)
+    # 16 strings in batches of 6: 3 steps per epoch (6, 6, 4), 4 epochs; stop after 5 steps
+    config = replace(FINITE, epochs=4, batch_size=6, eval_every=5)
+    args = {**TEMPLATE_MODEL, "n_outputs": 1}
+    straight = train(build_model(TRANSFORMER, task, **args), task, config, run_in(tmp_path, "a"))
+    assert straight["step"] == 12 and straight["sequences"] == 64
+    train(
+        build_model(TRANSFORMER, task, **args),
+        task,
+        replace(config, epochs=2),
+        run_in(tmp_path, "b", checkpoint_every=5),
+    )
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6
+    resumed = train(
+        build_model(TRANSFORMER, task, **args), task, config, run_in(tmp_path, "b", resume=True)
+    )
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert_same_state(a["model"], b["model"])
+    assert resumed["final"]["test_mse"] == straight["final"]["test_mse"]
 
 
 class InterruptingTask:
@@ -134,45 +196,110 @@ class InterruptingTask:
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, task):
-    train(build_model(task, 0), task, tiny_config(tmp_path, "straight"))
-    config = tiny_config(tmp_path, "interrupted", checkpoint_every=1000)
+    train(model_for(task), task, TINY, run_in(tmp_path, "straight"))
+    run = run_in(tmp_path, "interrupted", checkpoint_every=1000)
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 13"):
-        train(build_model(task, 0), InterruptingTask(task, 13, TINY["batch_size"]), config)
+        train(model_for(task), InterruptingTask(task, 13, TINY.batch_size), TINY, run)
     state = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 13  # the step in flight was finished, then saved
-    log = read_log(config.run_dir)
+    log = read_log(run.out)
     assert log[-1]["type"] == "summary" and log[-1]["interrupted"]
     assert [r["step"] for r in log if r["type"] == "eval"] == [0, 10, 13]
     batch = task.sample(2, generator=task.generator(1))
-    assert load_predictor(config.run_dir, task).predict(batch).shape == (2, 32, 3)
-    train(build_model(task, 0), task, replace(config, resume=True))
+    assert load_predictor(run.out, task).predict(batch).shape == (2, 32, 3)
+    train(model_for(task), task, TINY, replace(run, resume=True))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
     assert_same_state(a["model"], b["model"])
 
 
-# ------------------------------------------------------------------- failing early
+def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path, task):
+    folder = tmp_path / "run"
+    with run_lock(folder), pytest.raises(ValueError, match="in use by another training"):
+        train(model_for(task), task, TINY, run_in(tmp_path))
+    assert not (folder / "checkpoint.pt").exists()
+    train(model_for(task), task, replace(TINY, steps=2), run_in(tmp_path))  # released
+
+
+# ---------------------------------------------------------------------- failing early
 def test_bad_input_fails_before_training(tmp_path, task):
-    config = tiny_config(tmp_path, steps=10)
-    with pytest.raises(ValueError, match="vocab_size=4 does not match the task's vocab_size=3"):
-        train(build_model(make_task("ICL-MarkovChain-v0", num_states=4), 0), task, config)
+    run = run_in(tmp_path)
+    other = make_task("ICL-MarkovChain-v0", num_states=4)
+    with pytest.raises(ValueError, match=r"output shape \(2, 32, 4\) is invalid: expected"):
+        train(build_model(TRANSFORMER, other), task, TINY, run)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="does not exist"):
-        train(build_model(task, 0), task, replace(config, resume=True))
-    train(build_model(task, 0), task, config)
+        train(model_for(task), task, TINY, replace(run, resume=True))
+    config = replace(TINY, steps=10)
+    train(model_for(task), task, config, run)
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(ValueError, match="exists: pass resume=True"):
-        train(build_model(task, 0), task, config)
+        train(model_for(task), task, config, run)
+    resume = replace(run, resume=True)
     with pytest.raises(ValueError, match=r"train_config.lr: checkpoint 0.0005 != now 0.001"):
-        train(build_model(task, 0), task, replace(config, resume=True, steps=20, lr=1e-3))
-    with pytest.raises(ValueError, match=r"model_config.d_model: checkpoint 16 != now 32"):
-        train(build_model(task, 0, d_model=32), task, replace(config, resume=True, steps=20))
-    other = make_task("ICL-MarkovChain-v0", seq_len=32, alpha=0.5)
+        train(model_for(task), task, replace(config, steps=20, lr=1e-3), resume)
+    with pytest.raises(ValueError, match=r"model.factory: checkpoint"):
+        train(model_for(task, d_model=32), task, replace(config, steps=20), resume)
+    longer = make_task("ICL-MarkovChain-v0", seq_len=32, alpha=0.5)
     with pytest.raises(ValueError, match=r"task.spec: checkpoint"):
-        train(build_model(other, 0), other, replace(config, resume=True, steps=20))
+        train(model_for(longer), longer, replace(config, steps=20), resume)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
     with pytest.raises(ValueError, match="vocab_size=3, but the task has vocab_size=4"):
-        load_predictor(tmp_path / "run", make_task("ICL-MarkovChain-v0", num_states=4))
+        load_predictor(tmp_path / "run", other)
+
+
+class PeekingModel(nn.Module):
+    """Logits at position t from the embedding of token t + 1: reads the future."""
+
+    def __init__(self, vocab_size: int, seq_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, tokens):
+        return self.embed(tokens.roll(-1, dims=1))
+
+
+class BagModel(nn.Module):
+    """Every position sees the mean embedding of the whole sequence: bidirectional."""
+
+    def __init__(self, vocab_size: int, seq_len: int, n_outputs: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 8)
+        self.head = nn.Linear(8, n_outputs or vocab_size)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(1, keepdim=True).expand(-1, tokens.shape[1], -1)
+        return self.head(h)
+
+
+def test_causality_probe_refuses_models_that_read_the_future(tmp_path, task):
+    for model in (PeekingModel(3, 32), BagModel(3, 32)):
+        with pytest.raises(ValueError, match="reads future tokens: its output at position"):
+            train(model, task, TINY, run_in(tmp_path))
+    assert not (tmp_path / "run").exists()
+    # a template task scores one position: bidirectional models are allowed there
+    templates = SymbolTemplateTask(**SMALL_TEMPLATES)
+    check = check_model(BagModel(templates.vocab_size, 4, n_outputs=1), templates)
+    assert check.output == "values" and not check.causality_checked
+    assert check_model(model_for(task), task).causality_checked
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [
+        (lambda t: torch.zeros(t.shape[0], 3), r"output shape \(2, 3\) is invalid"),
+        (lambda t: torch.zeros(*t.shape, 1), r"output shape \(2, 32, 1\) is invalid"),
+        (lambda t: (t, t), "model output is a tuple"),
+        (lambda t: 1 / 0, "model forward failed .* ZeroDivisionError"),
+    ],
+)
+def test_output_contract_errors(task, output, match):
+    class Model(nn.Module):
+        def forward(self, tokens):
+            return output(tokens)
+
+    with pytest.raises(ValueError, match=match):
+        check_model(Model(), task)  # a (B, T, 1) value output needs real-valued labels
 
 
 @pytest.mark.parametrize(
@@ -184,6 +311,11 @@ def test_bad_input_fails_before_training(tmp_path, task):
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"seed": -1}, "seed"),
+        ({"optimizer": "rmsprop"}, "optimizer='rmsprop' is invalid"),
+        ({"data": "replay"}, "data='replay'"),
+        ({"eval_splits": ("train",)}, "eval_splits"),
+        ({"device": "gpu0"}, "device='gpu0'"),
+        ({"optimizer_args": ("lr",)}, "KEY=VALUE"),
     ],
 )
 def test_train_config_validation(kwargs, match):
@@ -191,43 +323,190 @@ def test_train_config_validation(kwargs, match):
         TrainConfig(**kwargs)
 
 
-# ------------------------------------------------------------------------ command line
-def test_dataclass_arguments_mirror_the_fields():
-    parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
-    args = parser.parse_args(["--steps", "5", "--betas", "0.8", "0.9", "--no-plot"])
-    assert (args.steps, args.betas, args.plot, args.lr) == (5, [0.8, 0.9], False, 5e-4)
-    assert "AdamW learning rate" in parser.format_help()
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_device_is_refused_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TrainConfig(device="cuda")
 
 
-def test_cli_trains_a_model(tmp_path, capsys):
-    run_dir = tmp_path / "cli"
-    argv = shlex.split(
-        "ICL-MarkovChain-v0 --set num_states=2 --set seq_len=24 --positional rotary --n-heads 2 "
-        "--mlp --steps 6 --batch-size 4 --eval-every 3 --eval-sequences 16 --no-progress "
-        "--no-plot"
-    )
-    main([*argv, "--run-dir", str(run_dir)])
-    assert "ICL-MarkovChain-v0: 6 steps" in capsys.readouterr().out
-    start = read_log(run_dir)[0]
-    assert start["task"]["spec"]["num_states"] == 2
-    assert start["model_config"]["positional"] == "rotary" and start["model_config"]["mlp"]
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    with pytest.raises(ValueError, match="positional='alibi'"):
-        run_from_args(
-            parser.parse_args(
-                ["ICL-MarkovChain-v0", "--positional", "alibi", "--run-dir", str(tmp_path / "bad")]
-            )
+def test_optimizer_import_path_errors(tmp_path, task):
+    with pytest.raises(ValueError, match="does not resolve"):
+        train(
+            model_for(task), task, replace(TINY, optimizer="nowhere.at_all:opt"), run_in(tmp_path)
         )
-    with pytest.raises(ValueError, match="not divisible by 3 heads"):
-        main(["ICL-MarkovChain-v0", "--n-heads", "3", "--run-dir", str(tmp_path / "bad")])
-    with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
-        main(["ICL-MarkovChain-v0", "--set", "num_states", "--run-dir", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists()
+    bad = replace(TINY, optimizer=f"{__name__}:not_an_optimizer")
+    with pytest.raises(ValueError, match=r"expected a torch\.optim\.Optimizer"):
+        train(model_for(task), task, bad, run_in(tmp_path))
 
 
-# ---------------------------------------------------------------------------- probes
+def not_an_optimizer(model, config):
+    return "sgd"
+
+
+# -------------------------------------------------------------------------- the loss
+def test_loss_reads_scored_positions_only():
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 4))
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[:, -1] = True
+    poisoned = torch.where(mask[..., None], logits, torch.tensor(float("nan")))
+    poisoned = poisoned.masked_fill(~mask[..., None] & (torch.arange(5) == 0), -math.inf)
+    loss = loss_of_output(poisoned, Targets.select(targets, mask))
+    expected = torch.nn.functional.cross_entropy(logits[:, -1], targets[:, -1])
+    assert torch.equal(loss, expected)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, :-1].abs().sum() == 0
+    values = torch.tensor([0.0, -1.0, 1.0, 0.0, 0.0])
+    out = torch.full((2, 4, 1), float("nan"))
+    out[:, -1, 0] = torch.tensor([0.5, -0.5])
+    targets[:, -1] = torch.tensor([2, 1])
+    mse = loss_of_output(out, Targets.select(targets, mask, values))
+    assert mse.item() == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------- optimisers, schedules
+class NormalisedGD(torch.optim.Optimizer):
+    """theta <- theta - lr * g / ||g|| (the global norm): a custom step for the hook test."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * p.grad / norm)
+
+
+def normalised_gd(model, config, scale: float = 1.0):
+    return NormalisedGD(model.parameters(), lr=config.lr * scale)
+
+
+def test_custom_optimizer_factory_is_the_step_and_matches_a_plain_loop(tmp_path, task):
+    config = replace(
+        TINY,
+        steps=3,
+        eval_every=0,
+        optimizer=f"{__name__}:normalised_gd",
+        optimizer_args=("scale=2.0",),
+        lr=0.01,
+    )
+    trained = model_for(task, dropout=0.0)
+    train(trained, task, config, run_in(tmp_path))
+    reference = model_for(task, dropout=0.0)
+    gen = task.generator(0, "train")
+    for _ in range(3):
+        batch = task.sample(8, generator=gen)
+        loss = torch.nn.functional.cross_entropy(
+            reference(batch.tokens).flatten(0, 1), batch.targets.flatten()
+        )
+        reference.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            norm = torch.sqrt(sum((p.grad**2).sum() for p in reference.parameters()))
+            for p in reference.parameters():
+                p.sub_(0.02 * p.grad / norm)
+    for a, b in zip(trained.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_warmup_cosine_and_grad_clip(tmp_path, task):
+    config = TrainConfig(schedule="cosine", warmup_steps=10, lr=1e-3, min_lr=1e-4, steps=110)
+    factors = [lr_factor(config, s, 110) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert lr_factor(TrainConfig(), 500, 2000) == 1.0
+    # one SGD step with clipping moves the weights by at most lr * clip
+    model = model_for(task, dropout=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    clipped = replace(
+        TINY, steps=1, optimizer="sgd", lr=1.0, weight_decay=0.0, grad_clip=1e-3, eval_every=0
+    )
+    train(model, task, clipped, run_in(tmp_path))
+    moved = torch.sqrt(
+        sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), before, strict=True))
+    )
+    assert 0 < moved.item() <= 1e-3 * (1 + 1e-5)
+
+
+def test_float64_training(tmp_path, task):
+    model = model_for(task)
+    summary = train(model, task, replace(TINY, steps=4, dtype="float64"), run_in(tmp_path))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert math.isfinite(summary["final"]["loss"])
+
+
+# ----------------------------------------------------- finite regime, template protocol
+def test_finite_regime_epochs_are_permutations_of_the_training_set():
+    task = SymbolTemplateTask(**SMALL_TEMPLATES)
+    data = FiniteData(task, replace(FINITE, batch_size=6, epochs=2))
+    assert data.n == 16 and data.size == 6 and data.steps(replace(FINITE, epochs=2)) == 6
+    rows = {tuple(t.tolist()) for t in data.data.tokens}
+    for _ in range(2):
+        seen = [tuple(t.tolist()) for _ in range(3) for t in data.next()[0]]
+        assert len(seen) == 16 and set(seen) == rows
+    drawn = FiniteData(task, replace(FINITE, train_sequences=5))
+    assert drawn.n == 5  # N sequences of the train stream instead of the task's own set
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_template_protocol_fits_and_leaves_unseen_embedding_rows_bit_identical(tmp_path, name):
+    task = SymbolTemplateTask(**SMALL_TEMPLATES)
+    if name == "mlp":
+        factory, args = "baselines.mlp:make_model", {"n_outputs": 1, "width": 32}
+    else:
+        factory, args = TRANSFORMER, {**TEMPLATE_MODEL, "n_outputs": 1}
+    model = build_model(factory, task, **args)
+    initial = build_model(factory, task, **args)  # same seed: the initial weights
+    summary = train(model, task, FINITE, run_in(tmp_path))
+    final = summary["final"]
+    assert summary["step"] == 150 and summary["model_output"] == "values"
+    assert summary["untrained_rows"]["unchanged"]
+    unseen = summary["untrained_rows"]["rows"]
+    assert unseen == task.vocab_size - len(FiniteData(task, FINITE).seen_tokens)
+    assert final["train_mse"] < 0.05, final
+    start = task.alphabets["validation"][0]
+    assert torch.equal(model.input_embedding()[start:], initial.input_embedding()[start:])
+    train_start = task.alphabets["train"][0]
+    trained = slice(train_start, start)
+    assert not torch.equal(model.input_embedding()[trained], initial.input_embedding()[trained])
+    for prefix in ("", "test_"):
+        assert 0.0 <= final[f"{prefix}accuracy"] <= 1.0 and final[f"{prefix}mse"] > 0
+    assert final["loss"] == final["mse"]  # a value model's loss is its MSE
+
+
+def test_weight_decay_on_embeddings_is_reported_as_changed_rows(tmp_path):
+    task = SymbolTemplateTask(**SMALL_TEMPLATES)
+    model = build_model(TRANSFORMER, task, **TEMPLATE_MODEL, n_outputs=1)
+    model.decay_parameters = lambda: (list(model.parameters()), [])
+    config = replace(FINITE, epochs=3, optimizer="adamw", weight_decay=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(model, task, config, run_in(tmp_path))
+    assert summary["untrained_rows"]["unchanged"] is False
+    assert any("changed in training" in str(w.message) for w in caught)
+
+
+def test_classification_and_copy_labels_train_with_cross_entropy(tmp_path):
+    task = SymbolTemplateTask(
+        preset="same_different", label_type="classification", **SMALL_TEMPLATES
+    )
+    model = build_model(TRANSFORMER, task, **TEMPLATE_MODEL)
+    summary = train(model, task, FINITE, run_in(tmp_path, "cls"))
+    assert summary["model_output"] == "logits" and summary["final"]["train_accuracy"] == 1.0
+    copy = SymbolTemplateTask(preset="copy", label_type="multiclass", **SMALL_TEMPLATES)
+    tied = build_model(TRANSFORMER, copy, **TEMPLATE_MODEL, tied=True, vo_identity=True)
+    summary = train(tied, copy, replace(FINITE, epochs=2), run_in(tmp_path, "copy"))
+    assert summary["untrained_rows"] is None  # a tied unembedding trains every row
+
+
+# ------------------------------------------------------------------------------ probes
 def test_previous_token_probe_on_hand_built_patterns():
     T = 6
     prev = torch.zeros(2, 1, T, T)
@@ -257,7 +536,7 @@ def test_induction_probe_on_hand_built_patterns():
     assert induction_score(half, tokens) == pytest.approx(0.5)
 
 
-# ---------------------------------------------------------------------------- phases
+# ------------------------------------------------------------------------------ phases
 def curve(labels_and_kl):
     """Eval records with given nearest labels; KL(bigram||m) < KL(unigram||m) iff bigram."""
     out = []
@@ -301,3 +580,31 @@ def test_plot_writes_a_png(tmp_path):
         records, {"uniform": 0.28, "unigram": 0.17, "bigram": 0.026}, tmp_path / "p.png"
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_the_loss_maps_over_stacked_model_copies(task):
+    """What a multi-seed engine needs: functional_call + vmap of loss_of_output over copies
+    (each with its own batch) equals the separate losses and gradients. Rotary positions:
+    the relative-position path hands SDPA an attention mask that requires grad, which
+    functorch cannot differentiate through the CPU flash kernel."""
+    models = [model_for(task, seed=s, dropout=0.0, positional="rotary") for s in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    batches = [task.sample(4, generator=task.generator(s)) for s in range(3)]
+    tokens = torch.stack([b.tokens for b in batches])
+    selected = [Targets.select(b.targets, b.loss_mask) for b in batches]
+    rows, cols, ids = (
+        torch.stack([getattr(t, k) for t in selected]) for k in ("rows", "cols", "tokens")
+    )
+
+    def loss(p, b, x, r, c, y):
+        out = torch.func.functional_call(models[0], (p, b), (x,))
+        return loss_of_output(out, Targets(r, c, y))
+
+    losses = torch.vmap(loss)(params, buffers, tokens, rows, cols, ids)
+    grads = torch.vmap(torch.func.grad(loss))(params, buffers, tokens, rows, cols, ids)
+    for i, model in enumerate(models):
+        separate = loss_of_output(model(batches[i].tokens), selected[i])
+        torch.testing.assert_close(losses[i], separate)
+        separate.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,171 @@
+"""Paper protocols as data: named presets of the trainer's configuration.
+
+A :class:`Recipe` is an env id with spec overrides, a model (a name the command line resolves,
+or an import path) with its arguments, and a :class:`~iclgym.harness.train.TrainConfig`. It is
+a value, not code: every recipe trains through the one :func:`~iclgym.harness.train.train`, and
+``iclgym train --recipe NAME`` fills the defaults that flags then override. Each docstring cites
+where its numbers come from. ``docs/recipes.md`` lists them with their commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from iclgym.harness.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training protocol."""
+
+    name: str
+    env_id: str
+    """Registered env id the protocol trains on."""
+    spec: Mapping[str, Any]
+    """Spec overrides (``--set``)."""
+    model: str
+    """Model name (``transformer``, ``mlp``, ``lstm``, ``transformer+kq``, ...) or import path."""
+    model_args: Mapping[str, Any]
+    """Keyword arguments of the model factory (``--model-arg``)."""
+    train: TrainConfig
+    source: str = field(default="", repr=False)
+    """Where the numbers come from."""
+
+
+EDELMAN2024 = Recipe(
+    name="edelman2024",
+    env_id="ICL-MarkovChain-v0",
+    spec={"num_states": 3, "seq_len": 100, "alpha": 1.0, "init": "stationary"},
+    model="transformer",
+    model_args={
+        "n_layers": 2,
+        "n_heads": 1,
+        "d_model": 16,
+        "mlp": False,
+        "positional": "relative",
+        "dropout": 0.1,
+    },
+    train=TrainConfig(
+        data="stream",
+        steps=2000,
+        batch_size=64,
+        optimizer="adamw",
+        lr=5e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        schedule="constant",
+        eval_every=25,
+        eval_sequences=1024,
+        eval_batch_size=256,
+        eval_splits=("validation",),
+    ),
+    source=(
+        "Edelman et al. 2024, the statistical induction head (shared/specs/markov-chain.md "
+        "sections 5-6): k=3, T=100, Dirichlet(1) rows, stationary start; 2-layer attention-only "
+        "transformer, width 16, 1 head, Shaw relative positions, dropout 0.1 (5,472 "
+        "parameters); AdamW lr 5e-4, betas (0.9, 0.95), weight decay 0.1 on Linear weights, "
+        "constant lr, no clipping; a fresh batch of 64 every step, 2000 steps; evaluation in "
+        "eval mode on 1024 held-out sequences every 25 steps (the T2-T5 targets of section 6)."
+    ),
+)
+"""Edelman et al. 2024: the unigram plateau, then the switch to the in-context bigram."""
+
+_BOIX_TRANSFORMER = {
+    "d_model": 128,
+    "n_layers": 2,
+    "head_dim": 32,
+    "mlp": True,
+    "mlp_ratio": 2,
+    "activation": "gelu",
+    "dropout": 0.0,
+    "positional": "learned",
+    "causal": False,
+    "init": "default",
+}
+_BOIX_TRAIN = TrainConfig(
+    data="finite",
+    epochs=1000,
+    train_sequences=0,
+    batch_size=1024,
+    optimizer="adam",
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    weight_decay=0.0,
+    schedule="constant",
+    eval_every=0,
+    eval_sequences=1000,
+    eval_batch_size=1000,
+    eval_splits=("validation", "test"),
+)
+
+BOIX2023 = Recipe(
+    name="boix2023",
+    env_id="ICL-SymbolTemplate-v0",
+    spec={"preset": "aba_abb", "label_type": "regression", "train_alphabet_size": 512},
+    model="transformer",
+    model_args={**_BOIX_TRANSFORMER, "n_outputs": 1},
+    train=_BOIX_TRAIN,
+    source=(
+        "Boix-Adserà et al. 2024 (arXiv 2310.09753), shared/specs/symbol-templates.md sections "
+        "5-6: ABA vs ABB regression with +-1 labels; a fixed training set of n = 512 strings "
+        "over n symbols (the task's train_set()), Adam lr 1e-3 without weight decay, batch "
+        "min(n, 1024), 1000 epochs; the reference model read at the final QUERY token: pre-LN, "
+        "no causal mask, learned N(0, 1) token and position embeddings, GELU MLP of 2D, a "
+        "value head (n_outputs=1, MSE on the label value); the T3-fast size D = 128, 2 layers, "
+        "4 heads x 32. Scored once at the end on the training set and on 1000 strings of the "
+        "validation and unseen test alphabets. Add --model transformer+kq for the a_h identity "
+        "scalar."
+    ),
+)
+"""Boix-Adserà et al. 2024: transformers on abstract-symbol templates (regression)."""
+
+BOIX2023_MLP = Recipe(
+    name="boix2023-mlp",
+    env_id="ICL-SymbolTemplate-v0",
+    spec={"preset": "aba_abb", "label_type": "regression", "train_alphabet_size": 64},
+    model="mlp",
+    model_args={"n_outputs": 1, "width": 256, "depth": 2},
+    train=_BOIX_TRAIN,
+    source=(
+        "Boix-Adserà et al. 2024, target T1 of shared/specs/symbol-templates.md section 6: a "
+        "one-hot MLP with two ReLU layers of width 256 and a value head fits the n training "
+        "strings (MSE < 0.01) and stays at chance on unseen symbols (MSE >= 0.8, accuracy "
+        "about 0.5); the protocol of boix2023 (n = 64 here)."
+    ),
+)
+"""The T1 negative control: an MLP cannot generalise to unseen symbols."""
+
+BOIX2023_COPY = Recipe(
+    name="boix2023-copy",
+    env_id="ICL-SymbolCopy-v0",
+    spec={"train_alphabet_size": 64},
+    model="transformer",
+    model_args={**_BOIX_TRANSFORMER, "d_model": 64, "head_dim": 64, "tied": True},
+    train=_BOIX_TRAIN,
+    source=(
+        "Boix-Adserà et al. 2024, the next-token copy task and its inverse scaling "
+        "(shared/specs/symbol-templates.md section 6, T5; docs/results/symbol-templates.md): "
+        "A B -> A over all V ids, logits tied to the input embedding, heads of width 64, GELU "
+        "MLP of 2D, the boix2023 protocol with n = 64. The b_h identity scalar needs the "
+        "factor c_VO = 100: --model transformer+vo --model-arg vo_identity_mult=100."
+    ),
+)
+"""Boix-Adserà et al. 2024: copy an unseen symbol (next-token label, tied unembedding)."""
+
+RECIPES: Mapping[str, Recipe] = MappingProxyType(
+    {r.name: r for r in (EDELMAN2024, BOIX2023, BOIX2023_MLP, BOIX2023_COPY)}
+)
+"""Every named recipe."""
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; ``ValueError`` listing the names otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(
+            f"recipe={name!r} is invalid: expected one of {', '.join(RECIPES)}"
+        ) from None

@@ -90,3 +90,22 @@ def check_memory(name: str, value: object, nbytes: float, what: str) -> None:
             f"{name}={value!r} is invalid: {what} would take {format_bytes(nbytes)}, over the "
             f"{format_bytes(MEMORY_LIMIT_BYTES)} limit per allocation"
         )
+
+
+BLOCK_SEQUENCES = 64
+"""Sequences a size check must fit at once: the envs draw blocks of 64 and evaluation batches
+are larger, so a spec whose 64 sequences cannot fit is refused (:func:`check_sequence_memory`)."""
+
+
+def check_sequence_memory(name: str, value: object, seq_len: int, vocab_size: int) -> None:
+    """Refuse sizes for which :data:`BLOCK_SEQUENCES` sequences of ``seq_len`` positions (int64
+    tokens and targets, and two (T, V) float32 next-token laws: the truth and the oracle) would
+    exceed :data:`MEMORY_LIMIT_BYTES`; ``name=value`` is the parameter reported."""
+    nbytes = BLOCK_SEQUENCES * seq_len * (16 + 8 * vocab_size)
+    check_memory(
+        name,
+        value,
+        nbytes,
+        f"{BLOCK_SEQUENCES} sequences of {seq_len} positions "
+        f"over {vocab_size} tokens (tokens and two float32 next-token laws)",
+    )

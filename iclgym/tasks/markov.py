@@ -5,10 +5,20 @@ tokens, rows from the prior) and then ``seq_len + 1`` tokens from the chain. Con
 indexed newest-last (see :mod:`iclgym.tasks.estimators`), so the newest token of a lifted state
 ``s`` is ``s % k`` and the successor of ``s`` after token ``j`` is ``(s * k) % k**(n-1) + j``.
 
-The oracle is the add-alpha posterior predictive of the true order: exact Bayes under
-``init="uniform"`` and near-optimal under ``init="stationary"`` (the stationary factor of the
-first tokens couples the rows; the gap is below 0.5 % of the last-token KL at T = 100,
-``shared/specs/markov-chain.md`` section 3).
+**Sampling** (``shared/specs/markov-chain.md`` section 2). Dirichlet rows are drawn in log space
+in float64 (``log Gamma(a) = log Gamma(a + 1) + log(U) / a``), so no concentration in
+:data:`~iclgym.tasks.estimators.ALPHA_RANGE` underflows to a NaN or a reducible table; the
+stationary law of the first context is the GTH elimination of those log-tables
+(:mod:`iclgym.tasks.stationary`, subtraction-free). Tokens are inverse-CDF draws with uniforms
+in (0, 1] against cumulative rows that are exactly 1 from their last positive entry on, so a
+token of probability 0 in the stored table is never drawn.
+
+**Oracle.** :meth:`MarkovChainTask.oracle` is the exact Bayes predictive for every prior and
+init (:mod:`iclgym.tasks.markov_bayes`): a closed form where one exists, otherwise an
+importance-sampling or sequential Monte-Carlo estimate whose Monte-Carlo error
+:meth:`MarkovChainTask.oracle_estimate` reports. The add-alpha predictive of the true order
+(the ``bigram`` strategy for first-order chains) is exact Bayes only for Dirichlet rows with
+``init="uniform"``.
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
-from iclgym.tasks.estimators import context_index, ngram_log_probs
+from iclgym.tasks import markov_bayes
+from iclgym.tasks.base import Batch, OracleEstimate, Strategy, Task, TaskSpec, check_batch_size
+from iclgym.tasks.estimators import check_alpha, context_index, ngram_log_probs
+from iclgym.tasks.stationary import lifted_log_transition, lifted_transition, stationary_from_log
+from iclgym.validation import as_float, as_int, check_sequence_memory, invalid
 
 PRIORS = ("dirichlet", "doubly_stochastic", "unigram", "mixture")
 INITS = ("stationary", "uniform")
 MAX_TABLE_ENTRIES = 10**6  # k**order entries per sequence before allow_large_table is needed
-MAX_STATIONARY_STATES = 1024  # lifted states k**(order-1) the dense stationary solve accepts
+MAX_STATIONARY_STATES = 1024  # lifted states k**(order-1) the stationary elimination accepts
 EXACT_BIRKHOFF_MAX_K = 5  # exact uniform doubly-stochastic sampling by rejection up to this k
 STRATEGY_NAMES = {0: "uniform", 1: "unigram", 2: "bigram", 3: "trigram"}
 
@@ -35,14 +48,6 @@ STRATEGY_NAMES = {0: "uniform", 1: "unigram", 2: "bigram", 3: "trigram"}
 def strategy_name(order: int) -> str:
     """``uniform``, ``unigram``, ``bigram``, ``trigram``, then ``4-gram``, ``5-gram``, ..."""
     return STRATEGY_NAMES.get(order, f"{order}-gram")
-
-
-def _invalid(name: str, value: object, valid: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is invalid: expected {valid}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class MarkovChainSpec(TaskSpec):
         order: n-gram order n >= 1; the next token depends on the last n - 1 tokens
             (2 = first-order chain, 1 = i.i.d. tokens).
         seq_len: scored positions T >= n; T + 1 tokens are drawn.
-        alpha: Dirichlet concentration, a float > 0 or k positive floats.
+        alpha: Dirichlet concentration, a float in [1e-300, 1e300] or k such floats.
         init: law of the first n - 1 tokens, ``"stationary"`` or ``"uniform"``.
         prior: ``"dirichlet"`` (i.i.d. rows), ``"doubly_stochastic"`` (uniform on the Birkhoff
             polytope, n = 2), ``"unigram"`` (every row equals one Dirichlet draw) or
@@ -63,6 +68,10 @@ class MarkovChainSpec(TaskSpec):
         approx_sinkhorn: allow Sinkhorn-normalised (not uniform) doubly-stochastic tables
             for k > 5, where exact rejection sampling is impractical.
         allow_large_table: allow more than 10**6 table entries per sequence.
+
+    Integers may be numpy integers. Raises ``ValueError`` naming the parameter, its value and
+    the valid range for anything outside them, including sizes whose 64 sequences would not
+    fit in memory (:func:`iclgym.validation.check_sequence_memory`).
     """
 
     num_states: int = 3
@@ -76,60 +85,72 @@ class MarkovChainSpec(TaskSpec):
     allow_large_table: bool = False
 
     def __post_init__(self) -> None:
-        k, n, t = self.num_states, self.order, self.seq_len
-        if not _is_int(k) or k < 2:
-            raise _invalid("num_states", k, "an int >= 2")
-        if not _is_int(n) or n < 1:
-            raise _invalid("order", n, "an int >= 1 (2 = first-order chain)")
-        if not _is_int(t) or t < n:
-            raise _invalid("seq_len", t, f"an int >= order = {n}")
-        alpha = self.alpha
-        if isinstance(alpha, (list, tuple)):
-            alpha = tuple(float(a) for a in alpha)
-            if len(alpha) != k or not all(math.isfinite(a) and a > 0 for a in alpha):
-                raise _invalid("alpha", self.alpha, f"a float > 0 or {k} finite floats > 0")
-            object.__setattr__(self, "alpha", alpha)
-        elif (
-            not isinstance(alpha, (int, float))
-            or isinstance(alpha, bool)
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise _invalid("alpha", alpha, "a finite float > 0 (or a vector of num_states)")
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        k = as_int("num_states", self.num_states, 2)
+        n = as_int("order", self.order, 1)
+        put("num_states", k)
+        put("order", n)
+        put("seq_len", as_int("seq_len", self.seq_len, n))
+        put("alpha", check_alpha(self.alpha, k))
         if self.init not in INITS:
-            raise _invalid("init", self.init, f"one of {INITS}")
+            raise invalid("init", self.init, f"one of {INITS}")
         if self.prior not in PRIORS:
-            raise _invalid("prior", self.prior, f"one of {PRIORS}")
-        if not isinstance(self.mix_p, (int, float)) or not 0.0 <= self.mix_p <= 1.0:
-            raise _invalid("mix_p", self.mix_p, "a float in [0, 1]")
+            raise invalid("prior", self.prior, f"one of {PRIORS}")
+        put("mix_p", as_float("mix_p", self.mix_p, 0.0, 1.0))
+        for name in ("approx_sinkhorn", "allow_large_table"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise invalid(name, getattr(self, name), "a bool")
+            put(name, bool(getattr(self, name)))
         if self.prior in ("doubly_stochastic", "mixture"):
             if n != 2:
-                raise _invalid("order", n, f"2 for prior={self.prior!r} (square tables)")
+                raise invalid("order", n, f"2 for prior={self.prior!r} (square tables)")
             if k > EXACT_BIRKHOFF_MAX_K and not self.approx_sinkhorn:
-                raise _invalid(
+                raise invalid(
                     "num_states",
                     k,
                     f"<= {EXACT_BIRKHOFF_MAX_K} for exact doubly-stochastic sampling; pass "
                     "approx_sinkhorn=True to accept Sinkhorn tables (not uniform)",
                 )
         if k**n > MAX_TABLE_ENTRIES and not self.allow_large_table:
-            raise _invalid(
+            raise invalid(
                 "num_states**order",
                 k**n,
                 f"<= {MAX_TABLE_ENTRIES} table entries (pass allow_large_table=True)",
             )
         if self.init == "stationary" and n > 1 and k ** (n - 1) > MAX_STATIONARY_STATES:
-            raise _invalid(
+            raise invalid(
                 "num_states**(order-1)",
                 k ** (n - 1),
                 f"<= {MAX_STATIONARY_STATES} lifted states for init='stationary' "
                 "(use init='uniform')",
             )
+        check_sequence_memory("seq_len", self.seq_len, self.seq_len, k)
 
     @property
     def num_contexts(self) -> int:
         """Rows of the transition table, k**(n-1)."""
         return self.num_states ** (self.order - 1)
+
+
+def inverse_cdf_thresholds(probs: Tensor) -> Tensor:
+    """(..., m - 1) thresholds for inverse-CDF draws from ``probs`` (..., m): the cumulative
+    sums, set to exactly 1 from the last positive entry on. With ``u`` uniform in (0, 1] the
+    draw ``(u > thresholds).sum(-1)`` picks token j iff ``cdf[j-1] < u <= cdf[j]``, an empty
+    interval whenever ``probs[j] == 0`` (also for the last tokens, where a rounded cumulative
+    sum below 1 would otherwise leave room)."""
+    m = probs.shape[-1]
+    index = torch.arange(m, device=probs.device)
+    last = torch.where(probs > 0, index, 0).amax(-1, keepdim=True)
+    cdf = torch.where(index >= last, 1.0, probs.cumsum(-1))
+    return cdf[..., :-1].contiguous()
+
+
+def open_uniform(shape: tuple[int, ...], generator: torch.Generator, device, dtype=None) -> Tensor:
+    """Uniforms in (0, 1] (``1 - torch.rand``): never exactly 0, so inverse-CDF draws against
+    :func:`inverse_cdf_thresholds` never pick a probability-0 token."""
+    return 1.0 - torch.rand(shape, generator=generator, device=device, dtype=dtype)
 
 
 class MarkovChainTask(Task):
@@ -138,10 +159,15 @@ class MarkovChainTask(Task):
     name = "markov_chain"
     spec: MarkovChainSpec
 
+    oracle_samples: int | None = None
+    """Monte-Carlo samples (per sequence, all replicates together) of the oracle where it has no
+    closed form (None: :func:`~iclgym.tasks.markov_bayes.default_samples`); more samples,
+    smaller :meth:`oracle_estimate` error, proportionally more time."""
+
     def __init__(self, spec: MarkovChainSpec | None = None, **kwargs: object) -> None:
-        super().__init__(spec if spec is not None else MarkovChainSpec(**kwargs))  # type: ignore[arg-type]
         if spec is not None and kwargs:
             raise ValueError("pass either a spec or keyword arguments, not both")
+        super().__init__(spec if spec is not None else MarkovChainSpec(**kwargs))  # type: ignore[arg-type]
 
     @property
     def vocab_size(self) -> int:
@@ -151,35 +177,43 @@ class MarkovChainTask(Task):
     def seq_len(self) -> int:
         return self.spec.seq_len
 
-    def _alpha(self, device: torch.device) -> Tensor:
-        return torch.as_tensor(self.spec.alpha, dtype=torch.float32, device=device).expand(
+    def alpha_vector(self, device: torch.device | str = "cpu") -> Tensor:
+        """(k,) float64 Dirichlet concentration."""
+        return torch.as_tensor(self.spec.alpha, dtype=torch.float64, device=device).expand(
             self.spec.num_states
         )
 
     # ----------------------------------------------------------------- transition tables
-    def _dirichlet(self, shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:
-        """Dirichlet(alpha) rows, drawn in log space so tiny alpha cannot underflow.
+    def log_dirichlet(self, shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:
+        """Log Dirichlet(alpha) rows (*shape, k), float64, drawn in log space.
 
-        Uses G = Gamma(a + 1) * U**(1/a) ~ Gamma(a) and normalises with a softmax of log G.
-        Dirichlet(1, ..., 1) rows are normalised Exp(1) draws: exact and far cheaper.
+        ``log G = log Gamma(a + 1) + log(U) / a`` is a log Gamma(a) draw that cannot underflow
+        for any a in ALPHA_RANGE; the rows are ``log_softmax(log G)``. Dirichlet(1, ..., 1) rows
+        are normalised Exp(1) draws: exact and far cheaper.
         """
+        k = self.spec.num_states
         if self.spec.alpha == 1.0:
-            e = torch.empty(*shape, self.spec.num_states, device=device).exponential_(generator=gen)
-            return e / e.sum(-1, keepdim=True)
-        alpha = self._alpha(device).expand(*shape, self.spec.num_states).contiguous()
+            e = torch.empty(*shape, k, device=device, dtype=torch.float64)
+            e.exponential_(generator=gen).clamp_min_(torch.finfo(torch.float64).tiny)
+            return torch.log_softmax(e.log_(), -1)
+        alpha = self.alpha_vector(device).expand(*shape, k).contiguous()
         log_g = torch._standard_gamma(alpha + 1.0, generator=gen).log_()
-        u = torch.rand(alpha.shape, generator=gen, device=device)
-        log_g += u.clamp_min_(torch.finfo(u.dtype).tiny).log_() / alpha
-        return torch.softmax(log_g, dim=-1)
+        u = open_uniform(alpha.shape, gen, device, torch.float64)
+        log_g += u.log_() / alpha
+        return torch.log_softmax(log_g, dim=-1)
 
-    def _doubly_stochastic(self, batch: int, gen: torch.Generator, device) -> Tensor:
+    def log_doubly_stochastic(self, batch: int, gen: torch.Generator, device) -> Tensor:
+        """(batch, k, k) log doubly-stochastic tables, float64: exact uniform on the Birkhoff
+        polytope for k <= 5, Sinkhorn-normalised Dirichlet(1) tables (not uniform, opt-in
+        ``approx_sinkhorn``) above."""
         k = self.spec.num_states
         if k > EXACT_BIRKHOFF_MAX_K:  # opt-in approximation (spec: Sinkhorn is not uniform)
-            table = self._dirichlet((batch, k), gen, device)
+            table = torch.empty(batch, k, k, device=device, dtype=torch.float64)
+            table.exponential_(generator=gen).clamp_min_(torch.finfo(torch.float64).tiny)
             for _ in range(200):
                 table = table / table.sum(-2, keepdim=True)
                 table = table / table.sum(-1, keepdim=True)
-            return table
+            return table.log()
         # Exact uniform law on the Birkhoff polytope: its first k-1 rows lie in a product of
         # simplices, so propose those rows uniformly (Dirichlet(1)) and accept when the forced
         # last row (one minus the column sums) is positive.
@@ -187,25 +221,27 @@ class MarkovChainTask(Task):
         needed = batch
         while needed > 0:
             proposals = max(64, 4 * needed * _BIRKHOFF_INVERSE_ACCEPTANCE[k])
-            e = torch.empty(proposals, k - 1, k, device=device).exponential_(generator=gen)
+            e = torch.empty(proposals, k - 1, k, device=device, dtype=torch.float64)
+            e.exponential_(generator=gen)
             rows = e / e.sum(-1, keepdim=True)
             last = 1.0 - rows.sum(-2)
-            ok = (last > 0).all(-1)
+            ok = (last > 0).all(-1) & (rows > 0).all(-1).all(-1)
             good = torch.cat([rows[ok], last[ok].unsqueeze(1)], dim=1)[:needed]
             accepted.append(good)
             needed -= good.shape[0]
-        return torch.cat(accepted)
+        return torch.cat(accepted).log()
 
-    def _tables(self, batch: int, gen: torch.Generator, device) -> Tensor:
+    def log_tables(self, batch: int, gen: torch.Generator, device) -> Tensor:
+        """(batch, k**(n-1), k) float64 log transition tables drawn from the prior."""
         spec = self.spec
         if spec.prior == "dirichlet":
-            return self._dirichlet((batch, spec.num_contexts), gen, device)
+            return self.log_dirichlet((batch, spec.num_contexts), gen, device)
         if spec.prior == "unigram":
-            row = self._dirichlet((batch, 1), gen, device)
+            row = self.log_dirichlet((batch, 1), gen, device)
             return row.expand(batch, spec.num_contexts, spec.num_states).contiguous()
-        tables = self._doubly_stochastic(batch, gen, device)
+        tables = self.log_doubly_stochastic(batch, gen, device)
         if spec.prior == "mixture":
-            rows = self._dirichlet((batch, 1), gen, device).expand_as(tables)
+            rows = self.log_dirichlet((batch, 1), gen, device).expand_as(tables)
             is_unigram = torch.rand(batch, generator=gen, device=device) < spec.mix_p
             tables = torch.where(is_unigram[:, None, None], rows, tables)
         return tables
@@ -213,41 +249,20 @@ class MarkovChainTask(Task):
     # ------------------------------------------------------------------ initial context
     def lifted_transition(self, tables: Tensor) -> Tensor:
         """(B, S, S) transition matrix of the chain on contexts of n - 1 tokens."""
-        batch, states, k = tables.shape
-        successors = (torch.arange(states, device=tables.device) * k % states).unsqueeze(1)
-        columns = (successors + torch.arange(k, device=tables.device)).expand(batch, -1, -1)
-        return tables.new_zeros(batch, states, states).scatter_(2, columns, tables)
+        return lifted_transition(tables)
 
     def stationary(self, tables: Tensor) -> Tensor:
-        """Stationary law (B, S) of the lifted chain, by an exact linear solve.
+        """Stationary law (B, S) float64 of the lifted chain of probability ``tables``
+        (B, S, k), by GTH elimination (:mod:`iclgym.tasks.stationary`); raises ``ValueError``
+        for a reducible table (its stationary law is not unique)."""
+        return stationary_from_log(lifted_log_transition(tables.double().log()))
 
-        Solves (M^T - I) pi = 0 with sum(pi) = 1 (the last equation replaced by the
-        normalisation) in float64; reducible chains, where that system is singular, fall
-        back to least squares. Clamped at 0 and renormalised against round-off.
-        """
-        m = self.lifted_transition(tables.double())
-        states = m.shape[-1]
-        a = m.transpose(1, 2) - torch.eye(states, dtype=m.dtype, device=m.device)
-        a[:, -1, :] = 1.0
-        b = torch.zeros(m.shape[0], states, 1, dtype=m.dtype, device=m.device)
-        b[:, -1] = 1.0
-        pi, info = torch.linalg.solve_ex(a, b)
-        bad = (info != 0) | ~torch.isfinite(pi).all(dim=(1, 2))
-        if bad.any():
-            aug = torch.cat(
-                [m[bad].transpose(1, 2) - torch.eye(states, dtype=m.dtype), a[bad, -1:]], 1
-            )
-            rhs = torch.zeros(aug.shape[0], states + 1, 1, dtype=m.dtype, device=m.device)
-            rhs[:, -1] = 1.0
-            pi[bad] = torch.linalg.lstsq(aug.cpu(), rhs.cpu(), driver="gelsd").solution.to(m.device)
-        pi = pi.squeeze(-1).clamp_min_(0.0)
-        return (pi / pi.sum(-1, keepdim=True)).to(tables.dtype)
-
-    def _initial_law(self, tables: Tensor) -> Tensor:
-        batch, states, _ = tables.shape
+    def _initial_law(self, log_tables: Tensor) -> Tensor:
+        """(B, S) float64 law of the first context (stationary or uniform)."""
+        batch, states, _ = log_tables.shape
         if self.spec.init == "uniform":
-            return tables.new_full((batch, states), 1.0 / states)
-        return self.stationary(tables)
+            return log_tables.new_full((batch, states), 1.0 / states)
+        return stationary_from_log(lifted_log_transition(log_tables))
 
     def _init_conditionals(self, law: Tensor, first_state: Tensor) -> Tensor:
         """True next-token laws (B, n-2, k) at the positions inside the initial context."""
@@ -265,12 +280,13 @@ class MarkovChainTask(Task):
     def _walk(cdf: Tensor, start: Tensor, u: Tensor) -> Tensor:
         """Lifted states (steps + 1, B) visited from ``start``, by inverse CDF with uniforms u.
 
-        ``cdf`` (B, S, k-1) holds the cumulative rows without their last entry, so the next
+        ``cdf`` (B, S, k-1) holds :func:`inverse_cdf_thresholds` of the rows, so the next
         token from state s is the number of entries of ``cdf[b, s]`` below ``u[i, b]``;
-        ``u`` is (steps, B). When every state's successor fits in one int64 (``S * width <= 63``
-        bits) all successors of a step are packed up front and the time loop is two integer
-        ops per step: each field holds ``successor * width``, which is also the shift that
-        reads the next field. Larger tables fall back to gathering the current row.
+        ``u`` (steps, B) is uniform in (0, 1]. When every state's successor fits in one
+        int64 (``S * width <= 63`` bits) all successors of a step are packed up front and the
+        time loop is two integer ops per step: each field holds ``successor * width``, which
+        is also the shift that reads the next field. Larger tables fall back to gathering the
+        current row.
         """
         batch, states, km1 = cdf.shape
         k = km1 + 1
@@ -315,17 +331,19 @@ class MarkovChainTask(Task):
         device = torch.device(device) if device is not None else generator.device
         spec = self.spec
         k, n, t = spec.num_states, spec.order, spec.seq_len
-        tables = self._tables(batch_size, generator, device)
-        cdf = tables.cumsum(-1)[..., :-1]
+        log_tables = self.log_tables(batch_size, generator, device)
+        tables = log_tables.exp().float()  # the stored table: the walk and true_probs use it
+        cdf = inverse_cdf_thresholds(tables)
         if n == 1:  # i.i.d. tokens: no time loop
-            u = torch.rand(batch_size, t + 1, 1, generator=generator, device=device)
+            u = open_uniform((batch_size, t + 1, 1), generator, device)
             seq = (u > cdf).sum(-1)
             law = tables.new_ones(batch_size, 1)
         else:
-            law = self._initial_law(tables)
-            u0 = torch.rand(batch_size, 1, generator=generator, device=device)
-            first = (u0 > law.cumsum(-1)[:, :-1]).sum(-1)
-            u = torch.rand(t + 2 - n, batch_size, generator=generator, device=device)
+            law64 = self._initial_law(log_tables)
+            u0 = open_uniform((batch_size, 1), generator, device, torch.float64)
+            first = (u0 > inverse_cdf_thresholds(law64)).sum(-1)
+            law = law64.float()
+            u = open_uniform((t + 2 - n, batch_size), generator, device)
             states = self._walk(cdf, first, u)
             seq = torch.empty(batch_size, t + 1, dtype=torch.int64, device=device)
             digits = k ** torch.arange(n - 2, -1, -1, device=device)
@@ -361,23 +379,57 @@ class MarkovChainTask(Task):
         return self._init_conditionals(batch.params["initial_law"], first)
 
     # ------------------------------------------------------------ oracle and strategies
-    def oracle(self, batch: Batch) -> Tensor:
-        """Add-alpha posterior predictive of the true order; uniform inside the first context."""
+    def addalpha(self, tokens: Tensor) -> Tensor:
+        """The add-alpha predictive of the true order (B, T, k) log-probs: counts of the
+        transitions seen so far plus alpha, uniform inside the first context. Exact Bayes for
+        Dirichlet rows under ``init="uniform"``; under ``"stationary"`` it ignores the first
+        context's stationary likelihood (gap measured in ``docs/envs/ICL-MarkovChain-v0.md``).
+        Fast (the env's per-step reference for that case, :attr:`online_oracle`)."""
         spec = self.spec
-        alpha = self._alpha(batch.tokens.device) if isinstance(spec.alpha, tuple) else spec.alpha
-        log_probs = ngram_log_probs(batch.tokens, spec.num_states, spec.order, alpha)
+        alpha = self.alpha_vector(tokens.device) if isinstance(spec.alpha, tuple) else spec.alpha
+        log_probs = ngram_log_probs(tokens, spec.num_states, spec.order, alpha)
         if spec.order > 2:
             log_probs[:, : spec.order - 2] = -math.log(spec.num_states)
         return log_probs
 
-    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
-        """True rows and oracle one position at a time: O(B * V) work per step.
+    def oracle(self, batch: Batch) -> Tensor:
+        """Exact Bayes next-token log-probabilities (B, T, k) float32 for this spec's prior and
+        init (:mod:`iclgym.tasks.markov_bayes`); a Monte-Carlo estimate where no closed form
+        exists (:attr:`oracle_name` says which; :meth:`oracle_estimate` gives its error)."""
+        return self.oracle_estimate(batch).log_probs
 
-        Keeps each sequence's current context and running transition counts; a step reveals
-        one observation (one scatter-add), reads the table row and the count row of the new
-        context (two gathers) and normalises. Equals :attr:`Batch.true_probs` and
-        :meth:`oracle` position by position (tested); the vector env uses it.
+    def oracle_estimate(self, batch: Batch) -> OracleEstimate:
+        """:meth:`oracle` with its Monte-Carlo replicates (None for closed forms)."""
+        return markov_bayes.bayes_oracle(self, batch.tokens, self.oracle_samples)
+
+    @property
+    def oracle_name(self) -> str:
+        return markov_bayes.oracle_name(self.spec, self.oracle_samples)
+
+    @property
+    def online_oracle(self) -> str:
+        """What :meth:`online` gives as the oracle: the exact oracle, except for Dirichlet rows
+        under ``init="stationary"``, where it is :meth:`addalpha`."""
+        if (
+            self.spec.prior == "dirichlet"
+            and self.spec.init == "stationary"
+            and self.spec.order > 1
+        ):
+            return "add-alpha (Bayes without the stationary first-context likelihood)"
+        return self.oracle_name
+
+    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """True rows and oracle one position at a time.
+
+        Dirichlet rows: the add-alpha predictive (:attr:`online_oracle`), in O(B * V) work per
+        step. Other priors: the exact oracle of the whole batch, computed up front.
+        For Dirichlet rows it keeps each sequence's current context and running transition
+        counts; a step reveals one observation (one scatter-add), reads the table row and the
+        count row of the new context (two gathers) and normalises. Equals
+        :attr:`Batch.true_probs` and :meth:`addalpha` position by position (tested).
         """
+        if self.spec.prior != "dirichlet":
+            return super().online(batch)
         k, n, states = self.spec.num_states, self.spec.order, self.spec.num_contexts
         tokens = batch.tokens.T.contiguous().cpu().numpy()  # (T, B): one row per step
         size = tokens.shape[1]
@@ -422,7 +474,7 @@ class MarkovChainTask(Task):
             def predict(batch: Batch) -> Tensor:
                 a = 1.0 if m == 1 else alpha
                 if isinstance(a, tuple):
-                    a = self._alpha(batch.tokens.device)
+                    a = self.alpha_vector(batch.tokens.device)
                 return ngram_log_probs(batch.tokens, k, m, a)
 
             return predict

@@ -14,6 +14,7 @@ from iclgym.harness import evaluate
 from iclgym.harness.predictors import StrategyPredictor
 from iclgym.tasks import MarkovChainSpec, MarkovChainTask
 from iclgym.tasks.estimators import context_index, in_context_counts, ngram_log_probs
+from iclgym.tasks.markov import inverse_cdf_thresholds
 
 
 @pytest.mark.parametrize(
@@ -88,12 +89,15 @@ def test_initial_tokens_follow_the_stationary_law(k, order, monkeypatch):
     table = torch.rand(k ** (order - 1), k, generator=g) ** 4 + 0.01
     table[:, 0] += 2.0  # token 0 is very likely: the stationary law is far from uniform
     table /= table.sum(-1, keepdim=True)
-    monkeypatch.setattr(task, "_tables", lambda b, gen, dev: table.expand(b, -1, -1).contiguous())
+    log_table = table.double().log()
+    monkeypatch.setattr(
+        task, "log_tables", lambda b, gen, dev: log_table.expand(b, -1, -1).contiguous()
+    )
     n = 40000
     batch = task.sample(n, generator=task.generator(1))
     pi = task.stationary(table.unsqueeze(0))[0]
-    lifted = task.lifted_transition(table.unsqueeze(0).double())[0].float()
-    assert torch.allclose(pi @ lifted, pi, atol=1e-6) and math.isclose(
+    lifted = task.lifted_transition(table.unsqueeze(0).double())[0]
+    assert torch.allclose(pi @ lifted, pi, atol=1e-12) and math.isclose(
         pi.sum().item(), 1.0, rel_tol=1e-6
     )
     first = context_index(batch.tokens, k, order - 1)[:, order - 2]
@@ -105,12 +109,12 @@ def test_initial_tokens_follow_the_stationary_law(k, order, monkeypatch):
     assert (pi.max() - pi.min()).item() > 0.3  # the test would catch a uniform start
 
 
-def test_stationary_handles_reducible_chains():
+def test_stationary_of_a_reducible_chain_raises():
+    """Two absorbing states: every mixture of them is stationary, so no law is 'the' one."""
     task = MarkovChainTask(num_states=3)
     table = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.25, 0.25]]])
-    pi = task.stationary(table)
-    assert torch.isfinite(pi).all() and math.isclose(pi.sum().item(), 1.0, rel_tol=1e-6)
-    assert torch.allclose(pi @ table[0], pi, atol=1e-5)
+    with pytest.raises(ValueError, match="reducible"):
+        task.stationary(table)
 
 
 def _reference_walk(cdf: torch.Tensor, start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -132,10 +136,10 @@ def _reference_walk(cdf: torch.Tensor, start: torch.Tensor, u: torch.Tensor) -> 
 def test_fast_walk_equals_reference_walk(k, order):
     task = MarkovChainTask(num_states=k, order=order, seq_len=order)
     g = torch.Generator().manual_seed(k * 10 + order)
-    tables = task._dirichlet((6, k ** (order - 1)), g, "cpu")
-    cdf = tables.cumsum(-1)[..., :-1]
+    tables = task.log_dirichlet((6, k ** (order - 1)), g, "cpu").exp().float()
+    cdf = inverse_cdf_thresholds(tables)
     start = torch.randint(0, k ** (order - 1), (6,), generator=g)
-    u = torch.rand(40, 6, generator=g)
+    u = 1.0 - torch.rand(40, 6, generator=g)
     assert torch.equal(task._walk(cdf, start, u).long(), _reference_walk(cdf, start, u))
 
 
@@ -243,10 +247,12 @@ def test_ngram_predictions_are_causal(m, cut, seed):
     ("k", "order", "alpha"),
     [(3, 2, 1.0), (2, 3, 0.5), (3, 1, 1.0), (2, 4, 2.0), (4, 2, (0.2, 1.0, 2.0, 0.7))],
 )
-def test_online_scorer_equals_batched_truth_and_oracle(k, order, alpha):
+def test_online_scorer_equals_batched_truth_and_addalpha(k, order, alpha):
+    """Dirichlet rows: the env's per-step reference is the add-alpha predictive (exact Bayes
+    under uniform init; the task names it in ``online_oracle``)."""
     task = MarkovChainTask(num_states=k, order=order, alpha=alpha, seq_len=40)
     batch = task.sample(32, generator=task.generator(2))
-    probs = task.oracle(batch).exp().numpy()
+    probs = task.addalpha(batch.tokens).exp().numpy()
     true = batch.true_probs.numpy()
     online = task.online(batch)
     for t in range(40):
@@ -283,6 +289,7 @@ REFERENCE = {
 @pytest.mark.parametrize("k", [2, 3])
 def test_oracle_and_strategies_match_reference_table(k):
     task = MarkovChainTask(num_states=k, seq_len=100)
+    task.oracle_samples = 8  # the strategies' metrics do not depend on the oracle: keep it cheap
     for name in ("uniform", "unigram", "bigram"):
         report = evaluate(
             StrategyPredictor(task, name), task, num_sequences=20000, batch_size=5000, seed=11
@@ -299,5 +306,8 @@ def test_oracle_and_strategies_match_reference_table(k):
                 1e-4 if name == "uniform" and metric == "cross_entropy" else 0
             )
             assert abs(value - ref) <= tol, (k, name, metric, value, ref, tol)
-    oracle = evaluate(StrategyPredictor(task, "bigram"), task, num_sequences=2000, seed=3)
-    assert oracle.excess_loss == pytest.approx(0.0, abs=1e-6)
+    # Under the stationary start the add-alpha bigram is near-Bayes but not Bayes: issue 8
+    # measured a gap of 0.0013 (k=2) and 0.0010 (k=3) nats/token at T=100.
+    task.oracle_samples = None
+    bigram = evaluate(StrategyPredictor(task, "bigram"), task, num_sequences=4000, seed=3)
+    assert 0.0004 < bigram.excess_loss < 0.0025, bigram.excess_loss

@@ -241,10 +241,11 @@ def _mixture(task, tokens: Tensor, samples: int) -> OracleEstimate:
 
 
 # ------------------------------------------------------- Dirichlet rows, stationary init
-LINEAR_MIN_ALPHA = 0.05
-"""Smallest concentration for which the importance sampler keeps its Gamma tables in linear
-float64: a Gamma(0.05) draw underflows below 1e-308 with probability ~1e-16. Smaller
-concentrations run in log space (same estimator, slower)."""
+LINEAR_ALPHA_RANGE = (0.05, 1e100)
+"""Concentrations for which the importance sampler keeps its Gamma tables in linear float64: a
+Gamma(0.05) draw underflows below 1e-308 with probability ~1e-16, and products of two
+Gamma(1e100) draws stay finite. Outside it the tables live in log space (same estimator,
+slower)."""
 
 
 class _GammaTables:
@@ -253,7 +254,8 @@ class _GammaTables:
     transition. Kept in linear float64, or in log space for tiny concentrations."""
 
     def __init__(self, alpha: Tensor, shape: tuple[int, ...], gen: torch.Generator) -> None:
-        self.log = float(alpha.min()) < LINEAR_MIN_ALPHA
+        low, high = LINEAR_ALPHA_RANGE
+        self.log = float(alpha.min()) < low or float(alpha.max()) > high
         self.gen = gen
         a = alpha.expand(*shape).contiguous()
         if self.log:  # log Gamma(a) = log Gamma(a + 1) + log(U) / a: no underflow
@@ -277,6 +279,12 @@ class _GammaTables:
         else:
             self.g[b, :, context, token] = cell + e
             self.rows[b, :, context] += e
+
+    def probs(self) -> Tensor:
+        """(..., states, k) every sample's transition table."""
+        if self.log:
+            return (self.g - self.rows.unsqueeze(-1)).exp()
+        return self.g / self.rows.unsqueeze(-1)
 
     def row(self, context: Tensor) -> Tensor:
         """(B, S, k) sampled probability rows of ``context`` (B,)."""
@@ -326,6 +334,47 @@ class _GammaTables:
         return (y / y.sum(-1, keepdim=True)).log()
 
 
+FIRST_CONTEXT_SEED = 20241
+"""Seed of the prior draws behind :func:`_first_context_tables` (a fixed bank: the tables are a
+function of the spec alone)."""
+
+
+def _first_context_tables(task) -> list[tuple[Tensor, Tensor]]:
+    """Predictives at t = 0 .. n - 2 for Dirichlet rows under the stationary start, where no
+    transition has been seen: ``q(x_{t+1} | x_0..x_t) = E[m(x_0..x_{t+1})] / E[m(x_0..x_t)]``
+    with ``m`` the marginal of the joint stationary law of ``(c_0, x_{n-1})``
+    (``pi_P(c_0) P[c_0, x_{n-1}]``) and E the prior expectation. They depend on the prefix
+    alone, so one large bank of prior draws (up to 2**16, fewer for big lifted chains) serves
+    every sequence; computed once per task and cached. Returns, per t, the pooled (k**(t+1),
+    k) table and its R replicate tables (R, k**(t+1), k), float64."""
+    cached = task.__dict__.get("_first_context_tables")
+    if cached is not None:
+        return cached
+    spec = task.spec
+    k, n, states = spec.num_states, spec.order, spec.num_contexts
+    per_island = max(64, min(2**14, 2**25 // (states**3 * REPLICATES)))
+    gen = torch.Generator().manual_seed(FIRST_CONTEXT_SEED)
+    alpha = task.alpha_vector()
+    joint = torch.zeros(REPLICATES, states * k, dtype=torch.float64)
+    chunk = max(1, 2**22 // (states * states * REPLICATES))
+    for start in range(0, per_island, chunk):
+        size = min(chunk, per_island - start)
+        tables = _GammaTables(alpha, (REPLICATES, size, states, k), gen)
+        pi = tables.log_stationary().exp()  # (R, size, states)
+        joint += (pi.unsqueeze(-1) * tables.probs()).sum(1).view(REPLICATES, -1)
+    out = [(_prefix_table(joint.sum(0), k, t), _prefix_table(joint, k, t)) for t in range(n - 1)]
+    task.__dict__["_first_context_tables"] = out
+    return out
+
+
+def _prefix_table(joint: Tensor, k: int, t: int) -> Tensor:
+    """(..., k**(t+1), k) law of the (t+2)-th token given the first t+1 tokens, from a joint
+    law (..., k**n) over n >= t + 2 tokens (oldest digit most significant)."""
+    lead = joint.shape[:-1]
+    m = joint.view(*lead, k ** (t + 2), -1).sum(-1).view(*lead, k ** (t + 1), k)
+    return m / m.sum(-1, keepdim=True)
+
+
 def _dirichlet_stationary(task, tokens: Tensor, samples: int, gen) -> tuple[Tensor, Tensor]:
     """Pooled (B, T, k) and replicate (R, B, T, k) log-predictives for Dirichlet rows under the
     stationary init (module docstring): importance sampling with the add-alpha control
@@ -345,20 +394,16 @@ def _dirichlet_stationary(task, tokens: Tensor, samples: int, gen) -> tuple[Tens
     q_addalpha = (counts.double() + alpha) / (totals.double() + alpha.sum()).unsqueeze(-1)
     pool = torch.empty(batch, seq, k, dtype=torch.float64, device=device)
     reps = torch.empty(REPLICATES, batch, seq, k, dtype=torch.float64, device=device)
-    if n > 2:  # inside the first context: ratios of prior expectations of stationary marginals
-        pi = tables.log_stationary().exp()  # (B, S, states), prior samples
-        for t in range(n - 2):
-            marginal = pi.view(batch, total, k ** (t + 2), -1).sum(-1).view(batch, total, -1, k)
-            prefix = context_index(tokens[:, : t + 1], k, t + 1)[:, t]
-            mass = marginal.gather(2, prefix.view(-1, 1, 1, 1).expand(-1, total, 1, k))[:, :, 0]
-            _store(pool, reps, t, mass.sum(1), mass.view(batch, REPLICATES, m, k).sum(2))
+    for t, (table, table_reps) in enumerate(_first_context_tables(task)):
+        prefix = context_index(tokens[:, : t + 1], k, t + 1)[:, t]  # x_0 .. x_t
+        table, table_reps = table.to(device), table_reps.to(device)
+        _store(pool, reps, t, table[prefix], table_reps[:, prefix].transpose(0, 1))
 
     def correction(w: Tensor, p: Tensor) -> Tensor:  # (..., S), (..., S, k) -> (..., k)
         return (w.unsqueeze(-1) * p).sum(-2) / w.sum(-1, keepdim=True) - p.mean(-2)
 
-    for t in range(n - 2, seq):
-        if t >= n - 1:  # reveal the transition c_{t-1} -> x_t
-            tables.reveal(ctx[:, t - 1], tokens[:, t])
+    for t in range(n - 1, seq):
+        tables.reveal(ctx[:, t - 1], tokens[:, t])  # the transition c_{t-1} -> x_t
         log_w = tables.log_weight(first)  # (B, S): log pi_P(c_0)
         w = (log_w - log_w.amax(1, keepdim=True)).exp()
         p = tables.row(ctx[:, t])  # (B, S, k)

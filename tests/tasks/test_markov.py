@@ -311,3 +311,98 @@ def test_oracle_and_strategies_match_reference_table(k):
     task.oracle_samples = None
     bigram = evaluate(StrategyPredictor(task, "bigram"), task, num_sequences=4000, seed=3)
     assert 0.0004 < bigram.excess_loss < 0.0025, bigram.excess_loss
+
+
+# ------------------------------------------------ sampler edge cases (issue 8, section 2)
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    """u in (0, 1] against thresholds that are exactly 1 from the last positive entry on: the
+    extreme uniforms (2**-24 and 1) land on positive-probability tokens only."""
+    probs = torch.tensor(
+        [[0.0, 0.5, 0.5, 0.0], [0.3, 0.0, 0.7, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]
+    )
+    probs[1] = torch.tensor([0.3, 0.0, 0.7000001, 0.0])  # a cumulative sum that overshoots 1
+    thresholds = inverse_cdf_thresholds(probs)
+    for u in (2.0**-24, 0.3, 0.5, 1.0 - 2.0**-24, 1.0):
+        token = (torch.full((4, 1), u) > thresholds).sum(-1)
+        assert (probs.gather(1, token.unsqueeze(1)) > 0).all(), (u, token)
+
+
+@pytest.mark.parametrize("init", ["uniform", "stationary"])
+def test_no_transition_of_probability_zero_is_drawn(init):
+    """Issue 8: alpha=0.001, k=2, T=1000 gave transitions of true probability 0 (u = 0 picked
+    token 0). Dirichlet(0.001) rows hold exact zeros in float32, so this batch exercises it;
+    the right count is 0, for the walk and for the first token."""
+    task = MarkovChainTask(num_states=2, alpha=0.001, seq_len=1000, init=init)
+    batch = task.sample(2048, generator=task.generator(0))
+    tables = batch.params["transition"]
+    assert (tables == 0).any()  # the case under test occurs
+    assert (batch.true_probs.gather(-1, batch.targets.unsqueeze(-1)) > 0).all()
+    first = batch.params["initial_law"].gather(1, batch.tokens[:, :1])
+    assert (first > 0).all()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_stationary_first_token_is_uniform_by_symmetry_for_tiny_alpha(k):
+    """Issue 8: with alpha=0.01 and symmetric rows P(x_0 = j) = 1/k exactly; the old solve gave
+    [0.5469, 0.4531] for k=2 (z = 42 over 200,000 sequences)."""
+    task = MarkovChainTask(num_states=k, alpha=0.01, seq_len=2)
+    n = 200_000
+    first = task.sample(n, generator=task.generator(0)).tokens[:, 0]
+    freq = torch.bincount(first, minlength=k).double() / n
+    z = (freq - 1 / k).abs().max().item() / math.sqrt((1 / k) * (1 - 1 / k) / n)
+    assert z < 4.5, (freq, z)
+
+
+def test_gth_keeps_the_small_entries_of_nearly_reducible_chains():
+    """Issue 8: [[1-1e-20, 1e-20], [1e-30, 1-1e-30]] has pi = [1e-10, 1 - 1e-10]; a linear solve
+    returns [1, 0]."""
+    task = MarkovChainTask(num_states=2)
+    table = torch.tensor([[[1 - 1e-20, 1e-20], [1e-30, 1 - 1e-30]]], dtype=torch.float64)
+    pi = task.stationary(table)[0]
+    assert pi[0].item() == pytest.approx(1e-10, rel=1e-9)
+    assert pi[1].item() == pytest.approx(1 - 1e-10, rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1e-300, 1e-50, 1e-38, 1e-3, 1e8, 1e300])
+@pytest.mark.parametrize(("k", "order"), [(2, 2), (3, 3)])
+def test_extreme_alpha_never_gives_nan(alpha, k, order):
+    """Tiny and huge concentrations: tables, first-token law, true_probs, oracle, add-alpha
+    and the n-gram strategies are finite (Dirichlet(alpha -> 0) rows are one-hot in the
+    limit, Dirichlet(alpha -> inf) rows uniform)."""
+    task = MarkovChainTask(num_states=k, order=order, alpha=alpha, seq_len=12)
+    batch = task.sample(64, generator=task.generator(0))
+    for name, value in {
+        "transition": batch.params["transition"],
+        "initial_law": batch.params["initial_law"],
+        "true_probs": batch.true_probs,
+        "oracle": task.oracle(batch),
+        "addalpha": task.addalpha(batch.tokens),
+        **{s: f(batch) for s, f in task.strategies.items()},
+    }.items():
+        assert not torch.isnan(value).any(), name
+    assert torch.isfinite(task.oracle(batch)).all()
+    if alpha >= 1e8:  # rows are uniform to within 1e-3
+        assert (batch.params["transition"] - 1 / k).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, 1e-320, float("inf"), float("nan"), 1e301])
+def test_alpha_outside_the_supported_range_raises_naming_it(alpha):
+    with pytest.raises(ValueError, match=r"^alpha=.*1e-300, 1e\+300"):
+        MarkovChainSpec(alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"seq_len": 10**8}, "seq_len"), ({"num_states": 100_000, "seq_len": 10**4}, "seq_len")],
+)
+def test_impossible_sizes_are_refused_before_allocating(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name}=.*GiB"):
+        MarkovChainSpec(**kwargs, allow_large_table=True, init="uniform")
+
+
+def test_numpy_integers_are_accepted_and_stored_as_ints():
+    spec = MarkovChainSpec(num_states=np.int64(4), order=np.int32(2), seq_len=np.int64(30))
+    assert type(spec.num_states) is int and spec.num_states == 4
+    assert type(spec.seq_len) is int
+    with pytest.raises(ValueError, match=r"^num_states="):
+        MarkovChainSpec(num_states=True)

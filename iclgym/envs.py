@@ -10,13 +10,19 @@ Observations (``observation=``):
     ``"context"`` (default): the tokens so far as ``MultiDiscrete([V + 1] * (seq_len + 1))``,
     unrevealed positions holding the PAD id ``V``; ``"token"``: the current token,
     ``Discrete(V)``; ``"window"``: the last ``window`` tokens, ``MultiDiscrete([V + 1] * W)``,
-    left-padded with ``V``.
-Actions (``action=``):
+    left-padded with ``V``, ``window`` an int in ``[1, seq_len + 1]`` (a longer window would
+    only add PAD; default ``min(8, seq_len + 1)``). Space parameters are int64 (``nvec``,
+    ``n``: SB3 sums ``nvec`` in its dtype); observation arrays are the smallest unsigned
+    dtype holding ``V + 1`` ids (uint8 / uint16 / uint32), which cast safely to the space's
+    int64, so ``obs in observation_space`` holds.
+Actions (``action=``): every action inside the declared action space is valid; anything else
+raises ``ValueError``.
     ``"token"`` (default): ``Discrete(V)``, reward ``1[a = x_{t+1}]``;
-    ``"distribution"``: a probability vector in ``Box(0, 1, (V,))``, normalised by its sum,
-    floored at ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward
-    ``log q(x_{t+1})``; ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)``
-    (SB3-friendly), reward ``log q(x_{t+1})``; ``"value"``: for tasks with real-valued labels
+    ``"distribution"``: a vector in ``Box(0, 1, (V,))`` read as the distribution ``a / sum(a)``
+    (a vector summing to 0, e.g. all zeros, is the uniform distribution), floored at
+    ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward ``log q(x_{t+1})``;
+    ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)`` (SB3-friendly),
+    reward ``log q(x_{t+1})``; ``"value"``: for tasks with real-valued labels
     (``task.label_values``, the value of each label token), a real prediction in
     ``Box(lo, hi, (1,))`` with ``[lo, hi]`` the label range widened to contain ``[-1, 1]``,
     reward ``-(a - y)^2`` with ``y`` the value of ``x_{t+1}`` (the oracle predicts the
@@ -27,23 +33,41 @@ Splits: ``split=`` (``"train"``, ``"validation"`` or its alias ``"val"``, ``"tes
 data split; ``reset(options={"split": ...})`` switches it for this and later episodes (a new
 episode stream seeded from the env's ``np_random``, so seeded resets stay deterministic).
 Other option keys and unknown splits raise ``ValueError``.
-Info (every step): ``t`` (the position scored), ``split``, ``true_probs`` (the law ``x_{t+1}``
-was drawn from), ``oracle_probs`` (the Bayes-optimal prediction), ``regret`` (the oracle's
-reward minus the agent's on this step) and, for probability actions, ``kl`` = KL(true || q);
-``reset`` gives ``t`` and ``split``. Tasks with per-episode info (``task.episode_info(batch)``,
-columns of per-sequence values, e.g. template tasks' ``template_id`` and ``substitution``
-{wildcard: token id}) add it, with ``label`` (the last token ``x_T`` in label units: its real
-value where the task has ``label_values``, its class id where it has ``class_tokens``, else the
-token id) and ``oracle_pred`` (the oracle's prediction in those units: expected value, or the
-class / token of its argmax), to the info of the last step, which scores the label: they
-reveal the answer, so they come only after the prediction.
+Info (every step): ``t`` (the position scored), ``split``, the law ``x_{t+1}`` was drawn from
+and the oracle's prediction, as given by ``task.online`` (the oracle named by
+:attr:`ICLEnv.online_oracle`, e.g. ``"bayes (closed form)"``): ``true_probs`` and
+``oracle_probs`` (float32 (V,) laws), or, where the task gives point masses (template tasks at
+the label), ``true_token`` and ``oracle_token`` (the token holding all the mass); ``regret``
+(the oracle's reward minus the agent's on this step) and, for probability actions, ``kl`` =
+KL(true || q); ``reset`` gives ``t`` and ``split``. Tasks with per-episode info
+(``task.episode_info(batch)``, columns of per-sequence values, e.g. template tasks'
+``template_id`` and ``substitution`` {wildcard: token id}) add it, with ``label`` (the last
+token ``x_T`` in label units: its real value where the task has ``label_values``, its class id
+where it has ``class_tokens``, else the token id) and ``oracle_pred`` (the oracle's prediction
+in those units: expected value, or the class / token of its argmax), to the info of the last
+step, which scores the label: they reveal the answer, so they come only after the prediction.
 The vector env gives every key as an array over sub-envs (``split`` a read-only str array;
 ``substitution`` a dict of arrays, -1 where a sub-env's template lacks the wildcard).
+Rendering (``render_mode=``): ``"ansi"`` (recent tokens, last action and reward as text) or
+``"rgb_array"`` (a (16, 256, 3) uint8 frame: the last 32 revealed tokens as coloured cells,
+and under each token revealed by a step a green cell if that step's reward matched the
+oracle's (regret <= 0), red otherwise); the vector env returns one per sub-env.
+Copies and processes: both envs pickle and deep-copy mid-episode, the copy continuing the
+same stream. The native vector env prepares its next round of episodes in a worker thread;
+forking waits for it, and in a process forked from one that imported this module torch runs
+on one intra-op thread (OpenMP is not fork-safe: a child otherwise hangs in its first
+parallel torch op), so ``gym.make_vec(..., vectorization_mode="async")`` works with the
+default start method.
 """
 
 from __future__ import annotations
 
+import colorsys
+import os
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -55,15 +79,28 @@ from gymnasium.vector.utils import batch_space
 
 from iclgym.registry import get_entry
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
+from iclgym.validation import as_float, as_int, check_memory, format_bytes, invalid
 
 OBSERVATIONS = ("context", "token", "window")
 ACTIONS = ("token", "distribution", "logits", "value", "class")
+RENDER_MODES = ("ansi", "rgb_array")
 SPLIT_ALIASES = {"val": "validation"}
 """Other names accepted for a split (spec ``symbol-templates.md`` section 8 says ``"val"``)."""
 RESET_OPTIONS = ("split",)
 PROB_FLOOR = 1e-6
+DEFAULT_WINDOW = 8
 BLOCK = 64
-"""Sequences the single env draws per sampler call (amortises the torch call over episodes)."""
+"""A sampler call draws at least this many sequences' worth of scored steps (64 sequences
+when every position is scored), amortising the torch call over episodes."""
+SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**15
+"""Scored steps per sampler call of the single and vector env for tasks whose data do not
+depend on batch sizes (see :func:`block_sequences`)."""
+FRAME_CELLS, CELL_PIXELS = 32, 8
+"""rgb_array frames show the last 32 tokens as 8x8-pixel cells."""
+PALETTE = (
+    np.array([colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, 0.65, 0.95) for i in range(64)]) * 255
+).astype(np.uint8)
+"""Token colours (token id mod 64), golden-ratio hues."""
 
 
 def check_split(split: Any, name: str = "split") -> str:
@@ -102,62 +139,24 @@ def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any
     return make_family_task(entry.family, **entry.spec_kwargs(spec_kwargs))
 
 
-def _token_dtype(vocab_size: int) -> type[np.integer]:
-    return np.uint8 if vocab_size < 255 else np.uint16 if vocab_size < 65535 else np.int32
+def token_dtype(count: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned dtype holding the ids ``0 .. count - 1``."""
+    return np.uint8 if count <= 2**8 else np.uint16 if count <= 2**16 else np.uint32
 
 
-class EpisodeStream:
-    """Seeded source of episodes: draws blocks of ``block`` sequences, hands them out in order.
-
-    With ``prefetch`` one worker thread draws every block, the next one while the current one
-    is in use (torch releases the GIL). The worker runs torch on one intra-op thread (a
-    per-thread setting): beside the stepping thread that fills two cores without
-    oversubscription, whose OpenMP barrier stalls made a busy machine ~10x slower. Blocks come
-    from the same generator in the same order, so the data are identical with or without it.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        split: str,
-        seed_source: np.random.Generator,
-        block: int,
-        prefetch: bool = False,
-    ):
-        self.task = task
-        self.block = block
-        self.generator = task.generator(int(seed_source.integers(2**63)), split)
-        self._offset = block
-        self._pool: ThreadPoolExecutor | None = None
-        self._next: Future[Batch] | None = None
-        if prefetch:
-            self._pool = ThreadPoolExecutor(
-                1,
-                thread_name_prefix="iclgym-sampler",
-                initializer=torch.set_num_threads,
-                initargs=(1,),
-            )
-            self._next = self._pool.submit(self._draw)
-
-    def _draw(self) -> Batch:
-        return self.task.sample(self.block, generator=self.generator)
-
-    def take(self, count: int) -> tuple[Batch, slice]:
-        """The block holding the next ``count`` episodes and their rows; ``count | block``."""
-        if self._offset == self.block:
-            if self._pool is None:
-                self._batch = self._draw()
-            else:
-                self._batch = self._next.result()
-                self._next = self._pool.submit(self._draw)
-            self._offset = 0
-        rows = slice(self._offset, self._offset + count)
-        self._offset += count
-        return self._batch, rows
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+def block_sequences(task: Task, num_envs: int, min_steps: int = 0) -> int:
+    """Sequences per sampler call for ``num_envs`` sub-envs: the least multiple of
+    ``num_envs`` holding :data:`BLOCK` sequences' worth of scored steps (``64 * seq_len``
+    steps: 64 sequences when every position is scored, ``64 * seq_len / steps`` when an
+    episode scores fewer steps) and, for tasks whose data do not depend on batch sizes
+    (:attr:`~iclgym.tasks.Task.sample_composes`), at least ``min_steps`` scored steps (larger
+    blocks amortise the sampler call without changing any episode). A function of the task
+    and its arguments only, so a seed gives the same episodes on every run."""
+    steps = task.seq_len - task.first_scored_position
+    want = -(-BLOCK * task.seq_len // steps)
+    if task.sample_composes:
+        want = max(want, -(-min_steps // steps))
+    return num_envs * -(-want // num_envs)
 
 
 def first_argmax(p: np.ndarray) -> np.ndarray:
@@ -166,11 +165,11 @@ def first_argmax(p: np.ndarray) -> np.ndarray:
     For the small vocabularies of these tasks a loop over the V columns is several times
     faster than ``np.argmax`` on (N, V) arrays.
     """
-    if p.shape[-1] > 16:
+    if p.shape[-1] > 16 or p.shape[-1] < 2:
         return p.argmax(-1)
-    best = np.zeros(p.shape[:-1], dtype=np.int64)
-    top = p[..., 0]
-    for j in range(1, p.shape[-1]):
+    best = (p[..., 1] > p[..., 0]).astype(np.int64)
+    top = np.maximum(p[..., 0], p[..., 1])
+    for j in range(2, p.shape[-1]):
         better = p[..., j] > top
         best[better] = j
         top = np.maximum(top, p[..., j])
@@ -184,11 +183,237 @@ def fresh_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def full_sequences(batch: Batch) -> np.ndarray:
-    """(B, T + 1) tokens ``x_0 .. x_T`` of a batch, as numpy."""
-    return torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
+def select_rows(batch: Batch, rows: slice) -> Batch:
+    """The sequences ``rows`` of ``batch`` (views; ``params`` have a leading batch dim)."""
+    return replace(
+        batch,
+        tokens=batch.tokens[rows],
+        targets=batch.targets[rows],
+        loss_mask=batch.loss_mask[rows],
+        params={k: v[rows] for k, v in batch.params.items()},
+    )
 
 
+def is_point(law: np.ndarray) -> bool:
+    """True for point-mass laws given as token ids (int arrays), False for dense laws."""
+    return law.dtype.kind in "iu"
+
+
+def law_keys(true: np.ndarray, oracle: np.ndarray) -> tuple[str, str]:
+    """The info keys of a step's laws: ``*_probs`` for dense laws, ``*_token`` for points."""
+    return (
+        "true_token" if is_point(true) else "true_probs",
+        "oracle_token" if is_point(oracle) else "oracle_probs",
+    )
+
+
+# ------------------------------------------------------------------------ episode sources
+class EpisodeStream:
+    """Seeded source of blocks of sequences: each :meth:`next_block` is one sampler call of
+    ``block`` sequences from the split's generator (seeded from ``seed_source``)."""
+
+    def __init__(self, task: Task, split: str, seed_source: np.random.Generator, block: int):
+        self.task = task
+        self.block = block
+        self.generator = task.generator(int(seed_source.integers(2**63)), split)
+
+    def next_block(self) -> Batch:
+        return self.task.sample(self.block, generator=self.generator)
+
+
+class Block:
+    """One sampler call's sequences with what the vector env needs per round precomputed
+    over the whole block (in the worker thread), so that rounds are row slices: the tokens
+    (``tokens`` (B, T) and ``last`` (B,), the final target x_T), the targets of the scored
+    positions token-major (``targets`` (S, B), one row per step), the initial observation
+    buffers, the per-episode info columns and the task's online laws: computed once over the
+    block when an episode scores one position, else one online function per round (stepped
+    by the env as the episode goes). Pickles without the online functions and rebuilds them.
+    """
+
+    def __init__(self, space: _Spaces, batch: Batch, num_envs: int) -> None:
+        task = space.task
+        first = task.first_scored_position
+        self.task, self.first = task, first
+        self.tokens = batch.tokens.cpu().numpy()
+        targets = batch.targets.cpu().numpy()
+        self.last = targets[:, -1].copy()
+        self.targets = np.ascontiguousarray(targets[:, first:].T, dtype=space.obs_dtype)
+        self.obs = space.initial_buffer(self.tokens, self.last)
+        self.episode = None if space.episode_fn is None else space.episode_fn(batch)
+        size = batch.batch_size
+        self.rows = [slice(i, i + num_envs) for i in range(0, size, num_envs)]
+        self.laws = None
+        self.batches: list[Batch] | None = None
+        if task.seq_len - first == 1:
+            self.laws = task.online(batch)(first)
+        else:
+            self.batches = [
+                batch if size == num_envs else select_rows(batch, rows) for rows in self.rows
+            ]
+        self._build_onlines()
+
+    def _build_onlines(self) -> None:
+        self.onlines = None if self.batches is None else [self.task.online(b) for b in self.batches]
+
+    def round(self, index: int) -> Round:
+        """Round ``index`` of the block (views of the block's arrays)."""
+        return Round(self, index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["onlines"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build_onlines()
+
+
+class Round:
+    """One round of the vector env: ``num_envs`` episodes stepped in lockstep, rows of a
+    :class:`Block` (the round owns its rows of the observation buffer). :meth:`laws` reads
+    the block's laws or steps the round's online function. Pickles without the online
+    function and rebuilds it by replaying the positions already visited."""
+
+    def __init__(self, block: Block, index: int) -> None:
+        rows = block.rows[index]
+        self.task, self.first = block.task, block.first
+        self.tokens, self.last = block.tokens[rows], block.last[rows]
+        self.targets = block.targets[:, rows]
+        self.obs = None if block.obs is None else block.obs[rows]
+        self.episode = None
+        if block.episode is not None:
+            self.episode = {
+                key: {k: v[rows] for k, v in col.items()} if isinstance(col, dict) else col[rows]
+                for key, col in block.episode.items()
+            }
+        self._laws = None if block.laws is None else (block.laws[0][rows], block.laws[1][rows])
+        self.batch = None if block.batches is None else block.batches[index]
+        self._online = None if block.onlines is None else block.onlines[index]
+        self._visited = self.first
+
+    def token(self, t: int) -> np.ndarray:
+        """(N,) int64 the token at position t = 0 .. T of every sequence."""
+        return (self.tokens[:, t] if t < self.tokens.shape[1] else self.last).astype(np.int64)
+
+    def laws(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(true, oracle)`` at position ``t`` (the next unvisited one)."""
+        out = self._laws if self._laws is not None else self._online(t)
+        self._visited = t + 1
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_online"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._laws is None:
+            self._online = self.task.online(self.batch)
+            for t in range(self.first, self._visited):
+                self._online(t)
+
+
+_LIVE_QUEUES: weakref.WeakSet[RoundQueue] = weakref.WeakSet()
+
+
+class RoundQueue:
+    """Rounds of ``num_envs`` episodes cut in order from the blocks of an
+    :class:`EpisodeStream`; a worker thread builds the next :class:`Block` (sampling, online
+    laws, info columns: torch and numpy release the GIL) while the current one is stepped.
+    The worker runs torch on one intra-op thread (a per-thread setting): beside the stepping
+    thread that fills two cores without oversubscription. Rounds are identical with or
+    without the worker.
+
+    Pickles and deep-copies (a block being built is waited for and kept); forking waits for
+    the worker and the child starts a new one (see the module docstring).
+    """
+
+    def __init__(self, stream: EpisodeStream, make_block: Callable[[Batch], Block]):
+        self.stream, self.make_block = stream, make_block
+        self._block: Block | None = None
+        self._index = 0
+        self._ready: Block | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: Future[Block] | None = None
+        _LIVE_QUEUES.add(self)
+
+    def _produce(self) -> Block:
+        return self.make_block(self.stream.next_block())
+
+    def next(self) -> Round:
+        """The next round; starts building the next block when a block is taken."""
+        if self._block is None or self._index == len(self._block.rows):
+            self.settle()
+            block, self._ready = self._ready, None
+            self._block, self._index = block if block is not None else self._produce(), 0
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    1,
+                    thread_name_prefix="iclgym-blocks",
+                    initializer=torch.set_num_threads,
+                    initargs=(1,),
+                )
+            self._next = self._pool.submit(self._produce)
+        self._index += 1
+        return self._block.round(self._index - 1)
+
+    def settle(self) -> None:
+        """Wait for the block being built and keep it."""
+        if self._next is not None:
+            future, self._next = self._next, None
+            self._ready = future.result()
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.settle()
+        state = dict(self.__dict__)
+        state["_pool"] = state["_next"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _LIVE_QUEUES.add(self)
+
+
+def _before_fork() -> None:
+    for queue in list(_LIVE_QUEUES):
+        queue.settle()
+
+
+def _after_fork_in_child() -> None:
+    torch.set_num_threads(1)
+    for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child
+        queue._pool, queue._next = None, None
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _frame(tokens: list[int], regrets: list[float]) -> np.ndarray:
+    """(16, 256, 3) uint8: ``tokens`` (the last <= 32 revealed) as cells on the top row, and
+    below each a cell for the step that revealed it (NaN: none; green: regret <= 0; red)."""
+    frame = np.zeros((2 * CELL_PIXELS, FRAME_CELLS * CELL_PIXELS, 3), dtype=np.uint8)
+    offset = FRAME_CELLS - len(tokens)
+    for i, (token, regret) in enumerate(zip(tokens, regrets, strict=True)):
+        x = (offset + i) * CELL_PIXELS
+        frame[1 : CELL_PIXELS - 1, x + 1 : x + CELL_PIXELS - 1] = PALETTE[token % len(PALETTE)]
+        if not np.isnan(regret):
+            colour = (40, 200, 60) if regret <= 0 else (220, 50, 40)
+            frame[CELL_PIXELS + 1 : -1, x + 1 : x + CELL_PIXELS - 1] = colour
+    return frame
+
+
+# ------------------------------------------------------------------------------ spaces
 class _Spaces:
     """Observation/action spaces and action scoring shared by the single and vector env."""
 
@@ -196,10 +421,11 @@ class _Spaces:
         self,
         task: Task,
         observation: str,
-        window: int,
+        window: Any,
         action: str,
-        logit_scale: float,
+        logit_scale: Any,
         split: str,
+        render_mode: Any,
     ) -> None:
         if observation not in OBSERVATIONS:
             raise ValueError(
@@ -207,11 +433,18 @@ class _Spaces:
             )
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is invalid: expected one of {ACTIONS}")
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise invalid("render_mode", render_mode, f"None or one of {RENDER_MODES}")
         split = check_split(split)
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
-        if not np.isfinite(logit_scale) or logit_scale <= 0:
-            raise ValueError(f"logit_scale={logit_scale!r} is invalid: expected a float > 0")
+        v, t = task.vocab_size, task.seq_len
+        window = min(DEFAULT_WINDOW, t + 1) if window is None else as_int("window", window, 1)
+        if window > t + 1:
+            raise invalid(
+                "window",
+                window,
+                f"an int in [1, {t + 1}] (seq_len + 1: a longer window only adds PAD)",
+            )
+        logit_scale = as_float("logit_scale", logit_scale, 0.0, low_open=True)
         values = getattr(task, "label_values", None)
         if action == "value" and values is None:
             raise ValueError(
@@ -226,29 +459,27 @@ class _Spaces:
             )
         self.task, self.split = task, split
         # Tasks with per-episode info (template tasks) give it as columns of a batch; None
-        # for the others (Markov), whose step path then stays as it was.
-        self._episode_fn = getattr(task, "episode_info", None)
-        self._episode: dict[str, Any] | None = None
+        # for the others (Markov).
+        self.episode_fn = getattr(task, "episode_info", None)
         # Label units for info["label"] / info["oracle_pred"]: values, class ids or tokens.
         self.values = None if values is None else np.nan_to_num(np.asarray(values, np.float64))
         self.class_tokens = class_of = None
         if class_tokens:
             self.class_tokens = np.asarray(class_tokens, dtype=np.int64)
-            class_of = np.full(task.vocab_size, -1, dtype=np.int64)
+            class_of = np.full(v, -1, dtype=np.int64)
             class_of[self.class_tokens] = np.arange(len(class_tokens))
         self.class_of = class_of
         self.first = task.first_scored_position
         self.obs_mode, self.action_mode = observation, action
-        self.logit_scale = float(logit_scale)
-        v, t = task.vocab_size, task.seq_len
+        self.logit_scale = logit_scale
         self.vocab_size, self.seq_len, self.pad = v, t, v
-        dtype = _token_dtype(v + 1)
+        self.obs_dtype = token_dtype(v + 1)
         width = {"context": t + 1, "window": window}.get(observation)
         self.window = width
         self.single_obs_space: spaces.Space = (
             spaces.Discrete(v)
             if width is None
-            else spaces.MultiDiscrete([v + 1] * width, dtype=dtype)
+            else spaces.MultiDiscrete(np.full(width, v + 1, dtype=np.int64), dtype=np.int64)
         )
         self.single_act_space: spaces.Space = {
             "token": spaces.Discrete(v),
@@ -258,13 +489,38 @@ class _Spaces:
             "class": None if class_tokens is None else spaces.Discrete(len(class_tokens)),
         }[action]
         if action == "value":
-            values = np.asarray(values, dtype=np.float64)
-            finite = values[np.isfinite(values)]
+            finite = self.values[np.isfinite(np.asarray(values, np.float64))]
             low, high = min(-1.0, finite.min()), max(1.0, finite.max())
             self.single_act_space = spaces.Box(low, high, (1,), np.float32)
 
+    @property
+    def online_oracle(self) -> str:
+        """What ``info["oracle_probs"]`` / ``info["oracle_token"]`` is: the task's
+        :attr:`~iclgym.tasks.Task.online_oracle` (e.g. ``"bayes (closed form)"``)."""
+        return self.task.online_oracle
+
+    def initial_buffer(self, tokens: np.ndarray, last: np.ndarray) -> np.ndarray | None:
+        """The observation buffer at the episode start from ``tokens`` (N, T) and ``last``
+        (N,), the final token x_T: context (N, T + 1) with ``x_0 .. x_s`` revealed, window
+        (N, W + T) holding every token after W - 1 PADs (the window at t is columns
+        t .. t + W - 1); None for the token observation."""
+        n, first = tokens.shape[0], self.first
+        if self.obs_mode == "context":
+            buffer = np.empty((n, self.seq_len + 1), dtype=self.obs_dtype)
+            buffer[:, : first + 1] = tokens[:, : first + 1]
+            buffer[:, first + 1 :] = self.pad
+            return buffer
+        if self.obs_mode == "window":
+            buffer = np.empty((n, self.window + self.seq_len), dtype=self.obs_dtype)
+            buffer[:, : self.window - 1] = self.pad
+            buffer[:, self.window - 1 : -1] = tokens
+            buffer[:, -1] = last
+            return buffer
+        return None
+
     def _probabilities(self, action: Any, shape: tuple[int, ...]) -> np.ndarray:
-        """Validated probability vectors of ``shape + (V,)`` from distribution/logits actions."""
+        """Validated probability vectors of ``shape + (V,)`` from distribution/logits actions;
+        a distribution summing to 0 is uniform."""
         a = np.asarray(action, dtype=np.float64)
         if a.shape != (*shape, self.vocab_size):
             raise ValueError(f"action shape {a.shape} is not {(*shape, self.vocab_size)}")
@@ -280,9 +536,9 @@ class _Spaces:
         if (a < 0).any() or (a > 1).any():
             raise ValueError(f"distribution action has entries outside [0, 1]: {action}")
         total = a.sum(-1, keepdims=True)
-        if (total <= 0).any():
-            raise ValueError(f"distribution action sums to zero: {action}")
-        q = np.maximum(a / total, PROB_FLOOR)
+        zero = total <= 0.0
+        q = np.where(zero, 1.0 / self.vocab_size, a / np.where(zero, 1.0, total))
+        q = np.maximum(q, PROB_FLOOR)
         return q / q.sum(-1, keepdims=True)
 
     def _check_tokens(
@@ -290,43 +546,54 @@ class _Spaces:
     ) -> np.ndarray:
         n = self.vocab_size if n is None else n
         a = np.asarray(action)
-        if a.dtype.kind not in "iu" or a.shape != shape or a.min() < 0 or a.max() >= n:
+        ok = a.dtype.kind in "iub" and a.shape == shape
+        if ok and a.dtype == np.int64:  # one pass: negatives are huge as uint64
+            ok = a.view(np.uint64).max() < n
+        elif ok:
+            ok = a.min() >= 0 and a.max() < n
+        if not ok:
             raise ValueError(f"{kind} action {action!r} is outside Discrete({n})^{shape}")
-        return a
+        return a.astype(np.int64) if a.dtype.kind == "b" else a
+
+    def oracle_hits(self, target: np.ndarray, oracle: np.ndarray) -> np.ndarray:
+        """1.0 where the oracle's most likely token (first on ties) is the target."""
+        best = oracle if is_point(oracle) else first_argmax(oracle)
+        return (best == target).astype(np.float64)
 
     def _labels(self, target: np.ndarray, oracle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Labels (N,) and the oracle's predictions (N,) in label units: the real value
         (regression; the oracle predicts its expected value), the class id, or the token."""
+        point = is_point(oracle)
         if self.values is not None:
-            return self.values[target], oracle @ self.values
+            return self.values[target], self.values[oracle] if point else oracle @ self.values
+        best = oracle if point else first_argmax(oracle)
         if self.class_of is not None:
-            return self.class_of[target], self.class_of[first_argmax(oracle)]
-        return target.astype(np.int64), first_argmax(oracle).astype(np.int64)
+            return self.class_of[target], self.class_of[best]
+        return target.astype(np.int64), best.astype(np.int64)
 
-    def _episode_columns(
-        self, batch: Batch, rows: slice, target: np.ndarray, oracle: np.ndarray
+    def episode_columns(
+        self, columns: dict[str, Any], target: np.ndarray, oracle: np.ndarray
     ) -> dict[str, Any]:
-        """Per-episode info columns of ``batch[rows]``: the task's ``episode_info`` plus
-        ``label`` and ``oracle_pred``; ``target`` (N,) is the last token x_T of each row and
-        ``oracle`` (N, V) the oracle's law of it."""
-        columns = {
-            key: {k: v[rows] for k, v in col.items()} if isinstance(col, dict) else col[rows]
-            for key, col in self._episode_fn(batch).items()
-        }
-        columns["label"], columns["oracle_pred"] = self._labels(target, oracle)
-        return columns
+        """Per-episode info columns: the task's ``episode_info`` columns plus ``label`` and
+        ``oracle_pred``; ``target`` (N,) is the last token x_T of each row and ``oracle`` the
+        oracle's law of it ((N, V), or (N,) point masses)."""
+        out = dict(columns)
+        out["label"], out["oracle_pred"] = self._labels(target, oracle)
+        return out
 
     def _score(
         self, action: Any, target: np.ndarray, true: np.ndarray, oracle: np.ndarray
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Rewards (N,) and per-step info for actions on N envs at one position."""
-        if self.action_mode == "token":
-            reward = (self._check_tokens(action, target.shape) == target).astype(np.float64)
-            return reward, {"regret": (first_argmax(oracle) == target) - reward}
-        if self.action_mode == "class":
-            a = self._check_tokens(action, target.shape, len(self.class_tokens), "class")
-            reward = (self.class_tokens[a] == target).astype(np.float64)
-            return reward, {"regret": (first_argmax(oracle) == target) - reward}
+        """Rewards (N,) and per-step info for actions on N envs at one position; ``true`` and
+        ``oracle`` are (N, V) laws or (N,) point masses (token ids)."""
+        if self.action_mode in ("token", "class"):
+            if self.action_mode == "token":
+                a = self._check_tokens(action, target.shape)
+            else:
+                a = self._check_tokens(action, target.shape, len(self.class_tokens), "class")
+                a = self.class_tokens[a]
+            reward = (a == target).astype(np.float64)
+            return reward, {"regret": self.oracle_hits(target, oracle) - reward}
         if self.action_mode == "value":
             a = np.asarray(action, dtype=np.float64)
             box = self.single_act_space
@@ -338,21 +605,30 @@ class _Spaces:
                 )
             y = self.values[target]
             reward = -((a[..., 0] - y) ** 2)
-            oracle_reward = -((oracle @ self.values - y) ** 2)
+            expected = self.values[oracle] if is_point(oracle) else oracle @ self.values
+            oracle_reward = -((expected - y) ** 2)
             return reward, {"regret": oracle_reward - reward, "label": y}
         rows = np.arange(target.shape[0])
         q = self._probabilities(action, target.shape)
         reward = np.log(q[rows, target])
-        oracle_reward = np.log(oracle[rows, target])
-        tiny = np.finfo(true.dtype).tiny  # 0 log 0 = 0 (1e-300 underflows in float32)
-        kl = (true * (np.log(np.maximum(true, tiny)) - np.log(q))).sum(-1)
+        with np.errstate(divide="ignore"):
+            if is_point(oracle):
+                oracle_reward = np.where(oracle == target, 0.0, -np.inf)
+            else:
+                oracle_reward = np.log(oracle[rows, target])
+            if is_point(true):
+                kl = -np.log(q[rows, true])
+            else:
+                tiny = np.finfo(true.dtype).tiny  # 0 log 0 = 0 (1e-300 underflows in float32)
+                kl = (true * (np.log(np.maximum(true, tiny)) - np.log(q))).sum(-1)
         return reward, {"regret": oracle_reward - reward, "kl": kl}
 
 
+# -------------------------------------------------------------------------- single env
 class ICLEnv(_Spaces, gym.Env):
     """One in-context sequence per episode; see the module docstring for the spaces."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
     def __init__(
         self,
@@ -360,85 +636,104 @@ class ICLEnv(_Spaces, gym.Env):
         *,
         task: Task | None = None,
         observation: str = "context",
-        window: int = 8,
+        window: int | None = None,
         action: str = "token",
         logit_scale: float = 5.0,
         split: str = "train",
         render_mode: str | None = None,
         **spec_kwargs: Any,
     ) -> None:
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode={render_mode!r} is invalid: expected None or 'ansi'")
         self._setup(
-            build_task(env_id, task, spec_kwargs), observation, window, action, logit_scale, split
+            build_task(env_id, task, spec_kwargs),
+            observation,
+            window,
+            action,
+            logit_scale,
+            split,
+            render_mode,
         )
         self.observation_space = self.single_obs_space
         self.action_space = self.single_act_space
         self.render_mode = render_mode
         self._stream: EpisodeStream | None = None
-        self._block_batch: Batch | None = None
+        self._row = 0
+        self._rows = 0
         self._t: int | None = None
         self._last: tuple[Any, float] | None = None
+
+    def _load_block(self, batch: Batch) -> None:
+        """Score a block of sequences once: its tokens, the online laws at every scored
+        position ((B, S, V) dense, or (B, S) point masses as Python ints), the oracle's hits,
+        the initial observation buffers and the per-episode info rows."""
+        first, last = self.first, self.seq_len
+        seqs = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
+        online = self.task.online(batch)
+        laws = [online(t) for t in range(first, last)]
+        true = np.stack([law[0] for law in laws], 1)
+        oracle = np.stack([law[1] for law in laws], 1)
+        self._keys = law_keys(true[:, 0], oracle[:, 0])
+        self._block_tokens = seqs.tolist()
+        self._block_true = true.tolist() if is_point(true) else true
+        self._block_oracle = oracle.tolist() if is_point(oracle) else oracle
+        self._block_hits = self.oracle_hits(seqs[:, first + 1 :], oracle).tolist()
+        self._block_obs = self.initial_buffer(seqs[:, :-1], seqs[:, -1])
+        self._block_episodes = None
+        if self.episode_fn is not None:
+            columns = self.episode_columns(self.episode_fn(batch), seqs[:, -1], oracle[:, -1])
+            self._block_episodes = self._episode_rows(columns)
+        self._row, self._rows = 0, batch.batch_size
+
+    @staticmethod
+    def _episode_rows(columns: dict[str, Any]) -> list[dict[str, Any]]:
+        """Episode info columns as one dict of Python scalars per row; in nested dicts (the
+        substitution) negative entries mean absent and are left out."""
+        flat = {k: v.tolist() for k, v in columns.items() if not isinstance(v, dict)}
+        nested = {
+            k: {name: v.tolist() for name, v in col.items()}
+            for k, col in columns.items()
+            if isinstance(col, dict)
+        }
+        rows = [{k: v[i] for k, v in flat.items()} for i in range(len(next(iter(flat.values()))))]
+        for key, col in nested.items():
+            for i, row in enumerate(rows):
+                row[key] = {name: v[i] for name, v in col.items() if v[i] >= 0}
+        return rows
 
     def _observation(self) -> Any:
         t = self._t
         if self.obs_mode == "token":
-            return self._token_list[t]
-        return (
-            self._obs_buffer[t : t + self.window].copy()
-            if self.obs_mode == "window"
-            else self._obs_buffer.copy()
-        )
+            return self._tokens[t]
+        if self.obs_mode == "window":
+            return self._obs_buffer[t : t + self.window].copy()
+        return self._obs_buffer.copy()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        split = reset_split(options)
+        split = None if options is None else reset_split(options)
         super().reset(seed=seed)
         if seed is not None or self._stream is None or split not in (None, self.split):
             self.split = split or self.split
-            self._stream = EpisodeStream(self.task, self.split, self.np_random, BLOCK)
-        batch, rows = self._stream.take(1)
-        if batch is not self._block_batch:  # score the whole block once
-            self._block_batch = batch
-            self._block = (
-                full_sequences(batch),
-                batch.true_probs.cpu().numpy(),
-                self.task.oracle(batch).exp().cpu().numpy(),
+            self._stream = EpisodeStream(
+                self.task,
+                self.split,
+                self.np_random,
+                block_sequences(self.task, 1, SINGLE_MIN_STEPS),
             )
-            if self._episode_fn is not None:
-                seqs, oracle = self._block[0], self._block[2]
-                self._block_info = self._episode_columns(
-                    batch, slice(None), seqs[:, -1], oracle[:, -1]
-                )
-        self._tokens, self._true, self._oracle = (a[rows][0] for a in self._block)
-        self._token_list = self._tokens.tolist()
-        self._oracle_hits = (self._oracle.argmax(-1) == self._tokens[1:]).astype(float).tolist()
+            self._row = self._rows = 0
+        if self._row == self._rows:
+            self._load_block(self._stream.next_block())
+        i = self._row
+        self._row = i + 1
+        self._tokens = self._block_tokens[i]
+        self._true, self._oracle = self._block_true[i], self._block_oracle[i]
+        self._hits = self._block_hits[i]
+        if self._block_obs is not None:
+            self._obs_buffer = self._block_obs[i].copy()
+        self._episode = None if self._block_episodes is None else self._block_episodes[i]
         self._t = self.first
         self._last = None
-        dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
-        if self.obs_mode == "context":
-            self._obs_buffer = np.full(self.seq_len + 1, self.pad, dtype=dtype)
-            self._obs_buffer[: self.first + 1] = self._tokens[: self.first + 1]
-        elif self.obs_mode == "window":
-            self._obs_buffer = np.full(self.window + self.seq_len, self.pad, dtype=dtype)
-            self._obs_buffer[self.window - 1 :] = self._tokens
-        if self._episode_fn is not None:
-            self._episode = self._episode_row(self._block_info, rows.start)
+        if self.render_mode is not None:
+            self._regrets = [np.nan] * self.seq_len
         return self._observation(), {"t": self.first, "split": self.split}
-
-    @staticmethod
-    def _episode_row(columns: dict[str, Any], i: int) -> dict[str, Any]:
-        """Row ``i`` of episode info columns as Python scalars; in nested dicts (the
-        substitution) negative entries mean absent and are left out."""
-        return {
-            key: {k: int(v[i]) for k, v in col.items() if v[i] >= 0}
-            if isinstance(col, dict)
-            else col[i].item()
-            for key, col in columns.items()
-        }
-
-    def _episode_info(self) -> dict[str, Any]:
-        """A fresh copy of this episode's info (no object shared between two infos)."""
-        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._episode.items()}
 
     def step(self, action: Any):
         t = self._t
@@ -446,30 +741,34 @@ class ICLEnv(_Spaces, gym.Env):
             raise RuntimeError("step() called before reset()")
         if t >= self.seq_len:
             raise RuntimeError("step() called after the episode ended; call reset() first")
-        target = self._token_list[t + 1]
-        true, oracle = self._true[t], self._oracle[t]
-        info = {"t": t, "true_probs": true, "oracle_probs": oracle, "split": self.split}
+        k = t - self.first
+        target = self._tokens[t + 1]
+        true, oracle = self._true[k], self._oracle[k]
+        key_true, key_oracle = self._keys
+        info = {"t": t, key_true: true, key_oracle: oracle, "split": self.split}
         if self.action_mode == "token":  # scalar fast path: this is the per-step hot loop
             reward = 1.0 if self._token(action) == target else 0.0
-            info["regret"] = self._oracle_hits[t] - reward
+            info["regret"] = self._hits[k] - reward
         else:
             rewards, extra = self._score(
-                np.asarray(action)[None], np.array([target]), true[None], oracle[None]
+                np.asarray(action)[None], np.array([target]), np.array([true]), np.array([oracle])
             )
             reward = float(rewards[0])
-            info.update((k, float(v[0])) for k, v in extra.items())
+            info.update((key, float(value[0])) for key, value in extra.items())
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[t + 1] = target
         self._last = (action, reward)
+        if self.render_mode is not None:
+            self._regrets[t] = info["regret"]
         terminated = self._t == self.seq_len
         if terminated and self._episode is not None:  # the label step of a template task
-            info.update(self._episode_info())
+            info.update(self._episode)  # each row is handed out once: no copy needed
         return self._observation(), reward, terminated, False, info
 
     def _token(self, action: Any) -> int:
         """A validated token id from an int, a numpy integer or a one-element int array."""
-        if isinstance(action, (int, np.integer)) and not isinstance(action, (bool, np.bool_)):
+        if isinstance(action, (int, np.integer)):
             a = int(action)
         else:
             arr = np.asarray(action)
@@ -480,9 +779,13 @@ class ICLEnv(_Spaces, gym.Env):
             raise ValueError(f"token action {action!r} is outside Discrete({self.vocab_size})")
         return a
 
-    def render(self) -> str | None:
-        if self.render_mode != "ansi" or self._t is None:
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode is None or self._t is None:
             return None
+        lo = max(0, self._t + 1 - FRAME_CELLS)
+        if self.render_mode == "rgb_array":
+            regrets = [np.nan, *self._regrets][lo : self._t + 1]
+            return _frame(self._tokens[lo : self._t + 1], regrets)
         shown = " ".join(str(x) for x in self._tokens[max(0, self._t - 15) : self._t + 1])
         line = f"t={self._t:4d} | ... {shown}"
         if self._last is not None:
@@ -491,18 +794,20 @@ class ICLEnv(_Spaces, gym.Env):
         return line + "\n"
 
 
+# -------------------------------------------------------------------------- vector env
 class ICLVectorEnv(_Spaces, VectorEnv):
     """Native batched env: ``num_envs`` sequences stepped in lockstep with no per-env loop.
 
     Every episode of a task has the same length, so all sub-envs reset together; autoreset is
     next-step (the step after the last one returns the new first observation, reward 0 and
-    both flags false). Data come from one batched sampler call per episode round, so the
+    both flags false). Data come from batched sampler calls (:func:`block_sequences`), so the
     stream of a sub-env is not that of ``gym.make`` seeded ``seed + i``; with ``num_envs=1``
     it is exactly ``gym.make``'s stream for the same seed.
     """
 
     metadata: ClassVar[dict[str, Any]] = {
-        "render_modes": ["ansi"],
+        "render_modes": list(RENDER_MODES),
+        "render_fps": 4,
         "autoreset_mode": AutoresetMode.NEXT_STEP,
     }
 
@@ -513,7 +818,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         *,
         task: Task | None = None,
         observation: str = "context",
-        window: int = 8,
+        window: int | None = None,
         action: str = "token",
         logit_scale: float = 5.0,
         split: str = "train",
@@ -521,18 +826,27 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         max_episode_steps: int | None = None,
         **spec_kwargs: Any,
     ) -> None:
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs={num_envs!r} is invalid: expected an int >= 1")
-        if max_episode_steps is not None and (
-            not isinstance(max_episode_steps, int) or max_episode_steps < 1
-        ):
-            raise ValueError(
-                f"max_episode_steps={max_episode_steps!r} is invalid: expected an int >= 1"
-            )
-        if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode={render_mode!r} is invalid: expected None or 'ansi'")
+        num_envs = as_int("num_envs", num_envs, 1)
+        if max_episode_steps is not None:
+            max_episode_steps = as_int("max_episode_steps", max_episode_steps, 1)
         self._setup(
-            build_task(env_id, task, spec_kwargs), observation, window, action, logit_scale, split
+            build_task(env_id, task, spec_kwargs),
+            observation,
+            window,
+            action,
+            logit_scale,
+            split,
+            render_mode,
+        )
+        self.block = block_sequences(self.task, num_envs, VECTOR_MIN_STEPS)
+        per_round = num_envs * (self.seq_len + 1) * (16 + (self.window or 1))
+        nbytes = self.block * (self.seq_len + 1) * 24 + per_round + num_envs * self.vocab_size * 8
+        check_memory(
+            "num_envs",
+            num_envs,
+            nbytes,
+            f"a round of {num_envs} episodes (tokens, observations and one step's float32 "
+            f"laws over {self.vocab_size} tokens; at least {format_bytes(nbytes)})",
         )
         self.num_envs = num_envs
         self.render_mode = render_mode
@@ -541,71 +855,43 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         self.single_action_space = self.single_act_space
         self.observation_space = batch_space(self.single_obs_space, num_envs)
         self.action_space = batch_space(self.single_act_space, num_envs)
-        self._stream: EpisodeStream | None = None
+        self._rounds: RoundQueue | None = None
+        self._round: Round | None = None
         self._t: int | None = None
         self._autoreset = False
 
+    def _make_block(self, batch: Batch) -> Block:
+        return Block(self, batch, self.num_envs)
+
     def _start_round(self) -> tuple[Any, dict[str, Any]]:
-        batch, rows = self._stream.take(self.num_envs)
-        tokens = batch.tokens[rows].numpy()
-        self._tokens_tm = np.empty((self.seq_len + 1, self.num_envs), dtype=tokens.dtype)
-        self._tokens_tm[:-1] = tokens.T  # (T + 1, N): one row per step
-        self._tokens_tm[-1] = batch.targets[rows, -1].numpy()
-        online = self.task.online(batch)
-        whole = rows == slice(0, self.block)
-        self._online = online if whole else lambda t: tuple(a[rows] for a in online(t))
-        info = {"t": np.full(self.num_envs, self.first, dtype=np.int64), "split": self._split_info}
-        if self._episode_fn is not None:  # label info needs the law of x_T now: keep it
-            last, fetch = self.seq_len - 1, self._online
-            laws = fetch(last)
-            self._online = lambda t: laws if t == last else fetch(t)
-            self._episode = self._episode_columns(batch, rows, self._tokens_tm[-1], laws[1])
+        self._round = self._rounds.next()
+        self._obs_buffer = self._round.obs
         self._t = self.first
         self._autoreset = False
-        dtype = self.single_obs_space.dtype if self.obs_mode != "token" else np.int64
-        if self.obs_mode == "context":
-            self._obs_buffer = np.full((self.num_envs, self.seq_len + 1), self.pad, dtype=dtype)
-            self._obs_buffer[:, : self.first + 1] = tokens[:, : self.first + 1]
-        elif self.obs_mode == "window":
-            self._obs_buffer = np.full(
-                (self.num_envs, self.window + self.seq_len), self.pad, dtype=dtype
-            )
-            self._obs_buffer[:, self.window - 1 :] = self._tokens_tm.T
-        else:
-            self._obs_buffer = None
+        if self.render_mode is not None:
+            self._regrets = np.full((self.num_envs, self.seq_len), np.nan)
+        info = {"t": np.full(self.num_envs, self.first, dtype=np.int64), "split": self._split_info}
         return self._observation(), info
-
-    def _episode_info(self) -> dict[str, Any]:
-        """Fresh copies of this round's episode info arrays."""
-        return {
-            key: {k: v.copy() for k, v in col.items()} if isinstance(col, dict) else col.copy()
-            for key, col in self._episode.items()
-        }
 
     def _observation(self) -> np.ndarray:
         t = self._t
         if self.obs_mode == "token":
-            return self._tokens_tm[t].astype(np.int64)
+            return self._round.token(t)
         view = self._obs_buffer[:, t : t + self.window] if self.obs_mode == "window" else None
         return fresh_copy(self._obs_buffer if view is None else view)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         split = reset_split(options)
         super().reset(seed=seed)
-        if seed is not None or self._stream is None or split not in (None, self.split):
+        if seed is not None or self._rounds is None or split not in (None, self.split):
             self.split = split or self.split
             # info["split"]: a read-only broadcast view, made once per stream and shared by
             # the infos (a fresh array per step cost ~4 us at 4096 envs)
             self._split_info = np.broadcast_to(np.array(self.split), (self.num_envs,))
-            block = max(BLOCK, self.num_envs)
-            if block % self.num_envs:
-                block = self.num_envs * (block // self.num_envs + 1)
-            if self._stream is not None:
-                self._stream.close()
-            self._stream = EpisodeStream(
-                self.task, self.split, self.np_random, block, prefetch=True
-            )
-            self.block = block
+            if self._rounds is not None:
+                self._rounds.close()
+            stream = EpisodeStream(self.task, self.split, self.np_random, self.block)
+            self._rounds = RoundQueue(stream, self._make_block)
         return self._start_round()
 
     def step(self, actions: Any):
@@ -616,12 +902,14 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             flags = np.zeros(self.num_envs, dtype=np.bool_)
             return obs, np.zeros(self.num_envs), flags, flags.copy(), info
         t = self._t
-        target = self._tokens_tm[t + 1]
-        true, oracle = self._online(t)
+        target = self._round.targets[t - self.first]
+        true, oracle = self._round.laws(t)
         reward, extra = self._score(actions, target, true, oracle)
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
+        if self.render_mode is not None:
+            self._regrets[:, t] = extra["regret"]
         terminated = self._t == self.seq_len
         truncated = (
             not terminated
@@ -629,15 +917,16 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             and self._t - self.first >= self.max_episode_steps
         )
         self._autoreset = terminated or truncated
+        key_true, key_oracle = law_keys(true, oracle)
         info = {
             "t": np.full(self.num_envs, t),
-            "true_probs": true,
-            "oracle_probs": oracle,
+            key_true: true,
+            key_oracle: oracle,
             "split": self._split_info,
             **extra,
         }
-        if terminated and self._episode is not None:  # the label step of a template task
-            info.update(self._episode_info())
+        if terminated and self._round.episode is not None:  # the label step of a template
+            info.update(self.episode_columns(self._round.episode, target, oracle))
         return (
             self._observation(),
             reward,
@@ -647,15 +936,25 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         )
 
     def close_extras(self, **kwargs: Any) -> None:
-        """Stop the prefetching sampler thread."""
-        if self._stream is not None:
-            self._stream.close()
+        """Stop the worker thread that prepares rounds."""
+        if self._rounds is not None:
+            self._rounds.close()
 
-    def render(self) -> tuple[str, ...] | None:
-        if self.render_mode != "ansi" or self._t is None:
+    def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
+        if self.render_mode is None or self._t is None:
             return None
+        seqs = np.concatenate([self._round.tokens, self._round.last[:, None]], 1)
+        if self.render_mode == "rgb_array":
+            lo = max(0, self._t + 1 - FRAME_CELLS)
+            return tuple(
+                _frame(
+                    seqs[i, lo : self._t + 1].tolist(),
+                    [np.nan, *self._regrets[i].tolist()][lo : self._t + 1],
+                )
+                for i in range(self.num_envs)
+            )
         lo = max(0, self._t - 15)
         return tuple(
-            f"t={self._t:4d} | ... {' '.join(map(str, self._tokens_tm[lo : self._t + 1, i]))}\n"
+            f"t={self._t:4d} | ... {' '.join(map(str, seqs[i, lo : self._t + 1]))}\n"
             for i in range(self.num_envs)
         )

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import iclgym  # noqa: F401
+import iclgym
 from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv, first_argmax
 
 
@@ -97,9 +97,12 @@ def test_distribution_action_reward_and_kl():
         ("token", 1.5),
         ("distribution", np.array([np.nan, 0.5, 0.5], np.float32)),
         ("distribution", np.array([-0.1, 0.5, 0.6], np.float32)),
-        ("distribution", np.zeros(3, np.float32)),
+        ("distribution", np.array([1.5, 0.0, 0.0], np.float32)),
+        ("distribution", np.array([np.inf, 0.0, 0.0])),
         ("distribution", np.ones(4, np.float32)),
         ("logits", np.array([2.0, 0.0, 0.0], np.float32)),
+        ("logits", np.array([np.nan, 0.0, 0.0], np.float32)),
+        ("logits", np.array([-1.0001, 0.0, 0.0])),
     ],
 )
 def test_bad_actions_raise(action_mode, bad):
@@ -235,8 +238,9 @@ def test_template_episode_is_one_scored_step_at_the_label(split):
         assert label == task.ids["<y=1>" if is_aba else "<y=-1>"]
         assert reward == float(is_aba) and terminated and not truncated
         assert info["regret"] == 1.0 - reward  # the oracle matches the template exactly
-        assert info["oracle_probs"][label] == pytest.approx(1.0)
-        assert info["true_probs"][label] == 1.0
+        # the laws at the label are point masses, given by their token
+        assert info["oracle_token"] == info["true_token"] == label
+        assert "oracle_probs" not in info and "true_probs" not in info
         with pytest.raises(RuntimeError, match="after the episode ended"):
             env.unwrapped.step(0)
 
@@ -505,3 +509,317 @@ def test_template_envs_with_split_options_pass_both_checkers(action):
         assert env.unwrapped.split == "test"
         _, info = env.reset(seed=0)
         assert info["split"] == "test"
+
+
+# ------------------------------------------------------------- issue 8: real clients
+ALL_IDS = iclgym.list_envs()
+REGRESSION_IDS = ["ICL-SymbolTemplate-v0", "ICL-SameDifferent-v0"]
+
+
+def _modes(env_id):
+    """(action, overrides) pairs every id supports, plus value / class where the task has them."""
+    modes = [("token", {}), ("distribution", {}), ("logits", {})]
+    if env_id in REGRESSION_IDS:
+        modes.append(("value", {}))
+    if env_id == "ICL-SymbolTemplate-v0":
+        modes.append(("class", {"label_type": "classification"}))
+    return modes
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+@pytest.mark.parametrize("observation", ["context", "token", "window"])
+def test_space_parameters_are_int64_and_sb3_one_hot_sizes_are_right(env_id, observation):
+    from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+
+    env = gym.make(env_id, observation=observation)
+    task = env.unwrapped.task
+    space = env.observation_space
+    v, t = task.vocab_size, task.seq_len
+    if observation == "token":
+        assert space == gym.spaces.Discrete(v) and space.n.dtype == np.int64
+        expected = v
+    else:
+        width = t + 1 if observation == "context" else min(8, t + 1)
+        assert space.nvec.dtype == np.int64 and space.nvec.shape == (width,)
+        assert (space.nvec == v + 1).all()
+        expected = width * (v + 1)
+    dim = get_flattened_obs_dim(space)  # SB3 sums nvec with Python's sum, in nvec's dtype
+    assert np.asarray(dim).dtype == np.int64 and dim == expected
+    if env_id == "ICL-MarkovChain-v0" and observation == "context":
+        assert dim == 404  # 101 positions x 4 ids (issue 8: uint8 made it 148)
+    obs, _ = env.reset(seed=0)
+    assert obs in space
+    venv = gym.make_vec(env_id, num_envs=3, observation=observation)
+    assert venv.single_observation_space == space
+    vobs, _ = venv.reset(seed=0)
+    assert vobs in venv.observation_space and venv.observation_space.dtype == np.int64
+    for action, overrides in _modes(env_id):
+        act_space = gym.make(env_id, action=action, **overrides).action_space
+        if isinstance(act_space, gym.spaces.Discrete):
+            assert act_space.n.dtype == np.int64
+        else:
+            assert all(type(n) is int for n in act_space.shape)
+
+
+def _boundary_actions(space):
+    """Corner points of an action space: the bounds of a Box (and zero), 0 and n - 1 of a
+    Discrete."""
+    if isinstance(space, gym.spaces.Discrete):
+        return [np.int64(0), np.int64(space.n - 1), 0, int(space.n - 1)]
+    points = [space.low.copy(), space.high.copy(), np.zeros(space.shape, space.dtype)]
+    mixed = space.low.copy()
+    mixed[::2] = space.high[::2]
+    return [*points, mixed]
+
+
+def _step_all(env_id, action_mode, overrides, actions):
+    """Step a fresh single env and a 2-env vector env with each action (resetting as
+    needed); every result must be finite."""
+    env = gym.make(env_id, action=action_mode, **overrides)
+    venv = gym.make_vec(env_id, num_envs=2, action=action_mode, **overrides)
+    env.reset(seed=0)
+    venv.reset(seed=0)
+    for a in actions:
+        assert a in env.action_space
+        _, reward, terminated, _, info = env.step(a)
+        assert np.isfinite(reward) and np.isfinite(info["regret"])
+        if "kl" in info:
+            assert np.isfinite(info["kl"]) and info["kl"] >= -1e-6
+        if terminated:
+            env.reset()
+        _, rewards, _, _, vinfo = venv.step(np.stack([np.asarray(a)] * 2))
+        assert np.isfinite(rewards).all()  # an autoreset step (no "regret") scores nothing
+        assert np.isfinite(vinfo.get("regret", 0.0)).all()
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+def test_every_action_inside_the_space_is_valid(env_id):
+    """Issue 8 / DESIGN: sampled actions and the corners of every action space step in both
+    envs (SB3 clips Gaussian actions to the bounds, so corners are common)."""
+    for action_mode, overrides in _modes(env_id):
+        space = gym.make(env_id, action=action_mode, **overrides).action_space
+        space.seed(0)
+        actions = [space.sample() for _ in range(30)] + _boundary_actions(space)
+        _step_all(env_id, action_mode, overrides, actions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.floats(0.0, 1.0, width=32, allow_subnormal=True) | st.just(0.0),
+        min_size=3,
+        max_size=3,
+    ),
+    st.sampled_from(["distribution", "logits"]),
+)
+def test_any_box_point_is_a_valid_distribution_or_logits_action(values, action_mode):
+    a = np.asarray(values, dtype=np.float32)
+    if action_mode == "logits":
+        a = 2 * a - 1
+    _step_all(
+        "ICL-MarkovChain-v0", action_mode, {"seq_len": 4}, [a, -a if action_mode == "logits" else a]
+    )
+
+
+@pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-SymbolCopy-v0"])
+def test_zero_distribution_is_the_uniform_distribution(env_id):
+    env = gym.make(env_id, action="distribution")
+    v = env.unwrapped.vocab_size
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(np.zeros(v, np.float32))
+    assert reward == pytest.approx(np.log(1.0 / v))
+    same = gym.make(env_id, action="distribution")
+    same.reset(seed=0)
+    _, reward_uniform, _, _, info_uniform = same.step(np.ones(v, np.float32))
+    assert reward == pytest.approx(reward_uniform) and info["kl"] == pytest.approx(
+        info_uniform["kl"]
+    )
+    venv = gym.make_vec(env_id, num_envs=3, action="distribution")
+    venv.reset(seed=0)
+    _, rewards, *_ = venv.step(np.zeros((3, v), np.float32))
+    np.testing.assert_allclose(rewards, np.log(1.0 / v), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "action_mode", "overrides", "bad"),
+    [
+        ("ICL-SameDifferent-v0", "value", {}, np.array([1.0001], np.float64)),
+        ("ICL-SameDifferent-v0", "value", {}, np.array([np.nan], np.float32)),
+        ("ICL-SymbolTemplate-v0", "class", {"label_type": "classification"}, 2),
+        ("ICL-SymbolTemplate-v0", "class", {"label_type": "classification"}, -1),
+        ("ICL-SymbolCopy-v0", "token", {}, 1795),
+        ("ICL-SymbolCopy-v0", "distribution", {}, np.full(1795, np.nan, np.float32)),
+    ],
+)
+def test_actions_outside_the_space_raise(env_id, action_mode, overrides, bad):
+    env = ICLEnv(env_id, action=action_mode, **overrides)
+    assert bad not in env.action_space
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(bad)
+    venv = ICLVectorEnv(2, env_id, action=action_mode, **overrides)
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        venv.step(np.stack([np.asarray(bad)] * 2))
+
+
+@pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-SymbolTemplate-v0"])
+def test_window_is_an_int_from_1_to_seq_len_plus_1(env_id):
+    task_len = gym.make(env_id).unwrapped.seq_len
+    full = gym.make(env_id, observation="window", window=task_len + 1)
+    obs, _ = full.reset(seed=0)
+    assert obs.shape == (task_len + 1,)
+    assert gym.make(env_id, observation="window").observation_space.shape == (min(8, task_len + 1),)
+    for bad in (0, task_len + 2, 10**9, True, 2.0):
+        with pytest.raises(ValueError, match=r"window=.* is invalid: expected an int"):
+            gym.make(env_id, observation="window", window=bad)
+        with pytest.raises(ValueError, match="window"):
+            ICLVectorEnv(2, env_id, observation="window", window=bad)
+
+
+def test_impossible_num_envs_is_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"num_envs=1000000000 is invalid: .* would take .*iB"):
+        ICLVectorEnv(10**9, "ICL-MarkovChain-v0")
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    kwargs = {"observation": "window", "action": "logits", "seq_len": 12}
+    plain = gym.make_vec(
+        "ICL-MarkovChain-v0", num_envs=3, window=4, logit_scale=2.0, max_episode_steps=5, **kwargs
+    )
+    numpy = gym.make_vec(
+        "ICL-MarkovChain-v0",
+        num_envs=np.int64(3),
+        window=np.int32(4),
+        logit_scale=np.float32(2.0),
+        max_episode_steps=np.uint8(5),
+        **kwargs,
+    )
+    assert numpy.num_envs == 3 and type(numpy.num_envs) is int
+    a, b = plain.reset(seed=1), numpy.reset(seed=1)
+    np.testing.assert_array_equal(a[0], b[0])
+    action = np.full((3, 3), 0.5, np.float32)
+    for _ in range(6):
+        ra, rb = plain.step(action), numpy.step(action)
+        np.testing.assert_array_equal(ra[0], rb[0])
+        np.testing.assert_allclose(ra[1], rb[1])
+        np.testing.assert_array_equal(ra[3], rb[3])
+    single = gym.make("ICL-MarkovChain-v0", window=np.int64(4), logit_scale=np.float64(2), **kwargs)
+    assert single.observation_space.shape == (4,)
+    for name, value in (("num_envs", True), ("max_episode_steps", np.bool_(True))):
+        with pytest.raises(ValueError, match=name):
+            ICLVectorEnv(**{"num_envs": 2, name: value, "env_id": "ICL-MarkovChain-v0"})
+    with pytest.raises(ValueError, match="logit_scale"):
+        ICLEnv("ICL-MarkovChain-v0", logit_scale=True)
+
+
+def _trajectory(env, actions, vector):
+    """Observations, rewards, flags and comparable info of stepping ``actions``."""
+    out = []
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        kept = {k: v for k, v in info.items() if k != "split"}
+        out.append((obs, reward, terminated, truncated, kept))
+        if not vector and (terminated or truncated):
+            out.append(env.reset())
+    return out
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_envs_copy_mid_episode_and_the_copy_continues_the_stream(env_id, copier):
+    import copy
+    import pickle
+
+    clone = copy.deepcopy if copier == "deepcopy" else lambda e: pickle.loads(pickle.dumps(e))
+    venv = ICLVectorEnv(8, env_id)
+    venv.reset(seed=0)
+    actions = [np.zeros(8, np.int64)] * 240
+    _trajectory(venv, actions[:5], True)  # mid-episode (Markov) / between rounds (templates)
+    copied = clone(venv)
+    np.testing.assert_equal(_trajectory(venv, actions, True), _trajectory(copied, actions, True))
+    venv.close()
+    copied.close()
+    env = ICLEnv(env_id)
+    env.reset(seed=0)
+    env.step(0)
+    if env_id.startswith("ICL-Symbol") or env_id == "ICL-SameDifferent-v0":
+        env.reset()
+    copied = clone(env)
+    singles = [0] * 150
+    np.testing.assert_equal(_trajectory(env, singles, False), _trajectory(copied, singles, False))
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+def test_online_laws_are_the_task_laws_at_the_scored_positions(env_id):
+    """The envs' per-step laws (task.online) equal the dense truth and oracle (or, for point
+    masses, their one-hot token), and both envs name the online oracle."""
+    from iclgym.envs import is_point
+
+    env = gym.make(env_id)
+    venv = gym.make_vec(env_id, num_envs=2)
+    task = env.unwrapped.task
+    assert env.unwrapped.online_oracle == venv.unwrapped.online_oracle == task.online_oracle
+    assert isinstance(task.online_oracle, str) and task.online_oracle
+    batch = task.sample(16, generator=task.generator(3))
+    dense_true = batch.true_probs.numpy()
+    dense_oracle = task.oracle(batch).exp().numpy()
+    exact = task.online_oracle == task.oracle_name  # else a named approximation (Markov)
+    step = task.online(batch)
+    for t in range(task.first_scored_position, task.seq_len):
+        true, oracle = step(t)
+        pairs = [(true, dense_true[:, t])]
+        if exact:
+            pairs.append((oracle, dense_oracle[:, t]))
+        else:
+            np.testing.assert_allclose(oracle.sum(-1), 1.0, rtol=1e-5)
+        for law, dense in pairs:
+            if is_point(law):
+                assert law.shape == (16,)
+                np.testing.assert_allclose(dense[np.arange(16), law], 1.0, atol=1e-6)
+            else:
+                np.testing.assert_allclose(law, dense, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-SymbolTemplate-v0"])
+def test_rgb_array_frames_show_the_tokens_and_the_regret_of_each_step(env_id):
+    from iclgym.envs import CELL_PIXELS, FRAME_CELLS, PALETTE
+
+    env = gym.make(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (2 * CELL_PIXELS, FRAME_CELLS * CELL_PIXELS, 3)
+    assert frame.dtype == np.uint8
+    first = env.unwrapped.first
+    last_cell = (FRAME_CELLS - 1) * CELL_PIXELS + CELL_PIXELS // 2
+    token = int(obs[first])
+    np.testing.assert_array_equal(frame[CELL_PIXELS // 2, last_cell], PALETTE[token % 64])
+    assert (frame[CELL_PIXELS + CELL_PIXELS // 2, last_cell] == 0).all()  # no step yet
+    *_, info = env.step(0)
+    frame = env.render()
+    below = frame[CELL_PIXELS + CELL_PIXELS // 2, last_cell]
+    green = info["regret"] <= 0
+    assert (below[1] > below[0]) == green
+    venv = gym.make_vec(env_id, num_envs=3, render_mode="rgb_array")
+    venv.reset(seed=0)
+    frames = venv.render()
+    assert len(frames) == 3 and all(f.shape == frame.shape for f in frames)
+
+
+# ------------------------------------------------------------------------ benchmark
+def test_speed_refuses_a_budget_it_cannot_measure_and_a_row_can_fail():
+    from iclgym.speed import MIN_SECONDS, Row, format_table, run
+
+    for seconds in (0, 0.0, MIN_SECONDS / 2, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            run(seconds=seconds, progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        run(repeats=0, progress=False)
+    with pytest.raises(ValueError, match="env_ids"):
+        run(env_ids=["CartPole-v1"], progress=False)
+    slow = Row("ICL-X-v0 gym.make step", 5.0e4, "steps/s", 1.0e5, ">= CartPole")
+    fast = Row("ICL-Y-v0 gym.make step", 2.0e5, "steps/s", 1.0e5, ">= CartPole")
+    nothing = Row("ICL-Z-v0 gym.make step", 0.0, "steps/s", 0.0, ">= CartPole")
+    assert (slow.ok, fast.ok, nothing.ok) == (False, True, False)
+    table = format_table([slow, fast, nothing]).splitlines()
+    assert table[2].endswith("NO") and table[3].endswith("yes") and table[4].endswith("NO")

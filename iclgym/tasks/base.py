@@ -223,11 +223,35 @@ class Task(ABC):
     def strategies(self) -> Mapping[str, Strategy]:
         """Named reference predictors, ordered from least to most informed."""
 
-    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
-        """Per-position ``(true_probs, oracle_probs)``, each (B, V), for t = 0, 1, 2, ... in turn.
+    @property
+    def sample_composes(self) -> bool:
+        """True when, on one CPU generator, drawing B1 then B2 sequences gives the same
+        sequences as drawing B1 + B2 at once (each row from its own share of the stream), so
+        the data do not depend on batch sizes and the envs may draw larger blocks without
+        changing any episode (:func:`iclgym.envs.block_sequences`). Default False."""
+        return False
 
-        The vector env steps through positions one at a time; tasks whose oracle can be
-        updated incrementally override this to avoid scoring the whole batch up front.
+    @property
+    def online_oracle(self) -> str:
+        """What the second output of :meth:`online` is (the envs' ``info["oracle_probs"]``):
+        by default the oracle of :meth:`oracle`, ``"bayes (closed form)"``; tasks whose
+        online predictor is something else (e.g. a fast approximation of an estimated
+        oracle) say so here."""
+        return "bayes (closed form)"
+
+    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """Per-position laws at the scored positions, the envs' per-step info and scores.
+
+        Returns ``step``; ``step(t)`` is called once for each scored position t =
+        :attr:`first_scored_position`, ..., ``seq_len - 1`` in turn (no other position is
+        ever asked for) and returns ``(true, oracle)``: the law ``targets[:, t]`` was drawn
+        from and the oracle's prediction (:attr:`online_oracle`), each either a (B, V)
+        float32 numpy array of probabilities or, for a law that is a point mass, a (B,) int64
+        numpy array of the token holding all the mass (cheaper when V is large).
+
+        This default computes the dense ``true_probs`` and :meth:`oracle` of the whole batch
+        up front; tasks override it to compute only the scored positions (template tasks:
+        the label, as point masses) or to update the oracle incrementally (Markov chains).
         """
         true = batch.true_probs.cpu().numpy()
         oracle = self.oracle(batch).exp().cpu().numpy()

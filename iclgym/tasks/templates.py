@@ -34,11 +34,12 @@ draws from the train alphabet, ``validation`` and ``test`` from theirs. In
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import accumulate, combinations, product
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,13 +53,11 @@ from iclgym.tasks.base import (
     generator_split,
     stream_seed,
 )
+from iclgym.validation import check_memory, check_sequence_memory, is_int, is_real
 
 LABEL_TYPES = ("regression", "classification", "multiclass")
 DATA_MODES = ("online", "fixed")
 QUERY = "<query>"
-TOPK_MAX_ALPHABET = 4096
-"""Up to this alphabet size distinct symbols are the top-m of uniform keys (exact, O(B * A));
-above it collisions among m uniform draws are redrawn (rejection)."""
 FIXED_SET_STREAM = len(SPLITS) + 1
 """Seed stream of the fixed training set (stream len(SPLITS) is the trainer's dropout)."""
 LOG_FLOOR = 1e-30
@@ -69,7 +68,8 @@ def _invalid(name: str, value: object, valid: str) -> ValueError:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool (:func:`iclgym.validation.is_int`)."""
+    return is_int(value)
 
 
 def _symbols(template: object) -> tuple[str, ...]:
@@ -344,7 +344,9 @@ class SymbolTemplateSpec(TaskSpec):
         self._check_labels(templates, wildcards, regular)
         r = len(templates)
         if self.template_probs is not None:
-            probs = tuple(float(p) for p in self.template_probs)
+            listed = isinstance(self.template_probs, (Sequence, np.ndarray))
+            given = tuple(self.template_probs) if listed else ()
+            probs = tuple(float(p) if is_real(p) else math.nan for p in given)
             if (
                 len(probs) != r
                 or not all(math.isfinite(p) and p >= 0 for p in probs)
@@ -366,14 +368,46 @@ class SymbolTemplateSpec(TaskSpec):
                     f"an int >= {need} (a template has {need} wildcards and "
                     "substitution draws distinct symbols)",
                 )
+            put(name, int(size))
         if self.data_mode not in DATA_MODES:
             raise _invalid("data_mode", self.data_mode, f"one of {DATA_MODES}")
         if self.n_train is not None and (not _is_int(self.n_train) or self.n_train < 1):
             raise _invalid("n_train", self.n_train, "None (= train_alphabet_size) or an int >= 1")
+        if self.n_train is not None:
+            put("n_train", int(self.n_train))
         if not _is_int(self.train_set_seed) or self.train_set_seed < 0:
             raise _invalid("train_set_seed", self.train_set_seed, "an int >= 0")
+        put("train_set_seed", int(self.train_set_seed))
         if self.alphabet_offsets is not None:
             self._check_offsets()
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse, before anything is allocated, a vocabulary or fixed training set too large
+        for memory (:func:`iclgym.validation.check_sequence_memory`: 64 sequences with their
+        two float32 next-token laws over the whole vocabulary), naming the parameter that
+        makes it large: an alphabet size, ``alphabet_offsets`` or the class ids in ``labels``."""
+        classes = max(self.labels) + 1 if self.label_type == "classification" else 0
+        values = len(set(self.labels)) if self.label_type == "regression" else 0
+        names = len(self.wildcards) + len(self.regular) + values + classes + 1
+        ranges = self.alphabet_ranges
+        vocab = names + max(hi for _, hi in ranges)
+        sizes = ("train_alphabet_size", "val_alphabet_size", "test_alphabet_size")
+        split = max(range(len(SPLITS)), key=lambda i: ranges[i][1])
+        lo, hi = ranges[split]
+        name = sizes[split]
+        if self.alphabet_offsets is not None and lo > hi - lo:
+            name = "alphabet_offsets"
+        if classes > hi:
+            name = "labels"
+        check_sequence_memory(name, getattr(self, name), self.template_len + 1, vocab)
+        n = self.n_train if self.n_train is not None else self.train_alphabet_size
+        check_memory(
+            "n_train" if self.n_train is not None else "train_alphabet_size",
+            n,
+            n * (self.template_len + 2) * 8 * 3,
+            f"the fixed training set of {n} strings (int64 tokens, targets and draws)",
+        )
 
     def _check_random(self) -> None:
         """The ``random_*`` parameters: ints in :data:`RANDOM_RANGES`, used by preset='random'
@@ -384,6 +418,7 @@ class SymbolTemplateSpec(TaskSpec):
             if not _is_int(value) or value < lo or (hi is not None and value > hi):
                 valid = f"an int in {lo} .. {hi}" if hi is not None else f"an int >= {lo}"
                 raise _invalid(name, value, valid)
+            object.__setattr__(self, name, int(value))
             if self.preset != "random" and value != type(self).__dataclass_fields__[name].default:
                 raise ValueError(
                     f"{name}={value!r} is given with preset={self.preset!r}: the random_* "
@@ -438,7 +473,7 @@ class SymbolTemplateSpec(TaskSpec):
             or not all(_is_int(o) and o >= 0 for o in offsets)
         ):
             raise _invalid("alphabet_offsets", offsets, "None or 3 ints >= 0 (train, val, test)")
-        object.__setattr__(self, "alphabet_offsets", tuple(offsets))
+        object.__setattr__(self, "alphabet_offsets", tuple(int(o) for o in offsets))
         for (a, (lo_a, hi_a)), (b, (lo_b, hi_b)) in combinations(
             zip(SPLITS, self.alphabet_ranges, strict=True), 2
         ):
@@ -453,15 +488,13 @@ class SymbolTemplateSpec(TaskSpec):
         if len(labels) != len(templates):
             raise _invalid("labels", self.labels, f"one label per template ({len(templates)})")
         if self.label_type == "regression":
-            if not all(
-                isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y)
-                for y in labels
-            ):
+            if not all(is_real(y) and math.isfinite(y) for y in labels):
                 raise _invalid("labels", self.labels, "finite reals for label_type='regression'")
             labels = tuple(float(y) for y in labels)
         elif self.label_type == "classification":
             if not all(_is_int(y) and y >= 0 for y in labels):
                 raise _invalid("labels", self.labels, "class ids >= 0 for 'classification'")
+            labels = tuple(int(y) for y in labels)
         else:
             for i, (y, t) in enumerate(zip(labels, templates, strict=True)):
                 if y in wildcards and y not in t:
@@ -492,6 +525,109 @@ class SymbolTemplateSpec(TaskSpec):
         sizes = (self.train_alphabet_size, self.val_alphabet_size, self.test_alphabet_size)
         offsets = self.alphabet_offsets or tuple(accumulate(sizes[:-1], initial=0))
         return tuple((o, o + n) for o, n in zip(offsets, sizes, strict=True))
+
+
+class PatternMatcher:
+    """Exact template matching of strings by bit patterns, in a few (B,) numpy ops.
+
+    A string ``x_0 .. x_L`` (L template symbols, then QUERY) is summarised by yes/no tests:
+    ``x_p`` is a symbol (id >= ``alphabet_start``) for every position where some template has
+    a wildcard; ``x_p`` is regular id i for every (position, id) that some template has;
+    ``x_p = x_q`` for every pair where some template has wildcards at both; ``x_L`` is QUERY.
+    A string can come from template z (every wildcard a symbol, distinct wildcards distinct
+    symbols, regular tokens in place) iff its tests equal z's, whose answers follow from the
+    template (equal slots, or equal regular ids). The answers are packed into 64-bit keys;
+    strings are matched by a lookup table (<= 16 tests) or by comparing keys.
+    """
+
+    def __init__(
+        self,
+        slot: np.ndarray,
+        fixed: np.ndarray,
+        templates: Sequence[int],
+        query_id: int,
+        alphabet_start: int,
+    ) -> None:
+        L = slot.shape[1]
+        wild = slot >= 0
+        tests: list[tuple] = [("symbol", p) for p in range(L) if wild[:, p].any()]
+        tests += [
+            ("id", p, i)
+            for p, i in sorted(
+                {(p, int(fixed[z, p])) for z, p in zip(*np.nonzero(~wild), strict=True)}
+            )
+        ]
+        tests += [
+            ("equal", p, q)
+            for p in range(L)
+            for q in range(p + 1, L)
+            if (wild[:, p] & wild[:, q]).any()
+        ]
+        tests.append(("id", L, query_id))
+        self.tests, self.alphabet_start = tests, alphabet_start
+
+        def answer(z: int, test: tuple) -> bool:
+            kind, p = test[0], test[1]
+            if kind == "symbol":
+                return bool(wild[z, p])
+            if kind == "id":
+                return p == L or (not wild[z, p] and int(fixed[z, p]) == test[2])
+            q = test[2]
+            if wild[z, p] and wild[z, q]:
+                return bool(slot[z, p] == slot[z, q])
+            return not wild[z, p] and not wild[z, q] and fixed[z, p] == fixed[z, q]
+
+        answers = np.array([[answer(z, test) for z in templates] for test in tests])
+        self.templates = np.asarray(templates, dtype=np.int64)
+        self.keys = self._pack(answers.reshape(len(tests), len(templates)))  # (chunks, r')
+        self.table = None
+        if len(tests) <= 16:
+            self.table = np.full(2 ** len(tests), -1, dtype=np.int64)
+            self.table[self.keys[0]] = self.templates
+        order = np.argsort(self.keys[0])
+        self.sorted_keys, self.sorted_templates = self.keys[0][order], self.templates[order]
+
+    @staticmethod
+    def _pack(answers: np.ndarray) -> np.ndarray:
+        """(ceil(tests / 64), n) uint64 keys from (tests, n) bool answers (bit k of chunk c
+        is test 64 c + k): bytes by an or-reduction of shifted uint8 rows, then bytes into
+        words (fast along the long axis)."""
+        shifts = np.arange(8, dtype=np.uint8)[:, None]
+        data = answers.view(np.uint8)
+        words = []
+        for c in range(0, answers.shape[0], 64):
+            word = np.zeros(answers.shape[1], dtype=np.uint64)
+            for k, b in enumerate(range(c, min(c + 64, answers.shape[0]), 8)):
+                byte = np.bitwise_or.reduce(data[b : b + 8] << shifts[: len(data[b : b + 8])], 0)
+                word |= byte.astype(np.uint64) << np.uint64(8 * k)
+            words.append(word)
+        return np.stack(words)
+
+    def match(self, x: np.ndarray) -> np.ndarray:
+        """(B,) int64 the template each string of ``x`` (L + 1, B) token-major matches, -1
+        for none."""
+        answers = np.empty((len(self.tests), x.shape[1]), dtype=np.bool_)
+        for row, test in zip(answers, self.tests, strict=True):
+            kind, p = test[0], test[1]
+            if kind == "symbol":
+                np.greater_equal(x[p], self.alphabet_start, out=row)
+            elif kind == "id":
+                np.equal(x[p], test[2], out=row)
+            else:
+                np.equal(x[p], x[test[2]], out=row)
+        keys = self._pack(answers)
+        if self.table is not None:
+            return self.table[keys[0]]
+        if keys.shape[0] == 1:  # keys are unique: a sorted search
+            i = np.minimum(np.searchsorted(self.sorted_keys, keys[0]), len(self.sorted_keys) - 1)
+            return np.where(self.sorted_keys[i] == keys[0], self.sorted_templates[i], -1)
+        z = np.full(x.shape[1], -1, dtype=np.int64)
+        for j, template in enumerate(self.templates.tolist()):
+            hit = keys[0] == self.keys[0, j]
+            for c in range(1, keys.shape[0]):
+                hit &= keys[c] == self.keys[c, j]
+            z[hit] = template
+        return z
 
 
 class SymbolTemplateTask(Task):
@@ -562,9 +698,47 @@ class SymbolTemplateTask(Task):
         self._slot, self._fixed, self._first, self._new = slot, fixed, first, new
         self._bound_before = bound_before
         self._label_slot, self._label_fixed = label_slot, label_fixed
-        self._wildcard_slot = wildcard_slot
+        self._wildcard_slot = wildcard_slot.numpy()
         probs = s.template_probs or (1.0 / r,) * r
         self._probs = torch.tensor(probs, dtype=torch.float64)
+        # ---- sampler (see _draw): each column of x_0 .. x_L (QUERY), y is, per template, a
+        # substituted slot ("slot", j) or a fixed id ("id", i); _columns lists the distinct
+        # sources of each column and, per template, the index of its source.
+        self._uniform_templates = len(set(probs)) == 1
+        cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
+        cdf[max(i for i, p in enumerate(probs) if p > 0) :] = 1.0  # u < 1 never picks p = 0
+        self._cdf = cdf
+        self._columns: list[tuple[list[tuple[str, int]], np.ndarray]] = []
+        for j in range(L + 2):
+            per_template = []
+            for z in range(r):
+                if j < L:
+                    slot_id = int(slot[z, j])
+                    source = ("slot", slot_id) if slot_id >= 0 else ("id", int(fixed[z, j]))
+                elif j == L:
+                    source = ("id", self.query_id)
+                else:
+                    lw = int(label_slot[z])
+                    source = ("slot", lw) if lw >= 0 else ("id", int(label_fixed[z]))
+                per_template.append(source)
+            sources = list(dict.fromkeys(per_template))
+            self._columns.append(
+                (sources, np.asarray([sources.index(x) for x in per_template], dtype=np.int64))
+            )
+        self._layouts: dict[int, list[list[tuple[str, int]]]] = {}
+        # ---- online oracle (numpy): exact template matching by bit patterns (PatternMatcher);
+        # templates of probability 0 are left out (the posterior gives them no weight)
+        self._matcher = PatternMatcher(
+            slot.numpy(),
+            fixed.numpy(),
+            [z for z in range(r) if probs[z] > 0],
+            self.query_id,
+            self.alphabet_start,
+        )
+        label_pos = (slot == label_slot[:, None]).long().argmax(1)
+        self._label_pos = torch.where(label_slot >= 0, label_pos, -1).numpy()
+        self._label_positions = sorted(set(self._label_pos[self._label_pos >= 0].tolist()))
+        self._label_fixed_np = label_fixed.numpy()
         # Next-token source at position t (predicting token t + 1), t = 0 .. L:
         # kind 0 = a fixed id, 1 = a copy of the token at position src, 2 = a new wildcard.
         kind = torch.zeros((r, L + 1), dtype=torch.long)
@@ -604,6 +778,16 @@ class SymbolTemplateTask(Task):
     def first_scored_position(self) -> int:
         return self.spec.template_len
 
+    @property
+    def sample_composes(self) -> bool:
+        """True: every random number of a row comes from that row's share of the stream
+        (:meth:`_draw`; the fixed training set is resampled by ``randint``, row by row)."""
+        return True
+
+    @cached_property
+    def _label_values_np(self) -> np.ndarray:
+        return self.label_values.numpy()
+
     @cached_property
     def label_values(self) -> Tensor | None:
         """(V,) float32: the value of each regression label token, NaN elsewhere (None
@@ -615,47 +799,109 @@ class SymbolTemplateTask(Task):
             values[self.ids[f"<y={v:g}>"]] = v
         return values
 
-    def _draw_distinct(self, batch: int, size: int, gen: torch.Generator, device) -> Tensor:
-        """(batch, m) distinct ids in [0, size) per row, uniformly (m = :attr:`num_slots`)."""
-        m = self.num_slots  # >= 1: the spec requires a wildcard
-        if size <= TOPK_MAX_ALPHABET:
-            keys = torch.rand(batch, size, generator=gen, device=device)
-            return keys.topk(m, dim=1).indices
-        draws = torch.randint(size, (batch, m), generator=gen, device=device)
-        while True:
-            eq = draws[:, :, None] == draws[:, None, :]
-            bad = eq.triu(1).any(-1).any(-1)
-            count = int(bad.sum())
-            if count == 0:
-                return draws
-            draws[bad] = torch.randint(size, (count, m), generator=gen, device=device)
+    def _layout(self, size: int) -> list[list[tuple[str, int]]]:
+        """How one row's random 63-bit words encode a draw for an alphabet of ``size``: per
+        word, its digits ``(what, range)``, packed while their product stays <= 2**32 (so each
+        digit is uniform on its range up to a relative error < 2**-31, below torch.randint's
+        own 32-bit modulo bias); ``what`` is ``"template"`` (uniform templates), ``"u"`` (a
+        53-bit uniform float for the template cdf, a word of its own) or a slot index."""
+        if size not in self._layouts:
+            digits = [("template", self.spec.num_templates)] if self._uniform_templates else []
+            digits += [(str(j), size - j) for j in range(self.num_slots)]
+            words = [] if self._uniform_templates else [[("u", 2**53)]]
+            for digit in digits:
+                if (
+                    words
+                    and words[-1][0][0] != "u"
+                    and math.prod(r for _, r in words[-1]) * (digit[1]) <= 2**32
+                ):
+                    words[-1].append(digit)
+                else:
+                    words.append([digit])
+            self._layouts[size] = words
+        return self._layouts[size]
 
     def _draw(self, batch_size: int, split: str, gen: torch.Generator, device) -> Batch:
+        """``batch_size`` strings of ``split``'s alphabet. Every random number of row i comes
+        from row i of one (B, words) tensor of 63-bit integers (``random_``), so on a given
+        generator two draws of B1 and B2 rows equal one draw of B1 + B2 rows: the data do not
+        depend on how a stream is cut into batches. Template z: a uniform digit, or the cdf of
+        ``template_probs`` at a 53-bit uniform. Slot j (order of first appearance): the d-th
+        symbol not drawn yet in its row, d uniform on {0, ..., A - j - 1}, i.e. the least
+        fixed point of x = d + #{earlier slots <= x}, which j iterations from x = d reach;
+        so the substitution is uniform over injective maps. The rest is table lookups in
+        numpy on (B,) columns (fast for the short strings of template tasks)."""
         start, size = self.alphabets[split]
-        z = torch.multinomial(self._probs.to(device), batch_size, replacement=True, generator=gen)
-        draws = self._draw_distinct(batch_size, size, gen, device) + start
-        slot, fixed = self._slot.to(device)[z], self._fixed.to(device)[z]
-        body = torch.where(slot >= 0, draws.gather(1, slot.clamp_min(0)), fixed)
-        query = torch.full((batch_size, 1), self.query_id, dtype=torch.long, device=device)
-        tokens = torch.cat([body, query], 1)
-        lslot = self._label_slot.to(device)[z]
-        label = torch.where(
-            lslot >= 0,
-            draws.gather(1, lslot.clamp_min(0)[:, None])[:, 0],
-            self._label_fixed.to(device)[z],
-        )
+        layout = self._layout(size)
+        words = torch.empty((batch_size, len(layout)), dtype=torch.int64, device=gen.device)
+        words = words.random_(generator=gen).cpu().numpy().view(np.uint64)
+        digits: dict[str, np.ndarray] = {}
+        for w, word in enumerate(layout):
+            value = words[:, w]
+            for what, n in word:
+                if what == "u":
+                    digits[what] = (value >> np.uint64(10)) * 2.0**-53
+                    continue
+                quotient = value // np.uint64(n)
+                digits[what] = (value - quotient * np.uint64(n)).view(np.int64)
+                value = quotient
+        if self._uniform_templates:
+            z = digits["template"]
+        else:
+            z = np.searchsorted(self._cdf, digits["u"], side="right")
+        slots: list[np.ndarray] = []
+        for j in range(self.num_slots):
+            d = digits[str(j)]
+            if j == 1:
+                d = d + (slots[0] <= d)
+            elif j > 1:
+                x = d
+                for _ in range(j):
+                    x = d + sum((earlier <= x) for earlier in slots)
+                d = x
+            slots.append(d)
+        for d in slots:
+            d += start
+        # x_0 .. x_L, y column by column into tokens (B, L + 1) and targets (B, L + 1)
+        tokens = np.empty((batch_size, len(self._columns) - 1), dtype=np.int64)
+        targets = np.empty_like(tokens)
+        chosen: dict[bytes, np.ndarray] = {}  # per template -> source map: each row's source
+        label: np.ndarray | int = 0
+        for j, (sources, index) in enumerate(self._columns):
+            values = [slots[i] if kind == "slot" else i for kind, i in sources]
+            column = values[0]
+            if len(values) > 1:
+                key = index.tobytes()
+                if key not in chosen:
+                    identity = np.array_equal(index, np.arange(len(index)))
+                    chosen[key] = z if identity else index[z]
+                for k in range(1, len(values)):
+                    column = np.where(chosen[key] == k, values[k], column)
+            if j < tokens.shape[1]:
+                tokens[:, j] = column
+            if j > 0:
+                targets[:, j - 1] = column
+            label = column
+        mask = np.zeros(tokens.shape, dtype=np.bool_)
+        mask[:, -1] = True
         params = {
-            "template_id": z,
-            "substitution": draws,
-            "alphabet_start": torch.full((batch_size,), start, device=device),
-            "alphabet_size": torch.full((batch_size,), size, device=device),
+            "template_id": np.asarray(z, dtype=np.int64),
+            "substitution": np.stack(slots, 1),
+            "alphabet_start": np.full(batch_size, start, dtype=np.int64),
+            "alphabet_size": np.full(batch_size, size, dtype=np.int64),
         }
         if self.label_values is not None:
-            params["label_value"] = self.label_values.to(device)[label]
-        return self._batch(tokens, label, params)
+            params["label_value"] = np.broadcast_to(self._label_values_np[label], batch_size).copy()
+        return Batch(
+            tokens=torch.from_numpy(tokens).to(device),
+            targets=torch.from_numpy(targets).to(device),
+            loss_mask=torch.from_numpy(mask).to(device),
+            params={k: torch.from_numpy(v).to(device) for k, v in params.items()},
+            vocab_size=self.vocab_size,
+            true_probs_fn=self.true_probs,
+        )
 
-    def _batch(self, tokens: Tensor, label: Tensor, params: dict[str, Tensor]) -> Batch:
-        targets = torch.cat([tokens[:, 1:], label[:, None]], 1)
+    def _batch(self, tokens: Tensor, targets: Tensor, params: dict[str, Tensor]) -> Batch:
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         mask[:, -1] = True
         return Batch(
@@ -699,7 +945,7 @@ class SymbolTemplateTask(Task):
             ).cpu()
             params = {k: v[rows].to(device) for k, v in fixed.params.items()}
             return self._batch(
-                fixed.tokens[rows].to(device), fixed.targets[rows, -1].to(device), params
+                fixed.tokens[rows].to(device), fixed.targets[rows].to(device), params
             )
         return self._draw(batch_size, split, generator, device)
 
@@ -815,16 +1061,60 @@ class SymbolTemplateTask(Task):
         return tuple(self.ids[f"<class {c}>"] for c in self.label_set)
 
     def episode_info(self, batch: Batch) -> dict[str, object]:
-        """Per-sequence env info read from ``batch.params``, as numpy int64 columns:
+        """Per-sequence env info read from ``batch.params``, as fresh numpy int64 columns:
         ``template_id`` (B,) and ``substitution``, a dict wildcard name -> (B,) token id put
         in for it, -1 in rows whose template does not use that wildcard. The envs add
         ``label`` and ``oracle_pred`` and show one row per episode (:mod:`iclgym.envs`)."""
-        wildcards = self.spec.wildcards
-        z = batch.params["template_id"].cpu()
-        slots = self._wildcard_slot[z]  # (B, |W|): each wildcard's slot, or -1
-        draws = batch.params["substitution"].cpu().gather(1, slots.clamp_min(0))
-        symbols = torch.where(slots >= 0, draws, -1).numpy()
-        return {
-            "template_id": z.numpy(),
-            "substitution": {w: symbols[:, k] for k, w in enumerate(wildcards)},
-        }
+        z = batch.params["template_id"].cpu().numpy().copy()
+        draws = batch.params["substitution"].cpu().numpy()
+        substitution = {}
+        for k, w in enumerate(self.spec.wildcards):
+            slots = sorted(set(self._wildcard_slot[:, k].tolist()))  # this wildcard's slots
+            if len(slots) == 1:
+                column = draws[:, slots[0]].copy() if slots[0] >= 0 else np.full(len(z), -1)
+            else:
+                column = np.full(len(z), -1)
+                per_row = self._wildcard_slot[z, k]
+                for slot in slots[slots[0] < 0 :]:
+                    column = np.where(per_row == slot, draws[:, slot], column)
+            substitution[w] = column
+        return {"template_id": z, "substitution": substitution}
+
+    def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """The laws at the one scored position (the label, t = L) as point masses: ``(true,
+        oracle)``, (B,) int64 token ids. The true law is the label ``targets[:, -1]``; the Bayes
+        oracle's, given the tokens only, is the label of the one template of positive
+        probability that the string matches (templates are disjoint, so at the QUERY position
+        the posterior over templates is a point mass; :meth:`match` finds the same template).
+        O(B * r * L) numpy work, nothing over the vocabulary.
+
+        Raises ``ValueError`` when a string matches no such template (never for sampled
+        batches) and when called at a position other than L."""
+        tokens = batch.tokens.cpu().numpy()
+        true = batch.targets[:, -1].cpu().numpy()
+        oracle = self._oracle_labels(tokens)
+        last = self.spec.template_len
+
+        def step(t: int) -> tuple[np.ndarray, np.ndarray]:
+            if t != last:
+                raise ValueError(f"online: template tasks score position {last} only, got t={t}")
+            return true, oracle
+
+        return step
+
+    def _oracle_labels(self, tokens: np.ndarray) -> np.ndarray:
+        """(B,) int64 the label token of the template each string of ``tokens`` (B, L + 1)
+        matches (:class:`PatternMatcher`); raises ``ValueError`` where none does."""
+        x = tokens.T  # (L + 1, B) view: row p is position p
+        z = self._matcher.match(x)
+        if (z < 0).any():
+            bad = np.flatnonzero(z < 0)[:5].tolist()
+            raise ValueError(
+                f"online: strings in rows {bad} match no template of positive probability"
+            )
+        label = self._label_fixed_np[z]
+        if self._label_positions:
+            positions = self._label_pos[z]
+            for p in self._label_positions:
+                label = np.where(positions == p, x[p], label)
+        return label

@@ -16,7 +16,6 @@ from iclgym.tasks.templates import (
     PRESETS,
     QUERY,
     RANDOM_REGULAR,
-    TOPK_MAX_ALPHABET,
     WILDCARDS,
     SymbolTemplateSpec,
     SymbolTemplateTask,
@@ -233,8 +232,8 @@ def test_template_frequencies_and_uniform_symbols():
     assert chi2 < size + 6 * math.sqrt(2 * size)  # about 6 sd above the chi2 mean
 
 
-def test_rejection_sampler_for_large_alphabets_draws_distinct_uniform_symbols():
-    size = TOPK_MAX_ALPHABET + 1
+def test_large_alphabets_draw_distinct_uniform_symbols():
+    size = 10**6
     task = SymbolTemplateTask(preset="majority4", test_alphabet_size=size)
     batch = draw(task, 4000, "test")
     subs = batch.params["substitution"]
@@ -242,6 +241,28 @@ def test_rejection_sampler_for_large_alphabets_draws_distinct_uniform_symbols():
     start = task.alphabets["test"][0]
     assert ((subs >= start) & (subs < start + size)).all()
     assert abs((subs - start).float().mean().item() - (size - 1) / 2) < 0.05 * size
+
+
+@pytest.mark.parametrize(("preset", "m"), [("aba_abb", 2), ("counting5", 5)])
+def test_substitutions_are_uniform_over_injective_maps(preset, m):
+    """Every ordered m-tuple of distinct symbols of a 6-symbol alphabet is equally likely
+    (chi-square over the 6! / (6 - m)! tuples, about 5 sd above its mean)."""
+    task = SymbolTemplateTask(
+        preset=preset,
+        train_alphabet_size=6,
+        **{k: v for k, v in SMALL.items() if k != "train_alphabet_size"},
+    )
+    n = 60000
+    subs = (draw(task, n).params["substitution"] - task.alphabets["train"][0]).tolist()
+    assert all(len(set(row)) == m for row in subs)
+    cells = math.perm(6, m)
+    counts = {}
+    for row in subs:
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert len(counts) == cells
+    expected = n / cells
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < cells + 5 * math.sqrt(2 * cells)
 
 
 def test_fixed_mode_resamples_one_training_set_and_leaves_test_fresh():

@@ -1,147 +1,421 @@
-"""The ``iclgym`` command: list, describe, eval, speed (and train, sweep: ``iclgym.harness``)."""
+"""The ``iclgym`` command: list, describe, eval, train, sweep, speed.
+
+Each subcommand's options are a dataclass parsed by ``tyro`` (the config is the command line,
+as in CleanRL); ``iclgym train`` and ``iclgym sweep`` take every field of
+:class:`iclgym.harness.train.TrainConfig` as a flag. One flag name per concept: ``--set
+KEY=VALUE`` (spec overrides), ``--out`` (output folder), ``--device``, ``--seed`` /
+``--seeds``, ``--model`` / ``--models`` and ``--model-arg KEY=VALUE``.
+
+This module resolves model and predictor names to ``baselines`` (the harness imports none):
+``--model transformer|mlp|lstm|transformer+kq|...`` or ``--model package.module:factory``;
+``--predictor ngram:ORDER[:ALPHA]``. ``iclgym list`` and ``describe`` import no torch.
+
+Every mistake on the command line ends in one line ``error: ...`` on stderr, naming the bad
+value and what is valid, and exit status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import inspect
+import io
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from iclgym.registry import describe, get_entry, list_envs, make_task, parse_overrides
 
+COMMANDS = {
+    "list": "list the registered env ids",
+    "describe": "describe one env id",
+    "eval": "score predictors against the Bayes oracle",
+    "train": "train any model on any env id with the one trainer (--recipe NAME for a paper's)",
+    "sweep": "train a model x width x n x seed grid; table and plot of the test error",
+    "speed": "throughput benchmark with the project's targets",
+}
+Repeated = tyro.conf.UseAppendAction[tuple[str, ...]]
+EnvId = tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV_ID")]]
 
-def _cmd_list(args: argparse.Namespace) -> int:
+
+class UsageError(ValueError):
+    """A command-line mistake, already phrased for the user."""
+
+
+# ----------------------------------------------------------------------- arguments
+@dataclass(frozen=True)
+class ListArgs:
+    """List the registered env ids."""
+
+
+@dataclass(frozen=True)
+class DescribeArgs:
+    """Describe one env id: spec, vocabulary, strategies."""
+
+    env_id: EnvId
+    """Registered env id, e.g. ICL-NGram-v0."""
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Score predictors against the Bayes oracle on held-out sequences."""
+
+    env_id: EnvId
+    """Registered env id, e.g. ICL-MarkovChain-v0."""
+    predictor: Repeated = ()
+    """oracle | a strategy name | ngram:ORDER[:ALPHA] (order 0 = uniform) | checkpoint:PATH;
+    repeatable (default: every strategy and the oracle)."""
+    set: Repeated = ()
+    """Spec override KEY=VALUE, repeatable (e.g. --set num_states=5)."""
+    split: Literal["train", "validation", "test"] = "test"
+    """Data split scored."""
+    seed: int = 0
+    """Seed of the evaluated sequences."""
+    num_sequences: int = 4096
+    """Sequences scored."""
+    batch_size: int = 1024
+    """Sequences per batch."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda, ...)."""
+    json: tyro.conf.FlagCreatePairsOff[bool] = False
+    """Print the reports as a JSON list (one entry per predictor)."""
+    curves: tyro.conf.FlagCreatePairsOff[bool] = False
+    """Include the per-position curves in the JSON."""
+
+
+@dataclass(frozen=True)
+class SpeedArgs:
+    """Throughput benchmark with the project's targets."""
+
+    seconds: float = 2.0
+    """Seconds per env benchmark run (> 0)."""
+    repeats: int = 3
+    """Runs per benchmark (the best counts)."""
+    num_envs: int = 4096
+    """Envs of the native vector env benchmark."""
+
+
+# ------------------------------------------------------------------ resolving names
+def resolve_model(name: str) -> tuple[str, dict[str, Any], str | None]:
+    """``(factory import path, default args, width argument)`` of a model name or path."""
+    from baselines import MODELS
+
+    if name in MODELS:
+        entry = MODELS[name]
+        return entry.factory, dict(entry.args), entry.width_arg
+    if ":" in name:
+        return name, {}, None
+    raise UsageError(
+        f"model={name!r} is invalid: expected one of {', '.join(MODELS)} or an import path "
+        "'package.module:factory'"
+    )
+
+
+def accepted_args(factory: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``args`` that ``factory`` (an import path) takes as named parameters."""
+    from iclgym.harness.model import import_object
+
+    params = inspect.signature(import_object(factory, "model")).parameters
+    named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {k: v for k, v in args.items() if k in named}
+
+
+def predictor_kinds() -> dict[str, Callable]:
+    """``KIND:`` prefixes of ``--predictor`` that resolve to baselines."""
+    from baselines import PREDICTOR_KINDS
+    from iclgym.harness.model import import_object
+
+    return {kind: import_object(path) for kind, path in PREDICTOR_KINDS.items()}
+
+
+def _model_setup(recipe, model: str, model_arg: Sequence[str], env_id: str) -> tuple:
+    """Factory path, merged arguments and width argument of ``--model`` under ``recipe``: the
+    recipe's model arguments apply to its own model; its common arguments (e.g. ``n_outputs=1``,
+    the value head) to any model whose factory names them; ``--model-arg`` flags come last."""
+    from iclgym.harness.train import parse_assignments
+
+    factory, args, width_arg = resolve_model(model)
+    if recipe is not None and env_id == recipe.env_id:
+        recipe_factory, _, _ = resolve_model(recipe.model)
+        if recipe_factory == factory:
+            inherited = {**recipe.model_args, **recipe.common_args}
+        else:
+            inherited = accepted_args(factory, recipe.common_args)
+        args = {**inherited, **args}
+    return factory, {**args, **parse_assignments(model_arg, "--model-arg")}, width_arg
+
+
+def _task_setup(recipe, env_id: str, sets: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    if not env_id:
+        if recipe is None:
+            raise UsageError("an env id is needed (e.g. ICL-MarkovChain-v0), or --recipe NAME")
+        env_id = recipe.env_id
+    get_entry(env_id)
+    spec = dict(recipe.spec) if recipe is not None and env_id == recipe.env_id else {}
+    return env_id, {**spec, **parse_overrides(sets)}
+
+
+# ---------------------------------------------------------------------- commands
+def _cmd_list(args: ListArgs) -> int:
     for env_id in list_envs():
         print(f"{env_id:24s} {get_entry(env_id).summary}")
     return 0
 
 
-def _cmd_describe(args: argparse.Namespace) -> int:
+def _cmd_describe(args: DescribeArgs) -> int:
     print(describe(args.env_id))
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from iclgym.harness import evaluate, resolve_predictor
-    from iclgym.harness.regression import evaluate_regression
+def _cmd_eval(args: EvalArgs) -> int:
+    from iclgym.harness import HeldOut, evaluate, resolve_predictor
+    from iclgym.harness.model import check_device
 
-    overrides = parse_overrides(args.set)
-    task = make_task(args.env_id, **overrides)
-    names = args.predictor or [*task.strategies, "oracle"]
-    regression = getattr(task, "label_values", None) is not None
-    data = {
-        "split": args.split,
-        "seed": args.seed,
-        "num_sequences": args.num_sequences,
-        "batch_size": args.batch_size,
-    }
+    check_device(args.device)
+    task = make_task(args.env_id, **parse_overrides(args.set))
+    kinds = predictor_kinds()
+    names = list(args.predictor) or [*task.strategies, "oracle"]
+    predictors = [resolve_predictor(n, task, kinds, device=args.device) for n in names]
+    progress = not args.json and sys.stderr.isatty()
+    held_out = HeldOut(  # the data, the oracle and the strategies once for every predictor
+        task,
+        split=args.split,
+        seed=args.seed,
+        num_sequences=args.num_sequences,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=progress,
+        env_id=args.env_id,
+    )
     reports = []
-    for name in names:
-        predictor = resolve_predictor(name, task)
-        progress = not args.json and sys.stderr.isatty()
-        report = evaluate(predictor, task, **data, device=args.device, progress=progress)
-        row = {**report.to_dict(), "predictor": name, "env_id": args.env_id}
-        if regression:  # the real prediction E_q[label value] at the label position
-            scores = evaluate_regression(predictor, task, **data)
-            row.update(mse=scores["mse"], mse_se=scores["mse_se"])
-        reports.append(row)
+    for name, predictor in zip(names, predictors, strict=True):
+        row = evaluate(predictor, held_out, progress=progress).to_dict()
+        reports.append({**row, "predictor": name})
     if args.json:
         if not args.curves:
             for r in reports:
                 r.pop("curves")
-        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        print(json.dumps(reports, indent=2))
         return 0
+    values = getattr(task, "label_values", None) is not None
+    first = reports[0]
     print(f"{args.env_id}  split={args.split} seed={args.seed} sequences={args.num_sequences}")
     print(f"  {task.spec}")
+    print(f"  oracle: {first['oracle']}, Monte-Carlo error {first['oracle_mc_error']:.2g} nats")
     head = (
         f"{'predictor':16s} {'CE':>8s} {'excess':>8s} {'+-se':>7s} {'KL':>8s} "
-        f"{'KL_last':>8s} {'acc':>6s} {'oracle':>6s}" + f" {'MSE':>7s}" * regression + "  nearest"
+        f"{'KL_last':>8s} {'acc':>6s} {'oracle':>6s}" + f" {'MSE':>7s}" * values + "  nearest"
     )
     print(head)
     print("-" * len(head))
+
+    def num(value: float | None, width: int, digits: int = 4) -> str:
+        return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
+
     for r in reports:
         print(
-            f"{r['predictor']:16s} {r['cross_entropy']:8.4f} {r['excess_loss']:8.4f} "
-            f"{r['excess_loss_se']:7.4f} {r['kl']:8.4f} {r['kl_last']:8.4f} "
+            f"{r['predictor']:16s} {num(r['cross_entropy'], 8)} {num(r['excess_loss'], 8)} "
+            f"{num(r['excess_loss_se'], 7)} {num(r['kl'], 8)} {num(r['kl_last'], 8)} "
             f"{r['accuracy']:6.3f} {r['oracle_accuracy']:6.3f}"
-            + (f" {r['mse']:7.4f}" if regression else "")
-            + f"  {r['nearest_strategy']}"
+            + (f" {num(r['mse'], 7)}" if values else "")
+            + f"  {r['nearest_strategy'] or '-'}"
         )
     print(
-        f"oracle CE {reports[0]['oracle_cross_entropy']:.4f}, "
-        f"entropy of the true rows H {reports[0]['entropy']:.4f} (nats/token)"
+        f"oracle CE {first['oracle_cross_entropy']:.4f}, "
+        f"entropy of the true rows H {first['entropy']:.4f} (nats/token)"
     )
     return 0
 
 
-def _cmd_speed(args: argparse.Namespace) -> int:
+def _cmd_train(args: Any) -> int:
+    from iclgym.harness import build_model, get_recipe, train
+
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    env_id, spec = _task_setup(recipe, args.env_id, args.set)
+    factory, model_args, _ = _model_setup(recipe, args.model, args.model_arg, env_id)
+    task = make_task(env_id, **spec)
+    model = build_model(factory, task, seed=args.train.seed, **model_args)
+    summary = train(model, task, args.train, args.run, env_id=env_id)
+    final = summary["final"]
+    lines = [
+        f"{env_id}: {summary['step']} steps in {summary['wall_s']:.1f} s, "
+        f"{summary['num_parameters']} parameters ({args.model})"
+    ]
+    if final.get("kl_last") is not None:
+        lines.append(
+            f"  final KL_last {final['kl_last']:.4f} (loss {final['loss']:.4f}), nearest "
+            f"strategy {final['nearest']}; references "
+            + ", ".join(f"{k} {v:.4f}" for k, v in summary["references"].items())
+        )
+        lines.append(
+            f"  switch step {summary['switch_step']}; phases "
+            + ", ".join(
+                f"{p['label']} {p['start_step']}-{p['end_step']}" for p in summary["phases"]
+            )
+        )
+    scores = [k for k in ("loss", "mse", "accuracy") if final.get(k) is not None]
+    for prefix in ("train", "val", "test"):
+        scores += [f"{prefix}_{k}" for k in ("mse", "accuracy") if f"{prefix}_{k}" in final]
+    lines.append("  " + ", ".join(f"{k} {final[k]:.4f}" for k in scores))
+    if summary["untrained_rows"] is not None:
+        rows = summary["untrained_rows"]
+        lines.append(f"  {rows['rows']} unseen-token embedding rows unchanged: {rows['unchanged']}")
+    lines.append(f"  run folder {summary['out']}")
+    print("\n".join(lines))
+    return 0
+
+
+def _cmd_sweep(args: Any) -> int:
+    from iclgym.harness import get_recipe
+    from iclgym.harness.sweep import ModelChoice, run_sweep
+
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    if args.train.seed != (recipe.train.seed if recipe else 0):
+        raise UsageError("--seed is not a sweep option: give the training seeds with --seeds")
+    env_id, spec = _task_setup(recipe, args.env_id, args.set)
+    names = args.models or ((recipe.model,) if recipe else ("transformer",))
+    choices = []
+    for name in names:
+        factory, model_args, width_arg = _model_setup(recipe, name, args.model_arg, env_id)
+        choices.append(ModelChoice(name, factory, model_args, width_arg or args.width_arg or None))
+    run_sweep(
+        env_id,
+        models=choices,
+        widths=args.widths,
+        ns=args.ns,
+        n_key=args.n_key,
+        seeds=args.seeds,
+        spec=spec,
+        config=args.train,
+        out=args.out,
+        resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    return 0
+
+
+def _cmd_speed(args: SpeedArgs) -> int:
+    from iclgym.validation import as_float, as_int
+
+    as_float("seconds", args.seconds, 0.0, low_open=True)
+    as_int("repeats", args.repeats, 1)
+    as_int("num_envs", args.num_envs, 1)
     from iclgym.speed import format_table, run
 
     print(format_table(run(seconds=args.seconds, repeats=args.repeats, num_envs=args.num_envs)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="iclgym", description="In-context-learning tasks, oracles and baselines."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the registered env ids").set_defaults(run=_cmd_list)
-    p = sub.add_parser("describe", help="describe one env id")
-    p.add_argument("env_id")
-    p.set_defaults(run=_cmd_describe)
+# ------------------------------------------------------------------ parsing, errors
+_BOX = re.compile(r"[╭╮╰╯│─━┃┏┓┗┛]")
 
-    p = sub.add_parser("eval", help="score predictors against the Bayes oracle")
-    p.add_argument("env_id")
-    p.add_argument(
-        "--predictor",
-        action="append",
-        help="oracle | a strategy name | ngram:ORDER[:ALPHA] | checkpoint:PATH (repeatable; "
-        "default: every strategy and the oracle)",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-sequences", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
-    p.add_argument("--curves", action="store_true", help="include per-position curves in JSON")
-    p.set_defaults(run=_cmd_eval)
 
-    # Listed for --help only: main() hands `iclgym train ...` to iclgym.harness.train, whose
-    # flags come from its config dataclasses (importing torch), so `iclgym list` stays light.
-    sub.add_parser("train", help="train a model on an env id and plot its phases (--help)")
-    sub.add_parser(
-        "sweep", help="template tasks: train a model x width x n x seed grid, table + plot (--help)"
-    )
+def _one_line(text: str) -> str:
+    """The message of tyro's error box as one line: the box's first section, unwrapped."""
+    lines = []
+    for raw in text.splitlines():
+        if "╭" in raw:
+            continue  # the top border carries the box title
+        if "─" in raw and not _BOX.sub("", raw).strip():
+            if lines:
+                break  # the separator under the message
+            continue
+        line = _BOX.sub("", raw).strip()
+        if line:
+            lines.append(line)
+    message = " ".join(lines)
+    message = re.sub(r"^Error parsing (--[\w.-]+): ", r"\1: ", message)
+    message = re.sub(r"^Error parsing [\w.-]+: ", "", message)
+    return message or "invalid command line (see --help)"
 
-    p = sub.add_parser("speed", help="throughput benchmark with the project's targets")
-    p.add_argument("--seconds", type=float, default=2.0, help="seconds per env benchmark run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per benchmark (best counts)")
-    p.add_argument("--num-envs", type=int, default=4096)
-    p.set_defaults(run=_cmd_speed)
-    return parser
+
+def _parse(cls: type, prog: str, argv: Sequence[str], default: Any = None) -> Any:
+    """``tyro.cli`` whose errors become one :class:`UsageError` line (help prints as usual)."""
+    kwargs = {"prog": prog, "args": list(argv)}
+    if default is not None:
+        kwargs["default"] = default
+    if any(a in ("-h", "--help") for a in argv):
+        return tyro.cli(cls, **kwargs)
+    captured = io.StringIO()
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "1000"  # no wrapping inside the box
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(cls, **kwargs)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            raise
+        raise UsageError(_one_line(captured.getvalue())) from None
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def _recipe_default(argv: Sequence[str], cls: type) -> Any:
+    """Defaults filled from ``--recipe NAME`` in ``argv`` (None without one)."""
+    name = None
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--recipe="):
+            name = arg.split("=", 1)[1]
+    if not name:
+        return None
+    from iclgym.harness import get_recipe
+
+    recipe = get_recipe(name)
+    fields = {"recipe": name, "train": recipe.train}
+    if "model" in cls.__dataclass_fields__:
+        fields["model"] = recipe.model
+    return cls(**fields)
+
+
+def _usage() -> str:
+    lines = ["usage: iclgym COMMAND [options] (iclgym COMMAND --help for its options)", ""]
+    lines += [f"  {name:9s} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run the ``iclgym`` command; returns the exit status (2 for a usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    prog = f"iclgym {command}"
     try:
-        if argv[:1] == ["train"]:
-            from iclgym.harness.train import main as train_main
+        if command == "list":
+            return _cmd_list(_parse(ListArgs, prog, rest))
+        if command == "describe":
+            return _cmd_describe(_parse(DescribeArgs, prog, rest))
+        if command == "eval":
+            return _cmd_eval(_parse(EvalArgs, prog, rest))
+        if command == "speed":
+            return _cmd_speed(_parse(SpeedArgs, prog, rest))
+        if command == "train":
+            from iclgym.harness.commands import TrainArgs as cls
 
-            train_main(argv[1:])
-            return 0
-        if argv[:1] == ["sweep"]:
-            from iclgym.harness.sweep import main as sweep_main
+            return _cmd_train(_parse(cls, prog, rest, _recipe_default(rest, cls)))
+        if command == "sweep":
+            from iclgym.harness.commands import SweepArgs as cls
 
-            sweep_main(argv[1:])
-            return 0
-        args = build_parser().parse_args(argv)
-        return args.run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+            return _cmd_sweep(_parse(cls, prog, rest, _recipe_default(rest, cls)))
+        raise UsageError(f"command {command!r} is invalid: expected one of {', '.join(COMMANDS)}")
+    except ValueError as err:  # UsageError included: every bad input is a ValueError
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # training saved its checkpoint first
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -148,11 +148,31 @@ def get_entry(env_id: str) -> EnvEntry:
         ) from None
 
 
+def spec_keys(env_id: str) -> tuple[str, ...]:
+    """The spec keys ``env_id`` accepts as overrides (the fields of its family's spec)."""
+    import typing
+    from dataclasses import fields
+
+    from iclgym.tasks import TASK_FAMILIES
+
+    task_class = TASK_FAMILIES[get_entry(env_id).family]
+    return tuple(f.name for f in fields(typing.get_type_hints(task_class)["spec"]))
+
+
 def make_task(env_id: str, **overrides: Any):
-    """The task behind ``env_id`` with spec overrides (e.g. ``num_states=5``)."""
+    """The task behind ``env_id`` with spec overrides (e.g. ``num_states=5``).
+
+    Raises ``ValueError`` for an unknown id, an override key the spec does not have (listing
+    the valid keys), or a value the spec or the id refuses."""
     from iclgym.tasks import make_family_task
 
     entry = get_entry(env_id)
+    unknown = sorted(set(overrides) - set(spec_keys(env_id)))
+    if unknown:
+        raise ValueError(
+            f"spec key {unknown[0]!r} is invalid for {entry.env_id}: expected one of "
+            f"{', '.join(spec_keys(env_id))}"
+        )
     return make_family_task(entry.family, **entry.spec_kwargs(overrides))
 
 

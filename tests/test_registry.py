@@ -72,3 +72,17 @@ def test_template_ids_fix_their_preset_and_accept_kwargs():
         gym.make("ICL-SameDifferent-v0", preset="aba_abb")
     with pytest.raises(ValueError, match="ICL-SymbolCopy-v0"):
         iclgym.make_task("ICL-SymbolCopy-v0", preset="aba_abb")
+
+
+def test_unknown_spec_keys_are_refused_with_the_valid_keys():
+    with pytest.raises(
+        ValueError,
+        match=r"spec key 'bogus' is invalid for ICL-MarkovChain-v0: "
+        r"expected one of num_states, order, seq_len, alpha",
+    ):
+        iclgym.make_task("ICL-MarkovChain-v0", bogus=1)
+    with pytest.raises(ValueError, match=r"spec key 'num_states' is invalid for ICL-SymbolCopy-v0"):
+        iclgym.make_task("ICL-SymbolCopy-v0", num_states=3)
+    from iclgym.registry import spec_keys
+
+    assert "train_alphabet_size" in spec_keys("ICL-SymbolTemplate-v0")

@@ -69,6 +69,7 @@ class _Part:
     cols: Tensor  # (N,) position index
     targets: Tensor  # (N,)
     true: Tensor  # (N, V) true next-token law
+    log_true: Tensor  # (N, V) its log (floored: entries where true = 0 are never read)
     oracle: Tensor  # (N, V) oracle log-probs
     oracle_ce: Tensor  # (N,)
     oracle_kl: Tensor  # (N,)
@@ -78,6 +79,7 @@ class _Part:
     last: Tensor  # (B,) index in 0..N-1 of each sequence's last scored position
     values: Tensor | None  # (N,) true label values (tasks with label_values)
     mc: tuple[float, float, int]  # oracle Monte-Carlo (bias, se, scored count) of this batch
+    seq_counts: Tensor  # (B,) scored positions per sequence
 
 
 class HeldOut:
@@ -132,6 +134,21 @@ class HeldOut:
         self.oracle_mc_bias = sum(p.mc[0] * p.mc[2] for p in self.parts) / count
         self.oracle_mc_se = math.sqrt(sum((p.mc[1] * p.mc[2]) ** 2 for p in self.parts)) / count
         self.seq_len = task.seq_len
+        self._oracle_sums: _Sums | None = None
+
+    def oracle_sums(self) -> _Sums:
+        """Per-position and per-sequence sums of the oracle's metrics and the entropy (computed
+        on first use, then shared by every evaluation)."""
+        if self._oracle_sums is None:
+            sums = _Sums(self.seq_len, self.device)
+            for part in self.parts:
+                sums.counts = sums.counts.index_add(0, part.cols, torch.ones_like(part.oracle_ce))
+                sums.add("oracle_cross_entropy", part, part.oracle_ce, per_seq=True)
+                sums.add("oracle_kl", part, part.oracle_kl, last=True)
+                sums.add("oracle_accuracy", part, part.oracle_acc)
+                sums.add("entropy", part, part.entropy)
+            self._oracle_sums = sums
+        return self._oracle_sums.copy()
 
     def _part(self, batch: Batch, names: Iterable[str]) -> _Part:
         mask = batch.loss_mask
@@ -160,6 +177,7 @@ class HeldOut:
             cols=cols,
             targets=targets,
             true=true,
+            log_true=log_true,
             oracle=oracle,
             oracle_ce=-oracle.gather(-1, targets[:, None])[:, 0],
             oracle_kl=kl_at(true, log_true, oracle),
@@ -169,6 +187,7 @@ class HeldOut:
             last=last[last >= 0],
             values=values,
             mc=(bias, se, int(rows.numel())),
+            seq_counts=mask.sum(1).float(),
         )
 
     @property
@@ -187,7 +206,7 @@ class HeldOut:
                 continue
             kls = []
             for part in self.parts:
-                p, log_p = part.true[part.last], part.true[part.last].clamp_min(1e-45).log()
+                p, log_p = part.true[part.last], part.log_true[part.last]
                 kls.append(kl_at(p, log_p, part.strategies[name][1][part.last]))
             out[name] = torch.cat(kls).mean().item()
         return out
@@ -265,18 +284,26 @@ class _Sums:
         self.counts = torch.zeros(seq_len, device=device)
         self.T = seq_len
 
-    def add(self, name: str, part: _Part, values: Tensor, per_seq: bool = False) -> None:
+    def add(
+        self, name: str, part: _Part, values: Tensor, per_seq: bool = False, last: bool = False
+    ) -> None:
+        """Add (N,) per-token ``values``: per position; per sequence (their mean) if
+        ``per_seq``; at each sequence's last scored position if ``last``."""
         values = values.float()
         pos = torch.zeros(self.T, device=values.device).index_add_(0, part.cols, values)
         self.pos[name] = self.pos[name] + pos if name in self.pos else pos
         if per_seq:
             B = part.batch.batch_size
             sums = torch.zeros(B, device=values.device).index_add_(0, part.rows, values)
-            counts = torch.zeros(B, device=values.device).index_add_(
-                0, part.rows, torch.ones_like(values)
-            )
-            self.seq.setdefault(name, []).append((sums / counts)[counts > 0])
+            self.seq.setdefault(name, []).append((sums / part.seq_counts)[part.seq_counts > 0])
+        if last:
             self.last.setdefault(name, []).append(values[part.last])
+
+    def copy(self) -> _Sums:
+        out = _Sums(self.T, self.counts.device)
+        out.counts = self.counts
+        out.pos, out.seq, out.last = dict(self.pos), dict(self.seq), dict(self.last)
+        return out
 
     def mean(self, name: str) -> float:
         return (self.pos[name].sum() / self.counts.sum()).item()
@@ -338,7 +365,7 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
     task, V = held.task, held.task.vocab_size
     values_table = held.label_values
     device = held.device
-    sums = _Sums(held.seq_len, device)
+    sums = held.oracle_sums()
     names = held.strategy_names
     value_mode: bool | None = None
     squared: list[Tensor] = []
@@ -363,25 +390,17 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
                 raise ValueError("predictor switched between log-probs and values across batches")
             value_mode = is_values
             sel = out[part.rows, part.cols].to(device)  # (N, V) or (N, 1): selection
-            sums.counts += torch.zeros_like(sums.counts).index_add_(
-                0, part.cols, torch.ones_like(part.oracle_ce)
-            )
-            sums.add("oracle_cross_entropy", part, part.oracle_ce, per_seq=True)
-            sums.add("oracle_kl", part, part.oracle_kl, per_seq=True)
-            sums.add("oracle_accuracy", part, part.oracle_acc)
-            sums.add("entropy", part, part.entropy)
             if is_values:
                 pred = sel[:, 0].double()
             else:
                 log_q = sel
                 ce = -log_q.gather(-1, part.targets[:, None])[:, 0]
-                log_true = part.true.clamp_min(1e-45).log()
                 sums.add("cross_entropy", part, ce, per_seq=True)
-                sums.add("kl", part, kl_at(part.true, log_true, log_q), per_seq=True)
+                sums.add("kl", part, kl_at(part.true, part.log_true, log_q), last=True)
                 sums.add("accuracy", part, log_q.argmax(-1) == part.targets)
                 for name in names:
                     p, log_p = part.strategies[name]
-                    sums.add(f"strategy:{name}", part, kl_at(p, log_p, log_q), per_seq=True)
+                    sums.add(f"strategy:{name}", part, kl_at(p, log_p, log_q), last=True)
                 pred = None
                 if values_table is not None:
                     pred = expected_value(log_q, values_table).double()

@@ -54,13 +54,14 @@ def plot_run(
     top.legend(title="background = nearest strategy", fontsize=8, title_fontsize=8)
     if title:
         top.set_title(title)
-    for key, label in PROBES.items():
-        if key in records[0]:
-            bottom.plot(x, [r[key] for r in records], label=label)
+    probes = [(key, label) for key, label in PROBES.items() if key in records[0]]
+    for key, label in probes:
+        bottom.plot(x, [r[key] for r in records], label=label)
     bottom.set_ylim(0, 1)
-    bottom.set_ylabel("attention probe score")
+    bottom.set_ylabel("attention probe score" if probes else "(no attention maps exposed)")
     bottom.set_xlabel("training sequences seen")
-    bottom.legend(fontsize=8)
+    if probes:
+        bottom.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -29,8 +29,12 @@ class Recipe:
     model: str
     """Model name (``transformer``, ``mlp``, ``lstm``, ``transformer+kq``, ...) or import path."""
     model_args: Mapping[str, Any]
-    """Keyword arguments of the model factory (``--model-arg``)."""
+    """Keyword arguments of the recipe's model factory (``--model-arg``)."""
     train: TrainConfig
+    common_args: Mapping[str, Any] = field(default_factory=dict)
+    """Model arguments the protocol needs whatever the model (e.g. ``n_outputs=1``, a value
+    head for real labels): given to the recipe's model and to any other model whose factory
+    names them in its signature."""
     source: str = field(default="", repr=False)
     """Where the numbers come from."""
 
@@ -106,7 +110,8 @@ BOIX2023 = Recipe(
     env_id="ICL-SymbolTemplate-v0",
     spec={"preset": "aba_abb", "label_type": "regression", "train_alphabet_size": 512},
     model="transformer",
-    model_args={**_BOIX_TRANSFORMER, "n_outputs": 1},
+    model_args=_BOIX_TRANSFORMER,
+    common_args={"n_outputs": 1},
     train=_BOIX_TRAIN,
     source=(
         "Boix-Adserà et al. 2024 (arXiv 2310.09753), shared/specs/symbol-templates.md sections "
@@ -127,7 +132,8 @@ BOIX2023_MLP = Recipe(
     env_id="ICL-SymbolTemplate-v0",
     spec={"preset": "aba_abb", "label_type": "regression", "train_alphabet_size": 64},
     model="mlp",
-    model_args={"n_outputs": 1, "width": 256, "depth": 2},
+    model_args={"width": 256, "depth": 2},
+    common_args={"n_outputs": 1},
     train=_BOIX_TRAIN,
     source=(
         "Boix-Adserà et al. 2024, target T1 of shared/specs/symbol-templates.md section 6: a "

@@ -96,9 +96,9 @@ SPLIT_METRICS = ("loss", "excess_loss", "kl", "kl_last", "accuracy", "mse", "val
 # ------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training trajectory; every field is a ``--flag`` of
-    ``iclgym train`` and ``iclgym sweep``. A resumed run must use the same values (``steps``
-    and ``epochs`` may grow under a constant learning rate)."""
+    """Everything that determines a training trajectory (a resumed run must keep it; steps and
+    epochs may grow under a constant learning rate). Every field is a flag of iclgym train
+    and iclgym sweep."""
 
     data: Literal["stream", "finite"] = "stream"
     """stream: a fresh batch every step; finite: a fixed training set, reshuffled every epoch."""
@@ -201,7 +201,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Where a run is written and how it is shown; none of it changes the trajectory."""
+    """Where a run is written and how it is shown (none of it changes the trajectory)."""
 
     out: str = ""
     """Run folder (default runs/ENV_ID-seedSEED)."""

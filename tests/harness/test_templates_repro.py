@@ -50,7 +50,7 @@ def run(tmp_path, recipe: str, n: int, seed: int = 0, model: str | None = None, 
     r = RECIPES[recipe]
     task = make_task(r.env_id, **{**r.spec, "train_alphabet_size": n, "train_set_seed": seed})
     entry = MODELS[model or r.model]
-    args = {**r.model_args, **entry.args, **model_args}
+    args = {**r.model_args, **r.common_args, **entry.args, **model_args}
     net = build_model(entry.factory, task, seed=seed, **args)
     out = tmp_path / f"{recipe}-{model or r.model}-{n}-{seed}-{len(model_args)}"
     summary = train(

@@ -35,7 +35,10 @@ def run(tmp_path_factory, seed: int = 0, **model_args):
     task = make_task(RECIPE.env_id, **RECIPE.spec)
     entry = MODELS[RECIPE.model]
     model = build_model(
-        entry.factory, task, seed=seed, **{**RECIPE.model_args, **entry.args, **model_args}
+        entry.factory,
+        task,
+        seed=seed,
+        **{**RECIPE.model_args, **RECIPE.common_args, **entry.args, **model_args},
     )
     out = tmp_path_factory.mktemp("repro") / "run"
     options = RunOptions(out=str(out), progress=False, plot=False)

@@ -53,16 +53,19 @@ Rendering (``render_mode=``): ``"ansi"`` (recent tokens, last action and reward 
 and under each token revealed by a step a green cell if that step's reward matched the
 oracle's (regret <= 0), red otherwise); the vector env returns one per sub-env.
 Copies and processes: both envs pickle and deep-copy mid-episode, the copy continuing the
-same stream. The native vector env prepares its next round of episodes in a worker thread;
-forking waits for it, and in a process forked from one that imported this module torch runs
-on one intra-op thread (OpenMP is not fork-safe: a child otherwise hangs in its first
-parallel torch op), so ``gym.make_vec(..., vectorization_mode="async")`` works with the
-default start method.
+same stream. The native vector env prepares its next block of episodes in a worker thread;
+forking waits for it. OpenMP is not fork-safe (a child of a process that ran torch hangs in
+its first parallel torch op), so torch runs on one intra-op thread in a process forked from
+one that imported this module, and in a multiprocessing worker started by fork that imports
+it first: ``gym.make_vec(..., vectorization_mode="async")`` and SB3's ``SubprocVecEnv`` work
+with the fork start method. Workers started by spawn or forkserver (SB3's default) import
+only what the id names: use ``"iclgym:<id>"`` there, as for any third-party Gymnasium env.
 """
 
 from __future__ import annotations
 
 import colorsys
+import multiprocessing
 import os
 import weakref
 from collections.abc import Callable
@@ -397,6 +400,12 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+if multiprocessing.parent_process() is not None and multiprocessing.get_start_method(
+    allow_none=True
+) in (None, "fork"):
+    # imported first in a forked worker (e.g. SB3's SubprocVecEnv with start_method="fork"),
+    # whose parent may have run torch's OpenMP pool without importing this module
+    torch.set_num_threads(1)
 
 
 def _frame(tokens: list[int], regrets: list[float]) -> np.ndarray:

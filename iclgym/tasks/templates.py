@@ -393,12 +393,13 @@ class SymbolTemplateSpec(TaskSpec):
         ranges = self.alphabet_ranges
         vocab = names + max(hi for _, hi in ranges)
         sizes = ("train_alphabet_size", "val_alphabet_size", "test_alphabet_size")
-        split = max(range(len(SPLITS)), key=lambda i: ranges[i][1])
-        lo, hi = ranges[split]
-        name = sizes[split]
-        if self.alphabet_offsets is not None and lo > hi - lo:
-            name = "alphabet_offsets"
-        if classes > hi:
+        split = max(range(len(SPLITS)), key=lambda i: ranges[i][1] - ranges[i][0])
+        name = sizes[split]  # the largest alphabet, or the offsets that place one far out
+        if self.alphabet_offsets is not None:
+            split = max(range(len(SPLITS)), key=lambda i: ranges[i][1])
+            lo, hi = ranges[split]
+            name = "alphabet_offsets" if lo > hi - lo else sizes[split]
+        if classes > max(hi for _, hi in ranges):
             name = "labels"
         check_sequence_memory(name, getattr(self, name), self.template_len + 1, vocab)
         n = self.n_train if self.n_train is not None else self.train_alphabet_size
@@ -468,7 +469,8 @@ class SymbolTemplateSpec(TaskSpec):
     def _check_offsets(self) -> None:
         offsets = self.alphabet_offsets
         if (
-            not isinstance(offsets, Sequence)
+            not isinstance(offsets, (Sequence, np.ndarray))
+            or np.ndim(offsets) != 1
             or len(offsets) != len(SPLITS)
             or not all(_is_int(o) and o >= 0 for o in offsets)
         ):

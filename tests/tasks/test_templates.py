@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -614,3 +616,175 @@ def test_offsets_are_accepted_iff_the_alphabets_are_disjoint(offsets, sizes):
         body = batch.tokens[:, :-1]
         assert ((body >= start) & (body < start + size)).all()
         assert (task.oracle(batch)[:, -1].argmax(-1) == batch.targets[:, -1]).all()
+
+
+# ----------------------------------------------------------- issue 8: numbers and sizes
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    plain = SymbolTemplateTask(
+        preset="random",
+        random_num_templates=3,
+        random_length=4,
+        random_wildcards=3,
+        random_seed=2,
+        data_mode="fixed",
+        n_train=9,
+        train_set_seed=1,
+        alphabet_offsets=(0, 20, 40),
+        **SMALL,
+    )
+    numpy = SymbolTemplateTask(
+        preset="random",
+        random_num_templates=np.int64(3),
+        random_length=np.int32(4),
+        random_wildcards=np.uint8(3),
+        random_seed=np.int64(2),
+        data_mode="fixed",
+        n_train=np.int64(9),
+        train_set_seed=np.int16(1),
+        alphabet_offsets=np.array([0, 20, 40]),
+        **{k: np.int64(v) for k, v in SMALL.items()},
+    )
+    assert numpy.spec == plain.spec
+    assert all(type(v) is int for v in numpy.spec.alphabet_offsets)
+    assert type(numpy.spec.train_alphabet_size) is int and type(numpy.spec.n_train) is int
+    assert torch.equal(draw(numpy, 50).tokens, draw(plain, 50).tokens)
+    custom = {"preset": "custom", "templates": ("AA", "AB"), "wildcards": "AB"}
+    classes = SymbolTemplateTask(
+        labels=(np.int64(1), np.int32(0)), label_type="classification", **custom
+    )
+    assert classes.spec.labels == (1, 0) and all(type(y) is int for y in classes.spec.labels)
+    values = SymbolTemplateTask(labels=(np.float32(0.5), np.int64(-2)), **custom)
+    assert values.spec.labels == (0.5, -2.0)
+    probs = SymbolTemplateTask(template_probs=np.array([0.25, 0.75]), **SMALL)
+    assert probs.spec.template_probs == (0.25, 0.75)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"train_alphabet_size": True}, "train_alphabet_size"),
+        ({"val_alphabet_size": np.bool_(True)}, "val_alphabet_size"),
+        ({"n_train": True}, "n_train"),
+        ({"random_seed": True, "preset": "random"}, "random_seed"),
+        ({"template_probs": (True, False)}, "template_probs"),
+        ({"alphabet_offsets": (0, True, 600)}, "alphabet_offsets"),
+    ],
+)
+def test_bools_are_not_numbers(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}=.* is invalid"):
+        SymbolTemplateSpec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"train_alphabet_size": 10**7}, "train_alphabet_size"),
+        ({"val_alphabet_size": 10**8}, "val_alphabet_size"),
+        ({"test_alphabet_size": 10**12}, "test_alphabet_size"),
+        ({"alphabet_offsets": (0, 600, 10**9)}, "alphabet_offsets"),
+        (
+            {
+                "preset": "custom",
+                "templates": ("AA", "AB"),
+                "wildcards": "AB",
+                "labels": (0, 10**9),
+                "label_type": "classification",
+            },
+            "labels",
+        ),
+        ({"data_mode": "fixed", "n_train": 10**10}, "n_train"),
+    ],
+)
+def test_impossible_sizes_are_refused_before_allocating(kwargs, name):
+    """Issue 8: train_alphabet_size=10**7 died in the allocator; now the spec names the
+    parameter and the memory its 64 sequences (or the fixed training set) would take."""
+    with pytest.raises(ValueError, match=rf"{name}=.* is invalid: .* would take [\d.]+ [GTP]iB"):
+        SymbolTemplateSpec(**kwargs)
+
+
+def test_largest_accepted_alphabet_still_samples_and_scores():
+    task = SymbolTemplateTask(train_alphabet_size=10**6)
+    batch = draw(task, 8)
+    label = task.online(batch)(task.first_scored_position)[1]
+    assert (torch.from_numpy(label) == batch.targets[:, -1]).all()
+
+
+# ------------------------------------------------- issue 8: composable sampler, online
+@pytest.mark.parametrize("data_mode", ["online", "fixed"])
+@pytest.mark.parametrize("preset", ["aba_abb", "counting5", "var_binding"])
+def test_two_draws_equal_one_draw_of_both(preset, data_mode):
+    """The data do not depend on batch sizes (Task.sample_composes): B1 then B2 sequences
+    from one generator are the first B1 + B2 of one draw."""
+    label_type = "multiclass" if preset == "var_binding" else "regression"
+    task = SymbolTemplateTask(preset=preset, label_type=label_type, data_mode=data_mode, **SMALL)
+    assert task.sample_composes
+    gen = task.generator(5)
+    parts = [task.sample(n, generator=gen) for n in (1, 37, 100)]
+    whole = task.sample(138, generator=task.generator(5))
+    for field in ("tokens", "targets", "loss_mask"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field))
+    for key in whole.params:
+        assert torch.equal(torch.cat([p.params[key] for p in parts]), whole.params[key])
+
+
+def test_template_probabilities_of_zero_are_never_drawn_and_others_follow_the_law():
+    task = SymbolTemplateTask(preset="majority4", template_probs=(0.5, 0, 0, 0.25, 0, 0, 0.25, 0))
+    z = draw(task, 20000).params["template_id"]
+    counts = torch.bincount(z, minlength=8).float() / 20000
+    assert (counts[[1, 2, 4, 5, 7]] == 0).all()
+    for i, p in ((0, 0.5), (3, 0.25), (6, 0.25)):
+        assert abs(counts[i].item() - p) < 5 * math.sqrt(p * (1 - p) / 20000)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(
+        [
+            {"preset": "aba_abb"},
+            {"preset": "majority6"},
+            {"preset": "counting5", "label_type": "multiclass"},
+            {"preset": "var_binding", "label_type": "multiclass"},
+            {
+                "preset": "random",
+                "random_num_templates": 6,
+                "random_length": 12,
+                "random_wildcards": 4,
+                "random_regular": 2,
+            },
+        ]
+    ),
+    st.integers(0, 2**31),
+)
+def test_pattern_matcher_agrees_with_plain_template_matching(kwargs, seed):
+    """On sampled strings and on strings with random equalities, symbols, regular tokens and
+    QUERY corruption, the online bit-pattern matcher finds the template of the exact matcher
+    (:meth:`match`), or none."""
+    task = SymbolTemplateTask(**kwargs, **SMALL)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = draw(task, 300, seed=seed % 1000).tokens.clone()
+    low = torch.randint(0, 3, (300, task.seq_len), generator=gen)  # few distinct symbols
+    noise = torch.where(
+        torch.rand(300, task.seq_len, generator=gen) < 0.5,
+        task.alphabet_start + low,
+        torch.randint(0, task.vocab_size, (300, task.seq_len), generator=gen),
+    )
+    corrupt = torch.rand(300, task.seq_len, generator=gen) < 0.15
+    tokens = torch.where(corrupt, noise, tokens)
+    expected = task.match(tokens).numpy()
+    found = task._matcher.match(tokens.numpy().T)
+    assert (found == expected).all()
+
+
+def test_online_labels_are_the_oracle_and_unexplained_strings_raise():
+    task = SymbolTemplateTask(preset="var_binding", label_type="multiclass", **SMALL)
+    batch = draw(task, 500, "test")
+    true, oracle = task.online(batch)(task.first_scored_position)
+    assert true.dtype == oracle.dtype == np.int64
+    dense = task.oracle(batch)[:, -1].argmax(-1).numpy()
+    assert (oracle == dense).all() and (true == batch.targets[:, -1].numpy()).all()
+    with pytest.raises(ValueError, match="score position"):
+        task.online(batch)(0)
+    broken = replace(batch, tokens=batch.tokens.clone())
+    broken.tokens[3, 1] = task.query_id  # no template has QUERY inside the string
+    with pytest.raises(ValueError, match=r"rows \[3\] match no template"):
+        task.online(broken)

@@ -672,46 +672,54 @@ class ICLEnv(_Spaces, gym.Env):
 
     def _load_block(self, batch: Batch) -> None:
         """Score a block of sequences once: its tokens, the online laws at every scored
-        position ((B, S, V) dense, or (B, S) point masses as Python ints), the oracle's hits,
-        the initial observation buffers and the per-episode info rows."""
+        position, the oracle's hits, the initial observation buffers and the per-episode
+        info. Per-episode scalars are kept as flat lists, one per position or info column
+        (Python ints and floats; few long-lived containers keep the garbage collector cheap),
+        dense laws and buffers as arrays."""
         first, last = self.first, self.seq_len
         seqs = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
         online = self.task.online(batch)
         laws = [online(t) for t in range(first, last)]
-        true = np.stack([law[0] for law in laws], 1)
-        oracle = np.stack([law[1] for law in laws], 1)
-        self._keys = law_keys(true[:, 0], oracle[:, 0])
-        self._block_tokens = seqs.tolist()
-        self._block_true = true.tolist() if is_point(true) else true
-        self._block_oracle = oracle.tolist() if is_point(oracle) else oracle
-        self._block_hits = self.oracle_hits(seqs[:, first + 1 :], oracle).tolist()
+        self._keys = law_keys(*laws[0])
+        self._block_tokens = [seqs[:, j].tolist() for j in range(last + 1)]
+        self._block_true, self._block_oracle = (
+            [law[j].tolist() for law in laws]
+            if is_point(laws[0][j])
+            else np.stack([law[j] for law in laws], 1)
+            for j in (0, 1)
+        )
+        self._block_hits = [
+            self.oracle_hits(seqs[:, t + 1], law[1]).tolist()
+            for t, law in zip(range(first, last), laws, strict=True)
+        ]
         self._block_obs = self.initial_buffer(seqs[:, :-1], seqs[:, -1])
         self._block_episodes = None
         if self.episode_fn is not None:
-            columns = self.episode_columns(self.episode_fn(batch), seqs[:, -1], oracle[:, -1])
-            self._block_episodes = self._episode_rows(columns)
+            columns = self.episode_columns(self.episode_fn(batch), seqs[:, -1], laws[-1][1])
+            self._block_episodes = {
+                key: {k: v.tolist() for k, v in col.items()}
+                if isinstance(col, dict)
+                else col.tolist()
+                for key, col in columns.items()
+            }
         self._row, self._rows = 0, batch.batch_size
 
-    @staticmethod
-    def _episode_rows(columns: dict[str, Any]) -> list[dict[str, Any]]:
-        """Episode info columns as one dict of Python scalars per row; in nested dicts (the
+    def _episode_row(self, i: int) -> dict[str, Any]:
+        """Episode ``i`` of the block's info columns as Python scalars; in nested dicts (the
         substitution) negative entries mean absent and are left out."""
-        flat = {k: v.tolist() for k, v in columns.items() if not isinstance(v, dict)}
-        nested = {
-            k: {name: v.tolist() for name, v in col.items()}
-            for k, col in columns.items()
-            if isinstance(col, dict)
+        return {
+            key: {k: v[i] for k, v in col.items() if v[i] >= 0} if isinstance(col, dict) else col[i]
+            for key, col in self._block_episodes.items()
         }
-        rows = [{k: v[i] for k, v in flat.items()} for i in range(len(next(iter(flat.values()))))]
-        for key, col in nested.items():
-            for i, row in enumerate(rows):
-                row[key] = {name: v[i] for name, v in col.items() if v[i] >= 0}
-        return rows
+
+    def _law(self, block: list[list[int]] | np.ndarray, k: int) -> Any:
+        """Episode's law at scored step k: a token id (point mass) or a (V,) array."""
+        return block[k][self._i] if isinstance(block, list) else block[self._i, k]
 
     def _observation(self) -> Any:
         t = self._t
         if self.obs_mode == "token":
-            return self._tokens[t]
+            return self._block_tokens[t][self._i]
         if self.obs_mode == "window":
             return self._obs_buffer[t : t + self.window].copy()
         return self._obs_buffer.copy()
@@ -730,14 +738,10 @@ class ICLEnv(_Spaces, gym.Env):
             self._row = self._rows = 0
         if self._row == self._rows:
             self._load_block(self._stream.next_block())
-        i = self._row
+        self._i = i = self._row
         self._row = i + 1
-        self._tokens = self._block_tokens[i]
-        self._true, self._oracle = self._block_true[i], self._block_oracle[i]
-        self._hits = self._block_hits[i]
         if self._block_obs is not None:
             self._obs_buffer = self._block_obs[i].copy()
-        self._episode = None if self._block_episodes is None else self._block_episodes[i]
         self._t = self.first
         self._last = None
         if self.render_mode is not None:
@@ -751,13 +755,13 @@ class ICLEnv(_Spaces, gym.Env):
         if t >= self.seq_len:
             raise RuntimeError("step() called after the episode ended; call reset() first")
         k = t - self.first
-        target = self._tokens[t + 1]
-        true, oracle = self._true[k], self._oracle[k]
+        target = self._block_tokens[t + 1][self._i]
+        true, oracle = self._law(self._block_true, k), self._law(self._block_oracle, k)
         key_true, key_oracle = self._keys
         info = {"t": t, key_true: true, key_oracle: oracle, "split": self.split}
         if self.action_mode == "token":  # scalar fast path: this is the per-step hot loop
             reward = 1.0 if self._token(action) == target else 0.0
-            info["regret"] = self._hits[k] - reward
+            info["regret"] = self._block_hits[k][self._i] - reward
         else:
             rewards, extra = self._score(
                 np.asarray(action)[None], np.array([target]), np.array([true]), np.array([oracle])
@@ -771,8 +775,8 @@ class ICLEnv(_Spaces, gym.Env):
         if self.render_mode is not None:
             self._regrets[t] = info["regret"]
         terminated = self._t == self.seq_len
-        if terminated and self._episode is not None:  # the label step of a template task
-            info.update(self._episode)  # each row is handed out once: no copy needed
+        if terminated and self._block_episodes is not None:  # the label step of a template
+            info.update(self._episode_row(self._i))
         return self._observation(), reward, terminated, False, info
 
     def _token(self, action: Any) -> int:
@@ -792,10 +796,11 @@ class ICLEnv(_Spaces, gym.Env):
         if self.render_mode is None or self._t is None:
             return None
         lo = max(0, self._t + 1 - FRAME_CELLS)
+        tokens = [column[self._i] for column in self._block_tokens[: self._t + 1]]
         if self.render_mode == "rgb_array":
             regrets = [np.nan, *self._regrets][lo : self._t + 1]
-            return _frame(self._tokens[lo : self._t + 1], regrets)
-        shown = " ".join(str(x) for x in self._tokens[max(0, self._t - 15) : self._t + 1])
+            return _frame(tokens[lo:], regrets)
+        shown = " ".join(str(x) for x in tokens[max(0, self._t - 15) :])
         line = f"t={self._t:4d} | ... {shown}"
         if self._last is not None:
             action, reward = np.round(np.asarray(self._last[0]), 3), self._last[1]

@@ -34,7 +34,7 @@ from torch import Tensor
 from iclgym.tasks import markov_bayes
 from iclgym.tasks.base import Batch, OracleEstimate, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.estimators import check_alpha, context_index, ngram_log_probs
-from iclgym.tasks.stationary import lifted_log_transition, lifted_transition, stationary_from_log
+from iclgym.tasks.stationary import lifted_transition, stationary_from_log
 from iclgym.validation import as_float, as_int, check_sequence_memory, invalid
 
 PRIORS = ("dirichlet", "doubly_stochastic", "unigram", "mixture")
@@ -255,14 +255,14 @@ class MarkovChainTask(Task):
         """Stationary law (B, S) float64 of the lifted chain of probability ``tables``
         (B, S, k), by GTH elimination (:mod:`iclgym.tasks.stationary`); raises ``ValueError``
         for a reducible table (its stationary law is not unique)."""
-        return stationary_from_log(lifted_log_transition(tables.double().log()))
+        return stationary_from_log(tables.double().log())
 
     def _initial_law(self, log_tables: Tensor) -> Tensor:
         """(B, S) float64 law of the first context (stationary or uniform)."""
         batch, states, _ = log_tables.shape
         if self.spec.init == "uniform":
             return log_tables.new_full((batch, states), 1.0 / states)
-        return stationary_from_log(lifted_log_transition(log_tables))
+        return stationary_from_log(log_tables)
 
     def _init_conditionals(self, law: Tensor, first_state: Tensor) -> Tensor:
         """True next-token laws (B, n-2, k) at the positions inside the initial context."""

@@ -63,24 +63,28 @@ def gth_stationary(transition: Tensor) -> Tensor:
     """Stationary law (..., S) float64 of row-stochastic ``transition`` (..., S, S).
 
     Only off-diagonal entries are read (the diagonal is implied), in float64, with no
-    subtraction. Cost O(S^3) per chain, batched over the leading dimensions. Rows that do not
-    sum to 1 are read as the off-diagonal rates of a continuous-time chain, whose stationary
-    law is returned (for a stochastic matrix the two coincide).
+    subtraction. Cost O(S^3) per chain, batched over the leading dimensions: each elimination
+    is one in-place batched rank-1 update, and the back-substitution ``x_n = sum_{i<n} x_i
+    A[i, n]`` is one unit-triangular solve (sums of positive terms). Rows that do not sum to 1
+    are read as the off-diagonal rates of a continuous-time chain, whose stationary law is
+    returned (for a stochastic matrix the two coincide).
     """
-    a = transition.to(torch.float64).clone()
-    states = a.shape[-1]
+    *lead, states, _ = transition.shape
+    a = transition.to(torch.float64).reshape(-1, states, states).clone()
     for n in range(states - 1, 0, -1):
-        exit_mass = a[..., n, :n].sum(-1, keepdim=True)
+        exit_mass = a[:, n, :n].sum(-1)
         if not bool((exit_mass > 0).all()):
             raise _reducible("transition")
-        column = a[..., :n, n : n + 1] / exit_mass.unsqueeze(-1)
-        a[..., :n, n : n + 1] = column
-        a[..., :n, :n] += column * a[..., n : n + 1, :n]
-    x = torch.zeros(a.shape[:-1], dtype=torch.float64, device=a.device)
-    x[..., 0] = 1.0
-    for n in range(1, states):
-        x[..., n] = (x[..., :n] * a[..., :n, n]).sum(-1)
-    return x / x.sum(-1, keepdim=True)
+        column = a[:, :n, n] / exit_mass.unsqueeze(-1)
+        a[:, :n, n] = column
+        a[:, :n, :n].baddbmm_(column.unsqueeze(-1), a[:, n : n + 1, :n])
+    # x (I - U) = e_0 with U the strict upper triangle: x_n = sum_{i<n} x_i U[i, n]
+    unit = torch.eye(states, dtype=torch.float64, device=a.device) - a.triu(1)
+    e0 = torch.zeros(a.shape[0], 1, states, dtype=torch.float64, device=a.device)
+    e0[:, 0, 0] = 1.0
+    x = torch.linalg.solve_triangular(unit, e0, upper=True, left=False, unitriangular=True)
+    x = x.squeeze(1)
+    return (x / x.sum(-1, keepdim=True)).view(*lead, states)
 
 
 def log_gth_stationary(log_transition: Tensor) -> Tensor:
@@ -107,10 +111,11 @@ UNDERFLOW_LOG = -700.0
 normal double); :func:`stationary_from_log` switches to log space there."""
 
 
-def stationary_from_log(log_transition: Tensor) -> Tensor:
-    """Stationary law (..., S) float64 from log-probabilities (..., S, S): linear-space GTH when
-    every possible transition is representable in float64, log-space GTH otherwise."""
-    finite = log_transition[torch.isfinite(log_transition)]
+def stationary_from_log(log_tables: Tensor) -> Tensor:
+    """Stationary law (..., S) float64 of the lifted chain of log-probability tables
+    (..., S, k) (one row per context): linear-space GTH when every entry is representable in
+    float64, log-space GTH otherwise."""
+    finite = log_tables[torch.isfinite(log_tables)]
     if finite.numel() == 0 or finite.min().item() > UNDERFLOW_LOG:
-        return gth_stationary(log_transition.exp())
-    return log_gth_stationary(log_transition).exp()
+        return gth_stationary(lifted_transition(log_tables.exp()))
+    return log_gth_stationary(lifted_log_transition(log_tables)).exp()

@@ -95,9 +95,11 @@ DEFAULT_WINDOW = 8
 BLOCK = 64
 """A sampler call draws at least this many sequences' worth of scored steps (64 sequences
 when every position is scored), amortising the torch call over episodes."""
-SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**15
+SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**13
 """Scored steps per sampler call of the single and vector env for tasks whose data do not
 depend on batch sizes (see :func:`block_sequences`)."""
+LOOKAHEAD = 2
+"""Blocks the native vector env prepares ahead (see :class:`RoundQueue`)."""
 FRAME_CELLS, CELL_PIXELS = 32, 8
 """rgb_array frames show the last 32 tokens as 8x8-pixel cells."""
 PALETTE = (
@@ -246,10 +248,13 @@ class Block:
         self.episode = None if space.episode_fn is None else space.episode_fn(batch)
         size = batch.batch_size
         self.rows = [slice(i, i + num_envs) for i in range(0, size, num_envs)]
-        self.laws = None
+        self.laws = self.hits = None
         self.batches: list[Batch] | None = None
-        if task.seq_len - first == 1:
+        if task.seq_len - first == 1:  # the one scored step: laws, hits and labels now
             self.laws = task.online(batch)(first)
+            self.hits = space.oracle_hits(self.targets[0], self.laws[1])
+            if self.episode is not None:
+                self.episode = space.episode_columns(self.episode, self.targets[0], self.laws[1])
         else:
             self.batches = [
                 batch if size == num_envs else select_rows(batch, rows) for rows in self.rows
@@ -292,6 +297,7 @@ class Round:
                 for key, col in block.episode.items()
             }
         self._laws = None if block.laws is None else (block.laws[0][rows], block.laws[1][rows])
+        self.hits = None if block.hits is None else block.hits[rows]
         self.batch = None if block.batches is None else block.batches[index]
         self._online = None if block.onlines is None else block.onlines[index]
         self._visited = self.first
@@ -324,63 +330,73 @@ _LIVE_QUEUES: weakref.WeakSet[RoundQueue] = weakref.WeakSet()
 
 class RoundQueue:
     """Rounds of ``num_envs`` episodes cut in order from the blocks of an
-    :class:`EpisodeStream`; a worker thread builds the next :class:`Block` (sampling, online
-    laws, info columns: torch and numpy release the GIL) while the current one is stepped.
-    The worker runs torch on one intra-op thread (a per-thread setting): beside the stepping
-    thread that fills two cores without oversubscription. Rounds are identical with or
-    without the worker.
+    :class:`EpisodeStream`. While the current block is stepped, two worker threads prepare
+    the next :data:`LOOKAHEAD` blocks as a pipeline: one samples them in order (one
+    generator), the other builds each :class:`Block` from its sample (online laws, info
+    columns, buffers); torch and numpy release the GIL in their kernels. The workers run torch
+    on one intra-op thread (a per-thread setting): beside the stepping thread that fills two
+    cores without oversubscription. Rounds are identical with or without the workers.
 
-    Pickles and deep-copies (a block being built is waited for and kept); forking waits for
-    the worker and the child starts a new one (see the module docstring).
+    Pickles and deep-copies (blocks being prepared are waited for and kept); forking waits
+    for the workers and the child starts new ones (see the module docstring).
     """
 
     def __init__(self, stream: EpisodeStream, make_block: Callable[[Batch], Block]):
         self.stream, self.make_block = stream, make_block
         self._block: Block | None = None
         self._index = 0
-        self._ready: Block | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._next: Future[Block] | None = None
+        self._ready: list[Block] = []
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pending: list[Future[Block]] = []
         _LIVE_QUEUES.add(self)
 
-    def _produce(self) -> Block:
-        return self.make_block(self.stream.next_block())
-
-    def next(self) -> Round:
-        """The next round; starts building the next block when a block is taken."""
-        if self._block is None or self._index == len(self._block.rows):
-            self.settle()
-            block, self._ready = self._ready, None
-            self._block, self._index = block if block is not None else self._produce(), 0
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
+    def _submit(self) -> None:
+        if self._pools is None:
+            self._pools = tuple(
+                ThreadPoolExecutor(
                     1,
-                    thread_name_prefix="iclgym-blocks",
+                    thread_name_prefix=f"iclgym-{stage}",
                     initializer=torch.set_num_threads,
                     initargs=(1,),
                 )
-            self._next = self._pool.submit(self._produce)
+                for stage in ("sampler", "blocks")
+            )
+        sampled = self._pools[0].submit(self.stream.next_block)
+        self._pending.append(self._pools[1].submit(lambda: self.make_block(sampled.result())))
+
+    def next(self) -> Round:
+        """The next round; keeps :data:`LOOKAHEAD` blocks in preparation."""
+        if self._block is None or self._index == len(self._block.rows):
+            if self._ready:
+                block = self._ready.pop(0)
+            elif self._pending:
+                block = self._pending.pop(0).result()
+            else:
+                block = self.make_block(self.stream.next_block())
+            self._block, self._index = block, 0
+            while len(self._ready) + len(self._pending) < LOOKAHEAD:
+                self._submit()
         self._index += 1
         return self._block.round(self._index - 1)
 
     def settle(self) -> None:
-        """Wait for the block being built and keep it."""
-        if self._next is not None:
-            future, self._next = self._next, None
-            self._ready = future.result()
+        """Wait for the blocks being prepared and keep them, in order."""
+        pending, self._pending = self._pending, []
+        self._ready.extend(future.result() for future in pending)
 
     def close(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for future in self._pending:
+            future.cancel()
+        self._pending = []
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=False, cancel_futures=True)
+            self._pools = None
 
     def __getstate__(self) -> dict[str, Any]:
         self.settle()
         state = dict(self.__dict__)
-        state["_pool"] = state["_next"] = None
+        state["_pools"], state["_pending"] = None, []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -396,7 +412,7 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     torch.set_num_threads(1)
     for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child
-        queue._pool, queue._next = None, None
+        queue._pools, queue._pending = None, []
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
@@ -516,7 +532,11 @@ class _Spaces:
         n, first = tokens.shape[0], self.first
         if self.obs_mode == "context":
             buffer = np.empty((n, self.seq_len + 1), dtype=self.obs_dtype)
-            buffer[:, : first + 1] = tokens[:, : first + 1]
+            if first < 16:  # column by column is ~2x faster for short rows
+                for j in range(first + 1):
+                    buffer[:, j] = tokens[:, j]
+            else:
+                buffer[:, : first + 1] = tokens[:, : first + 1]
             buffer[:, first + 1 :] = self.pad
             return buffer
         if self.obs_mode == "window":
@@ -591,10 +611,16 @@ class _Spaces:
         return out
 
     def _score(
-        self, action: Any, target: np.ndarray, true: np.ndarray, oracle: np.ndarray
+        self,
+        action: Any,
+        target: np.ndarray,
+        true: np.ndarray,
+        oracle: np.ndarray,
+        hits: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Rewards (N,) and per-step info for actions on N envs at one position; ``true`` and
-        ``oracle`` are (N, V) laws or (N,) point masses (token ids)."""
+        ``oracle`` are (N, V) laws or (N,) point masses (token ids); ``hits`` the oracle's
+        hits (:meth:`oracle_hits`) when already computed."""
         if self.action_mode in ("token", "class"):
             if self.action_mode == "token":
                 a = self._check_tokens(action, target.shape)
@@ -602,7 +628,8 @@ class _Spaces:
                 a = self._check_tokens(action, target.shape, len(self.class_tokens), "class")
                 a = self.class_tokens[a]
             reward = (a == target).astype(np.float64)
-            return reward, {"regret": self.oracle_hits(target, oracle) - reward}
+            hits = self.oracle_hits(target, oracle) if hits is None else hits
+            return reward, {"regret": hits - reward}
         if self.action_mode == "value":
             a = np.asarray(action, dtype=np.float64)
             box = self.single_act_space
@@ -918,7 +945,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         t = self._t
         target = self._round.targets[t - self.first]
         true, oracle = self._round.laws(t)
-        reward, extra = self._score(actions, target, true, oracle)
+        reward, extra = self._score(actions, target, true, oracle, self._round.hits)
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
@@ -939,8 +966,11 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             "split": self._split_info,
             **extra,
         }
-        if terminated and self._round.episode is not None:  # the label step of a template
-            info.update(self.episode_columns(self._round.episode, target, oracle))
+        episode = self._round.episode
+        if terminated and episode is not None:  # the label step of a template task
+            info.update(
+                episode if "label" in episode else self.episode_columns(episode, target, oracle)
+            )
         return (
             self._observation(),
             reward,

@@ -587,21 +587,25 @@ class PatternMatcher:
             self.table = np.full(2 ** len(tests), -1, dtype=np.int64)
             self.table[self.keys[0]] = self.templates
         order = np.argsort(self.keys[0])
-        self.sorted_keys, self.sorted_templates = self.keys[0][order], self.templates[order]
+        self.sorted_keys = self.keys[0][order].astype(np.uint64)
+        self.sorted_templates = self.templates[order]
 
     @staticmethod
     def _pack(answers: np.ndarray) -> np.ndarray:
-        """(ceil(tests / 64), n) uint64 keys from (tests, n) bool answers (bit k of chunk c
-        is test 64 c + k): bytes by an or-reduction of shifted uint8 rows, then bytes into
-        words (fast along the long axis)."""
+        """(ceil(tests / 64), n) keys from (tests, n) bool answers, bit k of chunk c being
+        test 64 c + k: uint8 for <= 8 tests, uint16 for <= 16, else uint64 (bytes by an
+        or-reduction of shifted uint8 rows, fast along the long axis)."""
         shifts = np.arange(8, dtype=np.uint8)[:, None]
         data = answers.view(np.uint8)
+        nbytes = -(-answers.shape[0] // 8)
+        dtype = np.uint8 if nbytes == 1 else np.uint16 if nbytes == 2 else np.uint64
         words = []
         for c in range(0, answers.shape[0], 64):
-            word = np.zeros(answers.shape[1], dtype=np.uint64)
+            word = None
             for k, b in enumerate(range(c, min(c + 64, answers.shape[0]), 8)):
-                byte = np.bitwise_or.reduce(data[b : b + 8] << shifts[: len(data[b : b + 8])], 0)
-                word |= byte.astype(np.uint64) << np.uint64(8 * k)
+                chunk = data[b : b + 8]
+                byte = np.bitwise_or.reduce(chunk << shifts[: len(chunk)], 0).astype(dtype)
+                word = byte if word is None else word | (byte << dtype(8 * k))
             words.append(word)
         return np.stack(words)
 
@@ -619,10 +623,11 @@ class PatternMatcher:
                 np.equal(x[p], x[test[2]], out=row)
         keys = self._pack(answers)
         if self.table is not None:
-            return self.table[keys[0]]
+            return self.table.take(keys[0])
         if keys.shape[0] == 1:  # keys are unique: a sorted search
-            i = np.minimum(np.searchsorted(self.sorted_keys, keys[0]), len(self.sorted_keys) - 1)
-            return np.where(self.sorted_keys[i] == keys[0], self.sorted_templates[i], -1)
+            key = keys[0].astype(np.uint64)
+            i = np.minimum(np.searchsorted(self.sorted_keys, key), len(self.sorted_keys) - 1)
+            return np.where(self.sorted_keys[i] == key, self.sorted_templates[i], -1)
         z = np.full(x.shape[1], -1, dtype=np.int64)
         for j, template in enumerate(self.templates.tolist()):
             hit = keys[0] == self.keys[0, j]
@@ -872,11 +877,13 @@ class SymbolTemplateTask(Task):
         for j, (sources, index) in enumerate(self._columns):
             values = [slots[i] if kind == "slot" else i for kind, i in sources]
             column = values[0]
-            if len(values) > 1:
+            if len(values) > 1 and all(kind == "id" for kind, _ in sources):
+                column = np.asarray(values)[index].take(z)  # fixed ids: one table lookup
+            elif len(values) > 1:
                 key = index.tobytes()
                 if key not in chosen:
                     identity = np.array_equal(index, np.arange(len(index)))
-                    chosen[key] = z if identity else index[z]
+                    chosen[key] = z if identity else index.take(z)
                 for k in range(1, len(values)):
                     column = np.where(chosen[key] == k, values[k], column)
             if j < tokens.shape[1]:
@@ -888,12 +895,15 @@ class SymbolTemplateTask(Task):
         mask[:, -1] = True
         params = {
             "template_id": np.asarray(z, dtype=np.int64),
-            "substitution": np.stack(slots, 1),
+            "substitution": np.empty((batch_size, len(slots)), dtype=np.int64),
             "alphabet_start": np.full(batch_size, start, dtype=np.int64),
             "alphabet_size": np.full(batch_size, size, dtype=np.int64),
         }
+        for j, d in enumerate(slots):
+            params["substitution"][:, j] = d
         if self.label_values is not None:
-            params["label_value"] = np.broadcast_to(self._label_values_np[label], batch_size).copy()
+            value = self._label_values_np.take(label)
+            params["label_value"] = value if np.ndim(value) else np.full(batch_size, value)
         return Batch(
             tokens=torch.from_numpy(tokens).to(device),
             targets=torch.from_numpy(targets).to(device),
@@ -1107,7 +1117,7 @@ class SymbolTemplateTask(Task):
     def _oracle_labels(self, tokens: np.ndarray) -> np.ndarray:
         """(B,) int64 the label token of the template each string of ``tokens`` (B, L + 1)
         matches (:class:`PatternMatcher`); raises ``ValueError`` where none does."""
-        x = tokens.T  # (L + 1, B) view: row p is position p
+        x = np.ascontiguousarray(tokens.T)  # (L + 1, B): one contiguous row per position
         z = self._matcher.match(x)
         if (z < 0).any():
             bad = np.flatnonzero(z < 0)[:5].tolist()

@@ -52,7 +52,7 @@ def run(tmp_path, recipe: str, n: int, seed: int = 0, model: str | None = None, 
     entry = MODELS[model or r.model]
     args = {**r.model_args, **r.common_args, **entry.args, **model_args}
     net = build_model(entry.factory, task, seed=seed, **args)
-    out = tmp_path / f"{recipe}-{model or r.model}-{n}-{seed}-{len(model_args)}"
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
     summary = train(
         net,
         task,

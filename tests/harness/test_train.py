@@ -582,6 +582,7 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_the_loss_maps_over_stacked_model_copies(task):
     """What a multi-seed engine needs: functional_call + vmap of loss_of_output over copies
     (each with its own batch) equals the separate losses and gradients. Rotary positions:

@@ -121,9 +121,22 @@ def _generator(tokens: Tensor) -> torch.Generator:
 def bayes_oracle(task, tokens: Tensor, samples: int | None = None) -> OracleEstimate:
     """The exact Bayes predictive of ``task`` (a MarkovChainTask) on ``tokens`` (B, T) int64.
 
-    Returns an :class:`~iclgym.tasks.base.OracleEstimate`: log-probabilities (B, T, k) float32
-    and, for the estimators, R replicates (R, B, T, k) pooled into them.
+    Returns an :class:`~iclgym.tasks.base.OracleEstimate` on the tokens' device: log-probabilities
+    (B, T, k) float32 and, for the estimators, R replicates (R, B, T, k) pooled into them. The
+    estimators run on the CPU with a generator seeded by the tokens, so a batch gets the same
+    oracle on every device.
     """
+    estimate = _bayes_oracle(task, tokens.cpu(), samples)
+    if tokens.device.type == "cpu":
+        return estimate
+    replicates = estimate.replicates
+    return OracleEstimate(
+        estimate.log_probs.to(tokens.device),
+        None if replicates is None else replicates.to(tokens.device),
+    )
+
+
+def _bayes_oracle(task, tokens: Tensor, samples: int | None) -> OracleEstimate:
     spec = task.spec
     samples = samples or default_samples(spec)
     if samples < 2 * REPLICATES:

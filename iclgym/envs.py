@@ -95,7 +95,7 @@ DEFAULT_WINDOW = 8
 BLOCK = 64
 """A sampler call draws at least this many sequences' worth of scored steps (64 sequences
 when every position is scored), amortising the torch call over episodes."""
-SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**13
+SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**15
 """Scored steps per sampler call of the single and vector env for tasks whose data do not
 depend on batch sizes (see :func:`block_sequences`)."""
 LOOKAHEAD = 2
@@ -230,8 +230,8 @@ class Block:
     """One sampler call's sequences with what the vector env needs per round precomputed
     over the whole block (in the worker thread), so that rounds are row slices: the tokens
     (``tokens`` (B, T) and ``last`` (B,), the final target x_T), the targets of the scored
-    positions token-major (``targets`` (S, B), one row per step), the initial observation
-    buffers, the per-episode info columns and the task's online laws: computed once over the
+    positions token-major (``targets`` (S, B), one row per step), the per-episode info
+    columns and the task's online laws: computed once over the
     block when an episode scores one position, else one online function per round (stepped
     by the env as the episode goes). Pickles without the online functions and rebuilds them.
     """
@@ -244,17 +244,13 @@ class Block:
         targets = batch.targets.cpu().numpy()
         self.last = targets[:, -1].copy()
         self.targets = np.ascontiguousarray(targets[:, first:].T, dtype=space.obs_dtype)
-        self.obs = space.initial_buffer(self.tokens, self.last)
         self.episode = None if space.episode_fn is None else space.episode_fn(batch)
         size = batch.batch_size
         self.rows = [slice(i, i + num_envs) for i in range(0, size, num_envs)]
-        self.laws = self.hits = None
+        self.laws = None
         self.batches: list[Batch] | None = None
-        if task.seq_len - first == 1:  # the one scored step: laws, hits and labels now
+        if task.seq_len - first == 1:  # the one scored step: its laws now, over the block
             self.laws = task.online(batch)(first)
-            self.hits = space.oracle_hits(self.targets[0], self.laws[1])
-            if self.episode is not None:
-                self.episode = space.episode_columns(self.episode, self.targets[0], self.laws[1])
         else:
             self.batches = [
                 batch if size == num_envs else select_rows(batch, rows) for rows in self.rows
@@ -280,7 +276,7 @@ class Block:
 
 class Round:
     """One round of the vector env: ``num_envs`` episodes stepped in lockstep, rows of a
-    :class:`Block` (the round owns its rows of the observation buffer). :meth:`laws` reads
+    :class:`Block`. :meth:`laws` reads
     the block's laws or steps the round's online function. Pickles without the online
     function and rebuilds it by replaying the positions already visited."""
 
@@ -289,7 +285,6 @@ class Round:
         self.task, self.first = block.task, block.first
         self.tokens, self.last = block.tokens[rows], block.last[rows]
         self.targets = block.targets[:, rows]
-        self.obs = None if block.obs is None else block.obs[rows]
         self.episode = None
         if block.episode is not None:
             self.episode = {
@@ -297,7 +292,6 @@ class Round:
                 for key, col in block.episode.items()
             }
         self._laws = None if block.laws is None else (block.laws[0][rows], block.laws[1][rows])
-        self.hits = None if block.hits is None else block.hits[rows]
         self.batch = None if block.batches is None else block.batches[index]
         self._online = None if block.onlines is None else block.onlines[index]
         self._visited = self.first
@@ -330,15 +324,16 @@ _LIVE_QUEUES: weakref.WeakSet[RoundQueue] = weakref.WeakSet()
 
 class RoundQueue:
     """Rounds of ``num_envs`` episodes cut in order from the blocks of an
-    :class:`EpisodeStream`. While the current block is stepped, two worker threads prepare
-    the next :data:`LOOKAHEAD` blocks as a pipeline: one samples them in order (one
-    generator), the other builds each :class:`Block` from its sample (online laws, info
-    columns, buffers); torch and numpy release the GIL in their kernels. The workers run torch
-    on one intra-op thread (a per-thread setting): beside the stepping thread that fills two
-    cores without oversubscription. Rounds are identical with or without the workers.
+    :class:`EpisodeStream`. While the current block is stepped, one worker thread prepares
+    the next :data:`LOOKAHEAD` blocks in order (sampling, online laws, info columns, buffers;
+    torch and numpy release the GIL in their kernels). It runs torch on one intra-op thread
+    (a per-thread setting): beside the stepping thread that fills two cores without
+    oversubscription. One worker, not a sampling/building pipeline of two: a third thread
+    lost more to GIL contention than it gained (measured). Rounds are identical with or
+    without the worker.
 
     Pickles and deep-copies (blocks being prepared are waited for and kept); forking waits
-    for the workers and the child starts new ones (see the module docstring).
+    for the worker and the child starts a new one (see the module docstring).
     """
 
     def __init__(self, stream: EpisodeStream, make_block: Callable[[Batch], Block]):
@@ -346,23 +341,22 @@ class RoundQueue:
         self._block: Block | None = None
         self._index = 0
         self._ready: list[Block] = []
-        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[Block]] = []
         _LIVE_QUEUES.add(self)
 
+    def _produce(self) -> Block:
+        return self.make_block(self.stream.next_block())
+
     def _submit(self) -> None:
-        if self._pools is None:
-            self._pools = tuple(
-                ThreadPoolExecutor(
-                    1,
-                    thread_name_prefix=f"iclgym-{stage}",
-                    initializer=torch.set_num_threads,
-                    initargs=(1,),
-                )
-                for stage in ("sampler", "blocks")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                1,
+                thread_name_prefix="iclgym-blocks",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
             )
-        sampled = self._pools[0].submit(self.stream.next_block)
-        self._pending.append(self._pools[1].submit(lambda: self.make_block(sampled.result())))
+        self._pending.append(self._pool.submit(self._produce))
 
     def next(self) -> Round:
         """The next round; keeps :data:`LOOKAHEAD` blocks in preparation."""
@@ -372,7 +366,7 @@ class RoundQueue:
             elif self._pending:
                 block = self._pending.pop(0).result()
             else:
-                block = self.make_block(self.stream.next_block())
+                block = self._produce()
             self._block, self._index = block, 0
             while len(self._ready) + len(self._pending) < LOOKAHEAD:
                 self._submit()
@@ -388,15 +382,14 @@ class RoundQueue:
         for future in self._pending:
             future.cancel()
         self._pending = []
-        if self._pools is not None:
-            for pool in self._pools:
-                pool.shutdown(wait=False, cancel_futures=True)
-            self._pools = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def __getstate__(self) -> dict[str, Any]:
         self.settle()
         state = dict(self.__dict__)
-        state["_pools"], state["_pending"] = None, []
+        state["_pool"], state["_pending"] = None, []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -412,7 +405,7 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     torch.set_num_threads(1)
     for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child
-        queue._pools, queue._pending = None, []
+        queue._pool, queue._pending = None, []
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
@@ -906,7 +899,8 @@ class ICLVectorEnv(_Spaces, VectorEnv):
 
     def _start_round(self) -> tuple[Any, dict[str, Any]]:
         self._round = self._rounds.next()
-        self._obs_buffer = self._round.obs
+        # built here, not by the worker: the stepping thread has time to spare
+        self._obs_buffer = self.initial_buffer(self._round.tokens, self._round.last)
         self._t = self.first
         self._autoreset = False
         if self.render_mode is not None:
@@ -945,7 +939,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         t = self._t
         target = self._round.targets[t - self.first]
         true, oracle = self._round.laws(t)
-        reward, extra = self._score(actions, target, true, oracle, self._round.hits)
+        reward, extra = self._score(actions, target, true, oracle)
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
@@ -966,11 +960,8 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             "split": self._split_info,
             **extra,
         }
-        episode = self._round.episode
-        if terminated and episode is not None:  # the label step of a template task
-            info.update(
-                episode if "label" in episode else self.episode_columns(episode, target, oracle)
-            )
+        if terminated and self._round.episode is not None:  # the label step of a template
+            info.update(self.episode_columns(self._round.episode, target, oracle))
         return (
             self._observation(),
             reward,

@@ -884,8 +884,9 @@ class SymbolTemplateTask(Task):
                 if key not in chosen:
                     identity = np.array_equal(index, np.arange(len(index)))
                     chosen[key] = z if identity else index.take(z)
-                for k in range(1, len(values)):
-                    column = np.where(chosen[key] == k, values[k], column)
+                for k in range(1, len(values)):  # column += (values[k] - column) where chosen
+                    pick = chosen[key] == k
+                    column = column + pick * (values[k] - column)
             if j < tokens.shape[1]:
                 tokens[:, j] = column
             if j > 0:
@@ -1117,7 +1118,7 @@ class SymbolTemplateTask(Task):
     def _oracle_labels(self, tokens: np.ndarray) -> np.ndarray:
         """(B,) int64 the label token of the template each string of ``tokens`` (B, L + 1)
         matches (:class:`PatternMatcher`); raises ``ValueError`` where none does."""
-        x = np.ascontiguousarray(tokens.T)  # (L + 1, B): one contiguous row per position
+        x = tokens.T  # (L + 1, B) view: row p is position p (strided reads beat a transpose)
         z = self._matcher.match(x)
         if (z < 0).any():
             bad = np.flatnonzero(z < 0)[:5].tolist()

@@ -822,3 +822,27 @@ def test_speed_refuses_a_budget_it_cannot_measure_and_a_row_can_fail():
     assert (slow.ok, fast.ok, nothing.ok) == (False, True, False)
     table = format_table([slow, fast, nothing]).splitlines()
     assert table[2].endswith("NO") and table[3].endswith("yes") and table[4].endswith("NO")
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+@pytest.mark.parametrize("observation", ["context", "token", "window"])
+def test_both_checkers_pass_on_every_id_mode_and_render_mode(env_id, observation):
+    """Gymnasium's check_env (which also makes every declared render mode) and the passive
+    checker that gym.make wraps around the env, warnings as errors; SB3's checker where its
+    conventions apply (it wants Box actions in [-1, 1])."""
+    for action, overrides in _modes(env_id):
+        kwargs = {"observation": observation, "action": action, **overrides}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            env = gym.make(env_id, **kwargs)  # PassiveEnvChecker is the outer wrapper
+            env.action_space.seed(0)
+            env.reset(seed=0)
+            for _ in range(3):
+                *_, terminated, truncated, _ = env.step(env.action_space.sample())
+                if terminated or truncated:
+                    env.reset()
+            check_env(env.unwrapped)
+            space = env.unwrapped.action_space
+            box = isinstance(space, gym.spaces.Box)
+            if not box or ((space.low == -1).all() and (space.high == 1).all()):
+                sb3_check_env(env.unwrapped)

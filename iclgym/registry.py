@@ -118,6 +118,16 @@ ENVS: Mapping[str, EnvEntry] = MappingProxyType(
                 ),
                 _preset("copy", "ICL-SymbolCopy-v0"),
             ),
+            EnvEntry(
+                "ICL-SparseContextualBigram-v0",
+                "sparse_contextual_bigram",
+                "Sparse contextual bigrams: x_o ~ P[:, x_s], s from the query's sparse attention "
+                "(Ren, Wang, Lee 2024)",
+                MappingProxyType(
+                    {"vocab_size": 8, "seq_len": 128, "n_support": 2, "p_family": "perm_mixture"}
+                ),
+                _any,
+            ),
         )
     }
 )

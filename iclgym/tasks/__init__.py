@@ -10,11 +10,13 @@ from iclgym.tasks.base import (
     make_generator,
 )
 from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
+from iclgym.tasks.sparse_bigram import SparseContextualBigramSpec, SparseContextualBigramTask
 from iclgym.tasks.templates import SymbolTemplateSpec, SymbolTemplateTask
 
 TASK_FAMILIES: dict[str, type[Task]] = {
     MarkovChainTask.name: MarkovChainTask,
     SymbolTemplateTask.name: SymbolTemplateTask,
+    SparseContextualBigramTask.name: SparseContextualBigramTask,
 }
 """Family name -> task class; the registry builds envs and tasks from these names."""
 
@@ -37,6 +39,8 @@ __all__ = [
     "MarkovChainSpec",
     "MarkovChainTask",
     "OracleEstimate",
+    "SparseContextualBigramSpec",
+    "SparseContextualBigramTask",
     "Strategy",
     "SymbolTemplateSpec",
     "SymbolTemplateTask",

@@ -257,6 +257,15 @@ class Task(ABC):
         oracle = self.oracle(batch).exp().cpu().numpy()
         return lambda t: (true[:, t], oracle[:, t])
 
+    def model_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Optional hook: metrics of a model that need the task's ground truth and the model's
+        parameters, computed without data (e.g. sparse contextual bigrams: the exact population
+        excess MSE of a linear transformer and the distances of its value and attention
+        matrices to the true P and attn). A name -> float dict (JSON-ready, NaN allowed); ``{}``
+        when the task has none or the model does not expose what they need, so any model may
+        be passed. This default returns ``{}``."""
+        return {}
+
     def generator(
         self, seed: int, split: str = "train", device: torch.device | str = "cpu"
     ) -> torch.Generator:

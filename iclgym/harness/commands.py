@@ -7,11 +7,11 @@ imports this module. Field docstrings are the ``--help`` texts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import tyro
 
-from iclgym.harness.train import RunOptions, TrainConfig
+from iclgym.harness.train import RunOptions, TrainConfig, format_seeds, parse_seeds
 
 EnvId = tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV_ID")]]
 Repeated = tyro.conf.UseAppendAction[tuple[str, ...]]
@@ -57,8 +57,9 @@ class SweepArgs:
     """Values of --n-key (empty: no n axis)."""
     n_key: str = "train_alphabet_size"
     """Spec key (or TrainConfig field, e.g. train_sequences) that n sets."""
-    seeds: tuple[int, ...] = (0,)
-    """Training seeds; where the spec has train_set_seed, it follows the seed."""
+    seeds: tuple[int | str, ...] = (0,)
+    """Training seeds (e.g. 0-15, 0,3,5 or 0 3 5); where the spec has train_set_seed, it
+    follows the seed."""
     set: Repeated = ()
     """Spec override KEY=VALUE, repeatable."""
     out: str = "runs/sweep"
@@ -69,3 +70,54 @@ class SweepArgs:
     keep_checkpoints: bool = False
     """Keep each run's checkpoint.pt (default: deleted once its cell is recorded)."""
     train: tyro.conf.OmitArgPrefixes[TrainConfig] = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", parse_seeds(self.seeds))
+
+
+def format_train_summary(summary: dict[str, Any], env_id: str, model: str) -> str:
+    """The lines ``iclgym train`` prints for a run summary, one seed's or a multi-seed run's
+    (:func:`iclgym.harness.multiseed.train_seeds`: one line per seed, then the mean)."""
+    lines = [
+        f"{env_id}: {summary['step']} steps in {summary['wall_s']:.1f} s, "
+        f"{summary['num_parameters']} parameters ({model})"
+    ]
+    runs = summary.get("runs")
+    if runs:
+        lines[0] += f", seeds {format_seeds(tuple(summary['seeds']))} in one process"
+        for seed, run in zip(summary["seeds"], runs, strict=True):
+            lines.append(f"  seed {seed}: " + _final(run))
+        lines.append("  mean over seeds: " + _scores(summary["final"]))
+        if any(s is not None for s in summary["switch_steps"]):
+            lines.append(f"  switch steps {summary['switch_steps']}")
+    else:
+        lines.append("  " + _final(summary))
+    refs = summary.get("references") or {}
+    if refs and summary["final"].get("kl_last") is not None:
+        lines.append("  references " + ", ".join(f"{k} {v:.4f}" for k, v in refs.items()))
+    rows = summary.get("untrained_rows")
+    if rows is not None:
+        lines.append(f"  {rows['rows']} unseen-token embedding rows unchanged: {rows['unchanged']}")
+    lines.append(f"  run folder {summary['out']}")
+    return "\n".join(lines)
+
+
+def _final(summary: dict[str, Any]) -> str:
+    text = _scores(summary["final"])
+    if summary.get("switch_step") is not None or summary.get("phases"):
+        text += f"; switch step {summary['switch_step']}; phases " + ", ".join(
+            f"{p['label']} {p['start_step']}-{p['end_step']}" for p in summary["phases"]
+        )
+    return text
+
+
+def _scores(final: dict[str, Any]) -> str:
+    keys = [k for k in ("kl_last", "loss", "mse", "accuracy") if final.get(k) is not None]
+    for prefix in ("train", "val", "test"):
+        keys += [
+            f"{prefix}_{k}" for k in ("mse", "accuracy") if final.get(f"{prefix}_{k}") is not None
+        ]
+    text = ", ".join(f"{k} {final[k]:.4f}" for k in keys)
+    if final.get("nearest") is not None:
+        text += f", nearest strategy {final['nearest']}"
+    return text

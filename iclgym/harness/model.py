@@ -65,6 +65,9 @@ INIT_STREAM = 5
 0-2 are the data splits, 3 the dropout stream, 4 the templates' fixed training set, 5 the init
 and 6 the batch order of the finite data regime."""
 CHECKPOINT_FORMAT = "iclgym-checkpoint-2"
+SEEDS_CHECKPOINT_FORMAT = "iclgym-seeds-checkpoint-1"
+"""The joint checkpoint of a multi-seed run (stacked copies, :mod:`iclgym.harness.multiseed`);
+each seed's own checkpoint, in its ``seedS`` folder, has :data:`CHECKPOINT_FORMAT`."""
 PROBE_SEQUENCES = 2
 PROBE_CUTS = 16
 FACTORY_ATTRIBUTE = "iclgym_factory"
@@ -335,19 +338,28 @@ class ModelPredictor:
             out = self.model(batch.tokens.to(self.device))
         finally:
             self.model.train(was_training)
-        if out.dtype in (torch.float16, torch.bfloat16):
-            out = out.float()
-        if out.shape[-1] == 1 and batch.vocab_size != 1:
-            return out  # a value model: real predictions
-        return F.log_softmax(out, dim=-1)
+        return output_scores(out, batch.vocab_size)
+
+
+def output_scores(out: Tensor, vocab_size: int) -> Tensor:
+    """A model output as predictor scores: log-softmax of (B, T, V) logits, or (B, T, 1) values
+    unchanged (a value model); half precision is computed in float32."""
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out = out.float()
+    if out.shape[-1] == 1 and vocab_size != 1:
+        return out  # a value model: real predictions
+    return F.log_softmax(out, dim=-1)
 
 
 # -------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by :func:`iclgym.harness.train` (a file or a run folder).
+def load_checkpoint(path: str | Path, fmt: str = CHECKPOINT_FORMAT) -> dict:
+    """Read a checkpoint written by :func:`iclgym.harness.train` (a file or a run folder) of
+    format ``fmt`` (one model; :data:`SEEDS_CHECKPOINT_FORMAT` for the joint state of a
+    multi-seed run).
 
     Raises ``ValueError`` naming the path for a missing file, a file torch cannot read
-    (garbage, text, empty) and a readable file that is not an iclgym checkpoint.
+    (garbage, text, empty), a readable file that is not an iclgym checkpoint, and a checkpoint
+    of the other kind (a multi-seed folder where one model is expected names its seed folders).
     """
     path = Path(path)
     if path.is_dir():
@@ -361,10 +373,21 @@ def load_checkpoint(path: str | Path) -> dict:
             f"checkpoint {str(path)!r} is not a readable torch checkpoint "
             f"({type(err).__name__}: {_first_line(err)})"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == SEEDS_CHECKPOINT_FORMAT and fmt == CHECKPOINT_FORMAT:
+        folders = ", ".join(f"{path.parent / f'seed{s}'}" for s in state["seeds"][:3])
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds the stacked copies of a multi-seed run (seeds "
+            f"{state['seeds']}): use one seed's folder, e.g. {folders}"
+        )
+    if found == CHECKPOINT_FORMAT and fmt == SEEDS_CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a single run's: resume it without seeds (--seed)"
+        )
+    if found != fmt:
         raise ValueError(
             f"checkpoint {str(path)!r} is not an iclgym training checkpoint "
-            f"(format {CHECKPOINT_FORMAT!r}, written by `iclgym train`)"
+            f"(format {fmt!r}, written by `iclgym train`)"
         )
     return state
 

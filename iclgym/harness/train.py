@@ -73,11 +73,12 @@ from iclgym.harness.model import (
     input_embedding,
     load_checkpoint,
     num_parameters,
+    output_scores,
 )
 from iclgym.harness.phases import phase_report
 from iclgym.harness.plots import plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
-from iclgym.tasks.base import SPLITS, Task, stream_seed
+from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed
 from iclgym.validation import as_float, as_int
 
 CHECKPOINT, LOG, SUMMARY, PLOT, LOCK = (
@@ -213,9 +214,55 @@ class RunOptions:
     """Show a progress bar."""
     plot: bool = True
     """Write the phase diagram at the end (models with log-prob outputs)."""
+    seeds: tuple[int | str, ...] = ()
+    """Train one independent copy per seed in this process, vectorised over the copies (e.g.
+    0-15, 0,3,5 or 0 3 5): each copy is the run of --seed S (its own init, data, dropout and
+    optimiser state), written to OUT/seedS. Empty: the one run of --seed."""
 
     def __post_init__(self) -> None:
         as_int("checkpoint_every", self.checkpoint_every, 1)
+        seeds = self.seeds if isinstance(self.seeds, (int, str)) else list(self.seeds)
+        object.__setattr__(self, "seeds", parse_seeds(seeds) if seeds != [] else ())
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """Seeds from an int, a string of comma-separated seeds and inclusive ranges (``"0-15"``,
+    ``"0,3,5"``, ``"0-3,8"``) or an iterable of those, in the given order. ``ValueError``
+    naming ``seeds`` for anything else, a negative seed, an empty list or a repeated seed."""
+    items = [value] if isinstance(value, (int, str)) else list(value)
+    seeds: list[int] = []
+    for item in items:
+        parts = str(item).split(",") if isinstance(item, str) else [item]
+        for part in parts:
+            if isinstance(part, str):
+                low, sep, high = part.strip().partition("-")
+                if not (low.isdigit() and (not sep or high.isdigit())):
+                    raise ValueError(
+                        f"seeds={value!r} is invalid: expected seeds >= 0 as integers, "
+                        "comma-separated lists or inclusive ranges (0-15, 0,3,5)"
+                    )
+                first, last = int(low), int(high) if sep else int(low)
+                if last < first:
+                    raise ValueError(f"seeds={value!r} is invalid: range {part!r} is empty")
+                seeds.extend(range(first, last + 1))
+            else:
+                seeds.append(as_int("seeds", part, 0))
+    if not seeds:
+        raise ValueError(f"seeds={value!r} is invalid: expected at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={value!r} is invalid: a seed is repeated")
+    return tuple(seeds)
+
+
+def format_seeds(seeds: tuple[int, ...]) -> str:
+    """Seeds as a short string: runs of consecutive seeds as ranges (``0-15``, ``0,3,5``)."""
+    parts, start = [], 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            a, b = seeds[start], seeds[i - 1]
+            parts.append(f"{a}-{b}" if b > a + 1 else ",".join(map(str, range(a, b + 1))))
+            start = i
+    return ",".join(parts)
 
 
 def parse_assignments(items: tuple[str, ...] | list[str], name: str) -> dict[str, Any]:
@@ -359,10 +406,24 @@ class FiniteData:
 
 
 # --------------------------------------------------------------------------- optimiser
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, parameters: Mapping[str, Tensor] | None = None
+) -> torch.optim.Optimizer:
     """The optimiser of ``config.optimizer`` over ``model``'s parameters (see the module
     docstring); ``ValueError`` for an import path that does not resolve or a factory that does
-    not return a ``torch.optim.Optimizer``."""
+    not return a ``torch.optim.Optimizer``.
+
+    ``parameters`` (name -> tensor, the names of ``model.named_parameters()``) replaces the
+    module's parameters, in the same groups and order: stacked copies of a vectorised run
+    (:mod:`iclgym.harness.multiseed`). The built-in optimisers act elementwise (AdamW's decay
+    too) with one step count for all copies, so every copy gets the update it would get alone;
+    a custom factory's step may mix copies (e.g. a global norm) and raises ``ValueError``."""
+    if parameters is not None and ":" in config.optimizer:
+        raise ValueError(
+            f"optimizer={config.optimizer!r}: a custom optimiser factory cannot be vectorised "
+            "over seeds (its step may mix the copies, e.g. through a global norm); train the "
+            "seeds in separate runs (--seed) or use adamw, adam or sgd"
+        )
     if ":" in config.optimizer:
         factory = import_object(config.optimizer, "optimizer")
         kwargs = parse_assignments(config.optimizer_args, "optimizer_args")
@@ -378,15 +439,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             f"optimizer_args={config.optimizer_args!r} is invalid for optimizer="
             f"{config.optimizer!r}: they are for an import-path optimiser factory"
         )
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def tensors(group: list[nn.Parameter]) -> list[Tensor]:
+        return list(group) if parameters is None else [parameters[names[id(p)]] for p in group]
+
     if config.weight_decay > 0:
         decay, rest = decay_parameters(model)
         groups = [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
+            {"params": tensors(decay), "weight_decay": config.weight_decay},
+            {"params": tensors(rest), "weight_decay": 0.0},
         ]
         params: Any = [g for g in groups if g["params"]]
     else:
-        params = list(model.parameters())
+        params = tensors(list(model.parameters()))
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, fused=True)
     if config.optimizer == "adam":
@@ -542,6 +608,188 @@ def report_metrics(report: Report) -> dict[str, Any]:
     return out
 
 
+# -------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalSets:
+    """The fixed held-out sets of a run and everything about them that does not depend on the
+    model (data, oracle, strategies: :class:`~iclgym.harness.evaluate.HeldOut`)."""
+
+    held: dict[str, HeldOut]
+    """Split -> set: ``config.eval_splits`` (the primary one first), then ``train`` (the fixed
+    training set of the finite regime)."""
+    primary: str
+    references: dict[str, float]
+    """KL(true || strategy) at the last scored position per strategy (the phase diagram)."""
+    oracle: dict[str, Any]
+    """The oracle's name and its Monte-Carlo error per split."""
+
+    @property
+    def probe_batch(self) -> Batch:
+        """The batch the attention probes read: the primary set's first batch."""
+        return self.held[self.primary].parts[0].batch
+
+
+def eval_sets(
+    task: Task, config: TrainConfig, env_id: str | None, train_batches: list | None = None
+) -> EvalSets:
+    """The held-out sets of ``config`` (``eval_splits``, ``eval_sequences`` of ``eval_seed``)
+    and, given ``train_batches``, the training set itself."""
+    held = {
+        split: HeldOut(
+            task,
+            split=split,
+            seed=config.eval_seed,
+            num_sequences=config.eval_sequences,
+            batch_size=config.eval_batch_size,
+            device=config.device,
+            env_id=env_id,
+        )
+        for split in config.eval_splits
+    }
+    if train_batches is not None:
+        held["train"] = HeldOut(task, split="train", batches=train_batches, env_id=env_id)
+    primary = config.eval_splits[0]
+    oracle = {
+        "name": held[primary].oracle_name,
+        "mc_error": {split: h.oracle_mc_error for split, h in held.items()},
+    }
+    return EvalSets(held, primary, held[primary].strategy_kl_last_references(), oracle)
+
+
+def eval_record(
+    step: int,
+    sequences: int,
+    batch_loss: float | None,
+    reports: Mapping[str, Report],
+    primary: str,
+    probes: Mapping[str, float],
+    elapsed: float,
+) -> dict[str, Any]:
+    """One ``eval`` line of ``metrics.jsonl``: the primary split's metrics unprefixed, the other
+    splits' as ``val_*``, ``test_*``, ``train_*``, then the attention probes."""
+    rec: dict[str, Any] = {
+        "type": "eval",
+        "step": step,
+        "sequences": sequences,
+        "batch_loss": batch_loss,
+    }
+    for split, report in reports.items():
+        metrics = report_metrics(report)
+        if split == primary:
+            rec.update(metrics)
+        else:
+            prefix = SPLIT_PREFIX[split]
+            rec.update({f"{prefix}_{k}": metrics[k] for k in SPLIT_METRICS if k in metrics})
+    rec.update(probes)
+    rec["elapsed_s"] = elapsed
+    return rec
+
+
+class ProbingPredictor(ModelPredictor):
+    """A :class:`~iclgym.harness.model.ModelPredictor` that, on the probe batch, also reads the
+    model's attention maps from the same forward pass and keeps the probe scores
+    (:func:`attention_probes`) in ``probes``: the trainer's evaluation runs the model once per
+    held-out batch."""
+
+    def __init__(self, model: nn.Module, probe_batch: Batch | None) -> None:
+        super().__init__(model)
+        self.probe_batch = probe_batch
+        self.probes: dict[str, float] = {}
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        if batch is not self.probe_batch:
+            return super().predict(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out, attention = self.model(batch.tokens.to(self.device), return_attention=True)
+        finally:
+            self.model.train(was_training)
+        self.probes = attention_probes(attention, batch.tokens.to(self.device))
+        return output_scores(out, batch.vocab_size)
+
+
+def attention_probes(attention: list[Tensor | None], tokens: Tensor) -> dict[str, float]:
+    """Previous-token score of layer 1 and induction score of layer 2 (when present) from
+    per-layer (B, H, T, T) attention maps on ``tokens`` (:mod:`iclgym.harness.probes`)."""
+    attention = [a for a in attention if a is not None]
+    scores = {}
+    if attention:
+        scores["prev_token_score"] = previous_token_score(attention[0])
+    if len(attention) > 1:
+        scores["induction_score"] = induction_score(attention[1], tokens)
+    return scores
+
+
+@torch.no_grad()
+def probe_scores(model: nn.Module, tokens: Tensor) -> dict[str, float]:
+    """:func:`attention_probes` of ``model`` on ``tokens`` (eval mode, the mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, attention = model(tokens, return_attention=True)
+    finally:
+        model.train(was_training)
+    return attention_probes(attention, tokens)
+
+
+# ------------------------------------------------------------------------- run records
+def resume_log(path: Path, step: int) -> list[dict]:
+    """Drop the lines of ``path`` after ``step`` (written after the checkpoint by a killed
+    run), append a ``resume`` marker and return the ``eval`` records kept."""
+    kept = [r for r in _read_log(path) if r["step"] <= step]
+    _write_log(path, [*kept, {"type": "resume", "step": step}], mode="w")
+    return [r for r in kept if r["type"] == "eval"]
+
+
+def unseen_rows(embedding: Tensor | None, seen_tokens: Tensor | None) -> tuple | None:
+    """(indices, frozen copy) of the input-embedding rows of tokens absent from a fixed training
+    set (None without the hook or in the stream regime)."""
+    if embedding is None or seen_tokens is None:
+        return None
+    present = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+    present[seen_tokens.to(embedding.device)] = True
+    rows = (~present).nonzero()[:, 0]
+    return rows, embedding.detach()[rows].clone()
+
+
+def untrained_report(frozen: tuple | None, embedding: Tensor | None) -> dict | None:
+    """Whether the rows of :func:`unseen_rows` came out of training bit-identical (spec
+    pitfall 3); warns when they did not."""
+    if frozen is None or embedding is None:
+        return None
+    rows, before = frozen
+    report = {"rows": int(rows.numel()), "unchanged": bool(torch.equal(before, embedding[rows]))}
+    if not report["unchanged"]:
+        warnings.warn(
+            f"{report['rows']} input-embedding rows of tokens absent from the training set "
+            "changed in training (weight decay on embeddings, or a model that mixes rows)",
+            stacklevel=3,
+        )
+    return report
+
+
+def finish_run(
+    summary: dict[str, Any],
+    records: list[dict],
+    *,
+    out: Path,
+    plot: bool,
+    title: str,
+) -> dict[str, Any]:
+    """Add the phases (when every evaluation has a phase label) and the phase diagram to
+    ``summary``, append it to ``metrics.jsonl`` and write ``summary.json``."""
+    references = summary["references"]
+    if records and all(r.get("nearest") is not None for r in records):
+        summary.update(phase_report(records, order=list(references)))
+        if plot:
+            summary["plot"] = str(plot_run(records, references, out / PLOT, title=title))
+    _write_log(out / LOG, [summary])
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 # ---------------------------------------------------------------------------- training
 def train(
     model: nn.Module,
@@ -559,39 +807,33 @@ def train(
     cannot be built, a run folder in use by another process, a fresh run whose folder already
     holds a checkpoint, or a resume whose checkpoint is missing or was made with a different
     task, model or training configuration.
+
+    With ``run.seeds`` it trains one copy per seed in this process, vectorised
+    (:func:`iclgym.harness.multiseed.train_seeds`): ``model`` is then the template whose
+    factory (:func:`~iclgym.harness.model.build_model`) builds every copy, and the summary
+    covers all seeds.
     """
     config, run = config or TrainConfig(), run or RunOptions()
+    if run.seeds:
+        from iclgym.harness.multiseed import train_seeds
+
+        return train_seeds(model, task, config, run, env_id=env_id)
     start = time.perf_counter()
     device, dtype = torch.device(config.device), config.torch_dtype
     with torch_threads(config.threads):
         # 1. Everything that can be wrong is checked before the run folder is touched.
         model.to(device=device, dtype=dtype)
         checked = check_model(model, task, device)
-        values_table = getattr(task, "label_values", None)
         label_values = None
         if checked.output == "values":
-            label_values = values_table.to(device=device, dtype=dtype)
+            label_values = task.label_values.to(device=device, dtype=dtype)
         data = FiniteData(task, config) if config.data == "finite" else StreamData(task, config)
-        total_steps = data.steps(config)
         optimizer = build_optimizer(model, config)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         meta = describe_run(task, model, config, env_id)
         out = Path(run.out or f"runs/{env_id or task.name}-seed{config.seed}")
-        ckpt_path, log_path = out / CHECKPOINT, out / LOG
-        if not run.resume and ckpt_path.exists():
-            raise ValueError(
-                f"{str(ckpt_path)!r} exists: pass resume=True (--resume) to continue that run, "
-                "or choose another --out"
-            )
-        state = load_checkpoint(ckpt_path) if run.resume else None
-        if state is not None:
-            differences = _differences(state["meta"], meta)
-            if differences:
-                raise ValueError(
-                    f"cannot resume {str(out)!r} with a different configuration: "
-                    + "; ".join(differences)
-                )
+        state = load_run_state(out, run, meta, CHECKPOINT_FORMAT)
         with run_lock(out):
             return _run(
                 model=model,
@@ -601,16 +843,35 @@ def train(
                 env_id=env_id,
                 data=data,
                 optimizer=optimizer,
-                total_steps=total_steps,
                 label_values=label_values,
                 checked=checked,
                 meta=meta,
                 out=out,
-                ckpt_path=ckpt_path,
-                log_path=log_path,
                 start=start,
                 state=state,
             )
+
+
+def load_run_state(out: Path, run: RunOptions, meta: dict, fmt: str) -> dict | None:
+    """The checkpoint to resume from (None for a fresh run). ``ValueError`` for a fresh run
+    whose folder holds a checkpoint, a missing checkpoint, one of another kind (a multi-seed
+    folder resumed as one run, or the reverse) or one made with another task, model or
+    training configuration."""
+    path = out / CHECKPOINT
+    if not run.resume:
+        if path.exists():
+            raise ValueError(
+                f"{str(path)!r} exists: pass resume=True (--resume) to continue that run, "
+                "or choose another --out"
+            )
+        return None
+    state = load_checkpoint(path, fmt)
+    differences = _differences(state["meta"], meta)
+    if differences:
+        raise ValueError(
+            f"cannot resume {str(out)!r} with a different configuration: " + "; ".join(differences)
+        )
+    return state
 
 
 def _run(
@@ -622,49 +883,21 @@ def _run(
     env_id: str | None,
     data: StreamData | FiniteData,
     optimizer: torch.optim.Optimizer,
-    total_steps: int,
     label_values: Tensor | None,
     checked: Any,
     meta: dict,
     out: Path,
-    ckpt_path: Path,
-    log_path: Path,
     start: float,
     state: dict | None,
 ) -> dict[str, Any]:
     device = torch.device(config.device)
     on_cuda = device.type == "cuda"
+    total_steps = data.steps(config)
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
     # 2. The held-out sets: data, oracle and strategies computed once for the whole run.
-    held = {
-        split: HeldOut(
-            task,
-            split=split,
-            seed=config.eval_seed,
-            num_sequences=config.eval_sequences,
-            batch_size=config.eval_batch_size,
-            device=device,
-            env_id=env_id,
-        )
-        for split in config.eval_splits
-    }
-    if isinstance(data, FiniteData):
-        held["train"] = HeldOut(
-            task, split="train", batches=data.batches(config.eval_batch_size), env_id=env_id
-        )
-    primary = config.eval_splits[0]
-    references = held[primary].strategy_kl_last_references()
-    oracle = {
-        "name": held[primary].oracle_name,
-        "mc_error": {split: h.oracle_mc_error for split, h in held.items()},
-    }
-    probe_tokens = held[primary].parts[0].batch.tokens
-    embedding = input_embedding(model) if data.seen_tokens is not None else None
-    unseen = frozen = None
-    if embedding is not None:
-        present = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
-        present[data.seen_tokens.to(embedding.device)] = True
-        unseen = (~present).nonzero()[:, 0]
-        frozen = embedding.detach()[unseen].clone()
+    train_batches = data.batches(config.eval_batch_size) if isinstance(data, FiniteData) else None
+    sets = eval_sets(task, config, env_id, train_batches)
+    frozen = unseen_rows(input_embedding(model), data.seen_tokens)
 
     # 3. A fresh start, or the state of the checkpoint.
     step, sequences, loss_sum, loss_count = 0, 0, 0.0, 0
@@ -677,9 +910,7 @@ def _run(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, sequences = state["step"], state["sequences"]
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        kept = [r for r in _read_log(log_path) if r["step"] <= step]  # drop lines after a kill
-        _write_log(log_path, [*kept, {"type": "resume", "step": step}], mode="w")
-        records = [r for r in kept if r["type"] == "eval"]
+        records = resume_log(log_path, step)
     else:
         torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM))  # CPU and CUDA
         header = {
@@ -688,8 +919,8 @@ def _run(
             "num_parameters": num_parameters(model),
             "model_output": checked.output,
             "total_steps": total_steps,
-            "references": references,
-            "oracle": oracle,
+            "references": sets.references,
+            "oracle": sets.oracle,
             **meta,
         }
         _write_log(log_path, [header], mode="w")
@@ -714,33 +945,23 @@ def _run(
             },
         )
 
-    def evaluation() -> dict[str, Any]:
+    def evaluation() -> None:
         nonlocal loss_sum, loss_count
-        predictor = ModelPredictor(model)
-        rec: dict[str, Any] = {
-            "type": "eval",
-            "step": step,
-            "sequences": sequences,
-            "batch_loss": loss_sum / loss_count if loss_count else None,
-        }
-        for split, held_out in held.items():
-            metrics = report_metrics(evaluate(predictor, held_out))
-            if split == primary:
-                rec.update(metrics)
-            else:
-                prefix = SPLIT_PREFIX[split]
-                rec.update({f"{prefix}_{k}": metrics[k] for k in SPLIT_METRICS if k in metrics})
-        if checked.attention:
-            rec.update(probe_scores(model, probe_tokens))
-        rec["elapsed_s"] = time.perf_counter() - start
+        predictor = ProbingPredictor(model, sets.probe_batch if checked.attention else None)
+        reports = {split: evaluate(predictor, held) for split, held in sets.held.items()}
+        rec = eval_record(
+            step,
+            sequences,
+            loss_sum / loss_count if loss_count else None,
+            reports,
+            sets.primary,
+            predictor.probes,
+            time.perf_counter() - start,
+        )
         loss_sum, loss_count = 0.0, 0
         records.append(rec)
         _write_log(log_path, [rec])
-        shown = {"loss": f"{rec['loss']:.4f}"}
-        if rec.get("nearest") is not None:
-            shown = {"kl_last": f"{rec['kl_last']:.4f}", "phase": rec["nearest"]}
-        bar.set_postfix(shown)
-        return rec
+        bar.set_postfix(_shown(rec))
 
     # 4. The loop.
     first_step = step
@@ -783,16 +1004,6 @@ def _run(
 
     # 5. The summary.
     wall = time.perf_counter() - start
-    untrained = None
-    if frozen is not None:
-        after = input_embedding(model).detach()[unseen]
-        untrained = {"rows": int(unseen.numel()), "unchanged": bool(torch.equal(frozen, after))}
-        if not untrained["unchanged"]:
-            warnings.warn(
-                f"{untrained['rows']} input-embedding rows of tokens absent from the training set "
-                "changed in training (weight decay on embeddings, or a model that mixes rows)",
-                stacklevel=2,
-            )
     summary: dict[str, Any] = {
         "type": "summary",
         "step": step,
@@ -803,24 +1014,17 @@ def _run(
         "num_parameters": num_parameters(model),
         "model_output": checked.output,
         "final": records[-1],
-        "references": references,
-        "oracle": oracle,
-        "untrained_rows": untrained,
+        "references": sets.references,
+        "oracle": sets.oracle,
+        "untrained_rows": untrained_report(frozen, input_embedding(model)),
         "wall_s": wall,
         "steps_per_s": (step - first_step) / wall,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    has_phases = all(r.get("nearest") is not None for r in records)
-    if has_phases:
-        summary.update(phase_report(records, order=list(references)))
-    if run.plot and has_phases:
-        title = (
-            f"{env_id or task.name}: vocabulary {task.vocab_size}, T={task.seq_len}, "
-            f"seed {config.seed}"
-        )
-        summary["plot"] = str(plot_run(records, references, out / PLOT, title=title))
-    _write_log(log_path, [summary])
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    title = (
+        f"{env_id or task.name}: vocabulary {task.vocab_size}, T={task.seq_len}, seed {config.seed}"
+    )
+    finish_run(summary, records, out=out, plot=run.plot, title=title)
     if interrupt.requested:
         raise KeyboardInterrupt(
             f"interrupted at step {step}; checkpoint saved to {ckpt_path}, continue with --resume"
@@ -828,37 +1032,33 @@ def _run(
     return summary
 
 
-@torch.no_grad()
-def probe_scores(model: nn.Module, tokens: Tensor) -> dict[str, float]:
-    """Previous-token score of layer 1 and induction score of layer 2 (when present) from the
-    model's attention maps on ``tokens`` (eval mode; :mod:`iclgym.harness.probes`)."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, attention = model(tokens, return_attention=True)
-    finally:
-        model.train(was_training)
-    attention = [a for a in attention if a is not None]
-    scores = {}
-    if attention:
-        scores["prev_token_score"] = previous_token_score(attention[0])
-    if len(attention) > 1:
-        scores["induction_score"] = induction_score(attention[1], tokens)
-    return scores
+def _shown(rec: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's view of an eval record."""
+    if rec.get("nearest") is not None:
+        return {"kl_last": f"{rec['kl_last']:.4f}", "phase": rec["nearest"]}
+    return {"loss": f"{rec['loss']:.4f}"}
 
 
 __all__ = [
+    "EvalSets",
     "FiniteData",
+    "ProbingPredictor",
     "RunOptions",
     "StreamData",
     "Targets",
     "TrainConfig",
+    "attention_probes",
     "build_optimizer",
     "describe_run",
+    "eval_record",
+    "eval_sets",
+    "format_seeds",
     "loss_of_output",
     "lr_factor",
     "model_loss",
     "parse_assignments",
+    "parse_seeds",
+    "probe_scores",
     "report_metrics",
     "train",
 ]

@@ -231,9 +231,9 @@ class Block:
     over the whole block (in the worker thread), so that rounds are row slices: the tokens
     (``tokens`` (B, T) and ``last`` (B,), the final target x_T), the targets of the scored
     positions token-major (``targets`` (S, B), one row per step), the per-episode info
-    columns and the task's online laws: computed once over the
-    block when an episode scores one position, else one online function per round (stepped
-    by the env as the episode goes). Pickles without the online functions and rebuilds them.
+    columns and the task's online laws: computed once over the block when an episode scores
+    one position, else one online function per round (stepped by the env as the episode
+    goes). Pickles without the online functions and rebuilds them.
     """
 
     def __init__(self, space: _Spaces, batch: Batch, num_envs: int) -> None:
@@ -276,9 +276,9 @@ class Block:
 
 class Round:
     """One round of the vector env: ``num_envs`` episodes stepped in lockstep, rows of a
-    :class:`Block`. :meth:`laws` reads
-    the block's laws or steps the round's online function. Pickles without the online
-    function and rebuilds it by replaying the positions already visited."""
+    :class:`Block`. :meth:`laws` reads the block's laws or steps the round's online
+    function. Pickles without the online function and rebuilds it by replaying the positions
+    already visited."""
 
     def __init__(self, block: Block, index: int) -> None:
         rows = block.rows[index]

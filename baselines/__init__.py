@@ -33,9 +33,15 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
         ),
         "mlp": ModelEntry("baselines.mlp:make_model", {}, "width"),
         "lstm": ModelEntry("baselines.lstm:make_model", {}, "hidden_size"),
+        "linear_transformer": ModelEntry("baselines.linear_transformer:make_model", {}, None),
+        "softmax_transformer": ModelEntry(
+            "baselines.linear_transformer:make_model", {"softmax": True}, None
+        ),
     }
 )
-"""``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024."""
+"""``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
+``linear_transformer`` / ``softmax_transformer``: the one-layer (V, A) models of sparse
+contextual bigrams (Ren, Wang, Lee 2024), linear or softmax attention over the context."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
 """``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""

@@ -42,6 +42,7 @@ import json
 import resource
 import statistics
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -268,7 +269,10 @@ def train_seeds(
         )
     device, dtype = torch.device(config.device), config.torch_dtype
     configs = [replace(config, seed=s) for s in seeds]
-    with torch_threads(config.threads):
+    with torch_threads(config.threads), warnings.catch_warnings():
+        # functorch loops over the copies where an op has no batching rule (SDPA on CPU): slower
+        # for those ops, the same numbers; the warning would repeat every step
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have")
         # 1. Everything that can be wrong is checked before the run folder is touched.
         models = [
             build_model(info["factory"], task, seed=s, **info["args"]).to(

@@ -583,12 +583,13 @@ def test_plot_writes_a_png(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-def test_the_loss_maps_over_stacked_model_copies(task):
-    """What a multi-seed engine needs: functional_call + vmap of loss_of_output over copies
-    (each with its own batch) equals the separate losses and gradients. Rotary positions:
-    the relative-position path hands SDPA an attention mask that requires grad, which
-    functorch cannot differentiate through the CPU flash kernel."""
-    models = [model_for(task, seed=s, dropout=0.0, positional="rotary") for s in range(3)]
+@pytest.mark.parametrize("positional", ["relative", "rotary"])
+def test_the_loss_maps_over_stacked_model_copies(task, positional):
+    """functional_call + vmap(grad) of loss_of_output over copies (each with its own batch)
+    equals the separate losses and gradients, for the relative positions of the edelman2024
+    model (its attention function has a vmap rule) and for SDPA's path (rotary). The trainer's
+    multi-seed engine (tests/harness/test_multiseed.py) runs vmap with an outer backward."""
+    models = [model_for(task, seed=s, dropout=0.0, positional=positional) for s in range(3)]
     params, buffers = torch.func.stack_module_state(models)
     batches = [task.sample(4, generator=task.generator(s)) for s in range(3)]
     tokens = torch.stack([b.tokens for b in batches])

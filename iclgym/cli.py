@@ -82,6 +82,9 @@ class EvalArgs:
     """Sequences per batch."""
     device: str = "cpu"
     """Torch device (cpu, cuda, ...)."""
+    threads: int = 1
+    """Torch CPU threads (0: torch's default). One, as for training: on a busy 2-core machine
+    two OpenMP threads made the Monte-Carlo oracle up to 5x slower (docs/harness.md)."""
     json: tyro.conf.FlagCreatePairsOff[bool] = False
     """Print the reports as a JSON list (one entry per predictor)."""
     curves: tyro.conf.FlagCreatePairsOff[bool] = False
@@ -177,6 +180,12 @@ def _cmd_eval(args: EvalArgs) -> int:
     from iclgym.harness.model import check_device
 
     check_device(args.device)
+    if args.threads < 0:
+        raise ValueError(f"threads={args.threads} is invalid: expected an int >= 0 (0: default)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     task = make_task(args.env_id, **parse_overrides(args.set))
     kinds = predictor_kinds()
     names = list(args.predictor) or [*task.strategies, "oracle"]

@@ -18,11 +18,13 @@ attention input: ``kq_identity`` adds ``a_h * <x~_i, x~_j>`` to the attention lo
 the 1/sqrt(d_head) scaling), ``vo_identity`` adds ``sum_h b_h * sum_j A_h[i, j] x~_j`` to the
 attention output (after W_O); each term has a fixed factor (c_KQ, c_VO; 1 by default, as in the
 reference's regression model).
-Attention runs through ``F.scaled_dot_product_attention`` (for relative positions the q.r term
-is passed as an additive float mask). The weights are computed explicitly when they are asked
-for (``forward(..., return_attention=True)`` returns them per layer for the probes) and when
-training with attention dropout, where SDPA on CPU falls back to its unfused math path with an
-extra safe-softmax pass (measured slower than the plain softmax below).
+Relative positions (without the identity scalars) run through :class:`RelativeAttention`, an
+autograd function with its own backward that skips the all-future corner of the (T, T)
+scores and has a ``vmap`` rule, so stacked copies of the model train together
+(:mod:`iclgym.harness.multiseed`). The other schemes use ``F.scaled_dot_product_attention``
+when neither the weights (``forward(..., return_attention=True)``, the probes) nor attention
+dropout nor a gradient through an additive term is needed, and explicit weights otherwise.
+Dropout draws 16-bit masks (:func:`dropout`).
 
 The model follows the iclgym model contract (:mod:`iclgym.harness.model`: (B, T) ids ->
 (B, T, V) logits, or (B, T, 1) values with ``n_outputs=1``), with its optional hooks
@@ -34,6 +36,7 @@ implements the ``Predictor`` protocol. :func:`make_model` is its factory for
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -168,9 +171,11 @@ DROP_LEVELS = 1 << 16
 """Dropout masks are drawn as 16-bit integers: the drop probability is ``p`` rounded to a
 multiple of 2^-16 (0.1 -> 6554 / 65536 = 0.1000061) and kept entries are scaled by the exact
 inverse of the keep probability, so the mean is preserved exactly."""
-CHUNK_ELEMENTS = 160_000
-"""Attention-matrix entries per chunk of :class:`RelativeAttention` (16 sequences of T = 100):
-small enough that a chunk's (T, T) tensors stay in the CPU's L2 cache."""
+CHUNK_ELEMENTS = 640_000
+"""Attention-matrix entries per chunk of :class:`RelativeAttention` (64 sequences of T = 100,
+2.5 MB in float32): bounds the memory of the (T, T) temporaries. On this project's CPU, chunks
+of 16 to 64 sequences took the same time for one model and 64 were 12% faster than 16 for 16
+stacked copies (fewer, larger kernels)."""
 
 
 def dropout_threshold(p: float) -> tuple[int, float]:
@@ -218,25 +223,27 @@ class Dropout(nn.Module):
 
 class RelativeAttention(torch.autograd.Function):
     """Causal attention with Shaw relative positions and attention dropout, forward and
-    backward written out and run in chunks of sequences.
+    backward written out, in chunks of sequences and causal blocks of queries.
 
     For every copy n, head h and sequence: ``A = softmax(s q k^T + s skew(q R^T) + causal)`` and
     ``y = (A * M) v / (1 - p)``, with s = 1 / sqrt(e), R the (T + 1, e) table of relative rows
     of (n, h) and M the 0/1 dropout keep mask. The skew puts q_i . r_{i-j} at (i, j) without a
     copy: with the table's rows in the order (unused, distance T-1, ..., distance 0), the
     (T, T + 1) product q R^T read flat from offset T holds entry (i, j) at row i, column
-    T + j - i (Huang et al. 2018); entries j > i land in the next row and are masked. The
-    backward needs only A and A * M of each chunk (no dropout mask, no logits), and a chunk's
-    (T, T) tensors are small enough to stay in the CPU cache: on the ``edelman2024`` model a
-    training step takes about 0.6x the time of the same algebra through autograd.
+    T + j - i (Huang et al. 2018); entries j > i land in the next row and are masked.
+
+    Cost: the queries are cut into blocks [s, L) (:func:`causal_blocks`) that attend to keys
+    [0, L) only, which skips the all-future corner: 3/4 of the (T, T) work with two blocks.
+    The backward needs only A and A * M of each block (no mask, no logits), and the sequences
+    run in chunks of :data:`CHUNK_ELEMENTS` attention entries.
 
     Inputs: ``qkv`` (N, B, T, 3, H, e): q, k, v of N stacked copies (N = 1 for one model);
-    ``table`` (N, H, e, T + 1); ``bits`` (N, H, B, T, T) int16 from :func:`random_bits`, or
-    None (no dropout); ``drop`` from :func:`dropout_threshold`; ``need_weights``. Outputs: y
-    (N, B, T, H, e); the attention weights A (N * H, B, T, T) when ``need_weights`` (not
-    differentiable), else None; then the chunks' saved tensors (internal). Under
-    ``torch.func.vmap`` the vmapped copies join the copy axis (:meth:`vmap`), so the chunks
-    cover every copy at once.
+    ``table`` (N, H, e, T + 1); ``bits`` (N, H, B, :func:`mask_size` (T)) int16 from
+    :func:`random_bits`, or None (no dropout); ``drop`` from :func:`dropout_threshold`;
+    ``need_weights``. Outputs: y (N, B, T, H, e); the attention weights A (N * H, B, T, T)
+    when ``need_weights`` (not differentiable), else None; then the saved tensors (internal).
+    Under ``torch.func.vmap`` the vmapped copies join the copy axis (:meth:`vmap`), so the
+    chunks cover every copy at once.
     """
 
     @staticmethod
@@ -244,11 +251,12 @@ class RelativeAttention(torch.autograd.Function):
         N, B, T, _, H, e = qkv.shape
         G = N * H
         scale, keep_scale = 1.0 / math.sqrt(e), DROP_LEVELS / (DROP_LEVELS - drop)
-        causal = torch.full((T, T), -math.inf, dtype=qkv.dtype, device=qkv.device).triu_(1)
         table = table.reshape(G, e, T + 1)
+        blocks = causal_blocks(T)
+        masks = [_future(s, L, qkv) for s, L, _ in blocks]
         chunk = max(1, CHUNK_ELEMENTS // (G * T * T))
         y = qkv.new_empty(N, B, T, H, e)
-        full = qkv.new_empty(G, B, T, T) if need_weights else None
+        full = qkv.new_zeros(G, B, T, T) if need_weights else None
         saved = []
         for c0 in range(0, B, chunk):
             C = min(chunk, B - c0)
@@ -256,17 +264,21 @@ class RelativeAttention(torch.autograd.Function):
             q = q * scale
             rel = torch.bmm(q.view(G, C * T, e), table)  # (G, C * T, T + 1)
             rel = rel.view(G * C, T * (T + 1))[:, T:].view(G * C, T, T)  # the skew: a view
-            w = torch.baddbmm(rel + causal, q, k.transpose(1, 2)).softmax(-1)
-            if full is not None:
-                full[:, c0 : c0 + C] = w.view(G, C, T, T)
-            if bits is not None:
-                bits_c = bits[:, :, c0 : c0 + C].reshape(G * C, T, T)
-                wd = keep_mask(bits_c, drop, w.dtype).mul_(w)
-                saved += [w, wd]
-                out = torch.bmm(wd, v).mul_(keep_scale)
-            else:
-                saved.append(w)
-                out = torch.bmm(w, v)
+            out = q.new_empty(G * C, T, e)
+            for (s, L, offset), future in zip(blocks, masks, strict=True):
+                logits = torch.add(rel[:, s:L, :L], future)
+                w = logits.baddbmm_(q[:, s:L], k[:, :L].transpose(1, 2)).softmax(-1)
+                if full is not None:
+                    full[:, c0 : c0 + C, s:L, :L] = w.view(G, C, L - s, L)
+                if bits is not None:
+                    part = bits[:, :, c0 : c0 + C, offset : offset + (L - s) * L]
+                    wd = part.reshape(G * C, L - s, L).to(w.dtype)  # keep_mask, in place:
+                    wd.add_(32769 - drop).clamp_(0, 1).mul_(w)  # A * M
+                    saved += [w, wd]
+                    out[:, s:L] = torch.bmm(wd, v[:, :L]).mul_(keep_scale)
+                else:
+                    saved.append(w)
+                    out[:, s:L] = torch.bmm(w, v[:, :L])
             y[:, c0 : c0 + C] = out.view(N, H, C, T, e).permute(0, 2, 3, 1, 4)
         return (y, full, *saved)
 
@@ -286,34 +298,52 @@ class RelativeAttention(torch.autograd.Function):
         table_t = table.reshape(G, e, T + 1).transpose(1, 2)
         dqkv = torch.empty_like(qkv)
         dtable = table.new_zeros(G, e, T + 1)
-        step = 2 if ctx.dropout else 1
+        differentiable = torch.is_grad_enabled()  # torch.func.grad of the backward: no out=
+        per_block = 2 if ctx.dropout else 1
+        blocks = causal_blocks(T)
+        per_chunk = per_block * len(blocks)
         c0 = 0
-        for i in range(0, len(saved), step):  # the forward's chunks: A, (A * M), (G * C, T, T)
-            w, wd = saved[i], saved[i + step - 1]
-            C = w.shape[0] // G
+        for i in range(0, len(saved), per_chunk):  # the forward's chunks
+            C = saved[i].shape[0] // G
             rows = slice(c0, c0 + C)
             q, k, v = (_groups(qkv[:, rows, :, j]) for j in range(3))
             q = q * scale
             g = _groups(dy[:, rows])
             if ctx.dropout:
                 g = g * keep_scale
-            dv = torch.bmm(wd.transpose(1, 2), g)
             # d(q R^T) as (G * C, T (T + 1)): T zeros, then dlogits (the skew's inverse)
-            buffer = w.new_empty(G * C, T * (T + 1))
+            buffer = q.new_empty(G * C, T * (T + 1))
             buffer[:, :T] = 0
             dlogits = buffer[:, T:].view(G * C, T, T)
-            # softmax backward with the mask: w * dw = (w * m) * dy v^T, so
-            # dlogits = t - w * sum_j t with t = (A * M) * (dy v^T); 0 wherever w = 0
-            t = torch.bmm(g, v.transpose(1, 2))
-            if torch.is_grad_enabled():  # differentiable backward (torch.func.grad): no out=
-                t = t * wd
-                dlogits.copy_(t - w * t.sum(-1, keepdim=True))
-            else:
-                torch.mul(t, wd, out=dlogits)
-                dlogits.addcmul_(w, dlogits.sum(-1, keepdim=True), value=-1)
+            dq, dk, dv = torch.empty_like(q), k, v  # dk, dv: set by the last block
+            for b in reversed(range(len(blocks))):  # the last block sees every key: first
+                s, L, _ = blocks[b]
+                w = saved[i + per_block * b]
+                wd = saved[i + per_block * b + per_block - 1]
+                gb = g[:, s:L]
+                if L == T:
+                    dv = torch.bmm(wd.transpose(1, 2), gb)
+                else:
+                    dv[:, :L] += torch.bmm(wd.transpose(1, 2), gb)
+                    dlogits[:, s:L, L:] = 0  # the block's future keys
+                # softmax backward with the mask: w * dw = (w * m) * dy v^T, so
+                # dlogits = t - w * sum_j t with t = (A * M) * (dy v^T); 0 wherever w = 0
+                t = torch.bmm(gb, v[:, :L].transpose(1, 2))
+                if differentiable:
+                    t = t * wd
+                    dl = t - w * t.sum(-1, keepdim=True)
+                    dlogits[:, s:L, :L] = dl
+                else:
+                    dl = dlogits[:, s:L, :L]
+                    torch.mul(t, wd, out=dl)
+                    dl.addcmul_(w, dl.sum(-1, keepdim=True), value=-1)
+                dq[:, s:L] = torch.bmm(dl, k[:, :L])
+                if L == T:
+                    dk = torch.bmm(dl.transpose(1, 2), q[:, s:L])
+                else:
+                    dk[:, :L] += torch.bmm(dl.transpose(1, 2), q[:, s:L])
             drel = buffer.view(G, C * T, T + 1)
-            dq = torch.baddbmm(torch.bmm(dlogits, k).view(G, C * T, e), drel, table_t)
-            dk = torch.bmm(dlogits.transpose(1, 2), q)
+            dq = torch.baddbmm(dq.view(G, C * T, e), drel, table_t)
             dtable = torch.baddbmm(dtable, q.view(G, C * T, e).transpose(1, 2), drel)
             for j, grad in enumerate((dq.mul_(scale), dk, dv)):
                 dqkv[:, rows, :, j] = grad.view(N, H, C, T, e).permute(0, 2, 3, 1, 4)
@@ -341,6 +371,31 @@ class RelativeAttention(torch.autograd.Function):
         w = w.unflatten(0, (n, -1)) if w is not None else None
         saved = [t.unflatten(0, (n, -1)) for t in saved]  # (G * C, ...) with G = copies x heads
         return (y, w, *saved), (0, None if w is None else 0, *([0] * len(saved)))
+
+
+def causal_blocks(T: int) -> list[tuple[int, int, int]]:
+    """Query blocks ``(s, L, offset)`` of :class:`RelativeAttention`: queries [s, L) attend to
+    keys [0, L); ``offset`` is where the block's (L - s, L) dropout draws start in a
+    sequence's :func:`mask_size` draws. Two blocks from T = 32 on (3/4 of the (T, T) work),
+    one below."""
+    cuts = [0, T // 2, T] if T >= 32 else [0, T]
+    blocks, offset = [], 0
+    for s, L in itertools.pairwise(cuts):
+        blocks.append((s, L, offset))
+        offset += (L - s) * L
+    return blocks
+
+
+def mask_size(T: int) -> int:
+    """Dropout draws per sequence and head of :class:`RelativeAttention`: the blocks' areas."""
+    return sum((L - s) * L for s, L, _ in causal_blocks(T))
+
+
+def _future(s: int, L: int, like: Tensor) -> Tensor:
+    """(L - s, L) additive mask of query block [s, L): -inf on keys j > query i."""
+    i = torch.arange(s, L, device=like.device)[:, None]
+    j = torch.arange(L, device=like.device)
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(j > i, -math.inf)
 
 
 def _groups(x: Tensor) -> Tensor:
@@ -455,7 +510,7 @@ class CausalSelfAttention(nn.Module):
         dist = torch.arange(T - 1, -1, -1, device=qkv.device).clamp_(max=self.max_len)
         table = self.rel_dropout(self.rel_table)[dist]  # (T, d), distance T-1 first
         table = F.pad(table, (0, 0, 1, 0)).view(T + 1, H, e).permute(1, 2, 0).contiguous()
-        bits = random_bits(qkv, (1, H, B, T, T)) if drop else None
+        bits = random_bits(qkv, (1, H, B, mask_size(T))) if drop else None
         count = dropout_threshold(self.dropout)[0] if drop else 0
         y, weights, *_ = RelativeAttention.apply(
             qkv[None], table[None], bits, count, return_attention

@@ -26,9 +26,11 @@ from baselines.transformer import (
     DROP_LEVELS,
     Transformer,
     TransformerConfig,
+    causal_blocks,
     dropout,
     dropout_threshold,
     keep_mask,
+    mask_size,
     random_bits,
 )
 from iclgym.cli import main
@@ -182,23 +184,33 @@ def test_relative_attention_matches_the_plain_formula(heads, T, max_len, B):
     assert attention[0].shape == (B, heads, T, T) and attention[0].triu(1).abs().max() == 0
 
 
-def test_relative_attention_dropout_applies_the_drawn_masks():
+def replayed_masks(T: int, B: int, drop: int) -> torch.Tensor:
+    """(B, 1, T, T) 0/1 keep masks from the draws the function takes for one layer: per
+    sequence, one (L - s, L) block of draws per causal block, zero elsewhere."""
+    bits = random_bits(torch.zeros(1), (1, 1, B, mask_size(T)))[0, 0]
+    masks = torch.zeros(B, T, T, dtype=torch.float64)
+    for s, L, offset in causal_blocks(T):
+        block = bits[:, offset : offset + (L - s) * L].reshape(B, L - s, L)
+        masks[:, s:L, :L] = keep_mask(block, drop, torch.float64)
+    return masks.unsqueeze(1)
+
+
+@pytest.mark.parametrize("T", [40, 17])  # two causal blocks, one
+def test_relative_attention_dropout_applies_the_drawn_masks(T):
     """In training mode the function drops exactly the entries its 16-bit draws select: the
     same draws through the plain formula give the same values and gradients."""
+    assert [b[:2] for b in causal_blocks(40)] == [(0, 20), (20, 40)]
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=3, max_len=40, dropout=0.3)).double()
+    model = Transformer(TransformerConfig(vocab_size=3, max_len=T, dropout=0.3)).double()
     for module in model.modules():  # attention dropout only: the other masks are not replayed
         if module is not model and hasattr(module, "p"):
             module.p = 0.0
-    tokens = torch.randint(0, 3, (20, 40))
+    tokens = torch.randint(0, 3, (20, T))
     torch.manual_seed(1)
     out = model(tokens)
     torch.manual_seed(1)  # the draws of the two layers, in order
     drop = dropout_threshold(0.3)[0]
-    masks = [
-        keep_mask(random_bits(tokens, (1, 1, 20, 40, 40))[0, 0], drop, torch.float64).unsqueeze(1)
-        for _ in range(2)
-    ]
+    masks = [replayed_masks(T, 20, drop) for _ in range(2)]
     expected = plain_relative_attention(model, tokens, masks)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     params = list(model.parameters())
@@ -208,7 +220,7 @@ def test_relative_attention_dropout_applies_the_drawn_masks():
         strict=True,
     ):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
-    assert 0.25 < 1 - masks[0].tril().sum().item() / (20 * 40 * 41 / 2) < 0.35
+    assert 0.25 < 1 - masks[0].tril().sum().item() / (20 * T * (T + 1) / 2) < 0.35
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")

@@ -28,10 +28,14 @@ src_pos, bayes_probs)`` are ``batch.tokens``, ``batch.targets[:, -1]``,
 ``batch.params["src_pos"]`` and :meth:`~SparseContextualBigramTask.bayes_probs`.
 
 **Sampling.** Every row takes T + 3 64-bit words from the generator (one per context token and
-query, one for the source position, one for the output), turned into uniforms in (0, 1] with 53
-bits and read by inverse CDF (:func:`~iclgym.tasks.markov.inverse_cdf_thresholds`: a token of
-probability 0 is never drawn). The law is exactly the spec's ``torch.multinomial`` draws; the
-rows are independent shares of the stream, so draws compose across batch sizes
+query, one for the source position, one for the output). Each word w in [0, 2**63) gives a
+53-bit uniform: the source position and the output are inverse-CDF draws with u = ((w >> 10) +
+1) / 2**53 in (0, 1] (:func:`~iclgym.tasks.markov.inverse_cdf_thresholds`: a token of
+probability 0 is never drawn), and so are the input tokens of a non-uniform ``mu``; a uniform
+``mu`` (``perm_mixture``) gives token ``floor(u N)`` with u = (w >> 10) / 2**53 in [0, 1), an
+integer multiply-shift (the top log2 N bits of w for a power-of-two N; uniform up to 2**-53
+otherwise). The law is the spec's ``torch.multinomial`` draws; the rows are independent shares
+of the stream, so draws compose across batch sizes
 (:attr:`~SparseContextualBigramTask.sample_composes`).
 
 **Closed forms** (spec section 3): with ``D = diag(mu)`` and
@@ -69,6 +73,9 @@ part))``): :data:`TASK_STREAM` draws the task's P (part 0) and attn (part 1),
 :data:`TRANSFER_STREAM` the independent P_ind (part 0) and fresh attn (part 1) of
 :func:`make_transfer_pair`. Streams 0-6 are the data splits, dropout, the templates' fixed
 training set, model init and batch order (:mod:`iclgym.harness.model`)."""
+UNIFORM_MULTIPLY_MAX = 1024
+"""Uniform tokens are drawn by an integer multiply-shift below this vocabulary size (the 53-bit
+product fits in int64), by inverse CDF above."""
 LOG_FLOOR = 1e-30
 """Log-probabilities are floored at log(1e-30) where a law is exactly 0."""
 OUTPUT_FLOOR = 1e-6
@@ -456,17 +463,23 @@ class SparseContextualBigramTask(Task):
         tab = self._tables(generator.device)
         words = torch.empty((batch_size, t + 3), dtype=torch.int64, device=generator.device)
         words.random_(generator=generator)  # uniform on [0, 2**63)
-        u = ((words >> 10) + 1).double().mul_(2.0**-53)  # 53-bit uniforms in (0, 1]
-        if self._uniform_mu:  # inverse CDF of the uniform law in one product
-            n = self.vocab_size
-            tokens = u[:, : t + 1].mul(n).ceil_().long().sub_(1).clamp_(0, n - 1)
+        n = self.vocab_size
+        if self._uniform_mu and n < UNIFORM_MULTIPLY_MAX:
+            # floor(u N) with the 53-bit u = (w >> 10) / 2**53 in [0, 1), in integers; for a
+            # power of two N the same number is the top log2(N) bits of w
+            if n & (n - 1) == 0:
+                tokens = words[:, : t + 1] >> (63 - (n.bit_length() - 1))
+            else:
+                tokens = ((words[:, : t + 1] >> 10) * n) >> 53
         else:
-            tokens = torch.searchsorted(tab["mu_cdf"], u[:, : t + 1].contiguous())
+            u_tokens = ((words[:, : t + 1] >> 10) + 1).double().mul_(2.0**-53)  # (0, 1]
+            tokens = torch.searchsorted(tab["mu_cdf"], u_tokens)
+        u = ((words[:, t + 1 :] >> 10) + 1).double().mul_(2.0**-53)  # (B, 2) in (0, 1]
         k = tokens[:, t]
-        slot = torch.searchsorted(tab["w_cdf"][k], u[:, t + 1 : t + 2].contiguous())
+        slot = torch.searchsorted(tab["w_cdf"][k], u[:, :1].contiguous())
         src = tab["support"][k].gather(1, slot)  # (B, 1)
         source = tokens.gather(1, src)[:, 0]
-        target = torch.searchsorted(tab["p_cdf"][source], u[:, t + 2 :].contiguous())
+        target = torch.searchsorted(tab["p_cdf"][source], u[:, 1:].contiguous())
         targets = torch.cat([tokens[:, 1:], target], 1)
         mask = torch.zeros(batch_size, t + 1, dtype=torch.bool, device=device)
         mask[:, t] = True

@@ -242,15 +242,16 @@ def reference_sample(task, batch_size, generator):
     t, n = task.context_len, task.vocab_size
     words = torch.empty((batch_size, t + 3), dtype=torch.int64).random_(generator=generator)
     u = (((words >> 10) + 1).double() * 2.0**-53).tolist()
+    bits = (words >> 10).tolist()  # 53-bit integers
     mu_thr = inverse_cdf_thresholds(torch.tensor(task.stationary)).tolist()
 
     def inverse(thresholds, x):
         return sum(x > c for c in thresholds)
 
     tokens, targets, sources = [], [], []
-    for row in u:
-        if np.allclose(task.stationary, 1 / n):
-            x = [min(n - 1, max(0, math.ceil(v * n) - 1)) for v in row[: t + 1]]
+    for row, ints in zip(u, bits, strict=True):
+        if np.allclose(task.stationary, 1 / n):  # floor(U N), U = ints / 2**53 in [0, 1)
+            x = [(b * n) >> 53 for b in ints[: t + 1]]
         else:
             x = [inverse(mu_thr, v) for v in row[: t + 1]]
         k = x[-1]
@@ -270,6 +271,7 @@ def reference_sample(task, batch_size, generator):
         {},
         {"p_family": "dirichlet", "q_weights": "dirichlet", "n_support": 3},
         {"n_support": 1},
+        {"vocab_size": 5},
     ],
 )
 def test_fast_sampler_equals_the_plain_reference(kwargs):

@@ -625,28 +625,33 @@ def _vectorised_scores(
                 tokens = (
                     part.batch.tokens if shared else torch.stack([p.batch.tokens for p in parts])
                 )
-                out = copies(tokens)
+                if attention and split == primary and j == 0:
+                    out = _probing_forward(copies, part.batch.tokens, probes)
+                else:
+                    out = copies(tokens)
                 for n, p in enumerate(parts):
                     selected = out[n][p.rows, p.cols]  # (scored positions, V or 1)
                     scores[split][n].append(output_scores(selected, p.batch.vocab_size))
-                if attention and split == primary and j == 0:
-                    _probe(copies, part.batch.tokens, probes)
     finally:
         copies.train(True)
     return scores, probes
 
 
-def _probe(copies: Copies, tokens: Tensor, probes: list[dict[str, float]]) -> None:
-    """:func:`~iclgym.harness.train.attention_probes` of every copy on ``tokens``, the copies
-    in groups whose attention maps stay under :data:`PROBE_FLOATS`."""
+def _probing_forward(copies: Copies, tokens: Tensor, probes: list[dict[str, float]]) -> Tensor:
+    """Every copy's output on ``tokens`` (N, B, T, V) and, from the same forward passes, its
+    :func:`~iclgym.harness.train.attention_probes` into ``probes``; the copies run in groups
+    whose attention maps stay under :data:`PROBE_FLOATS`."""
     _, maps = copies.template(tokens[:1], return_attention=True)
     per_copy = tokens.shape[0] * sum(a.numel() for a in maps if a is not None)
     group = max(1, PROBE_FLOATS // max(1, per_copy))
+    outputs = []
     for first in range(0, copies.n, group):
-        _, attention = copies(tokens, slice(first, first + group), return_attention=True)
-        for i in range(attention[0].shape[0] if attention and attention[0] is not None else 0):
-            maps = [a[i] if a is not None else None for a in attention]
-            probes[first + i] = attention_probes(maps, tokens)
+        out, attention = copies(tokens, slice(first, first + group), return_attention=True)
+        outputs.append(out)
+        for i in range(out.shape[0]):
+            layers = [a[i] if a is not None else None for a in attention]
+            probes[first + i] = attention_probes(layers, tokens)
+    return torch.cat(outputs)
 
 
 def _joint_seed(seeds: tuple[int, ...]) -> int:

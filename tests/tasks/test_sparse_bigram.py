@@ -315,6 +315,32 @@ def test_sampled_law_matches_the_parameters():
         close(np.bincount(out[rows], minlength=4) / rows.sum(), p[:, j], rows.sum())
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 12),
+    st.integers(1, 10),
+    st.integers(1, 4),
+    st.sampled_from(["perm_mixture", "dirichlet"]),
+    st.sampled_from(["uniform", "dirichlet"]),
+    st.integers(0, 1000),
+)
+def test_every_draw_is_possible_under_the_parameters(n, t, q, family, weights, seed):
+    """Any spec: tokens in [0, N), the source position in the support of q^(k) with positive
+    weight, the output of positive probability under P[:, x_s], targets shifted tokens."""
+    q = min(q, t)
+    task = SparseContextualBigramTask(
+        vocab_size=n, seq_len=t, n_support=q, p_family=family, q_weights=weights, task_seed=seed
+    )
+    batch = draw(task, 64, seed=seed)
+    tokens, out = batch.tokens.numpy(), batch.targets[:, -1].numpy()
+    src = batch.params["src_pos"].numpy()
+    assert tokens.shape == (64, t + 1) and ((tokens >= 0) & (tokens < n)).all()
+    rows = np.arange(64)
+    assert (task.attn[src, tokens[:, -1]] > 0).all()
+    assert (task.transition[out, tokens[rows, src]] > 0).all()
+    np.testing.assert_array_equal(batch.targets[:, :-1].numpy(), tokens[:, 1:])
+
+
 def test_draws_compose_across_batch_sizes_and_seeds_and_splits_differ():
     task = SparseContextualBigramTask(**SMALL)
     assert task.sample_composes

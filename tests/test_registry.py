@@ -20,6 +20,7 @@ def test_ids_registered_with_entry_points():
         "ICL-SymbolTemplate-v0",
         "ICL-SameDifferent-v0",
         "ICL-SymbolCopy-v0",
+        "ICL-SparseContextualBigram-v0",
     ]
     for env_id in ids:
         spec = gym.spec(env_id)

@@ -95,7 +95,7 @@ DEFAULT_WINDOW = 8
 BLOCK = 64
 """A sampler call draws at least this many sequences' worth of scored steps (64 sequences
 when every position is scored), amortising the torch call over episodes."""
-SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**15
+SINGLE_MIN_STEPS, VECTOR_MIN_STEPS = 1024, 2**16
 """Scored steps per sampler call of the single and vector env for tasks whose data do not
 depend on batch sizes (see :func:`block_sequences`)."""
 LOOKAHEAD = 2
@@ -230,10 +230,12 @@ class Block:
     """One sampler call's sequences with what the vector env needs per round precomputed
     over the whole block (in the worker thread), so that rounds are row slices: the tokens
     (``tokens`` (B, T) and ``last`` (B,), the final target x_T), the targets of the scored
-    positions token-major (``targets`` (S, B), one row per step), the per-episode info
-    columns and the task's online laws: computed once over the block when an episode scores
-    one position, else one online function per round (stepped by the env as the episode
-    goes). Pickles without the online functions and rebuilds them.
+    positions token-major (``targets`` (S, B), one row per step), the initial observation
+    buffers, the per-episode info columns and the task's online laws: computed once over the
+    block when an episode scores one position (with the oracle's hits and the label
+    columns), else one online function per round (stepped by the env as the episode goes).
+    Pickles without the online functions and rebuilds them. (Work moved from here to the
+    stepping thread measured slower: that thread also pays for the GIL.)
     """
 
     def __init__(self, space: _Spaces, batch: Batch, num_envs: int) -> None:
@@ -244,13 +246,17 @@ class Block:
         targets = batch.targets.cpu().numpy()
         self.last = targets[:, -1].copy()
         self.targets = np.ascontiguousarray(targets[:, first:].T, dtype=space.obs_dtype)
+        self.obs = space.initial_buffer(self.tokens, self.last)
         self.episode = None if space.episode_fn is None else space.episode_fn(batch)
         size = batch.batch_size
         self.rows = [slice(i, i + num_envs) for i in range(0, size, num_envs)]
-        self.laws = None
+        self.laws = self.hits = None
         self.batches: list[Batch] | None = None
-        if task.seq_len - first == 1:  # the one scored step: its laws now, over the block
+        if task.seq_len - first == 1:  # the one scored step: laws, hits and labels now
             self.laws = task.online(batch)(first)
+            self.hits = space.oracle_hits(self.targets[0], self.laws[1])
+            if self.episode is not None:
+                self.episode = space.episode_columns(self.episode, self.targets[0], self.laws[1])
         else:
             self.batches = [
                 batch if size == num_envs else select_rows(batch, rows) for rows in self.rows
@@ -276,15 +282,16 @@ class Block:
 
 class Round:
     """One round of the vector env: ``num_envs`` episodes stepped in lockstep, rows of a
-    :class:`Block`. :meth:`laws` reads the block's laws or steps the round's online
-    function. Pickles without the online function and rebuilds it by replaying the positions
-    already visited."""
+    :class:`Block` (the round owns its rows of the observation buffer). :meth:`laws` reads
+    the block's laws or steps the round's online function. Pickles without the online
+    function and rebuilds it by replaying the positions already visited."""
 
     def __init__(self, block: Block, index: int) -> None:
         rows = block.rows[index]
         self.task, self.first = block.task, block.first
         self.tokens, self.last = block.tokens[rows], block.last[rows]
         self.targets = block.targets[:, rows]
+        self.obs = None if block.obs is None else block.obs[rows]
         self.episode = None
         if block.episode is not None:
             self.episode = {
@@ -292,6 +299,7 @@ class Round:
                 for key, col in block.episode.items()
             }
         self._laws = None if block.laws is None else (block.laws[0][rows], block.laws[1][rows])
+        self.hits = None if block.hits is None else block.hits[rows]
         self.batch = None if block.batches is None else block.batches[index]
         self._online = None if block.onlines is None else block.onlines[index]
         self._visited = self.first
@@ -899,8 +907,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
 
     def _start_round(self) -> tuple[Any, dict[str, Any]]:
         self._round = self._rounds.next()
-        # built here, not by the worker: the stepping thread has time to spare
-        self._obs_buffer = self.initial_buffer(self._round.tokens, self._round.last)
+        self._obs_buffer = self._round.obs  # the round owns its rows of the block's buffer
         self._t = self.first
         self._autoreset = False
         if self.render_mode is not None:
@@ -939,7 +946,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         t = self._t
         target = self._round.targets[t - self.first]
         true, oracle = self._round.laws(t)
-        reward, extra = self._score(actions, target, true, oracle)
+        reward, extra = self._score(actions, target, true, oracle, self._round.hits)
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
@@ -960,8 +967,11 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             "split": self._split_info,
             **extra,
         }
-        if terminated and self._round.episode is not None:  # the label step of a template
-            info.update(self.episode_columns(self._round.episode, target, oracle))
+        episode = self._round.episode
+        if terminated and episode is not None:  # the label step of a template task
+            info.update(
+                episode if "label" in episode else self.episode_columns(episode, target, oracle)
+            )
         return (
             self._observation(),
             reward,

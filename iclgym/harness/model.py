@@ -41,6 +41,11 @@ does.
 records the factory path and arguments on the module, so checkpoints can rebuild it
 (:func:`load_model`, ``--predictor checkpoint:PATH``).
 
+**Many seeds in one process** (``iclgym train --seeds 0-15``, :mod:`iclgym.harness.multiseed`)
+run stacked copies of a model built by :func:`build_model` through ``torch.func.vmap``: its
+``forward`` must then be vmappable (no in-place buffer updates such as batch-norm statistics,
+no ``.item()`` or data-dependent Python branches); a dry run checks it before training.
+
 Every function here raises ``ValueError`` naming the bad thing (import path, output shape,
 position that reads the future, unreadable checkpoint) before any training starts.
 """

@@ -38,6 +38,7 @@ fails is refused with ``ValueError`` before the run folder is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -296,7 +297,9 @@ def train_seeds(
         out = Path(run.out or f"runs/{env_id or task.name}-seeds{format_seeds(seeds)}")
         state = load_run_state(out, run, meta, SEEDS_CHECKPOINT_FORMAT)
         _check_vectorised(copies, task, device)
-        with run_lock(out):
+        with contextlib.ExitStack() as locks:  # the seeds' folders too: no single run there
+            for folder in (out, *(out / f"seed{s}" for s in seeds)):
+                locks.enter_context(run_lock(folder))
             return _run_seeds(
                 copies=copies,
                 task=task,

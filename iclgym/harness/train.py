@@ -37,6 +37,10 @@ data regimes, the optimisers, then :func:`train` itself. Paper protocols are rec
 Random streams of ``config.seed`` (:func:`iclgym.tasks.base.stream_seed`): 0 the train data,
 3 dropout (the global torch state), 5 the model init (:func:`iclgym.harness.model.build_model`),
 6 the batch order of the finite regime.
+
+**Many seeds.** ``RunOptions.seeds`` (``--seeds 0-15``) trains one copy per seed in this
+process, vectorised over the copies (:mod:`iclgym.harness.multiseed`): copy S is the run of
+``seed=S``, written to ``OUT/seedS``.
 """
 
 from __future__ import annotations
@@ -139,8 +143,9 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device of the model and the batches (cpu, cuda, cuda:1, ...)."""
     threads: int = 1
-    """Torch CPU threads during the run (0 = leave torch's setting). 1 by default: these models
-    are small, and on a shared 2-core machine 2 threads were slower (docs/harness.md)."""
+    """Torch CPU threads during the run (0 = leave torch's setting). 1 by default: one core per
+    run on a shared machine; 2 were 1.2-1.4x faster only with the second core idle
+    (docs/harness.md)."""
     seed: int = 0
     """Seeds the train data, dropout, the finite batch order (and the init of models built by
     name)."""

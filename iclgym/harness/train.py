@@ -289,8 +289,8 @@ def parse_assignments(items: tuple[str, ...] | list[str], name: str) -> dict[str
 @dataclass(frozen=True)
 class Targets:
     """The scored positions of a batch, selected once outside the model call: the loss reads
-    the model output at ``(rows, cols)`` only. For a vectorised (``torch.func.vmap``) engine,
-    stack these per copy: every current task scores the same number of positions per sequence."""
+    the model output at ``(rows, cols)`` only. The multi-seed engine concatenates them over
+    copies (:func:`iclgym.harness.multiseed.copy_losses`)."""
 
     rows: Tensor
     """(N,) int64 sequence index of each scored position."""
@@ -300,6 +300,9 @@ class Targets:
     """(N,) int64 target token ids."""
     values: Tensor | None = None
     """(N,) float real labels ``task.label_values[tokens]`` (value models only)."""
+    dense: bool = False
+    """Every position is scored (``rows, cols`` enumerate (B, T) row by row): the selection is a
+    reshape of the output, the same values without a gather."""
 
     @classmethod
     def select(
@@ -310,7 +313,7 @@ class Targets:
         rows, cols = loss_mask.nonzero(as_tuple=True)
         tokens = targets[rows, cols]
         values = label_values[tokens] if label_values is not None else None
-        return cls(rows, cols, tokens, values)
+        return cls(rows, cols, tokens, values, dense=rows.numel() == loss_mask.numel())
 
 
 def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
@@ -318,7 +321,10 @@ def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
     logits, or the mean squared error of (B, T, 1) values against ``targets.values``.
     A pure function (no state, no randomness): ``torch.func.functional_call`` + ``vmap`` can
     map it over stacked copies of a model."""
-    selected = output[targets.rows, targets.cols]  # (N, V) or (N, 1): selection, never a product
+    if targets.dense:  # every position scored: the same rows in the same order
+        selected = output.reshape(-1, output.shape[-1])
+    else:  # (N, V) or (N, 1): selection, never a product
+        selected = output[targets.rows, targets.cols]
     if targets.values is not None:
         return F.mse_loss(selected[:, 0], targets.values.to(selected.dtype))
     return F.cross_entropy(selected, targets.tokens)

@@ -364,6 +364,18 @@ def test_loss_reads_scored_positions_only():
     assert mse.item() == pytest.approx(0.25)
 
 
+def test_fully_scored_batches_select_by_reshape_with_the_same_loss_and_gradient():
+    logits = torch.randn(3, 5, 4, requires_grad=True)
+    targets = torch.randint(0, 4, (3, 5))
+    dense = Targets.select(targets, torch.ones(3, 5, dtype=torch.bool))
+    assert dense.dense and not Targets.select(targets, targets > 0).dense
+    loss_reshape = loss_of_output(logits, dense)
+    (grad_reshape,) = torch.autograd.grad(loss_reshape, logits)
+    loss_gather = loss_of_output(logits, replace(dense, dense=False))
+    (grad_gather,) = torch.autograd.grad(loss_gather, logits)
+    assert torch.equal(loss_reshape, loss_gather) and torch.equal(grad_reshape, grad_gather)
+
+
 # ----------------------------------------------------------------- optimisers, schedules
 class NormalisedGD(torch.optim.Optimizer):
     """theta <- theta - lr * g / ||g|| (the global norm): a custom step for the hook test."""

@@ -205,8 +205,8 @@ def keep_mask(bits: Tensor, drop: int, dtype: torch.dtype) -> Tensor:
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout: zero each entry with probability ``p`` (rounded to 2^-16, see
     :data:`DROP_LEVELS`) and scale the others by 1 / (1 - p). The masks come from
-    :func:`random_bits` (the global torch generator); the same law as ``F.dropout``, whose
-    ``bernoulli_`` kernel was a third of a training step on CPU."""
+    :func:`random_bits` (the global torch generator): the law of ``F.dropout`` with that
+    rounding, without its ``bernoulli_`` kernel, which was a third of a training step on CPU."""
     if not training or p == 0:
         return x
     drop, scale = dropout_threshold(p)

@@ -250,32 +250,9 @@ def _cmd_train(args: Any) -> int:
     task = make_task(env_id, **spec)
     model = build_model(factory, task, seed=args.train.seed, **model_args)
     summary = train(model, task, args.train, args.run, env_id=env_id)
-    final = summary["final"]
-    lines = [
-        f"{env_id}: {summary['step']} steps in {summary['wall_s']:.1f} s, "
-        f"{summary['num_parameters']} parameters ({args.model})"
-    ]
-    if final.get("kl_last") is not None:
-        lines.append(
-            f"  final KL_last {final['kl_last']:.4f} (loss {final['loss']:.4f}), nearest "
-            f"strategy {final['nearest']}; references "
-            + ", ".join(f"{k} {v:.4f}" for k, v in summary["references"].items())
-        )
-        lines.append(
-            f"  switch step {summary['switch_step']}; phases "
-            + ", ".join(
-                f"{p['label']} {p['start_step']}-{p['end_step']}" for p in summary["phases"]
-            )
-        )
-    scores = [k for k in ("loss", "mse", "accuracy") if final.get(k) is not None]
-    for prefix in ("train", "val", "test"):
-        scores += [f"{prefix}_{k}" for k in ("mse", "accuracy") if f"{prefix}_{k}" in final]
-    lines.append("  " + ", ".join(f"{k} {final[k]:.4f}" for k in scores))
-    if summary["untrained_rows"] is not None:
-        rows = summary["untrained_rows"]
-        lines.append(f"  {rows['rows']} unseen-token embedding rows unchanged: {rows['unchanged']}")
-    lines.append(f"  run folder {summary['out']}")
-    print("\n".join(lines))
+    from iclgym.harness.commands import format_train_summary
+
+    print(format_train_summary(summary, env_id, args.model))
     return 0
 
 

@@ -9,17 +9,20 @@ with the value matrix ``V`` (N, N) and the attention table ``A`` (T, N) the only
 the truth is V* = P (column-stochastic) and A* = attn. The softmax variant parameterises the
 attention columns as ``a_k = softmax(W[:, k])`` over the T positions, with logits ``W`` (T, N).
 The paper's loss is the squared error ``1/2 ||e_{x_o} - f(X)||^2`` (:func:`squared_loss`), plus
-``lam ||A||_1`` handled by the proximal step of :mod:`iclgym.harness.optimizers`.
+``lam ||A||_1`` handled by the proximal step of :mod:`iclgym.harness.optimizers`; the softmax
+variant has the same loss (spec section 5).
 
 **Init** (spec section 5): every column of V is ``mu`` (uniform unless ``mu`` is given), A =
 1/T (W = 0). There the attention gradient is the same at every position (zero in expectation;
 a uniform column stays uniform after renormalisation) and V's carries a 1/T signal: stage 1.
 
-**Output under the model contract** (:mod:`iclgym.harness.model`): ``forward`` returns (B, T + 1,
-N) log-probabilities: at the query, ``f`` clipped at 1e-6 and renormalised (spec sections 4 and
-7: the linear output is not a distribution), 0 (uniform logits) at the context positions,
-which this single-label task never scores. :meth:`LinearTransformer.query_output` gives the
-raw ``f`` (B, N) that the squared loss reads.
+**Output under the model contract** (:mod:`iclgym.harness.model`): the models declare
+``iclgym_output = "probabilities"``, and ``forward`` returns (B, T + 1, N) with the raw ``f``
+at the query and 0 at the context positions, which this single-label task never scores. The
+trainer then trains the squared loss ``1/2 ||f - e_y||^2`` on it (the paper's loss), and the
+evaluation reads ``f`` clipped at 1e-6 and renormalised as the predicted distribution (spec
+sections 4 and 7: the linear output is not a distribution). :meth:`LinearTransformer.
+query_output` gives ``f`` (B, N) alone.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 OUTPUT_FLOOR = 1e-6
-"""Clip of ``f`` before it is read as a distribution (spec section 4)."""
+"""Clip of ``f`` before it is read as a distribution (spec section 4; the harness's
+``iclgym.harness.model.PROBABILITY_FLOOR``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class LinearTransformer(nn.Module):
     Parameters: ``value`` V (N, N); ``attention`` A (T, N) (linear) or ``attention_logits`` W
     (T, N) (softmax)."""
 
+    iclgym_output = "probabilities"
+    """The model contract's declaration: ``forward`` returns the prediction ``f`` of the
+    next-token distribution, trained with the squared loss (:mod:`iclgym.harness.model`)."""
+
     def __init__(self, config: LinearTransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -109,13 +117,12 @@ class LinearTransformer(nn.Module):
         return h @ self.value.T
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T + 1) int64 -> (B, T + 1, N) log-probabilities: ``log(clip(f, 1e-6) /
-        sum)`` at the query, 0 at the context positions (never scored)."""
+        """(B, T + 1) int64 -> (B, T + 1, N) probability output: ``f = V X a_k`` (raw, not
+        clipped) at the query, 0 at the context positions (never scored). Built without
+        in-place writes, so ``torch.func.vmap`` maps it over stacked copies."""
         f = self.query_output(tokens)
-        clipped = f.clamp_min(OUTPUT_FLOOR)
-        out = torch.zeros(*tokens.shape, self.config.vocab_size, dtype=f.dtype, device=f.device)
-        out[:, -1] = (clipped / clipped.sum(-1, keepdim=True)).log()
-        return out
+        context = f.new_zeros(tokens.shape[0], tokens.shape[1] - 1, f.shape[-1])
+        return torch.cat((context, f[:, None, :]), dim=1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -6,11 +6,25 @@ This docstring is the one place the contract is written down.
 **Required.** ``forward(tokens)`` maps token ids ``tokens`` (B, T) int64 in [0, V) to
 
 - logits (B, T, V), float: next-token scores at every position (the harness applies
-  ``log_softmax``; V = ``task.vocab_size``); or
+  ``log_softmax``; V = ``task.vocab_size``), trained with the cross-entropy; or
+- probabilities (B, T, V), float, for a model that declares them with the class (or instance)
+  attribute ``iclgym_output = "probabilities"``: a prediction ``f`` of the next-token
+  distribution, not necessarily normalised nor non-negative (e.g. the linear transformer of
+  sparse contextual bigrams, ``f(X) = V X a_k``). It is trained with the squared loss against
+  the one-hot target, ``1/2 ||f - e_y||^2`` summed over the V entries and averaged over the
+  scored positions (Ren, Wang, Lee 2024: the loss ``1/2 E||e_{x_o} - f(X)||^2`` of
+  ``shared/specs/sparse-contextual-bigram.md`` section 5, whose gradients are batch means),
+  and scored as the distribution ``clip(f, eps) / sum_v clip(f, eps)_v`` with ``eps =``
+  :data:`PROBABILITY_FLOOR` = 1e-6 (spec sections 4 and 7: entries below eps, negative ones
+  included, count as eps before renormalising, so every token keeps a finite log-probability);
+  or
 - values (B, T, 1), float, allowed only for tasks with real-valued labels
   (``task.label_values is not None``, e.g. template regression): a "value model", trained with
   the mean squared error against ``task.label_values[targets]`` at the scored positions and
   scored by MSE and nearest-label accuracy.
+
+``iclgym_output`` is ``"logits"`` when absent; any other value than ``"logits"`` or
+``"probabilities"`` is refused by :func:`check_model`.
 
 Only the positions of ``batch.loss_mask`` are trained and scored (by selection: the outputs at
 the other positions are never read, so they may be anything, ``-inf`` included).
@@ -76,6 +90,13 @@ each seed's own checkpoint, in its ``seedS`` folder, has :data:`CHECKPOINT_FORMA
 PROBE_SEQUENCES = 2
 PROBE_CUTS = 16
 FACTORY_ATTRIBUTE = "iclgym_factory"
+OUTPUT_ATTRIBUTE = "iclgym_output"
+"""The attribute by which a model declares what its (B, T, V) output is (see the contract)."""
+OUTPUT_KINDS = ("logits", "probabilities")
+"""The valid values of ``iclgym_output``; ``"values"`` is told by the (B, T, 1) shape."""
+PROBABILITY_FLOOR = 1e-6
+"""eps of a probability output read as a distribution: ``clip(f, eps) / sum`` (spec section 4:
+clip at 1e-6 and renormalise)."""
 
 
 def check_device(device: object) -> torch.device:
@@ -210,6 +231,18 @@ def input_embedding(model: nn.Module) -> Tensor | None:
     return hook() if callable(hook) else None
 
 
+def declared_output(model: nn.Module) -> str:
+    """What the model's (B, T, V) output is: its ``iclgym_output`` attribute (``"logits"``
+    when absent). ``ValueError`` naming the value for anything but :data:`OUTPUT_KINDS`."""
+    kind = getattr(model, OUTPUT_ATTRIBUTE, "logits")
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(
+            f"{OUTPUT_ATTRIBUTE}={kind!r} of {type(model).__name__} is invalid: expected one of "
+            f"{OUTPUT_KINDS} (see iclgym.harness.model)"
+        )
+    return kind
+
+
 def exposes_attention(model: nn.Module) -> bool:
     """True when ``model.forward`` takes ``return_attention`` (the probes' hook)."""
     try:
@@ -224,7 +257,8 @@ class ModelCheck:
     """What :func:`check_model` found out about a model on a task."""
 
     output: str
-    """``"logits"`` (B, T, V) or ``"values"`` (B, T, 1)."""
+    """``"logits"`` (B, T, V), ``"probabilities"`` (B, T, V, declared by ``iclgym_output``)
+    or ``"values"`` (B, T, 1)."""
     causality_checked: bool
     """True when the task scores several positions and the causality probe ran."""
     attention: bool
@@ -241,9 +275,11 @@ def scores_several_positions(task: Task, device: torch.device | str = "cpu") -> 
 @torch.no_grad()
 def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu") -> ModelCheck:
     """Check ``model`` (already on ``device``) against the contract on ``task`` and return what
-    it is; ``ValueError`` naming the problem otherwise: forward fails on a (2, T) batch, the
-    output is not a tensor of shape (B, T, V) (or (B, T, 1) where the task has real labels),
-    or the model reads future tokens where the task scores several positions.
+    it is; ``ValueError`` naming the problem otherwise: an ``iclgym_output`` other than
+    ``"logits"`` or ``"probabilities"``, forward fails on a (2, T) batch, the output is not a
+    tensor of shape (B, T, V) (or (B, T, 1) where the task has real labels and the model does
+    not declare probabilities), or the model reads future tokens where the task scores several
+    positions.
 
     Runs in eval mode under a forked random state, so it changes neither the model's mode nor
     any random stream.
@@ -253,8 +289,9 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
     tokens = batch.tokens
     B, T = tokens.shape
     V = task.vocab_size
-    values_ok = getattr(task, "label_values", None) is not None
-    expected = f"(B, T, V) = ({B}, {T}, {V}) logits" + (
+    declared = declared_output(model)
+    values_ok = declared == "logits" and getattr(task, "label_values", None) is not None
+    expected = f"(B, T, V) = ({B}, {T}, {V}) {declared}" + (
         f" or (B, T, 1) = ({B}, {T}, 1) values (the task has real-valued labels)"
         if values_ok
         else ""
@@ -276,7 +313,7 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
                     f"model output is a {type(out).__name__}, expected a tensor of shape {expected}"
                 )
             if out.shape == (B, T, V):
-                kind = "logits"
+                kind = declared
             elif values_ok and out.shape == (B, T, 1):
                 kind = "values"
             else:
@@ -323,13 +360,16 @@ def _first_line(err: BaseException) -> str:
 
 # --------------------------------------------------------------------- predictor
 class ModelPredictor:
-    """A module as a :class:`~iclgym.harness.predictors.Predictor`: log-softmax of its logits
-    (B, T, V), or its (B, T, 1) values unchanged for a value model; eval mode, no gradient, the
-    module's mode restored afterwards."""
+    """A module as a :class:`~iclgym.harness.predictors.Predictor` (:func:`output_scores`):
+    log-softmax of its logits (B, T, V), ``log(clip(f, 1e-6) / sum)`` of a declared
+    probability output (B, T, V), or its (B, T, 1) values unchanged for a value model; eval
+    mode, no gradient, the module's mode restored afterwards. ``ValueError`` for an invalid
+    ``iclgym_output``."""
 
     def __init__(self, model: nn.Module, name: str | None = None) -> None:
         self.model = model
         self.name = name or type(model).__name__
+        self.output = declared_output(model)
         try:
             self.device = next(model.parameters()).device
         except StopIteration:
@@ -343,16 +383,22 @@ class ModelPredictor:
             out = self.model(batch.tokens.to(self.device))
         finally:
             self.model.train(was_training)
-        return output_scores(out, batch.vocab_size)
+        return output_scores(out, batch.vocab_size, self.output)
 
 
-def output_scores(out: Tensor, vocab_size: int) -> Tensor:
-    """A model output as predictor scores: log-softmax of (B, T, V) logits, or (B, T, 1) values
-    unchanged (a value model); half precision is computed in float32."""
+def output_scores(out: Tensor, vocab_size: int, output: str = "logits") -> Tensor:
+    """A model output (..., V) as predictor scores (log-probabilities over the last axis):
+    log-softmax of logits (``output="logits"``), or for a probability output ``f``
+    (``output="probabilities"``) ``log(c / sum_v c_v)`` with ``c = clamp(f, min=eps)``, eps =
+    :data:`PROBABILITY_FLOOR` (1e-6; spec section 4). A (..., 1) output on a task with V > 1
+    is a value model's: returned unchanged. Half precision is computed in float32."""
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
     if out.shape[-1] == 1 and vocab_size != 1:
         return out  # a value model: real predictions
+    if output == "probabilities":
+        clipped = out.clamp_min(PROBABILITY_FLOOR)
+        return (clipped / clipped.sum(-1, keepdim=True)).log()
     return F.log_softmax(out, dim=-1)
 
 

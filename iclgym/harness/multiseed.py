@@ -9,7 +9,9 @@ data stream, its batch order, its optimiser state, its own evaluations on the sa
 axis N on every tensor) and the model runs once per step for all of them through
 ``torch.func.vmap(torch.func.functional_call(...), randomness="different")`` on (N, B, T)
 tokens. The per-copy losses (each copy's mean over its own scored positions) are summed and
-back-propagated: the copies share no parameter, so each receives the gradient of its own loss.
+back-propagated: the copies share no parameter, so each receives the gradient of its own loss
+(the single run's loss function, :func:`~iclgym.harness.train.scored_loss`: cross-entropy,
+squared loss of a probability output, or squared error of values).
 The built-in optimisers (AdamW, Adam, SGD) act elementwise on the stacked tensors, AdamW's
 decoupled weight decay included, with one step count for all copies, so each copy's update is
 the one it would get alone; gradient clipping uses each copy's own global norm. Custom optimiser
@@ -25,10 +27,11 @@ its separate run in distribution, not sample path by sample path.
 **Run folder.** ``OUT`` (default ``runs/ENV_ID-seeds0-15``) holds ``checkpoint.pt`` (the stacked
 state: ``--resume`` continues bit for bit), ``train.lock`` and ``seeds.json`` (every seed's
 summary, the mean and standard deviation of the final metrics over seeds, the switch steps).
-``OUT/seedS`` is seed S's run folder as a single run writes it (``metrics.jsonl``,
-``summary.json``, ``checkpoint.pt``, ``phases.png``): ``iclgym eval --predictor
-checkpoint:OUT/seedS`` scores it, and ``--seed S --out OUT/seedS --resume`` continues it alone
-(with its own dropout stream from then on).
+``OUT/seedS`` is seed S's run folder as a single run writes it (``metrics.jsonl`` with the
+task's model metrics of that copy, computed from its own parameters loaded into its module,
+``summary.json``, ``checkpoint.pt``, ``phases.png``, ``model_metrics.png``): ``iclgym eval
+--predictor checkpoint:OUT/seedS`` scores it, and ``--seed S --out OUT/seedS --resume``
+continues it alone (with its own dropout stream from then on).
 
 **Limits.** A model must run under ``vmap``: no in-place update of buffers (batch-norm
 statistics), no ``.item()`` or data-dependent Python control flow in ``forward``. A dry run
@@ -52,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -82,6 +84,7 @@ from iclgym.harness.train import (
     _write_log,
     attention_probes,
     build_optimizer,
+    check_model_metrics,
     describe_run,
     eval_record,
     eval_sets,
@@ -89,8 +92,10 @@ from iclgym.harness.train import (
     format_seeds,
     load_run_state,
     lr_factor,
+    model_metrics,
     resume_log,
     run_lock,
+    scored_loss,
     torch_threads,
     unseen_rows,
     untrained_report,
@@ -153,19 +158,22 @@ class Copies:
 
 
 def copy_losses(out: Tensor, targets: Sequence[Targets]) -> Tensor:
-    """(N,) each copy's mean loss over its own scored positions: cross-entropy of (N, B, T, V)
-    logits, or the squared error of (N, B, T, 1) values (the per-copy
-    :func:`~iclgym.harness.train.loss_of_output`; copies may score different counts)."""
+    """(N,) each copy's mean loss over its own scored positions of (N, B, T, V) or (N, B, T, 1)
+    outputs: the per-position losses of :func:`~iclgym.harness.train.scored_loss` (the one
+    pure loss of the single run: cross-entropy of logits, the squared loss of probabilities,
+    the squared error of values) averaged per copy (copies may score different counts)."""
     copy = torch.cat([torch.full_like(t.rows, n) for n, t in enumerate(targets)])
     rows = torch.cat([t.rows for t in targets])
     cols = torch.cat([t.cols for t in targets])
     selected = out[copy, rows, cols]  # (M, V) or (M, 1): selection, never a product
-    if targets[0].values is not None:
-        values = torch.cat([t.values for t in targets]).to(selected.dtype)
-        per_position = (selected[:, 0] - values).square()
-    else:
-        tokens = torch.cat([t.tokens for t in targets])
-        per_position = F.cross_entropy(selected, tokens, reduction="none")
+    joint = Targets(
+        rows,
+        cols,
+        torch.cat([t.tokens for t in targets]),
+        None if targets[0].values is None else torch.cat([t.values for t in targets]),
+        output=targets[0].output,
+    )
+    per_position = scored_loss(selected, joint, reduction="none")
     counts = torch.tensor([t.rows.numel() for t in targets], device=out.device)
     sums = per_position.new_zeros(len(targets)).index_add_(0, copy, per_position)
     return sums / counts
@@ -282,6 +290,7 @@ def train_seeds(
             for s in seeds
         ]
         checked = check_model(models[0], task, device)
+        metric_keys = check_model_metrics(task, models[0])
         label_values = None
         if checked.output == "values":
             label_values = task.label_values.to(device=device, dtype=dtype)
@@ -311,6 +320,7 @@ def train_seeds(
                 optimizer=optimizer,
                 label_values=label_values,
                 checked=checked,
+                metric_keys=metric_keys,
                 meta=meta,
                 metas=metas,
                 info=info,
@@ -332,6 +342,7 @@ def _run_seeds(
     optimizer: torch.optim.Optimizer,
     label_values: Tensor | None,
     checked: Any,
+    metric_keys: list[str],
     meta: dict,
     metas: list[dict],
     info: Mapping[str, Any],
@@ -343,6 +354,7 @@ def _run_seeds(
     on_cuda = device.type == "cuda"
     N = len(seeds)
     total_steps = data[0].steps(config)
+    output = "probabilities" if checked.output == "probabilities" else "logits"
     folders = [out / f"seed{s}" for s in seeds]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
@@ -389,6 +401,7 @@ def _run_seeds(
                 "step": 0,
                 "num_parameters": num_parameters(copies.models[n]),
                 "model_output": checked.output,
+                "model_metrics": metric_keys,
                 "total_steps": total_steps,
                 "references": references,
                 "oracle": oracles[n],
@@ -444,7 +457,7 @@ def _run_seeds(
 
     def evaluation() -> None:
         nonlocal loss_sum, loss_count
-        scores, probes = _vectorised_scores(copies, held, sets.primary, checked.attention)
+        scores, probes = _vectorised_scores(copies, held, sets.primary, checked.attention, output)
         for n in range(N):
             reports = {
                 split: evaluate(_Cached(scores[split][n], h), h) for split, h in held[n].items()
@@ -457,6 +470,8 @@ def _run_seeds(
                 sets.primary,
                 probes[n],
                 time.perf_counter() - start,
+                # each copy's parameters loaded into its own module first
+                model_metrics(task, copies.module(n)) if metric_keys else None,
             )
             records[n].append(rec)
             _write_log(folders[n] / LOG, [rec])
@@ -480,7 +495,7 @@ def _run_seeds(
                     group["lr"] = group["initial_lr"] * factor
             batches = [d.next() for d in data]
             tokens = torch.stack([b[0] for b in batches])  # (N, B, T)
-            targets = [Targets.select(t, m, label_values) for _, t, m in batches]
+            targets = [Targets.select(t, m, label_values, output) for _, t, m in batches]
             losses = copy_losses(copies(tokens), targets)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
@@ -534,7 +549,16 @@ def _run_seeds(
             f"{env_id or task.name}: vocabulary {task.vocab_size}, T={task.seq_len}, seed {s} "
             f"(of {format_seeds(seeds)})"
         )
-        runs.append(finish_run(summary, records[n], out=folders[n], plot=run.plot, title=title))
+        runs.append(
+            finish_run(
+                summary,
+                records[n],
+                out=folders[n],
+                plot=run.plot,
+                title=title,
+                metric_keys=metric_keys,
+            )
+        )
     summary = seeds_summary(runs, seeds, out=out, wall=wall, steps=step - first_step)
     (out / SEEDS_SUMMARY).write_text(_json(summary))
     if interrupt.requested:
@@ -611,10 +635,15 @@ class _Cached:
 
 @torch.no_grad()
 def _vectorised_scores(
-    copies: Copies, held: list[dict[str, HeldOut]], primary: str, attention: bool
+    copies: Copies,
+    held: list[dict[str, HeldOut]],
+    primary: str,
+    attention: bool,
+    output: str = "logits",
 ) -> tuple[dict[str, list[list[Tensor]]], list[dict[str, float]]]:
     """Every copy's scores on every held-out batch (one vectorised forward per batch, kept at
-    the scored positions) and every copy's attention probes on the probe batch."""
+    the scored positions, read as ``output``: :func:`~iclgym.harness.model.output_scores`) and
+    every copy's attention probes on the probe batch."""
     N = copies.n
     scores: dict[str, list[list[Tensor]]] = {split: [[] for _ in range(N)] for split in held[0]}
     probes: list[dict[str, float]] = [{} for _ in range(N)]
@@ -634,7 +663,7 @@ def _vectorised_scores(
                     out = copies(tokens)
                 for n, p in enumerate(parts):
                     selected = out[n][p.rows, p.cols]  # (scored positions, V or 1)
-                    scores[split][n].append(output_scores(selected, p.batch.vocab_size))
+                    scores[split][n].append(output_scores(selected, p.batch.vocab_size, output))
     finally:
         copies.train(True)
     return scores, probes

@@ -1,13 +1,20 @@
-"""Phase diagram of a training run (matplotlib, Agg backend: no display needed).
+"""Plots of a training run (matplotlib, Agg backend: no display needed).
 
-Top panel: last-token KL(true || model) against training sequences seen, one horizontal line
-per reference strategy (its own KL(true || strategy) at the last position), and the background
-shaded by the nearest strategy (the phase label). Bottom panel: the attention probes.
-This is the paper's Fig. 1 layout (``shared/specs/markov-chain.md`` section 4).
+:func:`plot_run`, the phase diagram. Top panel: last-token KL(true || model) against training
+sequences seen, one horizontal line per reference strategy (its own KL(true || strategy) at the
+last position), and the background shaded by the nearest strategy (the phase label). Bottom
+panel: the attention probes. This is the paper's Fig. 1 layout (``shared/specs/markov-chain.md``
+section 4).
+
+:func:`plot_metrics`, the learning curves of a task's model metrics (``task.model_metrics``,
+e.g. excess/initial, dist_P and dist_Q of sparse contextual bigrams): one panel per metric
+against training sequences seen (the spec's x-axis is samples, not steps:
+``shared/specs/sparse-contextual-bigram.md`` section 4).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -17,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from iclgym.harness.phases import phases
 
@@ -65,5 +73,45 @@ def plot_run(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(
+    records: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Write the learning curves of ``keys`` in evaluation ``records`` (one panel per key,
+    against ``records[i]["sequences"]``, the training sequences seen) to ``path`` (PNG) and
+    return it. A panel has a log scale when its finite values are all positive and span more
+    than a factor of 20; NaN values are left out. ``ValueError`` for no keys or no records."""
+    if not keys or not records:
+        raise ValueError(f"plot_metrics needs keys and records, got {len(keys)} and {len(records)}")
+    x = [r["sequences"] for r in records]
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        y = [r.get(key, math.nan) for r in records]
+        y = [math.nan if v is None else float(v) for v in y]
+        ax.plot(x, y, marker=".", ms=3, lw=1.2)
+        finite = [v for v in y if math.isfinite(v)]
+        if finite and min(finite) > 0 and max(finite) > 20 * min(finite):
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        ax.set_xlabel("training sequences seen", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -13,9 +13,11 @@ data regimes, the optimisers, then :func:`train` itself. Paper protocols are rec
   train stream, or the task's own ``task.train_set()`` when 0) and reshuffles it every epoch,
   batches of ``min(N, batch_size)``, ``epochs * ceil(N / batch)`` steps (Boix-Adserà et al.
   2024).
-- **Loss**: from the task, on the positions of ``loss_mask`` selected (never multiplied):
-  cross-entropy of (B, T, V) logits, or the mean squared error of (B, T, 1) values against
-  ``task.label_values[targets]``.
+- **Loss**: from the task and the model's output kind, on the positions of ``loss_mask``
+  selected (never multiplied): cross-entropy of (B, T, V) logits, the squared loss
+  ``1/2 ||f - e_y||^2`` of a declared (B, T, V) probability output (``iclgym_output =
+  "probabilities"``), or the mean squared error of (B, T, 1) values against
+  ``task.label_values[targets]`` (:func:`scored_loss`).
 - **Optimiser**: ``adamw`` (fused), ``adam``, ``sgd`` or an import path to a factory
   ``factory(model, config, **optimizer_args) -> torch.optim.Optimizer``: the hook for custom
   steps (a preconditioned proximal step, normalised gradient descent, ...). Its ``step()`` is
@@ -25,14 +27,18 @@ data regimes, the optimisers, then :func:`train` itself. Paper protocols are rec
 - **Evaluation** every ``eval_every`` steps through the same :func:`iclgym.harness.evaluate`
   as ``iclgym eval``, on fixed held-out sets (:class:`~iclgym.harness.evaluate.HeldOut`: data,
   oracle and strategies computed once), one per split of ``eval_splits`` and, in the finite
-  regime, the training set itself; attention probes when the model exposes attention; phases
-  and the phase diagram at the end.
+  regime, the training set itself; attention probes when the model exposes attention; the
+  task's model metrics (``task.model_metrics(model)``, the optional hook: e.g. exact
+  population excess and parameter distances) in every evaluation record; phases and the phase
+  diagram at the end, and the learning curves of the model metrics when the task has any.
 - **Run folder** (``run.out``): ``metrics.jsonl`` (one JSON record per line), ``summary.json``,
   ``checkpoint.pt`` (model, optimiser, data and dropout random streams, step; written every
   ``checkpoint_every`` steps, at the end and on Ctrl-C), ``phases.png`` and ``train.lock``: a
   second process training into the same folder is refused while the first runs. ``resume``
-  continues bit for bit as if the run had never stopped. The first Ctrl-C finishes the current
-  step, evaluates, saves and raises ``KeyboardInterrupt``; a second one interrupts at once.
+  continues bit for bit as if the run had never stopped. ``model_metrics.png`` holds the
+  model metrics against training sequences when the task returns any. The first Ctrl-C
+  finishes the current step, evaluates, saves and raises ``KeyboardInterrupt``; a second one
+  interrupts at once.
 
 Random streams of ``config.seed`` (:func:`iclgym.tasks.base.stream_seed`): 0 the train data,
 3 dropout (the global torch state), 5 the model init (:func:`iclgym.harness.model.build_model`),
@@ -80,22 +86,40 @@ from iclgym.harness.model import (
     output_scores,
 )
 from iclgym.harness.phases import phase_report
-from iclgym.harness.plots import plot_run
+from iclgym.harness.plots import plot_metrics, plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed
 from iclgym.validation import as_float, as_int
 
-CHECKPOINT, LOG, SUMMARY, PLOT, LOCK = (
+CHECKPOINT, LOG, SUMMARY, PLOT, METRICS_PLOT, LOCK = (
     "checkpoint.pt",
     "metrics.jsonl",
     "summary.json",
     "phases.png",
+    "model_metrics.png",
     "train.lock",
 )
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DROPOUT_STREAM, ORDER_STREAM = len(SPLITS), 6
 SPLIT_PREFIX = {"train": "train", "validation": "val", "test": "test"}
 SPLIT_METRICS = ("loss", "excess_loss", "kl", "kl_last", "accuracy", "mse", "value_accuracy")
+RECORD_KEYS = frozenset(
+    {
+        "type",
+        "step",
+        "sequences",
+        "batch_loss",
+        "elapsed_s",
+        "kl_last_se",
+        "strategy_kl_last",
+        "nearest",
+        "prev_token_score",
+        "induction_score",
+        *SPLIT_METRICS,
+    }
+)
+"""The trainer's own keys of an ``eval`` record (and the prefixes of SPLIT_PREFIX): a task's
+model metric may not use them (:func:`check_model_metrics`)."""
 
 
 # ------------------------------------------------------------------------------ config
@@ -218,7 +242,8 @@ class RunOptions:
     progress: bool = True
     """Show a progress bar."""
     plot: bool = True
-    """Write the phase diagram at the end (models with log-prob outputs)."""
+    """Write the phase diagram (models with log-prob outputs) and the learning curves of the
+    task's model metrics (tasks that have some) at the end."""
     seeds: tuple[int | str, ...] = ()
     """Train one independent copy per seed in this process, vectorised over the copies (e.g.
     0-15, 0,3,5 or 0 3 5): each copy is the run of --seed S (its own init, data, dropout and
@@ -303,31 +328,62 @@ class Targets:
     dense: bool = False
     """Every position is scored (``rows, cols`` enumerate (B, T) row by row): the selection is a
     reshape of the output, the same values without a gather."""
+    output: Literal["logits", "probabilities"] = "logits"
+    """What a (B, T, V) model output is (the model's ``iclgym_output``): logits (cross-entropy)
+    or probabilities (squared loss against the one-hot target)."""
 
     @classmethod
     def select(
-        cls, targets: Tensor, loss_mask: Tensor, label_values: Tensor | None = None
+        cls,
+        targets: Tensor,
+        loss_mask: Tensor,
+        label_values: Tensor | None = None,
+        output: Literal["logits", "probabilities"] = "logits",
     ) -> Targets:
         """From (B, T) ``targets`` and (B, T) bool ``loss_mask``; ``label_values`` (V,) for a
-        value model."""
+        value model; ``output`` the kind of a (B, T, V) output."""
         rows, cols = loss_mask.nonzero(as_tuple=True)
         tokens = targets[rows, cols]
         values = label_values[tokens] if label_values is not None else None
-        return cls(rows, cols, tokens, values, dense=rows.numel() == loss_mask.numel())
+        dense = rows.numel() == loss_mask.numel()
+        return cls(rows, cols, tokens, values, dense=dense, output=output)
+
+
+def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> Tensor:
+    """The loss of a model output at the scored positions, ``selected`` (N, V) or (N, 1) in the
+    order of ``targets``: (N,) per position (``reduction="none"``) or their mean.
+
+    - logits: the cross-entropy ``-log softmax(selected)[y]``;
+    - probabilities: ``1/2 sum_v (f_v - 1[v = y])^2``, the squared loss of Ren, Wang, Lee 2024
+      (``shared/specs/sparse-contextual-bigram.md`` section 5: ``1/2 E||e_{x_o} - f(X)||^2``,
+      summed over the vocabulary, halved, its gradients batch means over the samples);
+    - values (``targets.values`` given): ``(selected - value)^2``.
+
+    Pure (no state, no randomness), so ``vmap`` can map it over stacked copies; the single run
+    (:func:`loss_of_output`) and the vectorised copies
+    (:func:`iclgym.harness.multiseed.copy_losses`) both compute their losses here."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r} is invalid: expected 'mean' or 'none'")
+    if targets.values is not None:
+        return F.mse_loss(selected[:, 0], targets.values.to(selected.dtype), reduction=reduction)
+    if targets.output == "probabilities":
+        onehot = F.one_hot(targets.tokens, selected.shape[-1]).to(selected.dtype)
+        per_position = 0.5 * (selected - onehot).pow(2).sum(-1)
+        return per_position.mean() if reduction == "mean" else per_position
+    return F.cross_entropy(selected, targets.tokens, reduction=reduction)
 
 
 def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
-    """Mean loss over the scored positions of a model output: cross-entropy of (B, T, V)
-    logits, or the mean squared error of (B, T, 1) values against ``targets.values``.
-    A pure function (no state, no randomness): ``torch.func.functional_call`` + ``vmap`` can
-    map it over stacked copies of a model."""
+    """Mean loss over the scored positions of a model output (B, T, V) or (B, T, 1)
+    (:func:`scored_loss`: cross-entropy of logits, the squared loss of a probability output, or
+    the squared error of values against ``targets.values``). A pure function (no state, no
+    randomness): ``torch.func.functional_call`` + ``vmap`` can map it over stacked copies of a
+    model."""
     if targets.dense:  # every position scored: the same rows in the same order
         selected = output.reshape(-1, output.shape[-1])
     else:  # (N, V) or (N, 1): selection, never a product
         selected = output[targets.rows, targets.cols]
-    if targets.values is not None:
-        return F.mse_loss(selected[:, 0], targets.values.to(selected.dtype))
-    return F.cross_entropy(selected, targets.tokens)
+    return scored_loss(selected, targets)
 
 
 def model_loss(model: nn.Module, tokens: Tensor, targets: Targets) -> Tensor:
@@ -619,6 +675,65 @@ def report_metrics(report: Report) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------- model metrics
+@torch.no_grad()
+def model_metrics(task: Task, model: nn.Module) -> dict[str, float]:
+    """``task.model_metrics(model)``, the task's optional hook (:meth:`iclgym.tasks.base.Task.
+    model_metrics`: metrics read from the model's parameters and the task's ground truth, e.g.
+    the exact population excess and the distances to (P, attn) of sparse contextual bigrams),
+    as name -> float (NaN allowed); ``{}`` for a task without the hook. ``ValueError`` naming
+    the task and the entry when the hook returns something else than a mapping of string names
+    to real numbers."""
+    hook = getattr(task, "model_metrics", None)
+    if not callable(hook):
+        return {}
+    metrics = hook(model)
+    name = type(task).__name__
+    if not isinstance(metrics, Mapping):
+        raise ValueError(
+            f"{name}.model_metrics returned {type(metrics).__name__}, expected a mapping of "
+            "metric names to floats"
+        )
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
+            raise ValueError(
+                f"{name}.model_metrics entry {key!r}: {value!r} is invalid: expected a string "
+                "name and a real number"
+            )
+        out[key] = float(value)
+    return out
+
+
+def check_model_metrics(task: Task, model: nn.Module) -> list[str]:
+    """The names of :func:`model_metrics` on the untrained ``model`` (checked before training);
+    ``ValueError`` for a hook that fails or a name the evaluation record already uses
+    (:data:`RECORD_KEYS`, or a ``val_``/``test_``/``train_`` split prefix)."""
+    try:
+        names = list(model_metrics(task, model))
+    except ValueError:
+        raise
+    except Exception as err:  # a task's hook: report whatever it raised, in one line
+        line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{type(task).__name__}.model_metrics failed on the model: {type(err).__name__}: {line}"
+        ) from None
+    prefixes = tuple(f"{p}_" for p in SPLIT_PREFIX.values())
+    clash = [k for k in names if k in RECORD_KEYS or k.startswith(prefixes)]
+    if clash:
+        raise ValueError(
+            f"{type(task).__name__}.model_metrics names {clash} are invalid: the evaluation "
+            f"record uses them (its keys {sorted(RECORD_KEYS)} and the prefixes {prefixes})"
+        )
+    return names
+
+
 # -------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalSets:
@@ -675,9 +790,11 @@ def eval_record(
     primary: str,
     probes: Mapping[str, float],
     elapsed: float,
+    task_metrics: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One ``eval`` line of ``metrics.jsonl``: the primary split's metrics unprefixed, the other
-    splits' as ``val_*``, ``test_*``, ``train_*``, then the attention probes."""
+    splits' as ``val_*``, ``test_*``, ``train_*``, then the attention probes and the task's
+    model metrics ``task_metrics`` (:func:`model_metrics`)."""
     rec: dict[str, Any] = {
         "type": "eval",
         "step": step,
@@ -692,6 +809,7 @@ def eval_record(
             prefix = SPLIT_PREFIX[split]
             rec.update({f"{prefix}_{k}": metrics[k] for k in SPLIT_METRICS if k in metrics})
     rec.update(probes)
+    rec.update(task_metrics or {})
     rec["elapsed_s"] = elapsed
     return rec
 
@@ -788,14 +906,20 @@ def finish_run(
     out: Path,
     plot: bool,
     title: str,
+    metric_keys: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Add the phases (when every evaluation has a phase label) and the phase diagram to
-    ``summary``, append it to ``metrics.jsonl`` and write ``summary.json``."""
+    """Add the phases (when every evaluation has a phase label), the phase diagram and the
+    learning curves of the task's model metrics ``metric_keys`` (``model_metrics.png``, when
+    there are any) to ``summary``, append it to ``metrics.jsonl`` and write
+    ``summary.json``."""
     references = summary["references"]
     if records and all(r.get("nearest") is not None for r in records):
         summary.update(phase_report(records, order=list(references)))
         if plot:
             summary["plot"] = str(plot_run(records, references, out / PLOT, title=title))
+    if plot and records and metric_keys:
+        path = plot_metrics(records, metric_keys, out / METRICS_PLOT, title=title)
+        summary["metrics_plot"] = str(path)
     _write_log(out / LOG, [summary])
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
@@ -835,6 +959,7 @@ def train(
         # 1. Everything that can be wrong is checked before the run folder is touched.
         model.to(device=device, dtype=dtype)
         checked = check_model(model, task, device)
+        metric_keys = check_model_metrics(task, model)
         label_values = None
         if checked.output == "values":
             label_values = task.label_values.to(device=device, dtype=dtype)
@@ -856,6 +981,7 @@ def train(
                 optimizer=optimizer,
                 label_values=label_values,
                 checked=checked,
+                metric_keys=metric_keys,
                 meta=meta,
                 out=out,
                 start=start,
@@ -896,6 +1022,7 @@ def _run(
     optimizer: torch.optim.Optimizer,
     label_values: Tensor | None,
     checked: Any,
+    metric_keys: list[str],
     meta: dict,
     out: Path,
     start: float,
@@ -905,6 +1032,7 @@ def _run(
     on_cuda = device.type == "cuda"
     total_steps = data.steps(config)
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    output = "probabilities" if checked.output == "probabilities" else "logits"
     # 2. The held-out sets: data, oracle and strategies computed once for the whole run.
     train_batches = data.batches(config.eval_batch_size) if isinstance(data, FiniteData) else None
     sets = eval_sets(task, config, env_id, train_batches)
@@ -929,6 +1057,7 @@ def _run(
             "step": 0,
             "num_parameters": num_parameters(model),
             "model_output": checked.output,
+            "model_metrics": metric_keys,
             "total_steps": total_steps,
             "references": sets.references,
             "oracle": sets.oracle,
@@ -968,6 +1097,7 @@ def _run(
             sets.primary,
             predictor.probes,
             time.perf_counter() - start,
+            model_metrics(task, model),
         )
         loss_sum, loss_count = 0.0, 0
         records.append(rec)
@@ -990,7 +1120,8 @@ def _run(
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
             tokens, targets, mask = data.next()
-            loss = model_loss(model, tokens, Targets.select(targets, mask, label_values))
+            selected = Targets.select(targets, mask, label_values, output)
+            loss = model_loss(model, tokens, selected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -1035,7 +1166,7 @@ def _run(
     title = (
         f"{env_id or task.name}: vocabulary {task.vocab_size}, T={task.seq_len}, seed {config.seed}"
     )
-    finish_run(summary, records, out=out, plot=run.plot, title=title)
+    finish_run(summary, records, out=out, plot=run.plot, title=title, metric_keys=metric_keys)
     if interrupt.requested:
         raise KeyboardInterrupt(
             f"interrupted at step {step}; checkpoint saved to {ckpt_path}, continue with --resume"
@@ -1060,6 +1191,7 @@ __all__ = [
     "TrainConfig",
     "attention_probes",
     "build_optimizer",
+    "check_model_metrics",
     "describe_run",
     "eval_record",
     "eval_sets",
@@ -1067,9 +1199,11 @@ __all__ = [
     "loss_of_output",
     "lr_factor",
     "model_loss",
+    "model_metrics",
     "parse_assignments",
     "parse_seeds",
     "probe_scores",
     "report_metrics",
+    "scored_loss",
     "train",
 ]

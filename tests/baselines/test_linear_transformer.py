@@ -16,7 +16,7 @@ from baselines.linear_transformer import (
     make_model,
     squared_loss,
 )
-from iclgym.harness import build_model
+from iclgym.harness import ModelPredictor, build_model
 from iclgym.harness.model import check_model
 from iclgym.tasks.sparse_bigram import SparseContextualBigramTask
 
@@ -52,18 +52,23 @@ def test_output_is_v_x_a_k_by_a_plain_loop():
             torch.testing.assert_close(model.attention_matrix(), torch.softmax(w, 0))
 
 
-def test_forward_is_the_clipped_renormalised_output_at_the_query_only():
+def test_forward_is_the_raw_output_at_the_query_and_the_predictor_clips_it():
+    """The model declares a probability output: forward is f itself at the query (0 at the
+    context, never scored); the harness's predictor reads it as clip(f, 1e-6) / sum."""
     model = random_model()
     with torch.no_grad():
-        model.value[0] = -1.0  # negative outputs for token 0: clipped
+        model.value[0] = -1.0  # negative outputs for token 0: clipped by the predictor only
     b = batch()
     f = model.query_output(b.tokens).detach()
     out = model(b.tokens).detach()
+    assert LinearTransformer.iclgym_output == "probabilities"
     assert out.shape == (32, 10, 5)
     assert (out[:, :-1] == 0).all()
+    assert torch.equal(out[:, -1], f) and (out[:, -1, 0] < 0).all()
+    log_probs = ModelPredictor(model).predict(b)
     clipped = f.clamp_min(OUTPUT_FLOOR)
-    torch.testing.assert_close(out[:, -1].exp(), clipped / clipped.sum(-1, keepdim=True))
-    assert (out[:, -1, 0].exp() < 1e-5).all()
+    torch.testing.assert_close(log_probs[:, -1].exp(), clipped / clipped.sum(-1, keepdim=True))
+    assert (log_probs[:, -1, 0].exp() < 1e-5).all()
 
 
 def test_init_predicts_mu_and_the_attention_gradient_has_no_positional_signal():
@@ -128,8 +133,12 @@ def test_truth_gives_the_task_metrics_of_the_bayes_predictor():
     assert metrics["excess_mse"] == pytest.approx(0, abs=1e-12)
     assert metrics["support_recall"] == 1.0
     b = batch()
+    torch.testing.assert_close(model(b.tokens)[:, -1], TASK.bayes_probs(b.tokens))
     torch.testing.assert_close(
-        model(b.tokens)[:, -1].exp(), TASK.oracle(b)[:, -1].exp().double(), rtol=1e-5, atol=1e-6
+        ModelPredictor(model).predict(b)[:, -1].exp(),
+        TASK.oracle(b)[:, -1].exp().double(),
+        rtol=1e-5,
+        atol=1e-6,
     )
     init = TASK.model_metrics(make_model(TASK.vocab_size, TASK.seq_len, mu=TASK.stationary))
     assert init["excess_mse_rel"] == pytest.approx(1.0, rel=1e-5)
@@ -142,7 +151,7 @@ def test_model_contract_and_names():
         assert isinstance(model, LinearTransformer)
         assert model.config.softmax == (name == "softmax_transformer")
         checked = check_model(model, TASK)
-        assert checked.output == "logits" and not checked.causality_checked
+        assert checked.output == "probabilities" and not checked.causality_checked
         assert model.num_parameters() == 5 * 5 + 9 * 5
         v, a = model.value_and_attention()
         assert v.shape == (5, 5) and a.shape == (9, 5)

@@ -14,6 +14,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from iclgym.validation import is_int
+
 ENTRY_POINT = "iclgym.envs:ICLEnv"
 VECTOR_ENTRY_POINT = "iclgym.envs:ICLVectorEnv"
 
@@ -45,7 +47,7 @@ def _first_order(kwargs: Mapping[str, Any]) -> None:
 
 def _higher_order(kwargs: Mapping[str, Any]) -> None:
     order = kwargs.get("order")
-    if not isinstance(order, int) or order < 3:
+    if not is_int(order) or order < 3:
         raise ValueError(
             f"order={order!r} is invalid for ICL-NGram-v0: expected an int >= 3 "
             "(use ICL-MarkovChain-v0 for order=2)"

@@ -5,26 +5,28 @@ negative control, C (oracles: Bayes closed form vs Monte Carlo, the oracle ladde
 
 Common setting (spec section 6): perm_mixture P (M = 3), uniform weights, Q = 2, N = 8; the
 training data of task seed s come from ``task.generator(100 + s, "train")`` (the spec's data
-seed 100 + task seed); metrics are the exact closed forms of
+seed 100 + task seed: the trainer's ``--seed``); metrics are the exact closed forms of
 :meth:`~iclgym.tasks.sparse_bigram.SparseContextualBigramTask.parameter_metrics` (no evaluation
 noise), logged against training samples.
 
-Training loop. The model is trained on the paper's squared loss ``1/2 ||e_{x_o} - f(X)||^2``
-(:func:`baselines.linear_transformer.squared_loss`) with the optimisers of
-:mod:`iclgym.harness.optimizers`, a fresh batch per step. The one trainer
-(:func:`iclgym.harness.train`) scores models by cross-entropy of their log-probabilities and has
-no squared loss on a probability-vector output yet (issue 10 report: the contract change it
-needs); :func:`run` is that trainer's stream loop with the squared loss, nothing else, and goes
-away when the trainer has it. ``tests/harness/test_sparse_bigram_repro.py`` imports it.
+Training. Every run goes through the one trainer, :func:`iclgym.harness.train` (:func:`run`):
+the linear transformer declares a probability output, so the trainer trains the paper's squared
+loss ``1/2 ||e_{x_o} - f(X)||^2`` on a fresh batch per step, with the optimiser of the config
+(``iclgym.harness.optimizers:ppg``, the built-in ``sgd``, or ``iclgym.harness.optimizers:sgd``
+for the softmax variant's two learning rates), and logs ``task.model_metrics(model)`` at every
+evaluation. The scb_ppg run of A is the ``ren2024`` recipe's configuration itself
+(``iclgym train --recipe ren2024``, data seed 100 + task seed).
+``tests/harness/test_sparse_bigram_repro.py`` imports this module.
 
-Usage (2-core CPU, one torch thread; about 5 minutes for the whole grid):
+Usage (2-core CPU, one torch thread; about 6 minutes for the whole grid):
 
     PYTHONPATH=. python docs/scripts/sparse_bigram_grid.py [--parts A B control C D]
-        [--out docs/results/sparse-contextual-bigram] [--json records.json]
+        [--out docs/results/sparse-contextual-bigram] [--json records.json] [--runs DIR]
 
 Writes ``table.md`` (the measured tables of ``docs/results/sparse-contextual-bigram.md``) and
-``curves-*.png`` (learning curves against samples) into ``--out``, and with ``--json`` every
-record (about 0.5 MB).
+``curves-*.png`` (learning curves against samples) into ``--out``, with ``--json`` every
+record (about 0.5 MB), and with ``--runs`` keeps every run folder of the trainer
+(``metrics.jsonl``, ``checkpoint.pt``, ``model_metrics.png``) under ``DIR``.
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from baselines.linear_transformer import LinearTransformer, make_model, squared_loss
-from iclgym.harness.optimizers import ProximalGradient
+from baselines.linear_transformer import LinearTransformer
+from iclgym.harness import RECIPES, RunOptions, TrainConfig, build_model, train
 from iclgym.tasks.sparse_bigram import (
     SparseContextualBigramSpec,
     SparseContextualBigramTask,
@@ -52,57 +57,105 @@ DATA_SEED_OFFSET = 100
 """Data seed = 100 + task seed (spec section 6)."""
 ESCAPE, TRANSFER_LEVEL = 0.5, 0.1
 """Escape: excess/initial first below 0.5; the transfer test uses 0.1 (spec section 4)."""
+ENV_ID = "ICL-SparseContextualBigram-v0"
+RECIPE = RECIPES["ren2024"]
+"""Target A's scb_ppg run is this recipe's configuration (task seed 0: the recipe itself)."""
+FACTORY = "baselines.linear_transformer:make_model"
+EVAL_SEQUENCES = 512
+"""Held-out sequences of each evaluation of the runs other than A's (the metrics the grid
+reads are the exact closed forms; the held-out set only feeds the trainer's own report)."""
+RUNS: Path | None = None
+"""Keep every run folder under this directory (``--runs``); None: temporary folders."""
+_COUNTER = [0]
 
 
 # ------------------------------------------------------------------------------ protocol
 def linear_model(task: SparseContextualBigramTask, softmax: bool = False) -> LinearTransformer:
-    """The model of spec section 5 at its init (V columns = mu, A = 1/T or W = 0)."""
-    mu = None if np.allclose(task.stationary, task.stationary[0]) else tuple(task.stationary)
-    return make_model(task.vocab_size, task.seq_len, softmax=softmax, mu=mu)
+    """The model of spec section 5 at its init (V columns = mu, A = 1/T or W = 0), built by
+    :func:`~iclgym.harness.build_model` (a checkpoint records its factory)."""
+    args: dict = {"softmax": softmax}
+    if not np.allclose(task.stationary, task.stationary[0]):
+        args["mu"] = tuple(float(x) for x in task.stationary)
+    return build_model(FACTORY, task, **args)
 
 
-def ppg(
-    model: LinearTransformer,
+def ppg_config(
     task: SparseContextualBigramTask,
     lr: float,
     lam: float,
+    *,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
     tau: float = 0.0,
-) -> ProximalGradient:
-    """``scb_ppg`` (spec section 5): precond mu, renormalise, eta / (1 + t / tau)."""
-    return ProximalGradient(
-        model.value, model.attention, lr=lr, lam=lam, mu=tuple(task.stationary), tau=tau
+) -> TrainConfig:
+    """``scb_ppg`` (spec section 5: precond mu, renormalise, eta / (1 + t / tau)) as the
+    trainer's config: ``--optimizer iclgym.harness.optimizers:ppg``, data seed 100 + task
+    seed."""
+    args = [f"lam={lam!r}", f"tau={tau!r}"]
+    if not np.allclose(task.stationary, task.stationary[0]):
+        args.append(f"mu={tuple(float(x) for x in task.stationary)!r}")
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        optimizer="iclgym.harness.optimizers:ppg",
+        optimizer_args=tuple(args),
+        lr=lr,
+        weight_decay=0.0,
+        seed=DATA_SEED_OFFSET + task.spec.task_seed,
+        eval_every=eval_every,
+        eval_sequences=EVAL_SEQUENCES,
+        eval_batch_size=EVAL_SEQUENCES,
+    )
+
+
+def sgd_config(
+    task: SparseContextualBigramTask,
+    lr: float,
+    *,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    attention_lr: float | None = None,
+) -> TrainConfig:
+    """The SGD baseline (lambda = 0, no constraints, constant lr): the trainer's built-in
+    ``sgd``, or ``iclgym.harness.optimizers:sgd`` with its own ``attention_lr``."""
+    custom = attention_lr is not None
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        optimizer="iclgym.harness.optimizers:sgd" if custom else "sgd",
+        optimizer_args=(f"attention_lr={attention_lr!r}",) if custom else (),
+        lr=lr,
+        weight_decay=0.0,
+        seed=DATA_SEED_OFFSET + task.spec.task_seed,
+        eval_every=eval_every,
+        eval_sequences=EVAL_SEQUENCES,
+        eval_batch_size=EVAL_SEQUENCES,
     )
 
 
 def run(
     task: SparseContextualBigramTask,
     model: LinearTransformer,
-    optimizer: torch.optim.Optimizer,
-    *,
-    steps: int,
-    batch_size: int,
-    data_seed: int | None = None,
-    eval_every: int = 50,
-    stop: Callable[[dict], bool] | None = None,
+    config: TrainConfig,
+    name: str = "run",
 ) -> list[dict]:
-    """Train on fresh batches of the squared loss for ``steps`` steps; the records (step 0,
-    every ``eval_every`` steps and the last) hold ``step``, ``samples``, ``loss`` (the batch
-    loss) and ``task.model_metrics(model)``. ``stop(record)`` True ends the run early."""
-    seed = DATA_SEED_OFFSET + task.spec.task_seed if data_seed is None else data_seed
-    generator = task.generator(seed, "train")
-    records = [{"step": 0, "samples": 0, "loss": None, **task.model_metrics(model)}]
-    for step in range(1, steps + 1):
-        batch = task.sample(batch_size, generator=generator)
-        loss = squared_loss(model.query_output(batch.tokens), batch.targets[:, -1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            rec = {"step": step, "samples": step * batch_size, "loss": loss.item()}
-            records.append({**rec, **task.model_metrics(model)})
-            if stop is not None and stop(records[-1]):
-                break
-    return records
+    """Train ``model`` on ``task`` with the one trainer (:func:`iclgym.harness.train`; the
+    squared loss of the model's probability output) and return its evaluation records (step 0,
+    every ``config.eval_every`` steps and the last): the trainer's ``eval`` records of
+    ``metrics.jsonl`` with ``task.model_metrics(model)`` in them and ``samples`` = the
+    training sequences seen. The run folder is ``RUNS/NNN-name`` with ``--runs``, else a
+    temporary folder."""
+    _COUNTER[0] += 1
+    folder = f"{_COUNTER[0]:03d}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', name)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = (RUNS or Path(tmp)) / folder
+        options = RunOptions(out=str(out), progress=False, plot=RUNS is not None)
+        train(model, task, config, options, env_id=ENV_ID)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [{**r, "samples": r["sequences"]} for r in records if r["type"] == "eval"]
 
 
 def first_below(records: Sequence[dict], level: float, key: str = "excess_mse_rel") -> dict | None:
@@ -122,20 +175,20 @@ def spec_for(task_seed: int, seq_len: int = 128) -> SparseContextualBigramSpec:
 
 
 # --------------------------------------------------------------------------------- parts
+def recipe_config(task_seed: int) -> TrainConfig:
+    """The ``ren2024`` recipe's config for ``task_seed`` (its data seed 100 + task seed)."""
+    return replace(RECIPE.train, seed=DATA_SEED_OFFSET + task_seed)
+
+
 def part_a(task_seed: int, sgd_lrs: Sequence[float] = (0.1, 0.3, 1.0)) -> dict:
-    """A: scb_ppg (eta 0.3, lambda 0.01, no decay) vs SGD over ``sgd_lrs``, T=128, B=256, 1500
-    steps; records every 100 steps."""
-    task = SparseContextualBigramTask(spec_for(task_seed))
-    model = linear_model(task)
-    out = {
-        "ppg": run(
-            task, model, ppg(model, task, 0.3, 0.01), steps=1500, batch_size=256, eval_every=100
-        )
-    }
+    """A: scb_ppg (the ``ren2024`` recipe: eta 0.3, lambda 0.01, no decay) vs SGD over
+    ``sgd_lrs`` on the same batches, T=128, B=256, 1500 steps; records every 100 steps."""
+    task = SparseContextualBigramTask(**{**RECIPE.spec, "task_seed": task_seed})
+    config = recipe_config(task_seed)
+    out = {"ppg": run(task, linear_model(task), config, f"A{task_seed}-ppg")}
     for lr in sgd_lrs:
-        model = linear_model(task)
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        out[f"sgd lr {lr:g}"] = run(task, model, opt, steps=1500, batch_size=256, eval_every=100)
+        sgd = replace(config, optimizer="sgd", optimizer_args=(), lr=lr)
+        out[f"sgd lr {lr:g}"] = run(task, linear_model(task), sgd, f"A{task_seed}-sgd-lr{lr:g}")
     return out
 
 
@@ -148,9 +201,8 @@ def pretrain(task: SparseContextualBigramTask, steps: int = 600) -> tuple[list[d
     key = (task.spec, steps)
     if key not in _PRETRAINED:
         model = linear_model(task)
-        records = run(
-            task, model, ppg(model, task, 0.1, 0.005), steps=steps, batch_size=512, eval_every=100
-        )
+        config = ppg_config(task, 0.1, 0.005, steps=steps, batch_size=512, eval_every=100)
+        records = run(task, model, config, f"pretrain-seed{task.spec.task_seed}")
         _PRETRAINED[key] = (records, model.value.detach().clone())
     return _PRETRAINED[key]
 
@@ -172,51 +224,26 @@ def finetune(
     model = linear_model(task)
     with torch.no_grad():
         model.value.copy_(value)
-    return run(
-        task,
-        model,
-        ppg(model, task, 0.1, 0.005, tau=1000.0),
-        steps=steps,
-        batch_size=batch_size,
-        eval_every=eval_every,
+    config = ppg_config(
+        task, 0.1, 0.005, steps=steps, batch_size=batch_size, eval_every=eval_every, tau=1000.0
     )
+    return run(task, model, config, f"finetune-seed{task.spec.task_seed}-B{batch_size}")
 
 
 def part_b(task_seed: int, rho: float = 1 / math.sqrt(2), seq_len: int = 512) -> dict:
     """B: downstream P~ with corr rho to P, fresh attn, T=512: scratch at B=64 (3000 steps) and
-    B=512 (until 10 %), finetune from the pretrained V (3000 steps), SGD at B=64 (3000 steps)."""
+    B=512 (600 steps: the spec's escape is at 300-400), finetune from the pretrained V (3000
+    steps), SGD at B=64 (3000 steps)."""
     pair = make_transfer_pair(spec_for(task_seed, seq_len), rho)
     down = pair.downstream
     out: dict = {"rho": pair.rho, "mix": pair.mix}
-    model = linear_model(down)
-    out["scratch B=64"] = run(
-        down,
-        model,
-        ppg(model, down, 0.1, 0.005, tau=1000.0),
-        steps=3000,
-        batch_size=64,
-        eval_every=25,
-    )
-    model = linear_model(down)
-    out["scratch B=512"] = run(
-        down,
-        model,
-        ppg(model, down, 0.1, 0.005),
-        steps=1500,
-        batch_size=512,
-        eval_every=25,
-        stop=lambda r: r["excess_mse_rel"] < TRANSFER_LEVEL,
-    )
+    small = ppg_config(down, 0.1, 0.005, steps=3000, batch_size=64, eval_every=25, tau=1000.0)
+    out["scratch B=64"] = run(down, linear_model(down), small, f"B{task_seed}-scratch-B64")
+    large = ppg_config(down, 0.1, 0.005, steps=600, batch_size=512, eval_every=25)
+    out["scratch B=512"] = run(down, linear_model(down), large, f"B{task_seed}-scratch-B512")
     out["finetune B=64"] = finetune(down, pretrained_value(pair.upstream), steps=3000)
-    model = linear_model(down)
-    out["sgd B=64 lr 0.1"] = run(
-        down,
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        steps=3000,
-        batch_size=64,
-        eval_every=25,
-    )
+    sgd = sgd_config(down, 0.1, steps=3000, batch_size=64, eval_every=25)
+    out["sgd B=64 lr 0.1"] = run(down, linear_model(down), sgd, f"B{task_seed}-sgd-B64")
     return out
 
 
@@ -281,11 +308,8 @@ def part_c(task_seed: int, sample_sizes: Sequence[int] = (20_000, 100_000)) -> d
 def part_d(task_seed: int, steps: int = 3000) -> list[dict]:
     """D: the softmax variant, SGD with lr_V 0.3 and lr_W 30, B=256."""
     task = SparseContextualBigramTask(spec_for(task_seed))
-    model = linear_model(task, softmax=True)
-    opt = torch.optim.SGD(
-        [{"params": [model.value], "lr": 0.3}, {"params": [model.attention_logits], "lr": 30.0}]
-    )
-    return run(task, model, opt, steps=steps, batch_size=256, eval_every=100)
+    config = sgd_config(task, 0.3, steps=steps, batch_size=256, eval_every=100, attention_lr=30.0)
+    return run(task, linear_model(task, softmax=True), config, f"D{task_seed}-softmax")
 
 
 # ------------------------------------------------------------------------------- report
@@ -330,7 +354,10 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["A", "B", "control", "C", "D"])
     parser.add_argument("--out", default="docs/results/sparse-contextual-bigram")
     parser.add_argument("--json", default="", help="also write every record to this file")
+    parser.add_argument("--runs", default="", help="keep every trainer run folder under DIR")
     args = parser.parse_args()
+    global RUNS
+    RUNS = Path(args.runs) if args.runs else None
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,13 @@ Each test asserts the whole relation, the fit included:
 - D: the softmax variant (SGD lr_V 0.3, lr_W 30, B=256) reaches recall@Q >= 0.9 and dist_P <=
   0.2 within 3000 steps and fits (excess/initial < 0.05).
 
-The runs use the paper's squared loss through ``sparse_bigram_grid.run`` (the trainer has no
-squared loss on a probability-vector output yet: issue 10). Seconds per run are printed
-(``pytest -m repro -s``), never asserted: A about 12 s, B about 60 s, the control 10 s, C 4 s,
-D 6 s on the project's 2-core CPU, one thread.
+Every run goes through the one trainer (``sparse_bigram_grid.run`` calls
+:func:`iclgym.harness.train`): the linear transformer declares a probability output, so the
+trainer trains the paper's squared loss ``1/2 ||e_{x_o} - f||^2`` and logs the task's exact
+model metrics at every evaluation. A's scb_ppg run is the ``ren2024`` recipe's configuration
+(``iclgym train --recipe ren2024``). Seconds per test are printed (``pytest -m repro -s``),
+never asserted: A about 16 s, B about 66 s, the control 8 s, C 12 s, D 6 s on the project's
+2-core CPU, one thread.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from iclgym.harness import RECIPES
 
 pytestmark = pytest.mark.repro
 
@@ -55,6 +60,7 @@ def one_thread():
 
 
 def test_a_proximal_method_beats_the_best_sgd_and_sgd_plateaus():
+    assert grid.recipe_config(0) == RECIPES["ren2024"].train  # A is the recipe, via train()
     runs = grid.part_a(0)
     ppg = runs["ppg"]
     sgd = {name: recs for name, recs in runs.items() if name.startswith("sgd")}

@@ -1,0 +1,200 @@
+"""Token-priority-graph theory (``iclgym.tasks.priority_graph_theory``): the paper-mode dataset,
+the empirical TPG (Oracle A), the Graph-SVM, the finite component and Oracle B, against hand
+examples, plain reference code written here and the spec's laws (shared/specs/priority-graph.md
+sections 2, 3 and 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iclgym.tasks.priority_graph_theory import (
+    EmpiricalTPG,
+    paper_dataset,
+    paper_embeddings,
+    token_scores,
+)
+
+
+# ------------------------------------------------------------------ plain references
+def plain_graphs(contexts, labels, k):
+    """Edges label -> other context token per query, written as loops."""
+    adj = np.zeros((k, k, k), dtype=bool)
+    for x, y in zip(contexts.tolist(), labels.tolist(), strict=True):
+        for j in x:
+            if j != y:
+                adj[x[-1], y, j] = True
+    return adj
+
+
+def plain_reach(adj):
+    """Floyd-Warshall transitive closure, reflexive."""
+    k = adj.shape[-1]
+    reach = adj | np.eye(k, dtype=bool)[None]
+    for m in range(k):
+        reach = reach | (reach[:, :, m : m + 1] & reach[:, m : m + 1, :])
+    return reach
+
+
+# ------------------------------------------------------------------ embeddings
+@pytest.mark.parametrize("kind", ["random", "ortho", "equi-corr"])
+def test_embeddings_have_their_gram_matrix(kind):
+    e = paper_embeddings(6, 8, kind, seed=3)
+    assert e.shape == (6, 8) and e.dtype == np.float64
+    gram = e @ e.T
+    np.testing.assert_allclose(np.diag(gram), 1.0, atol=1e-12)
+    if kind == "ortho":
+        np.testing.assert_allclose(gram, np.eye(6), atol=1e-12)
+    elif kind == "equi-corr":
+        np.testing.assert_allclose(gram, 0.5 + 0.5 * np.eye(6), atol=1e-12)
+    else:
+        assert np.linalg.matrix_rank(e) == 6
+    np.testing.assert_array_equal(e, paper_embeddings(6, 8, kind, seed=3))
+    assert not np.allclose(e, paper_embeddings(6, 8, kind, seed=4))
+
+
+@pytest.mark.parametrize(
+    ("kind", "d", "match"),
+    [("random", 5, "d=5"), ("ortho", 5, "d=5"), ("equi-corr", 6, "d=6"), ("gauss", 8, "embed")],
+)
+def test_embeddings_refuse_too_small_d_or_unknown_kind(kind, d, match):
+    with pytest.raises(ValueError, match=match):
+        paper_embeddings(6, d, kind)
+
+
+# ------------------------------------------------------------------ dataset
+@pytest.mark.parametrize(
+    ("n", "t", "k", "cyclic"),
+    [(6, 4, 6, True), (4, 6, 8, False), (10, 6, 8, True), (5, 9, 4, True), (3, 3, 5, False)],
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dataset_meets_its_condition_and_labels_occur(n, t, k, cyclic, seed):
+    ds = paper_dataset(n, t, k, 8, cyclic=cyclic, seed=seed)
+    assert ds.contexts.shape == (n, t) and ds.contexts.dtype == np.int64
+    assert ds.labels.shape == (n,) and ds.labels.dtype == np.int64
+    assert ds.embeddings.shape == (k, 8) and ds.tries >= 1
+    assert (ds.contexts == ds.labels[:, None]).any(1).all()  # y always in X
+    if t <= k:  # distinct tokens
+        assert all(len(set(row)) == t for row in ds.contexts.tolist())
+    else:  # a permutation of [K] first
+        np.testing.assert_array_equal(
+            np.sort(ds.contexts[:, :k], 1), np.arange(k)[None].repeat(n, 0)
+        )
+    adj = plain_graphs(ds.contexts, ds.labels, k)
+    reach = plain_reach(adj)
+    mutual = reach & np.swapaxes(reach, 1, 2) & ~np.eye(k, dtype=bool)[None]
+    assert mutual.any() == cyclic  # an SCC of >= 2 nodes iff two nodes reach each other
+    again = paper_dataset(n, t, k, 8, cyclic=cyclic, seed=seed)
+    np.testing.assert_array_equal(again.contexts, ds.contexts)
+    np.testing.assert_array_equal(again.labels, ds.labels)
+
+
+def test_label_is_uniform_over_positions_with_distinct_tokens():
+    # n large: the cyclic condition holds at the first draw, so this is the raw label law
+    ds = paper_dataset(20_000, 4, 6, 8, cyclic=True, seed=0)
+    assert ds.tries == 1
+    pos = (ds.contexts == ds.labels[:, None]).argmax(1)
+    counts = np.bincount(pos, minlength=4)
+    expected = ds.n / 4
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+def test_label_is_uniform_over_tokens_when_contexts_hold_every_token():
+    ds = paper_dataset(20_000, 7, 4, 8, cyclic=True, seed=1)  # T > K: a permutation first
+    counts = np.bincount(ds.labels, minlength=4)
+    chi2 = ((counts - ds.n / 4) ** 2 / (ds.n / 4)).sum()
+    assert chi2 < 16.3
+
+
+def test_dataset_errors_name_the_condition_and_parameters():
+    with pytest.raises(ValueError, match=r"strongly connected.*cyclic=True.*max_tries=30"):
+        paper_dataset(1, 4, 6, 8, cyclic=True, max_tries=30)
+    with pytest.raises(ValueError, match="n=0"):
+        paper_dataset(0, 4, 6, 8)
+    with pytest.raises(ValueError, match="num_tokens=1"):
+        paper_dataset(3, 4, 1, 8)
+    with pytest.raises(ValueError, match="cyclic='yes'"):
+        paper_dataset(3, 4, 6, 8, cyclic="yes")
+    with pytest.raises(ValueError, match="d=4"):
+        paper_dataset(3, 4, 6, 4)
+
+
+# ------------------------------------------------------------------ TPG and Oracle A
+def hand_tpg():
+    """Query 2: samples [0,1,2]->0 and [1,0,2]->1 make {0,1} one SCC above 2; [3,4,2]->3 puts 3
+    above 4 and 2. Query 4: [0,4]->4 (edge 4 -> 0)."""
+    contexts = np.array([[0, 1, 2], [1, 0, 2], [3, 4, 2], [0, 0, 4]])
+    labels = np.array([0, 1, 3, 4])
+    return EmpiricalTPG.fit(contexts, labels, 5)
+
+
+def test_edges_run_from_the_label_to_the_other_tokens():
+    g = EmpiricalTPG.fit(np.array([[0, 1, 2]]), np.array([0]), 3)
+    assert g.adjacency[2, 0, 1] and g.adjacency[2, 0, 2]
+    assert g.adjacency.sum() == 2  # nothing else: no reverse edge, no other query
+    assert g.reach[2, 0, 1] and not g.reach[2, 1, 0]
+
+
+def test_scc_and_reachability_of_a_hand_example():
+    g = hand_tpg()
+    assert g.scc[2, 0] == g.scc[2, 1]
+    assert len({g.scc[2, 0], g.scc[2, 2], g.scc[2, 3], g.scc[2, 4]}) == 4
+    assert g.scc_sizes[2, 0] == 2 and g.scc_sizes[2, 3] == 1 and g.has_cycle
+    assert g.reach[2, 0, 2] and g.reach[2, 1, 2] and not g.reach[2, 2, 0]
+    assert g.reach[2, 3, 4] and not g.reach[2, 3, 0] and not g.reach[2, 0, 3]
+    assert g.reach[4, 4, 0] and not g.reach[4, 0, 4]
+    assert not g.adjacency[0].any() and (g.scc_sizes[0] == 1).all()
+    np.testing.assert_array_equal(g.reach, plain_reach(g.adjacency))
+
+
+def test_oracle_a_on_a_hand_example():
+    g = hand_tpg()
+    contexts = np.array(
+        [
+            [0, 1, 2, 2],  # {0, 1} on top: half each
+            [0, 0, 1, 2],  # multiplicity: 2/3, 1/3
+            [4, 3, 2, 2],  # 3 beats 4 and 2
+            [0, 3, 3, 2],  # {0, 1} and {3} incomparable: ambiguous
+            [1, 2, 2, 2],  # 1 beats 2
+            [0, 1, 1, 4],  # query 4: 4 beats 0, 1 never seen: {1} and {4} ambiguous
+        ]
+    )
+    probs, ambiguous = g.predict(contexts)
+    assert probs.dtype == np.float64 and probs.shape == (6, 5)
+    np.testing.assert_allclose(probs[0], [0.5, 0.5, 0, 0, 0])
+    np.testing.assert_allclose(probs[1], [2 / 3, 1 / 3, 0, 0, 0])
+    np.testing.assert_allclose(probs[2], [0, 0, 0, 1, 0])
+    np.testing.assert_allclose(probs[4], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(ambiguous, [False, False, False, True, False, True])
+    # the documented fallback: count-weighted over every undominated token
+    np.testing.assert_allclose(probs[3], [1 / 3, 0, 0, 2 / 3, 0])
+    np.testing.assert_allclose(probs[5], [0, 2 / 3, 0, 0, 1 / 3])
+    beta = np.zeros((5, 5))
+    beta[2, 0] = np.log(3.0)
+    probs, _ = g.predict(contexts[:2], beta=beta)
+    np.testing.assert_allclose(probs[0], [0.75, 0.25, 0, 0, 0])
+    np.testing.assert_allclose(probs[1], [6 / 7, 1 / 7, 0, 0, 0])
+    with pytest.raises(ValueError, match="beta"):
+        g.predict(contexts, beta=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="contexts"):
+        g.predict(np.array([[0, 5]]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_label_is_always_in_the_unique_top_scc_of_its_training_context(seed):
+    ds = paper_dataset(10, 6, 8, 8, cyclic=True, seed=seed)
+    g = EmpiricalTPG.fit(ds.contexts, ds.labels, 8)
+    top, ambiguous = g.top_sets(ds.contexts)
+    assert not ambiguous.any()
+    assert top[np.arange(ds.n), ds.labels].all()
+    same = g.scc[ds.queries[:, None], ds.contexts] == g.scc[ds.queries, ds.labels][:, None]
+    present_top = top[np.arange(ds.n)[:, None], ds.contexts]
+    np.testing.assert_array_equal(present_top, same)  # top = the label's SCC within X
+
+
+def test_token_scores_follow_the_linear_convention():
+    e = paper_embeddings(4, 5, "random", seed=0)
+    w = np.random.default_rng(0).standard_normal((5, 5))
+    beta = token_scores(w, e)
+    assert beta[1, 3] == pytest.approx(e[3] @ w @ e[1])  # a_t = x_t^T W x_bar, query 1

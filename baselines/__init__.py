@@ -37,11 +37,14 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
         "softmax_transformer": ModelEntry(
             "baselines.linear_transformer:make_model", {"softmax": True}, None
         ),
+        "priority_attention": ModelEntry("baselines.priority_attention:make_model", {}, None),
     }
 )
 """``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
 ``linear_transformer`` / ``softmax_transformer``: the one-layer (V, A) models of sparse
-contextual bigrams (Ren, Wang, Lee 2024), linear or softmax attention over the context."""
+contextual bigrams (Ren, Wang, Lee 2024), linear or softmax attention over the context.
+``priority_attention``: the one-layer attention of token-priority graphs (Li et al. 2024), one
+combined W over fixed embeddings, ``iden`` or ``gen`` head."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
 """``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""

@@ -12,6 +12,9 @@ per batch after ``backward()`` and whose ``state_dict`` it checkpoints.
 - :func:`sgd`: plain SGD (``torch.optim.SGD``) with an optional separate learning rate for the
   attention parameters: the spec's SGD baseline (lambda = 0, no constraints, constant lr) and
   the softmax variant's lr_V / lr_W pair.
+- :func:`normalized_gd`: :class:`NormalizedGD`, full-batch normalised gradient descent of
+  token-priority graphs (Li et al. 2024; ``shared/specs/priority-graph.md`` section 5): the
+  gradient divided by its Frobenius norm, plain SGD, no momentum.
 
 Only the class of method is [verified] in the paper; the preconditioner, prox, renormalisation
 and schedule below are the spec's [design] reconstruction, which reproduces its qualitative
@@ -246,4 +249,58 @@ def sgd(model: nn.Module, config: Any, attention_lr: float | None = None) -> tor
     return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
 
 
-__all__ = ["PRECONDITIONERS", "ProximalGradient", "ppg", "sgd"]
+class NormalizedGD(torch.optim.Optimizer):
+    """Normalised gradient descent (``shared/specs/priority-graph.md`` section 5, the
+    reference's ``normalize_grad`` then SGD): ``p <- p - lr * g_p / ||g||_F`` with ``||g||_F``
+    the Frobenius norm of all the parameters' gradients together (one matrix W for the paper's
+    model, so its own norm), no momentum, no weight decay. Every step moves the parameters by
+    exactly ``lr`` in Frobenius norm, so ``||W(tau)|| <= ||W(0)|| + lr tau``; a step whose
+    gradient is 0 (or absent) leaves them. The trainer's schedule may rescale ``lr``.
+
+    Raises ``ValueError`` for ``lr`` <= 0 or no parameters.
+    """
+
+    def __init__(self, params: Any, lr: float) -> None:
+        lr = as_float("lr", lr, 0.0, low_open=True)
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One normalised step (class docstring); returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        present = [g for g in grads if g is not None]
+        if not present:
+            return loss
+        norm = torch.stack([g.pow(2).sum() for g in present]).sum().sqrt()
+        if norm == 0:
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad / norm, alpha=group["lr"])
+        return loss
+
+
+def normalized_gd(model: nn.Module, config: Any) -> NormalizedGD:
+    """``--optimizer iclgym.harness.optimizers:normalized_gd``: :class:`NormalizedGD` on every
+    parameter of the model with ``lr = config.lr`` (recipe ``li2024``: lr 0.01, full batch,
+    float64). Raises ``ValueError`` for a config with weight decay or momentum (the method has
+    neither) or a model without parameters."""
+    for name in ("weight_decay", "momentum"):
+        if getattr(config, name, 0.0):
+            raise invalid(
+                name, getattr(config, name), "0 for optimizer normalized_gd (plain normalised GD)"
+            )
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(
+            f"optimizer normalized_gd needs parameters; {type(model).__name__} has none"
+        )
+    return NormalizedGD(params, lr=config.lr)
+
+
+__all__ = ["PRECONDITIONERS", "NormalizedGD", "ProximalGradient", "normalized_gd", "ppg", "sgd"]

@@ -316,11 +316,438 @@ def token_scores(w: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
     return (e @ np.asarray(w, dtype=np.float64) @ e.T).T
 
 
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    """``<A, B>_F / (||A|| ||B||)`` (spec section 4); NaN when either is 0."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return float("nan")
+    return float(np.sum(np.asarray(a) * np.asarray(b)) / (na * nb))
+
+
+# ------------------------------------------------------------------ attention and its log-loss
+def attention_weights(
+    w: np.ndarray, contexts: np.ndarray, embeddings: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """(n, T) float64 softmax over the (kept) positions of ``a_t = E[x_t]^T W E[x_bar]``, the
+    query ``x_bar`` = the context's last token even where ``mask`` drops it (pitfall 6); 0 at
+    dropped positions."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(contexts)
+    scores = np.einsum("ntd,nd->nt", e[x], e[x[:, -1]] @ np.asarray(w, dtype=np.float64).T)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    scores = scores - scores.max(1, keepdims=True)
+    s = np.exp(scores)
+    return s / s.sum(1, keepdims=True)
+
+
+def attention_nll(
+    w: np.ndarray,
+    contexts: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    mask: np.ndarray | None = None,
+    normalizer: int | None = None,
+) -> tuple[float, np.ndarray]:
+    """The paper's log-loss of the ``iden`` head and its gradient in W (spec section 5):
+    ``sum_i [logsumexp_t a_t - logsumexp_{t: x_t = y} a_t] / normalizer`` (= ``-log p_hat_y``
+    with eps = 0; convex in W), over the positions of ``mask`` (n, T) bool if given (the
+    reduced dataset), ``normalizer`` defaulting to n. Returns ``(loss, grad (d, d))``:
+    ``grad = sum_i sum_t (s_t - s^y_t) x_t x_bar^T / normalizer`` with s the attention and s^y
+    the attention renormalised on the label's positions."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(contexts)
+    y = np.asarray(labels)
+    n = x.shape[0] if normalizer is None else normalizer
+    keep = np.ones(x.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    xt, xq = e[x], e[x[:, -1]]
+    scores = np.einsum("ntd,nd->nt", xt, xq @ np.asarray(w, dtype=np.float64).T)
+    lab = keep & (x == y[:, None])
+    full = np.where(keep, scores, -np.inf)
+    own = np.where(lab, scores, -np.inf)
+    mx = full.max(1, keepdims=True)
+    lse_full = np.log(np.exp(full - mx).sum(1)) + mx[:, 0]
+    lse_own = np.log(np.exp(own - mx).sum(1)) + mx[:, 0]
+    s = np.exp(full - lse_full[:, None])
+    sy = np.exp(own - lse_own[:, None])
+    grad = np.einsum("nt,ntd,ne->de", s - sy, xt, xq) / n
+    return float((lse_full - lse_own).sum() / n), grad
+
+
+def normalized_gd(
+    grad_fn, w0: np.ndarray, lr: float, steps: int, record: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Full-batch normalised GD (spec section 5): ``W <- W - lr G / ||G||_F`` with ``G =
+    grad_fn(W)`` (a step with G = 0 leaves W). Returns the last iterate and the iterates at the
+    steps in ``record`` (step 0 = ``w0``)."""
+    w = np.array(w0, dtype=np.float64)
+    wanted = set() if record is None else {int(r) for r in record}
+    kept = {0: w.copy()} if 0 in wanted else {}
+    for step in range(1, steps + 1):
+        g = grad_fn(w)
+        norm = np.linalg.norm(g)
+        if norm > 0:
+            w = w - lr * g / norm
+        if step in wanted:
+            kept[step] = w.copy()
+    return w, kept
+
+
+# ------------------------------------------------------------------ Graph-SVM
+def _orthonormal_rows(a: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (r, m) of the row space of ``a`` by SVD (duplicates and redundant rows
+    allowed: pitfalls 7 and 8)."""
+    if a.shape[0] == 0:
+        return np.zeros((0, a.shape[1]))
+    _, sv, vt = np.linalg.svd(a, full_matrices=False)
+    tol = max(a.shape) * np.finfo(np.float64).eps * (sv[0] if sv.size else 0.0)
+    return vt[: int((sv > tol).sum())]
+
+
+def _null_space(a: np.ndarray, m: int) -> np.ndarray:
+    """(m, p) orthonormal basis of the null space of ``a`` (rows of length m)."""
+    if a.shape[0] == 0:
+        return np.eye(m)
+    _, sv, vt = np.linalg.svd(a, full_matrices=True)
+    tol = max(a.shape) * np.finfo(np.float64).eps * sv[0]
+    return vt[int((sv > tol).sum()) :].T
+
+
+@dataclass(frozen=True)
+class GraphSVM:
+    """The Graph-SVM solution (spec section 5) with its constraints and dual certificate."""
+
+    w: np.ndarray
+    """(d, d) W^svm = argmin ||W||_F subject to the constraints."""
+    eq: np.ndarray
+    """(m_eq, d * d) rows a with a . vec(W) = 0: same-SCC pairs (vec = row-major flatten)."""
+    ineq: np.ndarray
+    """(m_in, d * d) rows a with a . vec(W) >= 1: label above a token of a lower SCC."""
+    multipliers: np.ndarray
+    """(m_in,) float64 lambda >= 0 of the inequalities: ``W^svm = P (A_in^T lambda)`` with P the
+    projection onto the null space of the equalities (KKT stationarity), ``lambda_i > 0``
+    only where the constraint is tight."""
+
+
+def svm_constraints(
+    contexts: np.ndarray, labels: np.ndarray, embeddings: np.ndarray, tpg: EmpiricalTPG
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Graph-SVM's rows ``vec((E[y] - E[j]) E[k]^T)`` (so ``row . vec(W) = (e_y - e_j)^T W
+    e_k``) for every sample (query k, label y) and every token j != y of its context (once per
+    distinct j): ``(eq, ineq)``, the same-SCC pairs and the others (spec section 5)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    eq, ineq = [], []
+    for x, y in zip(np.asarray(contexts).tolist(), np.asarray(labels).tolist(), strict=True):
+        k = x[-1]
+        for j in sorted(set(x) - {y}):
+            row = np.outer(e[y] - e[j], e[k]).reshape(-1)
+            (eq if tpg.scc[k, y] == tpg.scc[k, j] else ineq).append(row)
+    m = e.shape[1] ** 2
+    return np.array(eq).reshape(-1, m), np.array(ineq).reshape(-1, m)
+
+
+def graph_svm(
+    contexts: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    tpg: EmpiricalTPG | None = None,
+) -> GraphSVM:
+    """W^svm of a training set (spec section 5): ``min ||W||_F`` s.t. ``(e_y - e_j)^T W e_k =
+    0`` when y and j share an SCC of G^(k) and ``>= 1`` otherwise, over every sample and other
+    token j of its context, with e the embedding vectors ``E[id]``.
+
+    The redundant equalities are eliminated by the null space N of their rows (SVD; pitfall 8),
+    ``vec(W) = N z``; the inequality QP ``min ||z||`` s.t. ``G z >= 1`` (``G = A_in N``) is a
+    least-distance program, solved exactly by non-negative least squares (Lawson and Hanson,
+    *Solving Least Squares Problems*, ch. 23: ``u = argmin_{u >= 0} ||[G^T; 1^T] u - e_last||``,
+    then ``z = G^T u / (1 - 1^T u)``), with ``scipy.optimize.nnls``. The dual multipliers are
+    ``lambda = u / (1 - 1^T u)``. With no inequality W^svm = 0. Raises ``ValueError`` when the
+    constraints are infeasible (never for a TPG: its condensation is a DAG).
+    """
+    from scipy.optimize import nnls
+
+    e = np.asarray(embeddings, dtype=np.float64)
+    d = e.shape[1]
+    if tpg is None:
+        tpg = EmpiricalTPG.fit(contexts, labels, e.shape[0])
+    eq, ineq = svm_constraints(contexts, labels, e, tpg)
+    if ineq.shape[0] == 0:
+        return GraphSVM(np.zeros((d, d)), eq, ineq, np.zeros(0))
+    null = _null_space(eq, d * d)
+    g = ineq @ null
+    p = g.shape[1]
+    lhs = np.vstack([g.T, np.ones((1, g.shape[0]))])
+    rhs = np.zeros(p + 1)
+    rhs[-1] = 1.0
+    u, _ = nnls(lhs, rhs, maxiter=50 * lhs.shape[1])
+    gap = 1.0 - u.sum()
+    if gap <= 1e-12:
+        raise ValueError(
+            "the Graph-SVM constraints are infeasible (an inequality contradicts the "
+            "equalities): no W separates the labels' SCCs"
+        )
+    lam = u / gap
+    w = (null @ (g.T @ lam)).reshape(d, d)
+    return GraphSVM(w, eq, ineq, lam)
+
+
+# ------------------------------------------------------------------ finite component
+@dataclass(frozen=True)
+class ReducedData:
+    """The reduced dataset (spec section 5): samples whose label's SCC holds another token of
+    the context, restricted to the positions of that SCC; the query stays the original last
+    token (pitfall 6)."""
+
+    index: np.ndarray
+    """(m,) int64 indices of the kept samples in the full dataset."""
+    contexts: np.ndarray
+    """(m, T) int64 the kept samples' full contexts."""
+    labels: np.ndarray
+    """(m,) int64 their labels."""
+    mask: np.ndarray
+    """(m, T) bool the positions whose token lies in the label's SCC of G^(k)."""
+
+
+def reduced_dataset(contexts: np.ndarray, labels: np.ndarray, tpg: EmpiricalTPG) -> ReducedData:
+    """:class:`ReducedData` of a training set and its TPG."""
+    x = np.asarray(contexts, dtype=np.int64)
+    y = np.asarray(labels, dtype=np.int64)
+    q = x[:, -1]
+    ids = tpg.scc[q[:, None], x]
+    mask = ids == tpg.scc[q, y][:, None]
+    keep = (mask & (x != y[:, None])).any(1)
+    index = np.flatnonzero(keep)
+    return ReducedData(index, x[index], y[index], mask[index])
+
+
+def finite_subspace(tpg: EmpiricalTPG, embeddings: np.ndarray) -> np.ndarray:
+    """(r, d, d) orthonormal basis of ``S_fin = span{(e_i - e_j) e_k^T : i, j in one SCC of
+    G^(k)}`` (spec section 5), by SVD of the generators (duplicates: pitfall 7)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    d = e.shape[1]
+    gens = []
+    for k in range(tpg.num_tokens):
+        for i in range(tpg.num_tokens):
+            for j in range(i + 1, tpg.num_tokens):
+                if tpg.scc[k, i] == tpg.scc[k, j]:
+                    gens.append(np.outer(e[i] - e[j], e[k]).reshape(-1))
+    basis = _orthonormal_rows(np.array(gens).reshape(-1, d * d))
+    return basis.reshape(-1, d, d)
+
+
+def project(w: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """(d, d) orthogonal projection of W onto the span of an orthonormal ``basis`` (r, d, d)."""
+    if basis.shape[0] == 0:
+        return np.zeros_like(np.asarray(w, dtype=np.float64))
+    coef = np.einsum("rij,ij->r", basis, w)
+    return np.einsum("r,rij->ij", coef, basis)
+
+
+def finite_component(
+    reduced: ReducedData, embeddings: np.ndarray, basis: np.ndarray, n: int
+) -> tuple[np.ndarray, float]:
+    """``(W^fin, optimum)``: the minimiser over S_fin (``basis`` (r, d, d)) of the reduced
+    log-loss summed over the reduced samples and divided by the full ``n`` (spec section 5), by
+    L-BFGS-B (``scipy.optimize.minimize``, gradient tolerance 1e-12) from 0, and the loss
+    there. W^fin = 0 and optimum 0 when S_fin or the reduced data is empty; W^fin is 0 when the
+    reduced data is symmetric. Raises ``ValueError`` if the minimiser does not converge (an
+    unbounded direction)."""
+    from scipy.optimize import minimize
+
+    e = np.asarray(embeddings, dtype=np.float64)
+    d = e.shape[1]
+    if basis.shape[0] == 0 or reduced.index.size == 0:
+        return np.zeros((d, d)), 0.0
+
+    def fun(c: np.ndarray) -> tuple[float, np.ndarray]:
+        w = np.einsum("r,rij->ij", c, basis)
+        loss, grad = attention_nll(w, reduced.contexts, reduced.labels, e, reduced.mask, n)
+        return loss, np.einsum("rij,ij->r", basis, grad)
+
+    res = minimize(
+        fun,
+        np.zeros(basis.shape[0]),
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10_000},
+    )
+    grad_norm = float(np.linalg.norm(fun(res.x)[1]))
+    if grad_norm > 1e-6:
+        raise ValueError(
+            f"W^fin did not converge (gradient norm {grad_norm:.2e} after {res.nit} "
+            "iterations): the reduced log-loss has no finite minimiser on S_fin"
+        )
+    return np.einsum("r,rij->ij", res.x, basis), float(res.fun)
+
+
+def implicit_bias_probs(
+    contexts: np.ndarray,
+    w_svm: np.ndarray,
+    w_fin: np.ndarray,
+    embeddings: np.ndarray,
+    num_tokens: int,
+    tol: float = 1e-6,
+) -> np.ndarray:
+    """Oracle B (spec section 3): (B, K) float64 the limit of the model along
+    ``W^fin + R W^svm``, R -> inf: keep the positions whose ``x_t^T W^svm x_bar`` is within
+    ``tol * ||W^svm||`` of the context's maximum, softmax ``x_t^T W^fin x_bar`` over them and
+    sum per token."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(contexts, dtype=np.int64)
+    hard = np.einsum("ntd,nd->nt", e[x], e[x[:, -1]] @ np.asarray(w_svm).T)
+    keep = hard >= hard.max(1, keepdims=True) - tol * max(np.linalg.norm(w_svm), 1e-300)
+    s = attention_weights(w_fin, x, e, keep)
+    probs = np.zeros((x.shape[0], num_tokens))
+    np.add.at(probs, (np.arange(x.shape[0])[:, None], x), s)
+    return probs
+
+
+# ------------------------------------------------------------------ the whole theory
+@dataclass(frozen=True)
+class PaperTheory:
+    """Everything the paper's theory predicts for a training set (spec sections 3-5): build with
+    :meth:`fit`, score a trained W with :meth:`metrics`."""
+
+    contexts: np.ndarray
+    """(n, T) int64."""
+    labels: np.ndarray
+    """(n,) int64."""
+    embeddings: np.ndarray
+    """(K, d) float64."""
+    tpg: EmpiricalTPG
+    svm: GraphSVM
+    reduced: ReducedData
+    basis: np.ndarray
+    """(r, d, d) orthonormal basis of S_fin."""
+    w_fin: np.ndarray
+    """(d, d) W^fin."""
+    reduced_optimum: float
+    """The reduced log-loss at W^fin (normalised by the full n): the plateau of the training
+    loss (spec section 6: 2 ln 2 / 6 in one cyclic trial)."""
+
+    @classmethod
+    def fit(cls, contexts: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> PaperTheory:
+        """TPG, W^svm, reduced dataset, S_fin and W^fin of ``contexts`` (n, T), ``labels``
+        (n,) and ``embeddings`` (K, d) (e.g. a :class:`PaperDataset`'s)."""
+        e = np.asarray(embeddings, dtype=np.float64)
+        tpg = EmpiricalTPG.fit(contexts, labels, e.shape[0])
+        x, y = _check_samples(contexts, labels, e.shape[0])
+        svm = graph_svm(x, y, e, tpg)
+        reduced = reduced_dataset(x, y, tpg)
+        basis = finite_subspace(tpg, e)
+        w_fin, optimum = finite_component(reduced, e, basis, x.shape[0])
+        return cls(x, y, e, tpg, svm, reduced, basis, w_fin, optimum)
+
+    @classmethod
+    def of(cls, dataset: PaperDataset) -> PaperTheory:
+        """:meth:`fit` on a :class:`PaperDataset`."""
+        return cls.fit(dataset.contexts, dataset.labels, dataset.embeddings)
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def w_svm(self) -> np.ndarray:
+        return self.svm.w
+
+    def loss(self, w: np.ndarray) -> float:
+        """The training log-loss (mean ``-log p_hat_y``, eps = 0) at W."""
+        return attention_nll(w, self.contexts, self.labels, self.embeddings)[0]
+
+    def reduced_run(self, lr: float, steps: int, record: np.ndarray | None = None) -> tuple:
+        """The separate reduced-data run of spec section 4: normalised GD from W = 0 on the
+        reduced log-loss (normalised by the full n) with the gradient projected on S_fin (the
+        iterates stay there); returns :func:`normalized_gd`'s ``(last, recorded)``."""
+        red, e, b = self.reduced, self.embeddings, self.basis
+        d = e.shape[1]
+        if red.index.size == 0:
+            zero = np.zeros((d, d))
+            return zero, {int(r): zero for r in (record if record is not None else [])}
+
+        def grad(w: np.ndarray) -> np.ndarray:
+            g = attention_nll(w, red.contexts, red.labels, e, red.mask, self.n)[1]
+            return project(g, b)
+
+        return normalized_gd(grad, np.zeros((d, d)), lr, steps, record)
+
+    def decomposition(self, w: np.ndarray) -> tuple[float, float]:
+        """``(R, corr)``: the least-squares scalar R of ``W ~ W^fin + R W^svm / ||W^svm||`` and
+        ``corr(W, W^fin + R W^svm / ||W^svm||)`` (spec section 5)."""
+        unit = self.w_svm / np.linalg.norm(self.w_svm)
+        r = float(np.sum((np.asarray(w) - self.w_fin) * unit))
+        return r, corr(w, self.w_fin + r * unit)
+
+    def metrics(self, w: np.ndarray, w_fin_tau: np.ndarray | None = None) -> dict[str, float]:
+        """The paper-mode metrics of a model's W (d, d) on the training set (spec section 4):
+
+        - ``corr_svm``: corr(W, W^svm); ``corr_decomp`` and ``R``: :meth:`decomposition`;
+        - ``proj_corr``: corr(W^svm, W - Pi_{S_fin} W);
+        - ``norm_diff``: ``||Pi_{S_fin} W - W^fin(tau)||_F`` when the reduced run's iterate
+          ``w_fin_tau`` is given (NaN otherwise); ``fin_diff``: ``||Pi_{S_fin} W - W^fin||``;
+        - ``top_scc_mass``: per sample, the attention summed per SCC of G^(k), the largest,
+          averaged; ``min_top_scc_mass`` its minimum;
+        - ``label_attention`` (``min_label_attention``): mean (min) attention on the label's
+          positions, p_hat_y;
+        - ``loss``: the training log-loss; ``norm``: ||W||_F.
+        """
+        w = np.asarray(w, dtype=np.float64)
+        s = attention_weights(w, self.contexts, self.embeddings)
+        q = self.contexts[:, -1]
+        ids = self.tpg.scc[q[:, None], self.contexts]  # (n, T)
+        per_scc = np.zeros((self.n, self.tpg.num_tokens))
+        np.add.at(per_scc, (np.arange(self.n)[:, None], ids), s)
+        top = per_scc.max(1)
+        label = (s * (self.contexts == self.labels[:, None])).sum(1)
+        proj = project(w, self.basis)
+        r, c = self.decomposition(w)
+        return {
+            "corr_svm": corr(w, self.w_svm),
+            "corr_decomp": c,
+            "R": r,
+            "proj_corr": corr(self.w_svm, w - proj),
+            "norm_diff": (
+                float(np.linalg.norm(proj - w_fin_tau)) if w_fin_tau is not None else float("nan")
+            ),
+            "fin_diff": float(np.linalg.norm(proj - self.w_fin)),
+            "top_scc_mass": float(top.mean()),
+            "min_top_scc_mass": float(top.min()),
+            "label_attention": float(label.mean()),
+            "min_label_attention": float(label.min()),
+            "loss": self.loss(w),
+            "norm": float(np.linalg.norm(w)),
+        }
+
+    def oracle_a(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle A with ``beta = token_scores(W^fin)``: ``(probs (B, K), ambiguous (B,))``."""
+        return self.tpg.predict(contexts, token_scores(self.w_fin, self.embeddings))
+
+    def oracle_b(self, contexts: np.ndarray) -> np.ndarray:
+        """Oracle B (:func:`implicit_bias_probs` of W^svm and W^fin): (B, K) float64."""
+        return implicit_bias_probs(
+            contexts, self.w_svm, self.w_fin, self.embeddings, self.tpg.num_tokens
+        )
+
+
 __all__ = [
     "EMBEDDINGS",
     "EmpiricalTPG",
+    "GraphSVM",
     "PaperDataset",
+    "PaperTheory",
+    "ReducedData",
+    "attention_nll",
+    "attention_weights",
+    "corr",
+    "finite_component",
+    "finite_subspace",
+    "graph_svm",
+    "implicit_bias_probs",
+    "normalized_gd",
     "paper_dataset",
     "paper_embeddings",
+    "project",
+    "reduced_dataset",
+    "svm_constraints",
     "token_scores",
 ]

@@ -10,8 +10,16 @@ import pytest
 
 from iclgym.tasks.priority_graph_theory import (
     EmpiricalTPG,
+    PaperTheory,
+    attention_nll,
+    attention_weights,
+    finite_subspace,
+    graph_svm,
+    normalized_gd,
     paper_dataset,
     paper_embeddings,
+    project,
+    reduced_dataset,
     token_scores,
 )
 
@@ -198,3 +206,171 @@ def test_token_scores_follow_the_linear_convention():
     w = np.random.default_rng(0).standard_normal((5, 5))
     beta = token_scores(w, e)
     assert beta[1, 3] == pytest.approx(e[3] @ w @ e[1])  # a_t = x_t^T W x_bar, query 1
+
+
+# ------------------------------------------------------------------ Graph-SVM
+def _svm_case(seed, n=6, t=4, k=6, cyclic=True):
+    ds = paper_dataset(n, t, k, 8, cyclic=cyclic, seed=seed)
+    return ds, EmpiricalTPG.fit(ds.contexts, ds.labels, k)
+
+
+@pytest.mark.parametrize(("seed", "cyclic"), [(0, True), (1, True), (2, False), (3, True)])
+def test_graph_svm_is_feasible_and_satisfies_kkt(seed, cyclic):
+    ds, tpg = _svm_case(seed, cyclic=cyclic)
+    svm = graph_svm(ds.contexts, ds.labels, ds.embeddings, tpg)
+    w = svm.w.reshape(-1)
+    assert svm.eq.shape[0] > 0 if cyclic else svm.eq.shape[0] == 0
+    # primal feasibility
+    np.testing.assert_allclose(svm.eq @ w, 0.0, atol=1e-9)
+    slack = svm.ineq @ w - 1.0
+    assert slack.min() >= -1e-9
+    # dual feasibility and complementary slackness
+    assert (svm.multipliers >= 0).all()
+    np.testing.assert_allclose(svm.multipliers * slack, 0.0, atol=1e-9)
+    assert (svm.multipliers > 1e-9).any()
+    # stationarity: W - A_in^T lambda lies in the row space of the equalities
+    resid = w - svm.ineq.T @ svm.multipliers
+    if svm.eq.shape[0]:
+        coef, *_ = np.linalg.lstsq(svm.eq.T, resid, rcond=None)
+        resid = resid - svm.eq.T @ coef
+    np.testing.assert_allclose(resid, 0.0, atol=1e-8)
+
+
+def test_graph_svm_equals_a_generic_solver_on_a_tiny_case():
+    from scipy.optimize import minimize
+
+    ds, tpg = _svm_case(5, n=3, t=3, k=4, cyclic=False)
+    svm = graph_svm(ds.contexts, ds.labels, ds.embeddings, tpg)
+    d = ds.embeddings.shape[1]
+    cons = [{"type": "ineq", "fun": lambda w: svm.ineq @ w - 1.0, "jac": lambda w: svm.ineq}]
+    res = minimize(
+        lambda w: (w @ w, 2 * w),
+        np.ones(d * d),
+        jac=True,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    assert res.success
+    np.testing.assert_allclose(svm.w.reshape(-1), res.x, atol=1e-6)
+
+
+def test_hand_graph_svm_with_one_hot_embeddings():
+    # query 2: labels 0 over {1, 2}; the minimum-norm W puts scores (1/2, -1/2) on
+    # (e_0 - e_1) and (e_0 - e_2) halves: beta[2] = (2/3, -1/3, -1/3) e_2 component
+    e = np.eye(3)
+    svm = graph_svm(np.array([[0, 1, 2]]), np.array([0]), e)
+    beta = token_scores(svm.w, e)
+    np.testing.assert_allclose(beta[2], [2 / 3, -1 / 3, -1 / 3], atol=1e-12)
+    np.testing.assert_allclose(np.delete(beta, 2, axis=0), 0.0, atol=1e-12)
+
+
+def test_svm_is_orthogonal_to_s_fin_which_is_the_span_of_the_equalities():
+    for seed in range(4):
+        ds, tpg = _svm_case(seed, n=10, t=6, k=8)
+        svm = graph_svm(ds.contexts, ds.labels, ds.embeddings, tpg)
+        basis = finite_subspace(tpg, ds.embeddings)
+        assert basis.shape[0] >= 1
+        np.testing.assert_allclose(np.einsum("rij,ij->r", basis, svm.w), 0.0, atol=1e-9)
+        eq_rank = np.linalg.matrix_rank(svm.eq)
+        joint = np.vstack([svm.eq, basis.reshape(basis.shape[0], -1)])
+        assert eq_rank == basis.shape[0] == np.linalg.matrix_rank(joint)
+
+
+def test_s_fin_rank_of_a_hand_case():
+    # one-hot E (d = K = 5): query 2 has the SCC {0, 1}; query 4 the SCC {0, 1, 3}
+    contexts = np.array([[0, 1, 2], [1, 0, 2], [0, 1, 4], [1, 3, 4], [3, 0, 4]])
+    labels = np.array([0, 1, 0, 1, 3])
+    tpg = EmpiricalTPG.fit(contexts, labels, 5)
+    assert tpg.scc_sizes[2, 0] == 2 and tpg.scc_sizes[4, 0] == 3
+    basis = finite_subspace(tpg, np.eye(5))
+    assert basis.shape == (3, 5, 5)  # 1 + 2 directions despite 1 + 3 generators
+    gram = np.einsum("rij,sij->rs", basis, basis)
+    np.testing.assert_allclose(gram, np.eye(3), atol=1e-12)
+    assert np.abs(basis[:, :, [0, 1, 3]]).max() < 1e-12  # only query columns 2 and 4
+    w = np.zeros((5, 5))
+    w[0, 2], w[1, 2] = 1.0, -1.0  # (e_0 - e_1) e_2^T is in S_fin
+    np.testing.assert_allclose(project(w, basis), w, atol=1e-12)
+
+
+def test_reduced_data_keeps_the_label_scc_and_the_query():
+    contexts = np.array([[0, 1, 4, 2], [1, 0, 4, 2], [3, 0, 1, 2], [4, 3, 0, 2]])
+    labels = np.array([0, 1, 3, 3])
+    tpg = EmpiricalTPG.fit(contexts, labels, 5)
+    red = reduced_dataset(contexts, labels, tpg)
+    np.testing.assert_array_equal(red.index, [0, 1])  # 3 and 4 are alone in their SCCs
+    np.testing.assert_array_equal(red.mask, [[1, 1, 0, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(red.contexts[:, -1], [2, 2])  # the query stays
+
+
+def test_w_fin_is_zero_for_symmetric_reduced_data():
+    contexts = np.array([[0, 1, 4, 2], [1, 0, 4, 2], [3, 4, 0, 2]])
+    labels = np.array([0, 1, 3])
+    th = PaperTheory.fit(contexts, labels, paper_embeddings(5, 6, "random", seed=1))
+    assert th.basis.shape[0] == 1 and th.reduced.index.size == 2
+    np.testing.assert_allclose(th.w_fin, 0.0, atol=1e-10)
+    assert th.reduced_optimum == pytest.approx(2 * np.log(2) / 3)
+
+
+def test_w_fin_composes_by_the_label_frequencies():
+    # SCC {0, 1} under query 2, label 0 twice and 1 once: p_hat(0) = 2/3 at the optimum
+    contexts = np.array([[0, 1, 2], [0, 1, 2], [1, 0, 2], [3, 0, 2]])
+    labels = np.array([0, 0, 1, 3])
+    e = paper_embeddings(4, 5, "random", seed=2)
+    th = PaperTheory.fit(contexts, labels, e)
+    beta = token_scores(th.w_fin, e)
+    assert beta[2, 0] - beta[2, 1] == pytest.approx(np.log(2), abs=1e-7)
+    expected = -(2 * np.log(2 / 3) + np.log(1 / 3)) / 4
+    assert th.reduced_optimum == pytest.approx(expected, abs=1e-10)
+    probs, ambiguous = th.oracle_a(contexts)
+    np.testing.assert_allclose(probs[0], [2 / 3, 1 / 3, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(th.oracle_b(contexts), probs, atol=1e-6)
+    assert not ambiguous.any()
+    # the model along W^fin + R W^svm tends to Oracle B
+    unit = th.w_svm / np.linalg.norm(th.w_svm)
+    s = attention_weights(th.w_fin + 200.0 * unit, contexts, e)
+    model = np.zeros((4, 4))
+    np.add.at(model, (np.arange(4)[:, None], contexts), s)
+    np.testing.assert_allclose(model, th.oracle_b(contexts), atol=1e-6)
+    r, c = th.decomposition(th.w_fin + 7.0 * unit)
+    assert r == pytest.approx(7.0) and c == pytest.approx(1.0)
+
+
+def test_attention_nll_gradient_matches_finite_differences():
+    ds = paper_dataset(6, 4, 6, 8, seed=0)
+    w = np.random.default_rng(0).standard_normal((8, 8))
+    loss, grad = attention_nll(w, ds.contexts, ds.labels, ds.embeddings)
+    fd = np.zeros_like(w)
+    h = 1e-6
+    for i in range(8):
+        for j in range(8):
+            dw = np.zeros_like(w)
+            dw[i, j] = h
+            up = attention_nll(w + dw, ds.contexts, ds.labels, ds.embeddings)[0]
+            down = attention_nll(w - dw, ds.contexts, ds.labels, ds.embeddings)[0]
+            fd[i, j] = (up - down) / (2 * h)
+    np.testing.assert_allclose(grad, fd, atol=1e-7)
+    s = attention_weights(w, ds.contexts, ds.embeddings)
+    p_y = (s * (ds.contexts == ds.labels[:, None])).sum(1)
+    assert loss == pytest.approx(-np.log(p_y).mean())
+
+
+def test_normalized_gd_steps_have_length_lr():
+    def grad(w):
+        return w - np.arange(4.0).reshape(2, 2)
+
+    w, kept = normalized_gd(grad, np.zeros((2, 2)), 0.05, 10, record=[0, 1, 2])
+    assert np.linalg.norm(kept[1] - kept[0]) == pytest.approx(0.05)
+    assert np.linalg.norm(kept[2] - kept[1]) == pytest.approx(0.05)
+    assert np.linalg.norm(w) == pytest.approx(0.5)  # straight towards the minimiser
+
+
+def test_the_graph_svm_refuses_infeasible_constraints():
+    # a TPG never gives infeasible constraints (its condensation is a DAG); SCC ids split by
+    # hand turn the cycle 0 <-> 1 into "0 above 1" and "1 above 0"
+    contexts = np.array([[0, 1, 2], [1, 0, 2]])
+    labels = np.array([0, 1])
+    tpg = EmpiricalTPG.fit(contexts, labels, 3)
+    split = EmpiricalTPG(tpg.adjacency, np.arange(3)[None].repeat(3, 0), tpg.reach)
+    with pytest.raises(ValueError, match="infeasible"):
+        graph_svm(contexts, labels, np.eye(3), split)

@@ -130,6 +130,16 @@ ENVS: Mapping[str, EnvEntry] = MappingProxyType(
                 ),
                 _any,
             ),
+            EnvEntry(
+                "ICL-PriorityGraph-v0",
+                "priority_graph",
+                "Token-priority graphs: hard retrieval of the top-priority context tokens, then "
+                "soft composition (Li et al. 2024); planted mode, paper mode by kwarg",
+                MappingProxyType(
+                    {"mode": "planted", "num_tokens": 8, "context_len": 6, "s_max": 3}
+                ),
+                _any,
+            ),
         )
     }
 )

@@ -9,8 +9,12 @@ oracle under the stationary start is a Monte-Carlo estimate (``docs/oracles.md``
 with no target (issue 8 made the oracle exact; the issue-2 target was set for add-alpha).
 Issue 8 section 5: every registered id, single env ``step`` through ``gym.make`` at least
 CartPole-v1's, and its native vector env at ``num_envs`` envs at least CartPole's native vector
-env, measured in the same run (one row each). A row whose target is not met prints ``NO``; a
-budget too short to measure throughput (``seconds`` < 0.1) is refused.
+env, measured in the same run (one row each). Info rows without targets (issues 10 and 11): the
+sparse-contextual-bigram sampler at T=128, B=4096 (tokens/s, counting the T + 1 = 129 input
+tokens of a sequence), the token-priority-graph planted sampler and its closed-form Oracle C
+(``bayes_probs``, the label's law) at the registry default K=8, T=6, B=4096 (sequences/s: one
+scored label per sequence). A row whose target is not met prints ``NO``; a budget too short to
+measure throughput (``seconds`` < 0.1) is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from gymnasium.utils.performance import benchmark_step
 from tqdm.auto import tqdm
 
 from iclgym.tasks.markov import MarkovChainTask
+from iclgym.tasks.priority_graph import PriorityGraphTask
+from iclgym.tasks.sparse_bigram import SparseContextualBigramTask
 from iclgym.validation import as_float, as_int, invalid
 
 SAMPLER_TARGET = 40e6  # tokens/s, issue 2
@@ -114,7 +120,7 @@ def run(
             raise invalid("env_ids", env_id, f"registered iclgym ids {iclgym.list_envs()}")
 
     rows: list[Row] = []
-    total = 2 + 2 * repeats * (1 + len(ids))
+    total = 3 + 2 * repeats * (1 + len(ids))
     bar = tqdm(total=total, desc="iclgym speed", disable=not progress)
     task = MarkovChainTask(num_states=3, seq_len=256, init="stationary")
     gen = task.generator(0)
@@ -136,6 +142,18 @@ def run(
     )
     rate = _best_rate(lambda: task.oracle(batch), 4096 * 256, 1, budget)
     rows.append(Row("oracle (stationary, Monte Carlo) B=4096", rate, "tok/s", None, "info"))
+    bar.update(1)
+    scb = SparseContextualBigramTask(seq_len=128)
+    rate = _best_rate(lambda: scb.sample(4096, generator=gen), 4096 * 129, 10 * repeats, budget)
+    rows.append(Row("SCB sampler B=4096 T=128 (tokens)", rate, "tok/s", None, "info"))
+    graph = PriorityGraphTask()
+    rate = _best_rate(lambda: graph.sample(4096, generator=gen), 4096, 10 * repeats, budget)
+    rows.append(
+        Row("priority-graph planted sampler B=4096 (sequences)", rate, "seq/s", None, "info")
+    )
+    tokens = graph.sample(4096, generator=gen).tokens
+    rate = _best_rate(lambda: graph.bayes_probs(tokens), 4096, 10 * repeats, budget)
+    rows.append(Row("priority-graph Oracle C B=4096 (sequences)", rate, "seq/s", None, "info"))
     bar.update(1)
 
     def single(env_id: str) -> Callable[[], float]:

@@ -21,6 +21,7 @@ def test_ids_registered_with_entry_points():
         "ICL-SameDifferent-v0",
         "ICL-SymbolCopy-v0",
         "ICL-SparseContextualBigram-v0",
+        "ICL-PriorityGraph-v0",
     ]
     for env_id in ids:
         spec = gym.spec(env_id)

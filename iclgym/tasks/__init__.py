@@ -10,6 +10,7 @@ from iclgym.tasks.base import (
     make_generator,
 )
 from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
+from iclgym.tasks.priority_graph import PriorityGraphSpec, PriorityGraphTask
 from iclgym.tasks.sparse_bigram import SparseContextualBigramSpec, SparseContextualBigramTask
 from iclgym.tasks.templates import SymbolTemplateSpec, SymbolTemplateTask
 
@@ -17,6 +18,7 @@ TASK_FAMILIES: dict[str, type[Task]] = {
     MarkovChainTask.name: MarkovChainTask,
     SymbolTemplateTask.name: SymbolTemplateTask,
     SparseContextualBigramTask.name: SparseContextualBigramTask,
+    PriorityGraphTask.name: PriorityGraphTask,
 }
 """Family name -> task class; the registry builds envs and tasks from these names."""
 
@@ -39,6 +41,8 @@ __all__ = [
     "MarkovChainSpec",
     "MarkovChainTask",
     "OracleEstimate",
+    "PriorityGraphSpec",
+    "PriorityGraphTask",
     "SparseContextualBigramSpec",
     "SparseContextualBigramTask",
     "Strategy",

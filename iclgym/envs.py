@@ -22,7 +22,12 @@ raises ``ValueError``.
     (a vector summing to 0, e.g. all zeros, is the uniform distribution), floored at
     ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward ``log q(x_{t+1})``;
     ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)`` (SB3-friendly),
-    reward ``log q(x_{t+1})``; ``"value"``: for tasks with real-valued labels
+    reward ``log q(x_{t+1})``. ``reward="squared"`` (probability actions only; default: the
+    task's :attr:`~iclgym.tasks.Task.probability_reward`, ``"logprob"`` except for sparse
+    contextual bigrams, whose paper loss it is) gives instead ``-||e_{x_{t+1}} - f||^2`` with
+    ``f`` the distribution action as given (not renormalised: its expectation is maximal at the
+    true law) or ``softmax(logit_scale * a)``, in [-V, 0] ([-2, 0] for a normalised ``f``);
+    ``"value"``: for tasks with real-valued labels
     (``task.label_values``, the value of each label token), a real prediction in
     ``Box(lo, hi, (1,))`` with ``[lo, hi]`` the label range widened to contain ``[-1, 1]``,
     reward ``-(a - y)^2`` with ``y`` the value of ``x_{t+1}`` (the oracle predicts the
@@ -86,6 +91,10 @@ from iclgym.validation import as_float, as_int, check_memory, format_bytes, inva
 
 OBSERVATIONS = ("context", "token", "window")
 ACTIONS = ("token", "distribution", "logits", "value", "class")
+REWARDS = ("logprob", "squared")
+"""Rewards of probability actions (``reward=``): the log-probability of the next token, or the
+negated squared error ``-||e_y - q||^2`` (the Brier score; sparse contextual bigrams' paper
+loss, spec ``sparse-contextual-bigram.md`` section 8)."""
 RENDER_MODES = ("ansi", "rgb_array")
 SPLIT_ALIASES = {"val": "validation"}
 """Other names accepted for a split (spec ``symbol-templates.md`` section 8 says ``"val"``)."""
@@ -197,6 +206,26 @@ def select_rows(batch: Batch, rows: slice) -> Batch:
         loss_mask=batch.loss_mask[rows],
         params={k: v[rows] for k, v in batch.params.items()},
     )
+
+
+def episode_rows(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-episode info dicts (Python scalars) of a block's info ``columns`` (arrays over
+    episodes, or dicts of them: the substitution, whose negative entries mean absent and are
+    left out), built once per block so a step only looks its row up."""
+    keys = list(columns)
+    rows = len(next(v for v in columns.values() if not isinstance(v, dict)))
+    flat = [
+        [
+            {k: x for k, x in zip(col, row, strict=True) if x >= 0}
+            for row in zip(*(v.tolist() for v in col.values()), strict=True)
+        ]
+        if isinstance(col, dict) and col
+        else [{}] * rows
+        if isinstance(col, dict)
+        else col.tolist()
+        for col in columns.values()
+    ]
+    return [dict(zip(keys, row, strict=True)) for row in zip(*flat, strict=True)]
 
 
 def is_point(law: np.ndarray) -> bool:
@@ -452,6 +481,7 @@ class _Spaces:
         logit_scale: Any,
         split: str,
         render_mode: Any,
+        reward: Any = None,
     ) -> None:
         if observation not in OBSERVATIONS:
             raise ValueError(
@@ -471,6 +501,15 @@ class _Spaces:
                 f"an int in [1, {t + 1}] (seq_len + 1: a longer window only adds PAD)",
             )
         logit_scale = as_float("logit_scale", logit_scale, 0.0, low_open=True)
+        if reward is not None and action not in ("distribution", "logits"):
+            raise ValueError(
+                f"reward={reward!r} applies to probability actions only (action='distribution' "
+                f"or 'logits'); action={action!r} has its own reward"
+            )
+        reward = task.probability_reward if reward is None else reward
+        if reward not in REWARDS:
+            raise invalid("reward", reward, f"one of {REWARDS}")
+        self.reward_mode = reward
         values = getattr(task, "label_values", None)
         if action == "value" and values is None:
             raise ValueError(
@@ -571,6 +610,19 @@ class _Spaces:
         q = np.maximum(q, PROB_FLOOR)
         return q / q.sum(-1, keepdims=True)
 
+    def _raw_distribution(self, action: Any, q: np.ndarray) -> np.ndarray:
+        """The squared reward's prediction: the distribution action as given (validated by
+        :meth:`_probabilities`), or ``q`` for logits actions."""
+        if self.action_mode == "logits":
+            return q
+        return np.asarray(action, dtype=np.float64)
+
+    def _point_law(self, tokens: np.ndarray) -> np.ndarray:
+        """One-hot (N, V) float64 rows of point masses (N,) token ids."""
+        law = np.zeros((tokens.shape[0], self.vocab_size))
+        law[np.arange(tokens.shape[0]), tokens] = 1.0
+        return law
+
     def _check_tokens(
         self, action: Any, shape: tuple[int, ...], n: int | None = None, kind: str = "token"
     ) -> np.ndarray:
@@ -647,12 +699,20 @@ class _Spaces:
             return reward, {"regret": oracle_reward - reward, "label": y}
         rows = np.arange(target.shape[0])
         q = self._probabilities(action, target.shape)
-        reward = np.log(q[rows, target])
         with np.errstate(divide="ignore"):
-            if is_point(oracle):
-                oracle_reward = np.where(oracle == target, 0.0, -np.inf)
+            if self.reward_mode == "squared":
+                # -||e_y - f||^2 of the raw distribution action f (E over y is minimised at
+                # the true law, normalised or not), of softmax(logit_scale a) for logits.
+                f = self._raw_distribution(action, q)
+                reward = 2.0 * f[rows, target] - 1.0 - (f * f).sum(-1)
+                o = self._point_law(oracle) if is_point(oracle) else oracle.astype(np.float64)
+                oracle_reward = 2.0 * o[rows, target] - 1.0 - (o * o).sum(-1)
             else:
-                oracle_reward = np.log(oracle[rows, target])
+                reward = np.log(q[rows, target])
+                if is_point(oracle):
+                    oracle_reward = np.where(oracle == target, 0.0, -np.inf)
+                else:
+                    oracle_reward = np.log(oracle[rows, target])
             if is_point(true):
                 kl = -np.log(q[rows, true])
             else:
@@ -678,6 +738,7 @@ class ICLEnv(_Spaces, gym.Env):
         logit_scale: float = 5.0,
         split: str = "train",
         render_mode: str | None = None,
+        reward: str | None = None,
         **spec_kwargs: Any,
     ) -> None:
         self._setup(
@@ -688,6 +749,7 @@ class ICLEnv(_Spaces, gym.Env):
             logit_scale,
             split,
             render_mode,
+            reward,
         )
         self.observation_space = self.single_obs_space
         self.action_space = self.single_act_space
@@ -709,12 +771,13 @@ class ICLEnv(_Spaces, gym.Env):
         online = self.task.online(batch)
         laws = [online(t) for t in range(first, last)]
         self._keys = law_keys(*laws[0])
-        self._block_tokens = [seqs[:, j].tolist() for j in range(last + 1)]
+        # the step loop reads positions >= first only (targets and token observations) as
+        # Python ints; render reads the rows of the array
+        self._block_seqs = seqs
+        self._block_tokens = [[]] * first + [seqs[:, j].tolist() for j in range(first, last + 1)]
+        # per scored step k: a list of token ids (point masses) or a (B, V) array of laws
         self._block_true, self._block_oracle = (
-            [law[j].tolist() for law in laws]
-            if is_point(laws[0][j])
-            else np.stack([law[j] for law in laws], 1)
-            for j in (0, 1)
+            [law[j].tolist() if is_point(law[j]) else law[j] for law in laws] for j in (0, 1)
         )
         self._block_hits = [
             self.oracle_hits(seqs[:, t + 1], law[1]).tolist()
@@ -724,25 +787,8 @@ class ICLEnv(_Spaces, gym.Env):
         self._block_episodes = None
         if self.episode_fn is not None:
             columns = self.episode_columns(self.episode_fn(batch), seqs[:, -1], laws[-1][1])
-            self._block_episodes = {
-                key: {k: v.tolist() for k, v in col.items()}
-                if isinstance(col, dict)
-                else col.tolist()
-                for key, col in columns.items()
-            }
+            self._block_episodes = episode_rows(columns)
         self._row, self._rows = 0, batch.batch_size
-
-    def _episode_row(self, i: int) -> dict[str, Any]:
-        """Episode ``i`` of the block's info columns as Python scalars; in nested dicts (the
-        substitution) negative entries mean absent and are left out."""
-        return {
-            key: {k: v[i] for k, v in col.items() if v[i] >= 0} if isinstance(col, dict) else col[i]
-            for key, col in self._block_episodes.items()
-        }
-
-    def _law(self, block: list[list[int]] | np.ndarray, k: int) -> Any:
-        """Episode's law at scored step k: a token id (point mass) or a (V,) array."""
-        return block[k][self._i] if isinstance(block, list) else block[self._i, k]
 
     def _observation(self) -> Any:
         t = self._t
@@ -768,8 +814,8 @@ class ICLEnv(_Spaces, gym.Env):
             self._load_block(self._stream.next_block())
         self._i = i = self._row
         self._row = i + 1
-        if self._block_obs is not None:
-            self._obs_buffer = self._block_obs[i].copy()
+        if self._block_obs is not None:  # each row serves one episode: steps write into it
+            self._obs_buffer = self._block_obs[i]
         self._t = self.first
         self._last = None
         if self.render_mode is not None:
@@ -784,7 +830,7 @@ class ICLEnv(_Spaces, gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset() first")
         k = t - self.first
         target = self._block_tokens[t + 1][self._i]
-        true, oracle = self._law(self._block_true, k), self._law(self._block_oracle, k)
+        true, oracle = self._block_true[k][self._i], self._block_oracle[k][self._i]
         key_true, key_oracle = self._keys
         info = {"t": t, key_true: true, key_oracle: oracle, "split": self.split}
         if self.action_mode == "token":  # scalar fast path: this is the per-step hot loop
@@ -804,7 +850,7 @@ class ICLEnv(_Spaces, gym.Env):
             self._regrets[t] = info["regret"]
         terminated = self._t == self.seq_len
         if terminated and self._block_episodes is not None:  # the label step of a template
-            info.update(self._episode_row(self._i))
+            info.update(self._block_episodes[self._i])
         return self._observation(), reward, terminated, False, info
 
     def _token(self, action: Any) -> int:
@@ -824,7 +870,7 @@ class ICLEnv(_Spaces, gym.Env):
         if self.render_mode is None or self._t is None:
             return None
         lo = max(0, self._t + 1 - FRAME_CELLS)
-        tokens = [column[self._i] for column in self._block_tokens[: self._t + 1]]
+        tokens = self._block_seqs[self._i, : self._t + 1].tolist()
         if self.render_mode == "rgb_array":
             regrets = [np.nan, *self._regrets][lo : self._t + 1]
             return _frame(tokens[lo:], regrets)
@@ -866,6 +912,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         split: str = "train",
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
+        reward: str | None = None,
         **spec_kwargs: Any,
     ) -> None:
         num_envs = as_int("num_envs", num_envs, 1)
@@ -879,6 +926,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             logit_scale,
             split,
             render_mode,
+            reward,
         )
         self.block = block_sequences(self.task, num_envs, VECTOR_MIN_STEPS)
         per_round = num_envs * (self.seq_len + 1) * (16 + (self.window or 1))

@@ -846,3 +846,65 @@ def test_both_checkers_pass_on_every_id_mode_and_render_mode(env_id, observation
             box = isinstance(space, gym.spaces.Box)
             if not box or ((space.low == -1).all() and (space.high == 1).all()):
                 sb3_check_env(env.unwrapped)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [
+        ("ICL-SparseContextualBigram-v0", {}),  # the family's default reward
+        ("ICL-MarkovChain-v0", {"reward": "squared", "seq_len": 12}),
+        ("ICL-SymbolTemplate-v0", {"reward": "squared"}),  # point-mass laws at the label
+    ],
+)
+def test_squared_reward_is_the_negated_brier_score_of_the_raw_action(env_id, kwargs):
+    """reward = -||e_y - f||^2 with f the action as given (here unnormalised, distinct
+    entries, so y is read back from the reward), the regret is the oracle's squared reward
+    minus it, and the mean reward over steps is its expectation 2<f, p> - 1 - ||f||^2 under
+    the true law p (within 4 standard errors)."""
+    env = ICLVectorEnv(64, env_id, action="distribution", **kwargs)
+    assert env.reward_mode == "squared"
+    v = env.vocab_size
+    f = np.linspace(0.05, 0.9, v)[np.random.default_rng(0).permutation(v)]
+    f = f.astype(np.float32).astype(np.float64)  # the values the env reads from a float32 box
+    env.reset(seed=1)
+    deviations, live = [], np.ones(64, dtype=bool)  # next-step autoreset: skip reset steps
+    for _ in range(60):
+        _, reward, terminated, _, info = env.step(np.tile(f, (64, 1)).astype(np.float32))
+        scored, live = live, ~terminated
+        if not scored.any():
+            continue
+        info = {k: info[k][scored] for k in ("regret", *law_keys_of(info))}
+        reward = reward[scored]
+        y = np.abs(2 * f[None, :] - 1 - (f * f).sum() - reward[:, None]).argmin(1)
+        np.testing.assert_allclose(reward, 2 * f[y] - 1 - (f * f).sum(), atol=1e-12)
+        assert (-v <= reward).all() and (reward <= 0).all()  # [-2, 0] once f sums to 1
+        if "oracle_probs" in info:
+            o = info["oracle_probs"].astype(np.float64)
+            oracle_reward = 2 * o[np.arange(len(y)), y] - 1 - (o * o).sum(1)
+        else:
+            oracle_reward = np.where(info["oracle_token"] == y, 0.0, -2.0)
+        np.testing.assert_allclose(info["regret"], oracle_reward - reward, atol=1e-6)
+        p = (
+            info["true_probs"].astype(np.float64)
+            if "true_probs" in info
+            else np.eye(v)[info["true_token"]]
+        )
+        deviations.append(reward - (2 * p @ f - 1 - (f * f).sum()))
+    d = np.concatenate(deviations)
+    assert abs(d.mean()) <= 4 * d.std() / np.sqrt(d.size) + 1e-12
+
+
+def law_keys_of(info: dict) -> list[str]:
+    keys = ("true_probs", "oracle_probs", "true_token", "oracle_token")
+    return [k for k in keys if k in info]
+
+
+def test_reward_option_is_validated():
+    with pytest.raises(ValueError, match="probability actions only"):
+        gym.make("ICL-MarkovChain-v0", reward="squared")
+    with pytest.raises(ValueError, match="reward='brier' is invalid"):
+        gym.make("ICL-MarkovChain-v0", action="logits", reward="brier")
+    env = gym.make("ICL-SparseContextualBigram-v0", action="logits", reward="logprob")
+    env.reset(seed=0)
+    _, reward, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert reward == pytest.approx(np.log(1 / 8))

@@ -223,6 +223,11 @@ class Task(ABC):
     def strategies(self) -> Mapping[str, Strategy]:
         """Named reference predictors, ordered from least to most informed."""
 
+    probability_reward: ClassVar[str] = "logprob"
+    """The envs' default reward for probability actions (``reward=`` of
+    :class:`iclgym.envs.ICLEnv`): ``"logprob"`` (log q of the next token) or ``"squared"``
+    (``-||e_y - f||^2``, for families whose paper loss it is)."""
+
     @property
     def sample_composes(self) -> bool:
         """True when, on one CPU generator, drawing B1 then B2 sequences gives the same

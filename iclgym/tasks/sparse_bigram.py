@@ -336,6 +336,8 @@ class SparseContextualBigramTask(Task):
 
     name = "sparse_contextual_bigram"
     spec: SparseContextualBigramSpec
+    probability_reward = "squared"
+    """The paper's loss ``1/2 ||e_{x_o} - f||^2`` as the env reward (spec section 8)."""
 
     def __init__(self, spec: SparseContextualBigramSpec | None = None, **kwargs: object) -> None:
         if spec is not None and kwargs:

@@ -132,7 +132,7 @@ def _reference_walk(cdf: torch.Tensor, start: torch.Tensor, u: torch.Tensor) -> 
     return out
 
 
-@pytest.mark.parametrize(("k", "order"), [(2, 2), (3, 2), (3, 3), (3, 4), (11, 2)])
+@pytest.mark.parametrize(("k", "order"), [(2, 2), (3, 2), (3, 3), (3, 4), (2, 6), (4, 3), (11, 2)])
 def test_fast_walk_equals_reference_walk(k, order):
     task = MarkovChainTask(num_states=k, order=order, seq_len=order)
     g = torch.Generator().manual_seed(k * 10 + order)

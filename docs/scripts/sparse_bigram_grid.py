@@ -95,11 +95,27 @@ def ppg_config(
     args = [f"lam={lam!r}", f"tau={tau!r}"]
     if not np.allclose(task.stationary, task.stationary[0]):
         args.append(f"mu={tuple(float(x) for x in task.stationary)!r}")
+    return grid_config(
+        task, "iclgym.harness.optimizers:ppg", tuple(args), lr, steps, batch_size, eval_every
+    )
+
+
+def grid_config(
+    task: SparseContextualBigramTask,
+    optimizer: str,
+    optimizer_args: tuple[str, ...],
+    lr: float,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+) -> TrainConfig:
+    """A grid run's config: stream data of seed 100 + task seed, no weight decay, constant lr,
+    ``EVAL_SEQUENCES`` held-out sequences per evaluation."""
     return TrainConfig(
         steps=steps,
         batch_size=batch_size,
-        optimizer="iclgym.harness.optimizers:ppg",
-        optimizer_args=tuple(args),
+        optimizer=optimizer,
+        optimizer_args=optimizer_args,
         lr=lr,
         weight_decay=0.0,
         seed=DATA_SEED_OFFSET + task.spec.task_seed,
@@ -120,19 +136,11 @@ def sgd_config(
 ) -> TrainConfig:
     """The SGD baseline (lambda = 0, no constraints, constant lr): the trainer's built-in
     ``sgd``, or ``iclgym.harness.optimizers:sgd`` with its own ``attention_lr``."""
-    custom = attention_lr is not None
-    return TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        optimizer="iclgym.harness.optimizers:sgd" if custom else "sgd",
-        optimizer_args=(f"attention_lr={attention_lr!r}",) if custom else (),
-        lr=lr,
-        weight_decay=0.0,
-        seed=DATA_SEED_OFFSET + task.spec.task_seed,
-        eval_every=eval_every,
-        eval_sequences=EVAL_SEQUENCES,
-        eval_batch_size=EVAL_SEQUENCES,
-    )
+    if attention_lr is None:
+        return grid_config(task, "sgd", (), lr, steps, batch_size, eval_every)
+    args = (f"attention_lr={attention_lr!r}",)
+    optimizer = "iclgym.harness.optimizers:sgd"
+    return grid_config(task, optimizer, args, lr, steps, batch_size, eval_every)
 
 
 def run(

@@ -73,25 +73,31 @@ class PriorityAttention(nn.Module):
     def _table(self) -> Tensor:
         return self.embeddings.to(self.W.weight.dtype)
 
+    def token_scores(self) -> Tensor:
+        """(K, K) ``beta[k, j] = E[j]^T W E[k]``: the score of token j under query k."""
+        e = self._table()
+        return self.W(e) @ e.T  # [k, j] = (W e_k) . e_j
+
     def attention(self, tokens: Tensor) -> Tensor:
-        """(B, T, T) causal attention: row t is the softmax over s <= t of ``x_s^T W x_t``."""
-        x = self._table()[tokens]  # (B, T, d)
-        scores = x @ self.W(x).transpose(1, 2)  # [b, s, t] = x_s . W x_t
-        scores = scores.transpose(1, 2)  # [b, t, s]
+        """(B, T, T) causal attention: row t is the softmax over s <= t of ``x_s^T W x_t``
+        (read from the (K, K) token scores: the same numbers as the (B, T, T) products)."""
         t = tokens.shape[1]
+        by_query = self.token_scores()[tokens]  # (B, T, K): row t scores every token under x_t
+        scores = by_query.gather(2, tokens[:, None, :].expand(-1, t, -1))  # [b, t, s]
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
         return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
     def forward(self, tokens: Tensor, return_attention: bool = False) -> Any:
         attn = self.attention(tokens)
-        e = self._table()
-        k = e.shape[0]
         if self.head == "iden":
-            onehot = F.one_hot(tokens, k).to(attn.dtype)  # (B, T, K)
-            out = torch.log(attn @ onehot + self.eps)
+            b, t = tokens.shape
+            k = self.embeddings.shape[0]
+            index = tokens[:, None, :].expand(-1, t, -1)
+            p_hat = attn.new_zeros(b, t, k).scatter_add(2, index, attn)  # per-token sums
+            out = torch.log(p_hat + self.eps)
         else:
-            f = attn @ e[tokens]  # (B, T, d)
-            out = f @ e.T
+            e = self._table()
+            out = (attn @ e[tokens]) @ e.T  # logits E f, f = X^T s
         return (out, [attn[:, None]]) if return_attention else out
 
     def input_embedding(self) -> Tensor:

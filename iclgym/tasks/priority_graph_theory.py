@@ -689,7 +689,9 @@ class PaperTheory:
           averaged; ``min_top_scc_mass`` its minimum;
         - ``label_attention`` (``min_label_attention``): mean (min) attention on the label's
           positions, p_hat_y;
-        - ``loss``: the training log-loss; ``norm``: ||W||_F.
+        - ``nll``: the training log-loss; ``norm_W``: ||W||_F.
+
+        Every name is a valid model-metric name of the trainer (:meth:`model_metrics`).
         """
         w = np.asarray(w, dtype=np.float64)
         s = attention_weights(w, self.contexts, self.embeddings)
@@ -714,9 +716,28 @@ class PaperTheory:
             "min_top_scc_mass": float(top.min()),
             "label_attention": float(label.mean()),
             "min_label_attention": float(label.min()),
-            "loss": self.loss(w),
-            "norm": float(np.linalg.norm(w)),
+            "nll": self.loss(w),
+            "norm_W": float(np.linalg.norm(w)),
         }
+
+    def model_metrics(self, model: object) -> dict[str, float]:
+        """:meth:`metrics` (without ``norm_diff``) of a model with a (d, d) ``weight`` (W, e.g.
+        :class:`baselines.priority_attention.PriorityAttention`) and an ``embeddings`` (K, d)
+        table equal to this dataset's within 1e-6; ``{}`` for any other model. The body of a
+        paper-mode task's ``model_metrics`` hook (the trainer logs them at every evaluation)."""
+        w = getattr(model, "weight", None)
+        e = getattr(model, "embeddings", None)
+        if w is None or e is None or not hasattr(w, "detach") or not hasattr(e, "detach"):
+            return {}
+        w = w.detach().cpu().double().numpy()
+        e = e.detach().cpu().double().numpy()
+        if w.shape != (self.embeddings.shape[1],) * 2 or e.shape != self.embeddings.shape:
+            return {}
+        if np.abs(e - self.embeddings).max() > 1e-6:
+            return {}
+        out = self.metrics(w)
+        del out["norm_diff"]
+        return out
 
     def oracle_a(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Oracle A with ``beta = token_scores(W^fin)``: ``(probs (B, K), ambiguous (B,))``."""

@@ -170,3 +170,14 @@ def test_priority_attention_refuses_bad_embeddings():
         PriorityAttention(np.zeros(3))
     with pytest.raises(ValueError, match="embeddings"):
         PriorityAttention(np.full((2, 2), np.nan))
+
+
+def test_model_token_scores_are_the_theory_scores():
+    from iclgym.tasks.priority_graph_theory import token_scores
+
+    m = _model(seed=4)
+    np.testing.assert_allclose(
+        m.token_scores().detach().numpy(),
+        token_scores(m.weight.detach().numpy(), m.embeddings.numpy()),
+        atol=1e-12,
+    )

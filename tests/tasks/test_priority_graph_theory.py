@@ -374,3 +374,22 @@ def test_the_graph_svm_refuses_infeasible_constraints():
     split = EmpiricalTPG(tpg.adjacency, np.arange(3)[None].repeat(3, 0), tpg.reach)
     with pytest.raises(ValueError, match="infeasible"):
         graph_svm(contexts, labels, np.eye(3), split)
+
+
+def test_model_metrics_read_a_model_with_the_dataset_embeddings_only():
+    import torch
+
+    from baselines.priority_attention import make_model
+
+    ds = paper_dataset(6, 4, 6, 8, seed=0)
+    th = PaperTheory.of(ds)
+    model = make_model(6, 4, d=8, embedding="random", embedding_seed=0).double()
+    with torch.no_grad():
+        model.W.weight.copy_(torch.from_numpy(th.w_svm))
+    m = th.model_metrics(model)
+    assert "norm_diff" not in m and m["corr_svm"] == pytest.approx(1.0)
+    assert m["proj_corr"] == pytest.approx(1.0) and m["fin_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert m["nll"] == pytest.approx(th.loss(th.w_svm))
+    other = make_model(6, 4, d=8, embedding="random", embedding_seed=1).double()
+    assert th.model_metrics(other) == {}
+    assert th.model_metrics(torch.nn.Linear(8, 8)) == {}

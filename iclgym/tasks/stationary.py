@@ -72,7 +72,8 @@ def gth_stationary(transition: Tensor) -> Tensor:
     (for a stochastic matrix the two coincide).
     """
     *lead, states, _ = transition.shape
-    a = transition.to(torch.float64).reshape(-1, states, states).permute(1, 2, 0).contiguous()
+    a = transition.to(torch.float64).reshape(-1, states, states).permute(1, 2, 0)
+    a = a.clone(memory_format=torch.contiguous_format)  # always a copy: eliminated in place
     for n in range(states - 1, 0, -1):
         exit_mass = a[n, :n].sum(0)
         if not bool((exit_mass > 0).all()):
@@ -92,7 +93,7 @@ def log_gth_stationary(log_transition: Tensor) -> Tensor:
     layout)."""
     *lead, states, _ = log_transition.shape
     a = log_transition.to(torch.float64).reshape(-1, states, states).permute(1, 2, 0)
-    a = a.contiguous()
+    a = a.clone(memory_format=torch.contiguous_format)
     for n in range(states - 1, 0, -1):
         log_exit = torch.logsumexp(a[n, :n], 0)
         if not bool(torch.isfinite(log_exit).all()):

@@ -15,6 +15,7 @@ from iclgym.harness.predictors import StrategyPredictor
 from iclgym.tasks import MarkovChainSpec, MarkovChainTask
 from iclgym.tasks.estimators import context_index, in_context_counts, ngram_log_probs
 from iclgym.tasks.markov import inverse_cdf_thresholds
+from iclgym.tasks.stationary import gth_stationary, log_gth_stationary
 
 
 @pytest.mark.parametrize(
@@ -351,6 +352,23 @@ def test_stationary_first_token_is_uniform_by_symmetry_for_tiny_alpha(k):
     freq = torch.bincount(first, minlength=k).double() / n
     z = (freq - 1 / k).abs().max().item() / math.sqrt((1 / k) * (1 - 1 / k) / n)
     assert z < 4.5, (freq, z)
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,)])
+def test_gth_never_modifies_its_input(batch):
+    """The elimination runs in place on a copy, also where the batch-last layout of the input
+    is already contiguous (one chain, float64): the caller's matrix is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(*batch, 4, 4, generator=g, dtype=torch.float64)
+    p /= p.sum(-1, keepdim=True)
+    before = p.clone()
+    pi = gth_stationary(p)
+    assert torch.equal(p, before)
+    torch.testing.assert_close((pi.unsqueeze(-2) @ p).squeeze(-2), pi)
+    log_p = p.log()
+    log_pi = log_gth_stationary(log_p)
+    assert torch.equal(log_p, before.log())
+    torch.testing.assert_close(log_pi.exp(), pi)
 
 
 def test_gth_keeps_the_small_entries_of_nearly_reducible_chains():

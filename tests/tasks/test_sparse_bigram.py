@@ -691,6 +691,12 @@ def test_env_episode_is_one_step_at_the_query():
     dist = gym.make("ICL-SparseContextualBigram-v0", seq_len=16, action="distribution")
     dist.reset(seed=0)
     _, reward, *_ = dist.step(np.full(8, 0.125, np.float32))
+    assert reward == pytest.approx(-((7 / 8) ** 2) - 7 / 64)  # -||e_y - f||^2 (spec section 8)
+    logprob = gym.make(
+        "ICL-SparseContextualBigram-v0", seq_len=16, action="distribution", reward="logprob"
+    )
+    logprob.reset(seed=0)
+    _, reward, *_ = logprob.step(np.full(8, 0.125, np.float32))
     assert reward == pytest.approx(math.log(1 / 8))
 
 

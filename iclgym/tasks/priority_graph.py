@@ -36,10 +36,13 @@ Oracle C, or the dataset law in paper mode).
 words of the generator (T + 1 64-bit words, K + 1 with ``distinct=True``, one in paper mode), so
 drawing B1 then B2 rows gives the rows of one draw of B1 + B2
 (:attr:`PriorityGraphTask.sample_composes`). A word w in [0, 2**63) gives the token ``floor(u
-K)`` with u = (w >> 10) / 2**53 in [0, 1) (an integer multiply-shift for K < 1024); distinct
-contexts are the first T entries of the argsort of K words (a uniform random permutation); the
-label is an inverse-CDF draw with u = ((w >> 10) + 1) / 2**53 in (0, 1], so a token of
-probability 0 is never drawn.
+K)`` with u = (w >> 10) / 2**53 in [0, 1) (the top log2 K bits of w for a power of two, an
+integer multiply-shift below K = 1024); distinct contexts are the first T entries of the
+argsort of K words (a uniform random permutation); the label is an inverse-CDF draw, the first
+token j with ``u * c[K-1] <= c[j]`` for the cumulative weights c (:func:`planted_weights`) and u
+= ((w >> 10) + 1) / 2**53 in (0, 1], so a token of weight 0 is never drawn. With
+``deterministic=True`` the label word is read and unused, so the contexts are those of
+``deterministic=False``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ import torch
 from torch import Tensor
 
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
-from iclgym.tasks.markov import inverse_cdf_thresholds
 from iclgym.tasks.priority_graph_theory import EMBEDDINGS, EmpiricalTPG, PaperDataset, paper_dataset
 from iclgym.validation import as_float, as_int, check_memory, check_sequence_memory, invalid
 
@@ -194,27 +196,42 @@ def planted_instance(spec: PriorityGraphSpec) -> tuple[np.ndarray, np.ndarray]:
     return level, beta
 
 
-def planted_law(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Oracle C (spec section 3, closed form): the label's law given the context.
+def planted_weights(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Unnormalised Oracle C: ``(weights, top)`` for ``tokens`` (B, T) int64 (ids in [0, K), the
+    query last), ``level`` (K, K) int64 and ``beta`` (K, K) float64 (``[query, token]``, on the
+    device of ``tokens``). ``top`` (B, K) bool is S* (the present tokens of the query's highest
+    level present); ``weights`` (B, K) float64 are ``n_X(j) exp(beta[k, j] - max_i beta[k, i])``
+    on S* and 0 elsewhere (the shift is common to a row, so it cancels in the law).
 
-    ``tokens`` (B, T) int64 ids in [0, K) with the query last, ``level`` (K, K) int64 and
-    ``beta`` (K, K) float64 (``[query, token]``, on the device of ``tokens``). Returns ``(probs,
-    top, logits)``: ``probs`` (B, K) float64, ``n_X(j) exp(beta[k, j])`` normalised over S*;
-    ``top`` (B, K) bool, S* (the present tokens of the highest level of the query); ``logits``
-    (B, K) float64, ``log n_X(j) + beta[k, j]`` on S* and -inf elsewhere. O(B (T + K)) work: the
-    counts are a scatter-add, never a (B, T, K) one-hot (spec section 8's recipe)."""
+    O(B (T + K)) work without a (B, T, K) one-hot (spec section 8): the level and weight of
+    every position are read from the flattened (K * K) tables, the top level is a max over
+    the T positions, and the scatter-add of the top positions' weights over the token ids sums
+    the multiplicities. When some ``exp`` of the shifted beta underflows (a spread of beta
+    beyond ~700 within a query row) the weights are computed in log space instead."""
     b, k = tokens.shape[0], level.shape[0]
-    query = tokens[:, -1]
+    query = tokens[:, -1:]
+    cell = (query * k + tokens).reshape(-1)  # index of (query, token) in the flat tables
+    lev = level.reshape(-1).index_select(0, cell).view(tokens.shape)
+    in_top = lev == lev.amax(1, keepdim=True)  # (B, T) positions holding a token of S*
+    exp_beta = (beta - beta.amax(1, keepdim=True)).exp()
+    if bool((exp_beta > 0).all()):
+        weights = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
+        per_position = exp_beta.reshape(-1).index_select(0, cell).view(tokens.shape)
+        weights.scatter_add_(1, tokens, per_position * in_top)
+        return weights, weights > 0
     counts = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
-    counts.scatter_add_(
-        1, tokens, torch.ones(tokens.shape, dtype=torch.float64, device=tokens.device)
-    )
-    present = counts > 0
-    lev = level[query]
-    best = torch.where(present, lev, -1).amax(1, keepdim=True)
-    top = present & (lev == best)
-    logits = torch.where(top, counts.log() + beta[query], -torch.inf)
-    return logits.softmax(1), top, logits
+    counts.scatter_add_(1, tokens, in_top.double())
+    top = counts > 0
+    logits = torch.where(top, counts.log() + beta[query[:, 0]], -torch.inf)
+    return (logits - logits.amax(1, keepdim=True)).exp(), top
+
+
+def planted_law(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Oracle C (spec section 3, closed form), the label's law given the context: ``(probs,
+    top)``, ``probs`` (B, K) float64 ``n_X(j) exp(beta[k, j])`` normalised over S* (0
+    elsewhere) and ``top`` (B, K) bool S*; arguments as in :func:`planted_weights`."""
+    weights, top = planted_weights(tokens, level, beta)
+    return weights / weights.sum(1, keepdim=True), top
 
 
 def first_argmax(logits: Tensor) -> Tensor:
@@ -228,6 +245,8 @@ def first_argmax(logits: Tensor) -> Tensor:
 
 def _uniform_index(words: Tensor, m: int) -> Tensor:
     """``floor(u m)`` with u = (w >> 10) / 2**53 in [0, 1) for 63-bit words ``w``."""
+    if m & (m - 1) == 0:  # the same number for a power of two: the top log2(m) bits
+        return words >> (64 - m.bit_length())
     if m < UNIFORM_MULTIPLY_MAX:
         return ((words >> 10) * m) >> 53
     u = (words >> 10).double().mul_(2.0**-53)
@@ -360,13 +379,16 @@ class PriorityGraphTask(Task):
                 tokens = words[:, :k].argsort(1)[:, :t]
             else:
                 tokens = _uniform_index(words[:, :t], k)
-            probs, top, logits = planted_law(tokens, tab["level"], tab["beta"])
+            weights, top = planted_weights(tokens, tab["level"], tab["beta"])
+            cdf = weights.cumsum(1)
+            total = cdf[:, -1:]
             if s.deterministic:
-                label = first_argmax(logits)
-                probs = torch.zeros_like(probs).scatter_(1, label[:, None], 1.0)
+                label = first_argmax(weights)
+                probs = torch.zeros_like(weights).scatter_(1, label[:, None], 1.0)
             else:
-                u = _open_unit(words[:, -1:])
-                label = (u > inverse_cdf_thresholds(probs)).sum(1)
+                # j with cdf[j - 1] < u total <= cdf[j]: never a token of weight 0 (u in (0, 1])
+                label = (cdf < _open_unit(words[:, -1:]) * total).sum(1)
+                probs = weights / total
             params["top_mask"] = top
             params["oracle_probs"] = probs
         else:
@@ -462,11 +484,11 @@ class PriorityGraphTask(Task):
         self._check_tokens(tokens)
         tab = self._tables(tokens.device)
         if self.spec.mode == "planted":
-            probs, _, logits = planted_law(tokens, tab["level"], tab["beta"])
+            weights, _ = planted_weights(tokens, tab["level"], tab["beta"])
             if self.spec.deterministic:
-                label = first_argmax(logits)
-                probs = torch.zeros_like(probs).scatter_(1, label[:, None], 1.0)
-            return probs
+                label = first_argmax(weights)
+                return torch.zeros_like(weights).scatter_(1, label[:, None], 1.0)
+            return weights / weights.sum(1, keepdim=True)
         return tab["law"][self._paper_groups(tokens)]
 
     def _paper_groups(self, tokens: Tensor) -> Tensor:
@@ -586,7 +608,7 @@ class PriorityGraphTask(Task):
 
     def _hard_retrieval(self, tokens: Tensor) -> Tensor:
         tab = self._tables(tokens.device)
-        probs, _, _ = planted_law(tokens, tab["level"], torch.zeros_like(tab["beta"]))
+        probs, _ = planted_law(tokens, tab["level"], torch.zeros_like(tab["beta"]))
         return probs
 
     # ------------------------------------------------------------------------ paper mode
@@ -724,4 +746,5 @@ __all__ = [
     "planted_instance",
     "planted_law",
     "planted_metrics",
+    "planted_weights",
 ]

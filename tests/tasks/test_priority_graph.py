@@ -209,7 +209,7 @@ def test_multiplicity_weighting_on_a_hand_built_context():
     beta = torch.zeros(3, 3, dtype=torch.float64)
     beta[1, 0] = math.log(0.5)
     tokens = torch.tensor([[0, 0, 1], [2, 2, 1], [1, 0, 2], [1, 1, 2]])
-    probs, top, logits = planted_law(tokens, level, beta)
+    probs, top = planted_law(tokens, level, beta)
     expected = [
         [0.5, 0.5, 0.0],  # query 1, one level: (2 * 0.5, 1 * 1)
         [0.0, 1 / 3, 2 / 3],  # counts 1 and 2, beta 0
@@ -223,7 +223,18 @@ def test_multiplicity_weighting_on_a_hand_built_context():
         [True, False, False],
         [False, True, True],
     ]
-    assert torch.isinf(logits[~top]).all()
+    assert (probs[~top] == 0).all()
+
+
+def test_an_extreme_beta_spread_is_composed_in_log_space():
+    """exp(beta - max beta) underflows for a spread beyond ~745 nats: S* = {0, 1} whose betas
+    are 900 below token 2's still gets the law (1/3, 2/3) from the multiplicities."""
+    level = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 0]])
+    beta = torch.zeros(3, 3, dtype=torch.float64)
+    beta[2] = torch.tensor([-800.0, -800.0, 100.0])
+    probs, top = planted_law(torch.tensor([[0, 1, 1, 2], [2, 2, 2, 2]]), level, beta)
+    np.testing.assert_allclose(probs.numpy(), [[1 / 3, 2 / 3, 0.0], [0.0, 0.0, 1.0]], atol=1e-12)
+    assert top.tolist() == [[True, True, False], [False, False, True]]
 
 
 def test_s_max_1_is_acyclic_pure_hard_retrieval():

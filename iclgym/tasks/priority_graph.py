@@ -28,9 +28,11 @@ context x_0 .. x_{T-1}; ``targets[:, t] = tokens[:, t + 1]`` for t < T - 1 and `
 1]`` is the label y, the only scored position (:attr:`PriorityGraphTask.first_scored_position`
 = T - 1, the query). The envs show the T context tokens and then the label (their sequence x_0
 .. x_T). ``true_probs`` is the law of the next context token at t < T - 1 (uniform over [K], or
-over the tokens not yet seen with ``distinct=True``) and the label's law at T - 1. ``params``
-holds ``top_mask`` (B, K) bool (S*) and ``oracle_probs`` (B, K) float64 (the label's law:
-Oracle C, or the dataset law in paper mode).
+over the tokens not yet seen with ``distinct=True``; in paper mode the dataset's law of the next
+token given the prefix) and the label's law at T - 1. ``params`` holds ``top_mask`` (B, K) bool
+(S*; in paper mode the undominated tokens of the context under the dataset's own TPG, which on
+the training set are the label's SCC among the context's tokens) and ``oracle_probs`` (B, K)
+float64 (the label's law: Oracle C, or the dataset law in paper mode).
 
 **Sampling** (spec section 8, vectorised, no loop over the batch). Every row reads its own
 words of the generator (T + 1 64-bit words, K + 1 with ``distinct=True``, one in paper mode), so
@@ -347,6 +349,7 @@ class PriorityGraphTask(Task):
                 tab["unique"] = torch.tensor(data["unique"]).to(device)
                 tab["group"] = torch.tensor(data["group"]).to(device)
                 tab["law"] = torch.tensor(data["law"]).to(device)
+                tab["top"] = torch.tensor(data["top"]).to(device)
             if self.spec.distinct:  # 1 / (number of unseen tokens) after t + 1 tokens
                 left = torch.arange(k - 1, k - t, -1, device=device, dtype=torch.float32)
                 tab["unseen"] = 1.0 / left  # (T - 1,)
@@ -399,8 +402,7 @@ class PriorityGraphTask(Task):
             label = tab["labels"][index]
             params["oracle_probs"] = tab["law"][tab["group"][index]]
             params["sample_index"] = index
-            if "top" in self._dataset:
-                params["top_mask"] = torch.tensor(self._dataset["top"]).to(gen_device)[index]
+            params["top_mask"] = tab["top"][index]
         targets = torch.cat([tokens[:, 1:], label[:, None]], 1)
         mask = torch.zeros(batch_size, t, dtype=torch.bool, device=device)
         mask[:, t - 1] = True

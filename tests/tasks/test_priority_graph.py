@@ -347,6 +347,18 @@ def test_deterministic_labels_are_the_argmax_with_the_smallest_id_on_ties():
     assert np.array_equal(oracle, true)
 
 
+def test_oracle_a_recovers_a_deterministic_planted_order():
+    """Deterministic labels over distinct contexts: per query the label is the top of a total
+    order (level, then beta), so the empirical TPG of the 2000 training samples behind
+    ``oracle_a`` ranks every test context like Oracle C, none ambiguous."""
+    task = PriorityGraphTask(deterministic=True, distinct=True)
+    batch = draw(task, 4096, "test")
+    top, ambiguous = task.oracle_a_tpg.top_sets(batch.tokens.numpy())
+    assert not ambiguous.any() and (top.sum(1) == 1).all()
+    a = task.strategies["oracle_a"](batch)[:, -1].exp()
+    assert torch.equal(a.argmax(1), batch.targets[:, -1])
+
+
 def test_first_argmax_prefers_the_smallest_index():
     x = torch.tensor([[1.0, 3.0, 3.0], [-math.inf, -math.inf, 0.0], [2.0, 2.0, 2.0]])
     assert first_argmax(x).tolist() == [1, 2, 0]

@@ -235,40 +235,51 @@ def summarize(runs: list[dict]) -> dict[str, float]:
         "loss_gap_mean": float(gap.mean()),
         "norm_W_mean": float(np.mean([m["norm_W"] for m in f])),
         "R_mean": float(np.mean([m["R"] for m in f])),
+        "R_raw_min": float(min(m["R_raw"] for m in f)),
+        "R_raw_max": float(max(m["R_raw"] for m in f)),
         "w_fin_zero": int(sum(r["w_fin_norm"] < 1e-8 for r in runs)),
         "seconds_mean": float(np.mean([r["seconds"] for r in runs])),
     }
 
 
 def plot_curves(runs: list[dict], path: Path, title: str) -> None:
-    """corr(W, W^svm), corr(W, W^fin + R W^svm), 1 - top-SCC mass and ||Pi W - W^fin|| against
-    iterations, one line per trial (needs the runs' eval curves)."""
+    """1 - corr(W, W^svm), 1 - top-SCC attention mass, ||Pi_Sfin W - W^fin|| and the training
+    loss above the reduced optimum against iterations, one line per trial (needs the runs'
+    eval curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    any_fin = False
     for r in runs:
         steps = [c["step"] for c in r["curve"]]
         axes[0].plot(steps, [1 - c["corr_svm"] for c in r["curve"]], lw=1)
         axes[1].plot(steps, [max(1 - c["top_scc_mass"], 1e-12) for c in r["curve"]], lw=1)
-        fin = [c["fin_diff"] if c["fin_diff"] > 0 else np.nan for c in r["curve"]]
-        axes[2].plot(steps, fin, lw=1)
+        if r["s_fin_rank"]:
+            any_fin = True
+            axes[2].plot(steps, [c["fin_diff"] for c in r["curve"]], lw=1)
+        gap = [max(c["nll"] - r["reduced_optimum"], 1e-12) for c in r["curve"]]
+        axes[3].plot(steps, gap, lw=1)
+    if not any_fin:
+        axes[2].text(0.5, 0.5, "S_fin = {0}: W^fin = 0", ha="center", transform=axes[2].transAxes)
     labels = (
         "1 - corr(W, W^svm)",
         "1 - top-SCC attention mass",
-        "||Pi_Sfin W - W^fin||_F (none: S_fin = 0)",
+        "||Pi_Sfin W - W^fin||_F",
+        "training loss - reduced optimum",
     )
     for ax, label in zip(axes, labels, strict=True):
-        ax.set_yscale("log")
+        if ax.lines:
+            ax.set_yscale("log")
         ax.set_xlabel("iteration")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -298,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{m['corr_decomp']:.4f} proj {m['proj_corr']:.4f} top {m['top_scc_mass']:.5f} "
                 f"label {m['min_label_attention']:.6f} norm_diff {m['norm_diff']:.4f} nll "
                 f"{m['nll']:.4f} opt {r['reduced_optimum']:.4f} |W| {m['norm_W']:.2f} R "
-                f"{m['R']:.2f} |W_fin| {r['w_fin_norm']:.3f} rank {r['s_fin_rank']} "
-                f"({r['seconds']:.1f} s)",
+                f"{m['R']:.2f} (raw {m['R_raw']:.2f}) |W_fin| {r['w_fin_norm']:.3f} rank "
+                f"{r['s_fin_rank']} ({r['seconds']:.1f} s)",
                 flush=True,
             )
         print(f"{part} summary: {json.dumps(summarize(runs))}", flush=True)

@@ -682,6 +682,8 @@ class PaperTheory:
         """The paper-mode metrics of a model's W (d, d) on the training set (spec section 4):
 
         - ``corr_svm``: corr(W, W^svm); ``corr_decomp`` and ``R``: :meth:`decomposition`;
+          ``R_raw = R / ||W^svm||``, the coefficient of the unnormalised W^svm (the scale of
+          the reference code's fitted R, 9.19 and 7.67 in spec section 6);
         - ``proj_corr``: corr(W^svm, W - Pi_{S_fin} W);
         - ``norm_diff``: ``||Pi_{S_fin} W - W^fin(tau)||_F`` when the reduced run's iterate
           ``w_fin_tau`` is given (NaN otherwise); ``fin_diff``: ``||Pi_{S_fin} W - W^fin||``;
@@ -707,6 +709,7 @@ class PaperTheory:
             "corr_svm": corr(w, self.w_svm),
             "corr_decomp": c,
             "R": r,
+            "R_raw": r / float(np.linalg.norm(self.w_svm)),
             "proj_corr": corr(self.w_svm, w - proj),
             "norm_diff": (
                 float(np.linalg.norm(proj - w_fin_tau)) if w_fin_tau is not None else float("nan")

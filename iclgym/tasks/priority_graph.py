@@ -58,7 +58,13 @@ import torch
 from torch import Tensor
 
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
-from iclgym.tasks.priority_graph_theory import EMBEDDINGS, EmpiricalTPG, PaperDataset, paper_dataset
+from iclgym.tasks.priority_graph_theory import (
+    EMBEDDINGS,
+    EmpiricalTPG,
+    PaperDataset,
+    PaperTheory,
+    paper_dataset,
+)
 from iclgym.validation import as_float, as_int, check_memory, check_sequence_memory, invalid
 
 MODES = ("planted", "paper")
@@ -653,6 +659,51 @@ class PriorityGraphTask(Task):
         if self._dataset is None:
             raise ValueError("mode='planted' has no fixed dataset (use mode='paper')")
         return self._paper
+
+    def train_set(self, device: torch.device | str = "cpu") -> Batch:
+        """Paper mode: the fixed dataset in order, n rows (the trainer's finite data with
+        ``train_sequences=0``; the ``li2024`` recipe trains on it full-batch), with the
+        ``params`` of :meth:`sample` (``sample_index`` = 0 .. n - 1). Raises ``ValueError`` in
+        planted mode, which has no fixed training set (draw one with ``sample``)."""
+        if self._dataset is None:
+            raise ValueError(
+                "mode='planted' has no fixed training set: set train_sequences >= 1 (a sample of "
+                "the train split), or use mode='paper'"
+            )
+        dev = torch.device(device)
+        tab = self._tables(dev)
+        index = torch.arange(self.spec.n, device=dev)
+        tokens, label = tab["contexts"], tab["labels"]
+        mask = torch.zeros(tokens.shape, dtype=torch.bool, device=dev)
+        mask[:, -1] = True
+        return Batch(
+            tokens=tokens.clone(),
+            targets=torch.cat([tokens[:, 1:], label[:, None]], 1),
+            loss_mask=mask,
+            params={
+                "oracle_probs": tab["law"][tab["group"]],
+                "sample_index": index,
+                "top_mask": tab["top"].clone(),
+            },
+            vocab_size=self.vocab_size,
+            true_probs_fn=self.true_probs,
+        )
+
+    @cached_property
+    def paper_theory(self) -> PaperTheory:
+        """Paper mode: the theory of the fixed dataset (TPG, Graph-SVM, W^fin;
+        :class:`~iclgym.tasks.priority_graph_theory.PaperTheory`), fitted on first use."""
+        return PaperTheory.of(self.paper_data)
+
+    def model_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Paper mode: the paper's training-set metrics of a model exposing ``weight`` (d, d)
+        and this dataset's ``embeddings`` (K, d) (spec section 4: corr(W, W^svm), the
+        decomposition, top-SCC mass, label attention, loss, ...; :meth:`PaperTheory.
+        model_metrics`), ``{}`` for any other model. Planted mode: ``{}`` (its metrics need
+        data: :func:`planted_metrics`)."""
+        if self._dataset is None:
+            return {}
+        return self.paper_theory.model_metrics(model)
 
     @cached_property
     def oracle_a_tpg(self) -> EmpiricalTPG:

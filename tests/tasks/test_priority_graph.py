@@ -554,3 +554,31 @@ def test_env_id_defaults_and_info():
     paper.reset(seed=0)
     _, _, _, _, pinfo = paper.step(0)
     assert 0 <= pinfo["sample_index"] < 6
+
+
+def test_paper_train_set_and_model_metrics_hook():
+    from baselines.priority_attention import PriorityAttention
+
+    task = PriorityGraphTask(mode="paper", n=6, context_len=4, num_tokens=6, instance_seed=1)
+    data = task.paper_data
+    train = task.train_set()
+    np.testing.assert_array_equal(train.tokens.numpy(), data.contexts)
+    np.testing.assert_array_equal(train.targets[:, -1].numpy(), data.labels)
+    assert train.loss_mask[:, -1].all() and not train.loss_mask[:, :-1].any()
+    rows = draw(task, 64)
+    index = rows.params["sample_index"]
+    for key in ("oracle_probs", "top_mask"):
+        assert torch.equal(train.params[key][index], rows.params[key])
+    torch.testing.assert_close(train.true_probs[index], rows.true_probs)
+    with pytest.raises(ValueError, match="mode='planted' has no fixed training set"):
+        PriorityGraphTask().train_set()
+    model = PriorityAttention(data.embeddings).double()
+    with torch.no_grad():
+        model.W.weight.copy_(torch.from_numpy(3.0 * task.paper_theory.w_svm))
+    metrics = task.model_metrics(model)
+    assert metrics["corr_svm"] == pytest.approx(1.0)
+    expected = task.paper_theory.metrics(3.0 * task.paper_theory.w_svm)
+    del expected["norm_diff"]
+    assert metrics == pytest.approx(expected)
+    assert task.model_metrics(torch.nn.Linear(2, 2)) == {}
+    assert PriorityGraphTask().model_metrics(model) == {}

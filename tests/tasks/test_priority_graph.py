@@ -6,13 +6,17 @@ hand-computed examples, the strategies and the env id (``shared/specs/priority-g
 from __future__ import annotations
 
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.env_util import make_vec_env
 
 from iclgym.harness import OraclePredictor, StrategyPredictor, evaluate
 from iclgym.registry import make_task
@@ -582,3 +586,33 @@ def test_paper_train_set_and_model_metrics_hook():
     assert metrics == pytest.approx(expected)
     assert task.model_metrics(torch.nn.Linear(2, 2)) == {}
     assert PriorityGraphTask().model_metrics(model) == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"deterministic": True},
+        {"distinct": True, "action": "distribution"},
+        {"context_len": 1, "observation": "window", "action": "logits"},
+        {"num_tokens": 32, "context_len": 16, "s_max": 8, "observation": "token"},
+        {"mode": "paper", "context_len": 4, "num_tokens": 6},
+        {"mode": "paper", "n": 4, "context_len": 10, "num_tokens": 6, "cyclic": False},
+    ],
+)
+def test_variants_pass_both_checkers_the_passive_checker_and_sb3(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make("ICL-PriorityGraph-v0", **kwargs)  # wrapped in the passive checker
+        check_env(env.unwrapped)
+        if kwargs.get("action") != "distribution":  # SB3 wants Box actions in [-1, 1]
+            sb3_check_env(env.unwrapped)
+        env.reset(seed=1)
+        for _ in range(20):
+            _, reward, terminated, _, info = env.step(env.action_space.sample())
+            assert terminated and np.isfinite(reward) and "label" in info
+            env.reset()
+    venv = make_vec_env("ICL-PriorityGraph-v0", n_envs=2, seed=0, env_kwargs=kwargs)
+    venv.reset()
+    _, rewards, _, infos = venv.step(np.array([venv.action_space.sample() for _ in range(2)]))
+    assert np.isfinite(rewards).all() and all("top_mask" in i for i in infos)

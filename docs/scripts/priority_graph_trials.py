@@ -12,6 +12,9 @@ model's init seed and ``embedding_seed`` = trial, so the model's fixed E is the 
 - ``acyclic``: n 4, T 6, K 8, acyclic TPG (the reference shows 2 runs): corr >= 0.985 and
   1 - label attention <= 1e-3.
 - ``larger``: n 10, T 6, K 8, cyclic, 5 trials: mean corr >= 0.95.
+- ``local``, ``local-n6`` (optional rows, not in the default parts): the ``gen`` head with the
+  trainer's cross-entropy (the paper's ``ce``), lr 0.1, 2000 iterations, n 4 T 6 K 8 and n 6 T
+  4 K 6, 5 trials: corr(W, local Graph-SVM) and corr(W, W^svm).
 - ``planted``: ``ICL-PriorityGraph-v0`` planted mode (K 8, T 6, s_max 3, sigma_beta 1), the
   paper's model over orthonormal E (d 8), 2000 fixed training samples, full batch, normalised
   GD lr 0.05, 4000 iterations, float64; scored on 8192 test contexts against Oracle C:
@@ -63,6 +66,13 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
 }
 """Spec section 6's paper-mode rows (d 8, random unit embeddings; 4000 iterations, lr 0.01)."""
 
+LOCAL_SETTINGS: dict[str, dict[str, Any]] = {
+    "local": {"n": 4, "context_len": 6, "num_tokens": 8, "cyclic": True, "trials": 5},
+    "local-n6": {"n": 6, "context_len": 4, "num_tokens": 6, "cyclic": True, "trials": 5},
+}
+"""Spec section 6's optional local-convergence rows: the ``gen`` head trained with the
+trainer's softmax cross-entropy (the paper's ``ce``), normalised GD lr 0.1, 2000 iterations."""
+
 PLANTED = {"num_tokens": 8, "context_len": 6, "d": 8, "n_train": 2000, "lr": 0.05, "steps": 4000}
 """Spec section 6's planted row."""
 
@@ -102,7 +112,7 @@ def paper_task(setting: str, trial: int) -> tuple[Any, PaperTheory]:
     """The paper-mode task of ``setting`` with ``instance_seed = trial`` and its theory. Until
     the task has its own ``train_set()`` and paper-mode ``model_metrics``, they are attached to
     this instance (:func:`_paper_train_set`, :meth:`PaperTheory.model_metrics`)."""
-    s = PAPER_SETTINGS[setting]
+    s = {**PAPER_SETTINGS, **LOCAL_SETTINGS}[setting]
     spec = {k: v for k, v in s.items() if k != "trials"}
     task = make_task(ENV_ID, mode="paper", d=8, embedding="random", instance_seed=trial, **spec)
     theory = PaperTheory.of(task.paper_data)
@@ -165,6 +175,33 @@ def paper_part(setting: str, trials: int | None = None, eval_every: int = 0) -> 
     """:func:`paper_trial` for trials 0 .. trials - 1 (default: the setting's count)."""
     count = PAPER_SETTINGS[setting]["trials"] if trials is None else trials
     return [paper_trial(setting, t, eval_every) for t in range(count)]
+
+
+def local_trial(setting: str, trial: int, lr: float = 0.1, steps: int = 2000) -> dict[str, Any]:
+    """The local-convergence run of spec section 6 (optional row): the ``gen`` head with the
+    trainer's cross-entropy (the paper's ``ce``), normalised GD ``lr``, ``steps`` full-batch
+    iterations, float64; then corr(W, local W^svm) (:func:`~iclgym.tasks.
+    priority_graph_theory.local_graph_svm` of the trained attention) and corr(W, W^svm)."""
+    from iclgym.tasks.priority_graph_theory import corr, local_graph_svm, token_attention
+
+    start = time.perf_counter()
+    task, theory = paper_task(setting, trial)
+    config = replace(paper_config(task.spec.n), lr=lr, epochs=steps)
+    args = {**_model_args(task, trial), "head": "gen"}
+    model = build_model(MODEL, task, seed=trial, **args)
+    with tempfile.TemporaryDirectory() as out:
+        train(model, task, config, RunOptions(out=out, progress=False, plot=False))
+    w = model.weight.detach().double().numpy()
+    att = token_attention(w, theory.contexts, theory.embeddings)
+    local, _ = local_graph_svm(theory.contexts, att, theory.embeddings)
+    return {
+        "setting": setting,
+        "trial": trial,
+        "local_corr": corr(w, local.w),
+        "global_corr": corr(w, theory.w_svm),
+        "selected": [int(v) for v in (att > 1e-2).sum(1)],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # ------------------------------------------------------------------ planted mode
@@ -294,6 +331,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     everything: dict[str, Any] = {}
     for part in args.parts:
+        if part in LOCAL_SETTINGS:
+            count = LOCAL_SETTINGS[part]["trials"] if args.trials is None else args.trials
+            local = [local_trial(part, t) for t in range(count)]
+            everything[part] = local
+            for r in local:
+                print(
+                    f"{part} trial {r['trial']}: local corr {r['local_corr']:.4f} global corr "
+                    f"{r['global_corr']:.4f} selected {r['selected']} ({r['seconds']:.1f} s)",
+                    flush=True,
+                )
+            continue
         if part == "planted":
             res = planted_run()
             everything[part] = res

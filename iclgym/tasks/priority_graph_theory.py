@@ -253,6 +253,16 @@ class EmpiricalTPG:
         dst = x.reshape(-1)
         keep = src != dst
         adj[q[keep], src[keep], dst[keep]] = True
+        return cls.from_adjacency(adj)
+
+    @classmethod
+    def from_adjacency(cls, adjacency: np.ndarray) -> EmpiricalTPG:
+        """SCCs and reachability of given graphs ``adjacency`` (K, K, K) bool (``[query, from,
+        to]``), e.g. the local graphs of :func:`local_graph_svm`."""
+        adj = np.asarray(adjacency, dtype=bool)
+        k_tokens = adj.shape[0]
+        if adj.shape != (k_tokens,) * 3:
+            raise invalid("adjacency", f"an array of shape {adj.shape}", "(K, K, K) bools")
         scc = np.zeros((k_tokens, k_tokens), dtype=np.int64)
         reach = np.zeros_like(adj)
         for k in range(k_tokens):
@@ -429,21 +439,54 @@ class GraphSVM:
     only where the constraint is tight."""
 
 
+def _sample_pairs(contexts: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(m, 3) int64 ``[k, y, j]``: every sample's query, label and each distinct other token."""
+    pairs = []
+    for x, y in zip(np.asarray(contexts).tolist(), np.asarray(labels).tolist(), strict=True):
+        pairs.extend((x[-1], y, j) for j in sorted(set(x) - {y}))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 3)
+
+
+def _pair_constraints(
+    pairs: np.ndarray, embeddings: np.ndarray, tpg: EmpiricalTPG
+) -> tuple[np.ndarray, np.ndarray]:
+    e = np.asarray(embeddings, dtype=np.float64)
+    k, y, j = pairs.T
+    rows = np.einsum("ma,mb->mab", e[y] - e[j], e[k]).reshape(len(pairs), -1)
+    same = tpg.scc[k, y] == tpg.scc[k, j]
+    return rows[same], rows[~same]
+
+
 def svm_constraints(
     contexts: np.ndarray, labels: np.ndarray, embeddings: np.ndarray, tpg: EmpiricalTPG
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Graph-SVM's rows ``vec((E[y] - E[j]) E[k]^T)`` (so ``row . vec(W) = (e_y - e_j)^T W
     e_k``) for every sample (query k, label y) and every token j != y of its context (once per
     distinct j): ``(eq, ineq)``, the same-SCC pairs and the others (spec section 5)."""
-    e = np.asarray(embeddings, dtype=np.float64)
-    eq, ineq = [], []
-    for x, y in zip(np.asarray(contexts).tolist(), np.asarray(labels).tolist(), strict=True):
-        k = x[-1]
-        for j in sorted(set(x) - {y}):
-            row = np.outer(e[y] - e[j], e[k]).reshape(-1)
-            (eq if tpg.scc[k, y] == tpg.scc[k, j] else ineq).append(row)
-    m = e.shape[1] ** 2
-    return np.array(eq).reshape(-1, m), np.array(ineq).reshape(-1, m)
+    return _pair_constraints(_sample_pairs(contexts, labels), embeddings, tpg)
+
+
+def _solve_svm(eq: np.ndarray, ineq: np.ndarray, d: int) -> GraphSVM:
+    from scipy.optimize import nnls
+
+    if ineq.shape[0] == 0:
+        return GraphSVM(np.zeros((d, d)), eq, ineq, np.zeros(0))
+    null = _null_space(eq, d * d)
+    g = ineq @ null
+    p = g.shape[1]
+    lhs = np.vstack([g.T, np.ones((1, g.shape[0]))])
+    rhs = np.zeros(p + 1)
+    rhs[-1] = 1.0
+    u, _ = nnls(lhs, rhs, maxiter=50 * lhs.shape[1])
+    gap = 1.0 - u.sum()
+    if gap <= 1e-12:
+        raise ValueError(
+            "the Graph-SVM constraints are infeasible (an inequality contradicts the "
+            "equalities): no W separates the labels' SCCs"
+        )
+    lam = u / gap
+    w = (null @ (g.T @ lam)).reshape(d, d)
+    return GraphSVM(w, eq, ineq, lam)
 
 
 def graph_svm(
@@ -464,31 +507,55 @@ def graph_svm(
     ``lambda = u / (1 - 1^T u)``. With no inequality W^svm = 0. Raises ``ValueError`` when the
     constraints are infeasible (never for a TPG: its condensation is a DAG).
     """
-    from scipy.optimize import nnls
-
     e = np.asarray(embeddings, dtype=np.float64)
-    d = e.shape[1]
     if tpg is None:
         tpg = EmpiricalTPG.fit(contexts, labels, e.shape[0])
     eq, ineq = svm_constraints(contexts, labels, e, tpg)
-    if ineq.shape[0] == 0:
-        return GraphSVM(np.zeros((d, d)), eq, ineq, np.zeros(0))
-    null = _null_space(eq, d * d)
-    g = ineq @ null
-    p = g.shape[1]
-    lhs = np.vstack([g.T, np.ones((1, g.shape[0]))])
-    rhs = np.zeros(p + 1)
-    rhs[-1] = 1.0
-    u, _ = nnls(lhs, rhs, maxiter=50 * lhs.shape[1])
-    gap = 1.0 - u.sum()
-    if gap <= 1e-12:
-        raise ValueError(
-            "the Graph-SVM constraints are infeasible (an inequality contradicts the "
-            "equalities): no W separates the labels' SCCs"
-        )
-    lam = u / gap
-    w = (null @ (g.T @ lam)).reshape(d, d)
-    return GraphSVM(w, eq, ineq, lam)
+    return _solve_svm(eq, ineq, e.shape[1])
+
+
+def local_graph_svm(
+    contexts: np.ndarray,
+    token_attention: np.ndarray,
+    embeddings: np.ndarray,
+    select: float = 1e-2,
+    ignore_low: float = 9e-3,
+) -> tuple[GraphSVM, EmpiricalTPG]:
+    """The local Graph-SVM of a trained model (spec section 5, "Local SVM", the reference's
+    local-convergence runs): ``(svm, local_tpg)``.
+
+    ``token_attention`` (n, K): each sample's attention summed per token id at the trained W.
+    The selected set C_i holds the tokens with attention > ``select``; tokens with attention in
+    (``ignore_low``, ``select``] are ignored; every c in C_i acts as a label, with an edge c ->
+    j to every other non-ignored token j of the context under its query. The Graph-SVM of
+    those edges (equalities inside the SCCs of the local graphs, ``>= 1`` across) is solved as
+    in :func:`graph_svm`."""
+    x = np.asarray(contexts, dtype=np.int64)
+    att = np.asarray(token_attention, dtype=np.float64)
+    e = np.asarray(embeddings, dtype=np.float64)
+    kk = e.shape[0]
+    if att.shape != (x.shape[0], kk):
+        raise invalid("token_attention", f"an array of shape {att.shape}", f"({x.shape[0]}, {kk})")
+    pairs = []
+    for row, a in zip(x.tolist(), att, strict=True):
+        tokens = sorted(set(row))
+        kept = [j for j in tokens if not ignore_low < a[j] <= select]
+        pairs.extend((row[-1], c, j) for c in kept if a[c] > select for j in kept if j != c)
+    pairs_arr = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    adj = np.zeros((kk, kk, kk), dtype=bool)
+    adj[pairs_arr[:, 0], pairs_arr[:, 1], pairs_arr[:, 2]] = True
+    tpg = EmpiricalTPG.from_adjacency(adj)
+    eq, ineq = _pair_constraints(pairs_arr, e, tpg)
+    return _solve_svm(eq, ineq, e.shape[1]), tpg
+
+
+def token_attention(w: np.ndarray, contexts: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """(n, K) float64 the attention at W summed per token id (the ``iden`` head's p_hat)."""
+    x = np.asarray(contexts, dtype=np.int64)
+    s = attention_weights(w, x, embeddings)
+    out = np.zeros((x.shape[0], np.asarray(embeddings).shape[0]))
+    np.add.at(out, (np.arange(x.shape[0])[:, None], x), s)
+    return out
 
 
 # ------------------------------------------------------------------ finite component
@@ -767,11 +834,13 @@ __all__ = [
     "finite_subspace",
     "graph_svm",
     "implicit_bias_probs",
+    "local_graph_svm",
     "normalized_gd",
     "paper_dataset",
     "paper_embeddings",
     "project",
     "reduced_dataset",
     "svm_constraints",
+    "token_attention",
     "token_scores",
 ]

@@ -393,3 +393,33 @@ def test_model_metrics_read_a_model_with_the_dataset_embeddings_only():
     other = make_model(6, 4, d=8, embedding="random", embedding_seed=1).double()
     assert th.model_metrics(other) == {}
     assert th.model_metrics(torch.nn.Linear(8, 8)) == {}
+
+
+@pytest.mark.parametrize(
+    ("n", "t", "k", "seed"), [(6, 4, 6, 0), (6, 4, 6, 3), (10, 6, 8, 1), (8, 9, 5, 2)]
+)
+def test_oracle_a_equals_oracle_b_on_the_training_contexts(n, t, k, seed):
+    # on training data the W^svm-maximal positions are the label's SCC (its constraints), and
+    # the softmax of W^fin over them is Oracle A's n_X(j) exp(beta) with beta from W^fin
+    ds = paper_dataset(n, t, k, 9, seed=seed)
+    th = PaperTheory.of(ds)
+    probs_a, ambiguous = th.oracle_a(ds.contexts)
+    assert not ambiguous.any()
+    np.testing.assert_allclose(th.oracle_b(ds.contexts), probs_a, atol=1e-9)
+    assert (probs_a[np.arange(n), ds.labels] > 0).all()
+
+
+def test_local_graph_svm_selects_ignores_and_matches_the_equivalent_dataset():
+    from iclgym.tasks.priority_graph_theory import local_graph_svm
+
+    e = paper_embeddings(4, 5, "random", seed=0)
+    contexts = np.array([[0, 1, 3, 2]])
+    # 0 and 1 selected (> 1e-2), 3 ignored (in (0.009, 0.01]), 2 below: 0, 1 above 2 only
+    att = np.array([[0.8, 0.1855, 0.005, 0.0095]])
+    svm, tpg = local_graph_svm(contexts, att, e)
+    assert tpg.scc[2, 0] == tpg.scc[2, 1] != tpg.scc[2, 2]
+    assert not tpg.adjacency[2, :, 3].any() and not tpg.adjacency[2, 3].any()
+    same = graph_svm(np.array([[0, 1, 2], [1, 0, 2]]), np.array([0, 1]), e)
+    np.testing.assert_allclose(svm.w, same.w, atol=1e-10)
+    with pytest.raises(ValueError, match="token_attention"):
+        local_graph_svm(contexts, att[:, :3], e)

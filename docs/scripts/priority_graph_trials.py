@@ -266,6 +266,8 @@ def summarize(runs: list[dict]) -> dict[str, float]:
         "top_scc_mass_mean": float(np.mean([m["top_scc_mass"] for m in f])),
         "top_scc_mass_min": float(min(m["top_scc_mass"] for m in f)),
         "label_attention_min": float(min(m["min_label_attention"] for m in f)),
+        "oracle_b_tv_mean": float(np.mean([m["oracle_b_tv"] for m in f])),
+        "oracle_b_tv_max": float(max(m["max_oracle_b_tv"] for m in f)),
         "norm_diff_min": float(min(m["norm_diff"] for m in f)),
         "norm_diff_max": float(max(m["norm_diff"] for m in f)),
         "loss_gap_max": float(gap.max()),

@@ -758,6 +758,9 @@ class PaperTheory:
           averaged; ``min_top_scc_mass`` its minimum;
         - ``label_attention`` (``min_label_attention``): mean (min) attention on the label's
           positions, p_hat_y;
+        - ``oracle_b_tv`` (``max_oracle_b_tv``): mean (max) total variation between the model's
+          p_hat (attention summed per token) and Oracle B on the training contexts: the
+          distance to the implicit-bias limit;
         - ``nll``: the training log-loss; ``norm_W``: ||W||_F.
 
         Every name is a valid model-metric name of the trainer (:meth:`model_metrics`).
@@ -772,6 +775,9 @@ class PaperTheory:
         label = (s * (self.contexts == self.labels[:, None])).sum(1)
         proj = project(w, self.basis)
         r, c = self.decomposition(w)
+        p_hat = np.zeros((self.n, self.tpg.num_tokens))
+        np.add.at(p_hat, (np.arange(self.n)[:, None], self.contexts), s)
+        tv = 0.5 * np.abs(p_hat - self.oracle_b(self.contexts)).sum(1)
         return {
             "corr_svm": corr(w, self.w_svm),
             "corr_decomp": c,
@@ -786,6 +792,8 @@ class PaperTheory:
             "min_top_scc_mass": float(top.min()),
             "label_attention": float(label.mean()),
             "min_label_attention": float(label.min()),
+            "oracle_b_tv": float(tv.mean()),
+            "max_oracle_b_tv": float(tv.max()),
             "nll": self.loss(w),
             "norm_W": float(np.linalg.norm(w)),
         }

@@ -181,3 +181,15 @@ def test_model_token_scores_are_the_theory_scores():
         token_scores(m.weight.detach().numpy(), m.embeddings.numpy()),
         atol=1e-12,
     )
+
+
+def test_li2024_recipe_builds_the_dataset_embeddings_and_its_optimiser():
+    from iclgym.harness import RECIPES, build_model
+    from iclgym.harness.train import build_optimizer
+
+    recipe = RECIPES["li2024"]
+    task = make_task(recipe.env_id, **recipe.spec)
+    model = build_model(MODELS[recipe.model].factory, task, seed=0, **recipe.model_args)
+    np.testing.assert_array_equal(model.embeddings.numpy(), task.paper_data.embeddings)
+    assert recipe.train.batch_size == task.spec.n and recipe.train.dtype == "float64"
+    assert isinstance(build_optimizer(model, recipe.train), NormalizedGD)

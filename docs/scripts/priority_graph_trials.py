@@ -52,8 +52,7 @@ import torch
 
 from iclgym.harness import RECIPES, RunOptions, TrainConfig, build_model, train
 from iclgym.registry import make_task
-from iclgym.tasks.base import Batch, Task
-from iclgym.tasks.priority_graph_theory import EmpiricalTPG, PaperTheory
+from iclgym.tasks.priority_graph_theory import PaperTheory
 
 ENV_ID = "ICL-PriorityGraph-v0"
 MODEL = "baselines.priority_attention:make_model"
@@ -78,49 +77,14 @@ PLANTED = {"num_tokens": 8, "context_len": 6, "d": 8, "n_train": 2000, "lr": 0.0
 
 
 # ------------------------------------------------------------------ paper mode
-def _paper_train_set(task: Any) -> Batch:
-    """The fixed dataset in order (n rows): what the trainer's finite regime needs from a
-    paper-mode task as ``train_set()``. Used only while :class:`PriorityGraphTask` has no
-    ``train_set`` of its own (its paper-mode ``sample`` draws rows with replacement)."""
-    data = task.paper_data
-    x = torch.from_numpy(data.contexts)
-    y = torch.from_numpy(data.labels)
-    k = task.vocab_size
-    unique, group = np.unique(data.contexts, axis=0, return_inverse=True)
-    group = group.reshape(-1)
-    law = np.zeros((unique.shape[0], k))
-    np.add.at(law, (group, data.labels), 1.0)
-    law /= law.sum(1, keepdims=True)
-    top, _ = EmpiricalTPG.fit(data.contexts, data.labels, k).top_sets(data.contexts)
-    mask = torch.zeros(x.shape, dtype=torch.bool)
-    mask[:, -1] = True
-    return Batch(
-        tokens=x,
-        targets=torch.cat([x[:, 1:], y[:, None]], 1),
-        loss_mask=mask,
-        params={
-            "oracle_probs": torch.from_numpy(law[group]),
-            "sample_index": torch.arange(x.shape[0]),
-            "top_mask": torch.from_numpy(top),
-        },
-        vocab_size=k,
-        true_probs_fn=task.true_probs,
-    )
-
-
 def paper_task(setting: str, trial: int) -> tuple[Any, PaperTheory]:
-    """The paper-mode task of ``setting`` with ``instance_seed = trial`` and its theory. Until
-    the task has its own ``train_set()`` and paper-mode ``model_metrics``, they are attached to
-    this instance (:func:`_paper_train_set`, :meth:`PaperTheory.model_metrics`)."""
+    """The paper-mode task of ``setting`` with ``instance_seed = trial`` and its theory (the
+    task's ``train_set()`` is the dataset in order; its ``model_metrics`` hook logs the theory's
+    metrics at every evaluation)."""
     s = {**PAPER_SETTINGS, **LOCAL_SETTINGS}[setting]
     spec = {k: v for k, v in s.items() if k != "trials"}
     task = make_task(ENV_ID, mode="paper", d=8, embedding="random", instance_seed=trial, **spec)
-    theory = PaperTheory.of(task.paper_data)
-    if not callable(getattr(task, "train_set", None)):
-        task.train_set = lambda: _paper_train_set(task)
-    if type(task).model_metrics is Task.model_metrics:  # the base class's {}
-        task.model_metrics = theory.model_metrics
-    return task, theory
+    return task, task.paper_theory
 
 
 def _model_args(task: Any, trial: int) -> dict[str, Any]:

@@ -19,8 +19,8 @@ Each test asserts the whole relation, the fit included:
   retrieval_mass >= 0.99, acc_oracle >= 0.95, excess_nll <= 0.05 on 8192 test contexts, and
   the training set fitted to within 0.05 nats of its oracle.
 
-Seconds per test are printed (``pytest -m repro -s``), never asserted: about 40 s, 10 s, 25 s
-and 45 s on the project's 2-core CPU at one thread.
+Seconds per test are printed (``pytest -m repro -s``), never asserted: about 35 s, 6 s, 15 s
+and 30 s on the project's 2-core CPU at one thread (90 s in all).
 """
 
 from __future__ import annotations

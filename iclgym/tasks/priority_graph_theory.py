@@ -364,7 +364,8 @@ def attention_nll(
     with eps = 0; convex in W), over the positions of ``mask`` (n, T) bool if given (the
     reduced dataset), ``normalizer`` defaulting to n. Returns ``(loss, grad (d, d))``:
     ``grad = sum_i sum_t (s_t - s^y_t) x_t x_bar^T / normalizer`` with s the attention and s^y
-    the attention renormalised on the label's positions."""
+    the attention renormalised on the label's positions. Raises ``ValueError`` when a label
+    does not occur among its sample's (kept) positions (the loss would be infinite)."""
     e = np.asarray(embeddings, dtype=np.float64)
     x = np.asarray(contexts)
     y = np.asarray(labels)
@@ -373,6 +374,9 @@ def attention_nll(
     xt, xq = e[x], e[x[:, -1]]
     scores = np.einsum("ntd,nd->nt", xt, xq @ np.asarray(w, dtype=np.float64).T)
     lab = keep & (x == y[:, None])
+    if not lab.any(1).all():
+        bad = int(np.flatnonzero(~lab.any(1))[0])
+        raise invalid("labels", f"label {int(y[bad])} of sample {bad}", "a token of its context")
     full = np.where(keep, scores, -np.inf)
     own = np.where(lab, scores, -np.inf)
     mx = full.max(1, keepdims=True)

@@ -353,6 +353,8 @@ def test_attention_nll_gradient_matches_finite_differences():
     s = attention_weights(w, ds.contexts, ds.embeddings)
     p_y = (s * (ds.contexts == ds.labels[:, None])).sum(1)
     assert loss == pytest.approx(-np.log(p_y).mean())
+    with pytest.raises(ValueError, match="sample 0"):
+        attention_nll(w, np.array([[0, 1]]), np.array([2]), ds.embeddings)
 
 
 def test_normalized_gd_steps_have_length_lr():

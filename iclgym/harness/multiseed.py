@@ -84,6 +84,7 @@ from iclgym.harness.train import (
     _write_log,
     attention_probes,
     build_optimizer,
+    check_loss,
     check_model_metrics,
     describe_run,
     eval_record,
@@ -172,6 +173,7 @@ def copy_losses(out: Tensor, targets: Sequence[Targets]) -> Tensor:
         torch.cat([t.tokens for t in targets]),
         None if targets[0].values is None else torch.cat([t.values for t in targets]),
         output=targets[0].output,
+        loss=targets[0].loss,
     )
     per_position = scored_loss(selected, joint, reduction="none")
     counts = torch.tensor([t.rows.numel() for t in targets], device=out.device)
@@ -290,6 +292,7 @@ def train_seeds(
             for s in seeds
         ]
         checked = check_model(models[0], task, device)
+        check_loss(config.loss, checked.output)
         metric_keys = check_model_metrics(task, models[0])
         label_values = None
         if checked.output == "values":
@@ -495,7 +498,9 @@ def _run_seeds(
                     group["lr"] = group["initial_lr"] * factor
             batches = [d.next() for d in data]
             tokens = torch.stack([b[0] for b in batches])  # (N, B, T)
-            targets = [Targets.select(t, m, label_values, output) for _, t, m in batches]
+            targets = [
+                Targets.select(t, m, label_values, output, config.loss) for _, t, m in batches
+            ]
             losses = copy_losses(copies(tokens), targets)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

@@ -123,6 +123,20 @@ model metric may not use them (:func:`check_model_metrics`)."""
 
 
 # ------------------------------------------------------------------------------ config
+LOSSES = ("auto", "cross_entropy", "squared", "lsq2")
+"""Training losses (:attr:`TrainConfig.loss`, :func:`scored_loss`)."""
+
+
+def check_loss(loss: str, output: str) -> None:
+    """``ValueError`` for a training loss the model's output cannot take: a value model
+    (``output="values"``) trains its squared error only (``loss="auto"``)."""
+    if output == "values" and loss != "auto":
+        raise ValueError(
+            f"loss={loss!r} is invalid for a value model (a (B, T, 1) output): its loss is the "
+            "squared error of the label value, loss='auto'"
+        )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training trajectory (a resumed run must keep it; steps and
@@ -162,6 +176,13 @@ class TrainConfig:
     """Final learning rate of the cosine schedule."""
     grad_clip: float = 0.0
     """Clip the gradient's global norm to this value (0 = no clipping)."""
+    loss: Literal["auto", "cross_entropy", "squared", "lsq2"] = "auto"
+    """Training loss at the scored positions (:func:`scored_loss`): auto = by the model's
+    output (cross-entropy of logits, the squared loss of a probability output, the squared
+    error of a value model); cross_entropy ``-log p_y``; squared ``1/2 ||p - e_y||^2``; lsq2
+    ``(1 - p_y)^2`` (Li et al. 2024, spec priority-graph.md section 5). p = softmax of logits,
+    or a probability output f as given (cross_entropy: clipped at 1e-6 and renormalised, as
+    evaluate reads it). Value models take auto only."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating-point type of the model's parameters and outputs."""
     device: str = "cpu"
@@ -203,6 +224,7 @@ class TrainConfig:
             raise ValueError(f"betas={self.betas!r} is invalid: expected two floats in [0, 1)")
         choices = {
             "data": ("stream", "finite"),
+            "loss": LOSSES,
             "schedule": ("constant", "cosine"),
             "dtype": ("float32", "float64"),
         }
@@ -331,6 +353,8 @@ class Targets:
     output: Literal["logits", "probabilities"] = "logits"
     """What a (B, T, V) model output is (the model's ``iclgym_output``): logits (cross-entropy)
     or probabilities (squared loss against the one-hot target)."""
+    loss: str = "auto"
+    """The training loss (:attr:`TrainConfig.loss`; auto: by ``output``)."""
 
     @classmethod
     def select(
@@ -339,14 +363,15 @@ class Targets:
         loss_mask: Tensor,
         label_values: Tensor | None = None,
         output: Literal["logits", "probabilities"] = "logits",
+        loss: str = "auto",
     ) -> Targets:
         """From (B, T) ``targets`` and (B, T) bool ``loss_mask``; ``label_values`` (V,) for a
-        value model; ``output`` the kind of a (B, T, V) output."""
+        value model; ``output`` the kind of a (B, T, V) output; ``loss`` the training loss."""
         rows, cols = loss_mask.nonzero(as_tuple=True)
         tokens = targets[rows, cols]
         values = label_values[tokens] if label_values is not None else None
         dense = rows.numel() == loss_mask.numel()
-        return cls(rows, cols, tokens, values, dense=dense, output=output)
+        return cls(rows, cols, tokens, values, dense=dense, output=output, loss=loss)
 
 
 def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> Tensor:
@@ -357,7 +382,14 @@ def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> 
     - probabilities: ``1/2 sum_v (f_v - 1[v = y])^2``, the squared loss of Ren, Wang, Lee 2024
       (``shared/specs/sparse-contextual-bigram.md`` section 5: ``1/2 E||e_{x_o} - f(X)||^2``,
       summed over the vocabulary, halved, its gradients batch means over the samples);
-    - values (``targets.values`` given): ``(selected - value)^2``.
+    - values (``targets.values`` given): ``(selected - value)^2``;
+
+    or, by ``targets.loss`` (:attr:`TrainConfig.loss`), on the predicted law p (softmax of
+    logits; a probability output as given): ``cross_entropy`` ``-log p_y`` (a probability
+    output clipped at :data:`~iclgym.harness.model.PROBABILITY_FLOOR` and renormalised, as
+    evaluation reads it), ``squared`` ``1/2 ||p - e_y||^2``, ``lsq2`` ``(1 - p_y)^2`` (the
+    non-convex local-convergence loss of Li et al. 2024, ``shared/specs/priority-graph.md``
+    section 5).
 
     Pure (no state, no randomness), so ``vmap`` can map it over stacked copies; the single run
     (:func:`loss_of_output`) and the vectorised copies
@@ -366,11 +398,23 @@ def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> 
         raise ValueError(f"reduction={reduction!r} is invalid: expected 'mean' or 'none'")
     if targets.values is not None:
         return F.mse_loss(selected[:, 0], targets.values.to(selected.dtype), reduction=reduction)
-    if targets.output == "probabilities":
-        onehot = F.one_hot(targets.tokens, selected.shape[-1]).to(selected.dtype)
-        per_position = 0.5 * (selected - onehot).pow(2).sum(-1)
-        return per_position.mean() if reduction == "mean" else per_position
-    return F.cross_entropy(selected, targets.tokens, reduction=reduction)
+    probabilities = targets.output == "probabilities"
+    loss = targets.loss
+    if loss == "auto":
+        loss = "squared" if probabilities else "cross_entropy"
+    if loss == "cross_entropy":
+        scores = output_scores(selected, selected.shape[-1], targets.output)
+        per_position = F.nll_loss(scores, targets.tokens, reduction="none")
+    else:
+        p = selected if probabilities else selected.softmax(-1)
+        if loss == "squared":
+            onehot = F.one_hot(targets.tokens, selected.shape[-1]).to(selected.dtype)
+            per_position = 0.5 * (p - onehot).pow(2).sum(-1)
+        elif loss == "lsq2":
+            per_position = (1.0 - p.gather(1, targets.tokens[:, None])[:, 0]).pow(2)
+        else:
+            raise ValueError(f"loss={loss!r} is invalid: expected one of {LOSSES}")
+    return per_position.mean() if reduction == "mean" else per_position
 
 
 def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
@@ -959,6 +1003,7 @@ def train(
         # 1. Everything that can be wrong is checked before the run folder is touched.
         model.to(device=device, dtype=dtype)
         checked = check_model(model, task, device)
+        check_loss(config.loss, checked.output)
         metric_keys = check_model_metrics(task, model)
         label_values = None
         if checked.output == "values":
@@ -1120,7 +1165,7 @@ def _run(
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
             tokens, targets, mask = data.next()
-            selected = Targets.select(targets, mask, label_values, output)
+            selected = Targets.select(targets, mask, label_values, output, config.loss)
             loss = model_loss(model, tokens, selected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1182,6 +1227,7 @@ def _shown(rec: dict[str, Any]) -> dict[str, str]:
 
 
 __all__ = [
+    "LOSSES",
     "EvalSets",
     "FiniteData",
     "ProbingPredictor",
@@ -1191,6 +1237,7 @@ __all__ = [
     "TrainConfig",
     "attention_probes",
     "build_optimizer",
+    "check_loss",
     "check_model_metrics",
     "describe_run",
     "eval_record",

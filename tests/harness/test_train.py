@@ -25,6 +25,7 @@ from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.harness.train import (
     FiniteData,
     RunOptions,
+    StreamData,
     Targets,
     TrainConfig,
     loss_of_output,
@@ -222,6 +223,55 @@ def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path, task):
 
 
 # ---------------------------------------------------------------------- failing early
+def test_each_training_loss_is_its_formula_on_the_predicted_law():
+    """TrainConfig.loss: cross_entropy -log p_y, squared 1/2 ||p - e_y||^2, lsq2 (1 - p_y)^2
+    (Li et al. 2024), p the softmax of logits or a probability output as given (the clipped,
+    renormalised f for cross_entropy); auto is cross-entropy of logits and the squared loss of
+    probabilities."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    f = torch.rand(2, 3, 5, generator=g, dtype=torch.float64) - 0.1  # raw, some entries < 0
+    targets = torch.randint(0, 5, (2, 3), generator=g)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    y = targets[mask]
+    onehot = torch.eye(5, dtype=torch.float64)[y]
+    clipped = f[mask].clamp_min(1e-6)
+    for out, kind, p, log_p in (
+        (logits, "logits", logits[mask].softmax(-1), logits[mask].log_softmax(-1)),
+        (f, "probabilities", f[mask], (clipped / clipped.sum(-1, keepdim=True)).log()),
+    ):
+        expected = {
+            "cross_entropy": -log_p[range(len(y)), y].mean(),
+            "squared": 0.5 * (p - onehot).pow(2).sum(-1).mean(),
+            "lsq2": (1 - p[range(len(y)), y]).pow(2).mean(),
+        }
+        expected["auto"] = expected["squared" if kind == "probabilities" else "cross_entropy"]
+        for loss, value in expected.items():
+            got = loss_of_output(out, Targets.select(targets, mask, output=kind, loss=loss))
+            torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="loss='hinge' is invalid"):
+        TrainConfig(loss="hinge")
+
+
+def test_lsq2_trains_through_the_trainer_and_value_models_refuse_it(tmp_path, task):
+    """The first logged training loss of a loss='lsq2' run is (1 - p_y)^2 of the untrained
+    model on the first train batch; a value model (n_outputs=1) refuses any loss but auto."""
+    config = replace(TINY, steps=1, eval_every=0, loss="lsq2", weight_decay=0.0)
+    model = model_for(task, dropout=0.0)
+    tokens, targets, mask = StreamData(task, config).next()
+    with torch.no_grad():
+        p = model(tokens).softmax(-1)[mask]
+    expected = (1 - p[range(len(p)), targets[mask]]).pow(2).mean().item()
+    train(model, task, config, run_in(tmp_path))
+    end = [r for r in read_log(tmp_path / "run") if r["type"] == "eval"][-1]
+    assert end["batch_loss"] == pytest.approx(expected, rel=1e-5)
+    templates = SymbolTemplateTask(**SMALL_TEMPLATES)
+    value_model = build_model(TRANSFORMER, templates, n_outputs=1, **TEMPLATE_MODEL)
+    with pytest.raises(ValueError, match="loss='lsq2' is invalid for a value model"):
+        train(value_model, templates, replace(FINITE, loss="lsq2"), run_in(tmp_path, "v"))
+    assert not (tmp_path / "v").exists()
+
+
 def test_bad_input_fails_before_training(tmp_path, task):
     run = run_in(tmp_path)
     other = make_task("ICL-MarkovChain-v0", num_states=4)

@@ -283,9 +283,11 @@ class Block:
         self.batches: list[Batch] | None = None
         if task.seq_len - first == 1:  # the one scored step: laws, hits and labels now
             self.laws = task.online(batch)(first)
-            self.hits = space.oracle_hits(self.targets[0], self.laws[1])
+            oracle = self.laws[1]
+            best = oracle if is_point(oracle) else first_argmax(oracle)  # once for both
+            self.hits = space.oracle_hits(self.targets[0], best)
             if self.episode is not None:
-                self.episode = space.episode_columns(self.episode, self.targets[0], self.laws[1])
+                self.episode = space.episode_columns(self.episode, self.targets[0], oracle, best)
         else:
             self.batches = [
                 batch if size == num_envs else select_rows(batch, rows) for rows in self.rows
@@ -642,25 +644,34 @@ class _Spaces:
         best = oracle if is_point(oracle) else first_argmax(oracle)
         return (best == target).astype(np.float64)
 
-    def _labels(self, target: np.ndarray, oracle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _labels(
+        self, target: np.ndarray, oracle: np.ndarray, best: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Labels (N,) and the oracle's predictions (N,) in label units: the real value
-        (regression; the oracle predicts its expected value), the class id, or the token."""
+        (regression; the oracle predicts its expected value), the class id, or the token;
+        ``best`` the oracle's most likely tokens when already computed."""
         point = is_point(oracle)
         if self.values is not None:
             return self.values[target], self.values[oracle] if point else oracle @ self.values
-        best = oracle if point else first_argmax(oracle)
+        if best is None:
+            best = oracle if point else first_argmax(oracle)
         if self.class_of is not None:
             return self.class_of[target], self.class_of[best]
         return target.astype(np.int64), best.astype(np.int64)
 
     def episode_columns(
-        self, columns: dict[str, Any], target: np.ndarray, oracle: np.ndarray
+        self,
+        columns: dict[str, Any],
+        target: np.ndarray,
+        oracle: np.ndarray,
+        best: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """Per-episode info columns: the task's ``episode_info`` columns plus ``label`` and
         ``oracle_pred``; ``target`` (N,) is the last token x_T of each row and ``oracle`` the
-        oracle's law of it ((N, V), or (N,) point masses)."""
+        oracle's law of it ((N, V), or (N,) point masses; ``best`` its most likely tokens
+        when already computed)."""
         out = dict(columns)
-        out["label"], out["oracle_pred"] = self._labels(target, oracle)
+        out["label"], out["oracle_pred"] = self._labels(target, oracle, best)
         return out
 
     def _score(

@@ -96,6 +96,27 @@ def test_recurrent_ppo_learns_2048_steps_on_the_token_observation(env_id):
     venv.close()
 
 
+@pytest.mark.parametrize("env_id", IDS)
+def test_recurrent_ppo_learns_on_multidiscrete_observations_through_flatten(env_id):
+    """The MultiDiscrete observations (window here; context alike) with RecurrentPPO: sb3's
+    ``get_flattened_obs_dim`` returns ``sum(nvec)``, a numpy integer, which torch's LSTM
+    refuses as ``input_size`` whatever the space's dtype (upstream); Gymnasium's
+    ``FlattenObservation`` (one-hot Box, ``flatdim`` a Python int) is the documented route
+    (docs/envs/clients.md), with a probability action."""
+    mode = {"observation": "window", "action": "distribution"}
+    venv = make_vec_env(
+        env_id, n_envs=2, seed=0, env_kwargs=mode, wrapper_class=gym.wrappers.FlattenObservation
+    )
+    model = RecurrentPPO(
+        "MlpLstmPolicy", venv, n_steps=128, batch_size=128, n_epochs=1, seed=0, device="cpu"
+    )
+    model.learn(2048)
+    assert model.num_timesteps >= 2048
+    action, _ = model.predict(venv.reset(), episode_start=np.ones(2, dtype=bool))
+    assert all(a in venv.action_space for a in action)
+    venv.close()
+
+
 FORK_SCRIPT = textwrap.dedent(
     """
     import gymnasium as gym, numpy as np, torch, iclgym

@@ -13,8 +13,9 @@ model's init seed and ``embedding_seed`` = trial, so the model's fixed E is the 
   1 - label attention <= 1e-3.
 - ``larger``: n 10, T 6, K 8, cyclic, 5 trials: mean corr >= 0.95.
 - ``local``, ``local-n6`` (optional rows, not in the default parts): the ``gen`` head with the
-  trainer's cross-entropy (the paper's ``ce``), lr 0.1, 2000 iterations, n 4 T 6 K 8 and n 6 T
-  4 K 6, 5 trials: corr(W, local Graph-SVM) and corr(W, W^svm).
+  paper's ``lsq2`` loss (the trainer's ``--loss lsq2``, the reference's local runs;
+  ``--local-loss cross_entropy`` for its ``ce``), lr 0.1, 2000 iterations, n 4 T 6 K 8 and n 6
+  T 4 K 6, 5 trials: corr(W, local Graph-SVM) and corr(W, W^svm).
 - ``planted``: ``ICL-PriorityGraph-v0`` planted mode (K 8, T 6, s_max 3, sigma_beta 1), the
   paper's model over orthonormal E (d 8), 2000 fixed training samples, full batch, normalised
   GD lr 0.05, 4000 iterations, float64; scored on 8192 test contexts against Oracle C:
@@ -69,8 +70,8 @@ LOCAL_SETTINGS: dict[str, dict[str, Any]] = {
     "local": {"n": 4, "context_len": 6, "num_tokens": 8, "cyclic": True, "trials": 5},
     "local-n6": {"n": 6, "context_len": 4, "num_tokens": 6, "cyclic": True, "trials": 5},
 }
-"""Spec section 6's optional local-convergence rows: the ``gen`` head trained with the
-trainer's softmax cross-entropy (the paper's ``ce``), normalised GD lr 0.1, 2000 iterations."""
+"""Spec section 6's optional local-convergence rows: the ``gen`` head trained with lsq2 (or the
+paper's ``ce``), normalised GD lr 0.1, 2000 iterations."""
 
 PLANTED = {"num_tokens": 8, "context_len": 6, "d": 8, "n_train": 2000, "lr": 0.05, "steps": 4000}
 """Spec section 6's planted row."""
@@ -141,16 +142,19 @@ def paper_part(setting: str, trials: int | None = None, eval_every: int = 0) -> 
     return [paper_trial(setting, t, eval_every) for t in range(count)]
 
 
-def local_trial(setting: str, trial: int, lr: float = 0.1, steps: int = 2000) -> dict[str, Any]:
+def local_trial(
+    setting: str, trial: int, lr: float = 0.1, steps: int = 2000, loss: str = "lsq2"
+) -> dict[str, Any]:
     """The local-convergence run of spec section 6 (optional row): the ``gen`` head with the
-    trainer's cross-entropy (the paper's ``ce``), normalised GD ``lr``, ``steps`` full-batch
-    iterations, float64; then corr(W, local W^svm) (:func:`~iclgym.tasks.
-    priority_graph_theory.local_graph_svm` of the trained attention) and corr(W, W^svm)."""
+    trainer's ``loss`` (``lsq2`` = (1 - p_y)^2, or ``cross_entropy``, the paper's ``ce``),
+    normalised GD ``lr``, ``steps`` full-batch iterations, float64; then corr(W, local W^svm)
+    (:func:`~iclgym.tasks.priority_graph_theory.local_graph_svm` of the trained attention) and
+    corr(W, W^svm)."""
     from iclgym.tasks.priority_graph_theory import corr, local_graph_svm, token_attention
 
     start = time.perf_counter()
     task, theory = paper_task(setting, trial)
-    config = replace(paper_config(task.spec.n), lr=lr, epochs=steps)
+    config = replace(paper_config(task.spec.n), lr=lr, epochs=steps, loss=loss)
     args = {**_model_args(task, trial), "head": "gen"}
     model = build_model(MODEL, task, seed=trial, **args)
     with tempfile.TemporaryDirectory() as out:
@@ -161,6 +165,7 @@ def local_trial(setting: str, trial: int, lr: float = 0.1, steps: int = 2000) ->
     return {
         "setting": setting,
         "trial": trial,
+        "loss": loss,
         "local_corr": corr(w, local.w),
         "global_corr": corr(w, theory.w_svm),
         "selected": [int(v) for v in (att > 1e-2).sum(1)],
@@ -291,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=["cyclic", "acyclic", "larger", "planted"])
     parser.add_argument("--trials", type=int, default=None, help="override the trial counts")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument(
+        "--local-loss", default="lsq2", choices=("lsq2", "cross_entropy"), help="local rows"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="folder for the curve PNGs")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
@@ -299,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts:
         if part in LOCAL_SETTINGS:
             count = LOCAL_SETTINGS[part]["trials"] if args.trials is None else args.trials
-            local = [local_trial(part, t) for t in range(count)]
+            local = [local_trial(part, t, loss=args.local_loss) for t in range(count)]
             everything[part] = local
             for r in local:
                 print(

@@ -103,7 +103,7 @@ def test_recurrent_ppo_learns_on_multidiscrete_observations_through_flatten(env_
     refuses as ``input_size`` whatever the space's dtype (upstream); Gymnasium's
     ``FlattenObservation`` (one-hot Box, ``flatdim`` a Python int) is the documented route
     (docs/envs/clients.md), with a probability action."""
-    mode = {"observation": "window", "action": "distribution"}
+    mode = {"observation": "window", "window": 2, "action": "distribution"}  # small one-hot
     venv = make_vec_env(
         env_id, n_envs=2, seed=0, env_kwargs=mode, wrapper_class=gym.wrappers.FlattenObservation
     )

@@ -9,7 +9,9 @@ oracle under the stationary start is a Monte-Carlo estimate (``docs/oracles.md``
 with no target (issue 8 made the oracle exact; the issue-2 target was set for add-alpha).
 Issue 8 section 5: every registered id, single env ``step`` through ``gym.make`` at least
 CartPole-v1's, and its native vector env at ``num_envs`` envs at least CartPole's native vector
-env, measured in the same run (one row each). Info rows without targets (issues 10 and 11): the
+env, measured in the same run (one row each). Sampler and oracle rows are measured at 1 and 2 torch
+threads side by side (:data:`BATCH_THREADS`), the env rows at 1 (:data:`ENV_THREADS`), and the
+previous thread count is restored. Info rows without targets (issues 10 and 11): the
 sparse-contextual-bigram sampler at T=128, B=4096 (tokens/s, counting the T + 1 = 129 input
 tokens of a sequence), the token-priority-graph planted sampler and its closed-form Oracle C
 (``bayes_probs``, the label's law) at the registry default K=8, T=6, B=4096 (sequences/s: one
@@ -36,6 +38,15 @@ from iclgym.validation import as_float, as_int, invalid
 
 SAMPLER_TARGET = 40e6  # tokens/s, issue 2
 ORACLE_TARGET = 20e6  # tokens/s, issue 2
+BATCH_THREADS = (1, 2)
+"""Torch threads of the sampler and oracle rows, side by side: large batches gain from the
+second core when it is idle (the closed-form oracle 10.8 M vs 21.2 M tok/s on a quiet 2-core
+machine), and lose to OpenMP barrier stalls when it is not."""
+ENV_THREADS = 1
+"""Torch threads of the env rows (every iclgym command's default): the envs step in Python on
+one core while a worker thread prepares blocks on the other; a second OpenMP thread spin-waits
+on the stepping core (CartPole-v1, which runs no torch, stepped at 78 k vs 120 k steps/s next to
+2-thread iclgym envs)."""
 MIN_SECONDS = 0.1
 """Shortest env benchmark run (seconds): shorter runs measure start-up and timer noise."""
 BASELINE = "CartPole-v1"
@@ -120,41 +131,60 @@ def run(
             raise invalid("env_ids", env_id, f"registered iclgym ids {iclgym.list_envs()}")
 
     rows: list[Row] = []
-    total = 3 + 2 * repeats * (1 + len(ids))
+    total = 3 * len(BATCH_THREADS) + 2 * repeats * (1 + len(ids))
     bar = tqdm(total=total, desc="iclgym speed", disable=not progress)
+    before = torch.get_num_threads()
+    try:
+        for threads in BATCH_THREADS:
+            torch.set_num_threads(threads)
+            rows.extend(_batch_rows(seconds * repeats, repeats, f" [{threads} thr]", bar))
+        torch.set_num_threads(ENV_THREADS)
+        rows.extend(_env_rows(ids, seconds, repeats, num_envs, bar))
+    finally:
+        torch.set_num_threads(before)
+        bar.close()
+    return rows
+
+
+def _batch_rows(budget: float, repeats: int, suffix: str, bar) -> list[Row]:
+    """The sampler and oracle rows at the current torch thread count (names end ``suffix``)."""
+    rows = []
     task = MarkovChainTask(num_states=3, seq_len=256, init="stationary")
     gen = task.generator(0)
     batch = task.sample(4096, generator=gen)
-    budget = seconds * repeats
     rate = _best_rate(lambda: task.sample(4096, generator=gen), 4096 * 256, 10 * repeats, budget)
-    rows.append(Row("sampler k=3 T=256 B=4096 (tokens)", rate, "tok/s", SAMPLER_TARGET, ">= 40M"))
+    rows.append(Row(f"sampler k=3 T=256 B=4096{suffix}", rate, "tok/s", SAMPLER_TARGET, ">= 40M"))
     small = MarkovChainTask(num_states=3, seq_len=100)
     rate = _best_rate(lambda: small.sample(64, generator=gen), 64 * 100, 50 * repeats, budget)
-    rows.append(Row("sampler k=3 T=100 B=64 (tokens)", rate, "tok/s", None, "ref 0.8M"))
+    rows.append(Row(f"sampler k=3 T=100 B=64{suffix}", rate, "tok/s", None, "ref 0.8M"))
     rate = _best_rate(lambda: task.sample(4096, generator=gen).true_probs, 4096 * 256, 10, budget)
-    rows.append(Row("sampler + true_probs T=256 B=4096", rate, "tok/s", None, "info"))
+    rows.append(Row(f"sampler + true_probs T=256 B=4096{suffix}", rate, "tok/s", None, "info"))
     bar.update(1)
     closed = MarkovChainTask(num_states=3, seq_len=256, init="uniform")
     uniform_batch = closed.sample(4096, generator=gen)
     rate = _best_rate(lambda: closed.oracle(uniform_batch), 4096 * 256, 10 * repeats, budget)
-    rows.append(
-        Row("oracle (closed form) k=3 T=256 B=4096", rate, "tok/s", ORACLE_TARGET, ">= 20M")
-    )
+    name = f"oracle (closed form) k=3 T=256 B=4096{suffix}"
+    rows.append(Row(name, rate, "tok/s", ORACLE_TARGET, ">= 20M"))
     rate = _best_rate(lambda: task.oracle(batch), 4096 * 256, 1, budget)
-    rows.append(Row("oracle (stationary, Monte Carlo) B=4096", rate, "tok/s", None, "info"))
+    name = f"oracle (stationary, Monte Carlo) B=4096{suffix}"
+    rows.append(Row(name, rate, "tok/s", None, "info"))
     bar.update(1)
     scb = SparseContextualBigramTask(seq_len=128)
     rate = _best_rate(lambda: scb.sample(4096, generator=gen), 4096 * 129, 10 * repeats, budget)
-    rows.append(Row("SCB sampler B=4096 T=128 (tokens)", rate, "tok/s", None, "info"))
+    rows.append(Row(f"SCB sampler B=4096 T=128{suffix}", rate, "tok/s", None, "info"))
     graph = PriorityGraphTask()
     rate = _best_rate(lambda: graph.sample(4096, generator=gen), 4096, 10 * repeats, budget)
-    rows.append(
-        Row("priority-graph planted sampler B=4096 (sequences)", rate, "seq/s", None, "info")
-    )
+    rows.append(Row(f"priority-graph sampler B=4096{suffix}", rate, "seq/s", None, "info"))
     tokens = graph.sample(4096, generator=gen).tokens
     rate = _best_rate(lambda: graph.bayes_probs(tokens), 4096, 10 * repeats, budget)
-    rows.append(Row("priority-graph Oracle C B=4096 (sequences)", rate, "seq/s", None, "info"))
+    rows.append(Row(f"priority-graph Oracle C B=4096{suffix}", rate, "seq/s", None, "info"))
     bar.update(1)
+    return rows
+
+
+def _env_rows(ids: list[str], seconds: float, repeats: int, num_envs: int, bar) -> list[Row]:
+    """Every id's single and native vector env against CartPole's, round-robin."""
+    rows = []
 
     def single(env_id: str) -> Callable[[], float]:
         return lambda: benchmark_step(gym.make(env_id), target_duration=seconds, seed=0)
@@ -178,7 +208,6 @@ def run(
             Row(f"{env_id} {label}", value, "steps/s", cart, ">= CartPole")
             for env_id, value in best.items()
         )
-    bar.close()
     return rows
 
 
@@ -192,6 +221,7 @@ def format_table(rows: list[Row]) -> str:
         value = f"{r.value / scale:.2f} {prefix}{r.unit}"
         lines.append(f"{r.name:{width}s} {value:>16s}  {r.target_text:12s} {mark}")
     lines.append(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, gymnasium {gym.__version__}"
+        f"torch {torch.__version__}, gymnasium {gym.__version__}; [n thr]: torch threads of a "
+        f"batch row; env rows at {ENV_THREADS} thread"
     )
     return "\n".join(lines)

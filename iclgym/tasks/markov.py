@@ -494,25 +494,30 @@ class MarkovChainTask(Task):
         offset = np.arange(size) * states
         uniform = np.full((size, k), 1.0 / k, dtype=np.float32)
         init = self._first_context_laws(batch).cpu().numpy() if n > 2 else None
-        state = {"t": 0, "ctx": np.zeros(size, dtype=np.int64), "rows": offset}
+        # Up front (the envs build this in their worker thread), per position t: the column of
+        # its context (the last n - 1 tokens, newest-last: sum_j x_{t-j} k^j, zeros before
+        # the start) and the count cell the step reveals (x_t after the context of t - 1).
+        ctx = np.zeros_like(tokens) if n == 1 else tokens.copy()
+        for j in range(1, n - 1):
+            ctx[j:] += tokens[:-j] * k**j
+        rows = ctx + offset
+        cells = tokens * cols
+        cells[0] += offset
+        cells[1:] += rows[:-1]
+        state = {"t": 0}
 
         def step(t: int) -> tuple[np.ndarray, np.ndarray]:
             if t != state["t"]:
                 raise ValueError(f"online positions must be visited in order, got {t}")
             state["t"] = t + 1
-            x = tokens[t]
-            observed = state["rows"]  # context of position t - 1 (for n = 1, the empty one)
-            if n > 1:  # context of position t: the last n - 1 tokens, newest-last
-                state["ctx"] = x if n == 2 else (state["ctx"] * k + x) % states
-                state["rows"] = offset + state["ctx"]
             if t >= n - 1:  # reveal observation x_t; distinct sequences hit distinct cells
-                flat_counts[x * cols + observed] += 1.0
+                flat_counts[cells[t]] += 1.0
             if t < n - 2:
                 return init[:, t], uniform
-            c = np.take(counts, state["rows"], axis=1)
+            c = np.take(counts, rows[t], axis=1)
             c += alpha
             c /= c.sum(0)
-            return np.take(tables, state["rows"], axis=1).T, c.T
+            return np.take(tables, rows[t], axis=1).T, c.T
 
         return step
 

@@ -671,9 +671,15 @@ def describe_run(task: Task, model: nn.Module, config: TrainConfig, env_id: str 
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """Settings that differ between a checkpoint's ``describe_run`` and now; a training setting
+    the checkpoint predates (a field added to :class:`TrainConfig` since) counts as its
+    default, which is what that run trained with."""
     out = []
+    defaults = _normalise(asdict(TrainConfig()))
     for section in ("task", "model", "train_config"):
         a, b = old[section], new[section]
+        if section == "train_config":
+            a = {**{k: v for k, v in defaults.items() if k not in ("steps", "epochs")}, **a}
         for key in sorted(set(a) | set(b)):
             if key != "env_id" and a.get(key) != b.get(key):
                 out.append(f"{section}.{key}: checkpoint {a.get(key)!r} != now {b.get(key)!r}")

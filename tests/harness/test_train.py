@@ -272,6 +272,22 @@ def test_lsq2_trains_through_the_trainer_and_value_models_refuse_it(tmp_path, ta
     assert not (tmp_path / "v").exists()
 
 
+def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(tmp_path, task):
+    """A run folder written before TrainConfig.loss existed (its checkpoint has no "loss")
+    resumes under the default, which it trained with; another loss is still refused."""
+    config = replace(TINY, steps=10)
+    train(model_for(task), task, config, run_in(tmp_path))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["meta"]["train_config"]["loss"]
+    torch.save(state, path)
+    resume = run_in(tmp_path, resume=True)
+    train(model_for(task), task, replace(config, steps=20), resume)
+    assert [r["step"] for r in read_log(tmp_path / "run") if r["type"] == "eval"][-1] == 20
+    with pytest.raises(ValueError, match=r"train_config.loss: checkpoint 'auto' != now 'lsq2'"):
+        train(model_for(task), task, replace(config, steps=30, loss="lsq2"), resume)
+
+
 def test_bad_input_fails_before_training(tmp_path, task):
     run = run_in(tmp_path)
     other = make_task("ICL-MarkovChain-v0", num_states=4)

@@ -135,9 +135,7 @@ ENVS: Mapping[str, EnvEntry] = MappingProxyType(
                 "priority_graph",
                 "Token-priority graphs: hard retrieval of the top-priority context tokens, then "
                 "soft composition (Li et al. 2024); planted mode, paper mode by kwarg",
-                MappingProxyType(
-                    {"mode": "planted", "num_tokens": 8, "context_len": 6, "s_max": 3}
-                ),
+                MappingProxyType({"mode": "planted", "num_tokens": 8, "context_len": 6}),
                 _any,
             ),
         )

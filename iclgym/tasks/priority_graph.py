@@ -68,6 +68,8 @@ from iclgym.tasks.priority_graph_theory import (
 from iclgym.validation import as_float, as_int, check_memory, check_sequence_memory, invalid
 
 MODES = ("planted", "paper")
+DEFAULT_S_MAX = 3
+"""The spec's default largest planted block (section 2.2 table), capped at K."""
 ORACLE_A_SAMPLES = 2000
 """Planted mode: the training set of the ``oracle_a`` strategy, the first 2000 samples of the
 train split of seed 0 (the spec's planted reproduction uses n_train = 2000, section 6)."""
@@ -100,14 +102,16 @@ class PriorityGraphSpec(TaskSpec):
         context_len: T >= 1 context tokens (the last is the query); T <= K with
             ``distinct=True``.
         s_max: 1 <= s_max <= K, the largest block of the planted levels (1: every token its own
-            level, pure hard retrieval; K may give one block: pure soft composition).
+            level, pure hard retrieval; K may give one block: pure soft composition); None
+            (default): min(3, K), the spec's 3 where K allows it. Planted mode only.
         sigma_beta: >= 0, finite, the scale of the planted composition weights beta (0: the
             label is count-weighted uniform over S*).
         distinct: planted contexts without repeated tokens (the paper's sampling for T <= K).
         deterministic: planted labels are the argmax of Oracle C's law (smallest id on ties).
         instance_seed: int >= 0; the planted levels and betas (stream :data:`INSTANCE_STREAM`)
             and the paper-mode dataset depend on it only.
-        n: paper mode, n >= 1 samples in the fixed dataset.
+        n: paper mode, n >= 1 samples in the fixed dataset (n >= 2 with ``cyclic=True``: one
+            sample's edges all leave its label, so its graphs have no cycle).
         d: paper mode, d >= 1 embedding dimension; in paper mode d >= K for ``random`` (K
             independent rows) and ``ortho``, d >= K + 1 for ``equi-corr``
             (:func:`iclgym.tasks.priority_graph_theory.paper_embeddings`).
@@ -127,7 +131,7 @@ class PriorityGraphSpec(TaskSpec):
     mode: str = "planted"
     num_tokens: int = 8
     context_len: int = 6
-    s_max: int = 3
+    s_max: int | None = None
     sigma_beta: float = 1.0
     distinct: bool = False
     deterministic: bool = False
@@ -148,7 +152,11 @@ class PriorityGraphSpec(TaskSpec):
         t = as_int("context_len", self.context_len, 1)
         put("num_tokens", k)
         put("context_len", t)
-        put("s_max", as_int("s_max", self.s_max, 1, k))
+        if self.mode == "planted":
+            s_max = min(DEFAULT_S_MAX, k) if self.s_max is None else self.s_max
+            put("s_max", as_int("s_max", s_max, 1, k))
+        elif self.s_max is not None:  # unused in paper mode, but a bad value is still bad
+            put("s_max", as_int("s_max", self.s_max, 1, k))
         put("sigma_beta", as_float("sigma_beta", self.sigma_beta, 0.0))
         for flag in ("distinct", "deterministic", "cyclic"):
             put(flag, _flag(flag, getattr(self, flag)))
@@ -170,6 +178,10 @@ class PriorityGraphSpec(TaskSpec):
             for flag in ("distinct", "deterministic"):
                 if getattr(self, flag):
                     raise invalid(flag, True, "False with mode='paper' (the paper's generator)")
+            if self.cyclic and n < 2:
+                raise invalid(
+                    "n", n, "an int >= 2 with cyclic=True (one sample's graph has no cycle)"
+                )
             need = k + 1 if self.embedding == "equi-corr" else k
             if d < need:
                 raise invalid(
@@ -740,8 +752,8 @@ def planted_metrics(log_probs: Tensor, batch: Batch) -> dict[str, float]:
     - ``nll``: -log q(y) (nats); ``oracle_entropy``: H(p_C) (nats);
     - ``excess_nll`` = ``nll`` - ``oracle_entropy`` (nats; its expectation is ``kl``).
 
-    Raises ``ValueError`` for a shape that is not (B, K) or (B, T, K), or a batch without
-    ``top_mask`` / ``oracle_probs``.
+    Raises ``ValueError`` for a shape that is not (B, K) or (B, T, K), a row with NaN or with
+    every entry ``-inf``, or a batch without ``top_mask`` / ``oracle_probs``.
     """
     if "top_mask" not in batch.params or "oracle_probs" not in batch.params:
         raise ValueError(
@@ -755,6 +767,12 @@ def planted_metrics(log_probs: Tensor, batch: Batch) -> dict[str, float]:
         raise ValueError(
             f"log_probs of shape {tuple(log_probs.shape)} are invalid: expected ({b}, {k}) or "
             f"({b}, {batch.seq_len}, {k})"
+        )
+    bad = torch.isnan(log_probs).any(-1) | (log_probs == -torch.inf).all(-1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"log_probs are invalid in {int(bad.sum())} of {b} rows: NaN, or -inf everywhere "
+            "(no probability mass); expected log-probabilities or logits with a finite entry"
         )
     log_q = log_probs.double().log_softmax(-1)
     q = log_q.exp()

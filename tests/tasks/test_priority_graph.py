@@ -68,6 +68,7 @@ def reference_law(tokens, level, beta):
         ({"num_tokens": True}, r"num_tokens=True is invalid"),
         ({"context_len": 0}, r"context_len=0 is invalid: expected an int >= 1"),
         ({"s_max": 0}, r"s_max=0 is invalid: expected an int in \[1, 8\]"),
+        ({"mode": "paper", "n": 1}, r"n=1 is invalid: expected an int >= 2 with cyclic=True"),
         ({"s_max": 9}, r"s_max=9 is invalid: expected an int in \[1, 8\]"),
         (
             {"sigma_beta": -0.1},
@@ -104,8 +105,10 @@ def test_every_bad_value_names_the_parameter_and_the_valid_range(kwargs, match):
 
 
 def test_paper_rejection_failure_is_a_named_error():
-    with pytest.raises(ValueError, match="max_tries=5 draws"):
-        PriorityGraphTask(mode="paper", n=1, max_tries=5)  # one sample cannot make a cycle
+    with pytest.raises(ValueError, match="max_tries=5 draws"):  # 40 samples over 4 tokens:
+        PriorityGraphTask(  # some graph has a cycle in every draw of this seed
+            mode="paper", n=40, context_len=4, num_tokens=4, d=4, cyclic=False, max_tries=5
+        )
 
 
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
@@ -442,6 +445,21 @@ def test_planted_metrics_edge_cases_and_errors():
         planted_metrics(torch.zeros(2, 4), batch)
     with pytest.raises(ValueError, match="top_mask"):
         planted_metrics(torch.zeros(2, 3), Batch(**{**batch.__dict__, "params": {}}))
+    for bad in (torch.full((2, 3), math.nan), torch.full((2, 3), -math.inf)):
+        with pytest.raises(ValueError, match="log_probs are invalid in 2 of 2 rows"):
+            planted_metrics(bad, batch)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_s_max_defaults_to_three_capped_at_the_vocabulary(k):
+    """K = 2 works without naming s_max (the spec's default 3 is capped at K); in paper mode
+    s_max is unused and stays None unless given."""
+    assert PriorityGraphTask(num_tokens=k).spec.s_max == min(3, k)
+    env = gym.make("ICL-PriorityGraph-v0", num_tokens=k)
+    env.reset(seed=0)
+    assert env.unwrapped.task.spec.s_max == min(3, k)
+    paper = PriorityGraphSpec(mode="paper", num_tokens=2, context_len=2, d=2)
+    assert paper.s_max is None
 
 
 def test_oracle_metrics_are_perfect_and_strategies_are_ordered():

@@ -805,18 +805,26 @@ class PaperTheory:
     def model_metrics(self, model: object) -> dict[str, float]:
         """:meth:`metrics` (without ``norm_diff``) of a model with a (d, d) ``weight`` (W, e.g.
         :class:`baselines.priority_attention.PriorityAttention`) and an ``embeddings`` (K, d)
-        table equal to this dataset's within 1e-6; ``{}`` for any other model. The body of a
-        paper-mode task's ``model_metrics`` hook (the trainer logs them at every evaluation)."""
+        table; ``{}`` for a model without them. The body of a paper-mode task's
+        ``model_metrics`` hook (the trainer logs them at every evaluation, and calls it once
+        before training). ``ValueError`` when the model's embeddings are not this dataset's
+        (another shape, or an entry off by more than 1e-6): the theory (W^svm, W^fin) is of
+        the dataset's E, so such a run would train on the wrong geometry and log nothing."""
         w = getattr(model, "weight", None)
         e = getattr(model, "embeddings", None)
         if w is None or e is None or not hasattr(w, "detach") or not hasattr(e, "detach"):
             return {}
         w = w.detach().cpu().double().numpy()
         e = e.detach().cpu().double().numpy()
-        if w.shape != (self.embeddings.shape[1],) * 2 or e.shape != self.embeddings.shape:
-            return {}
-        if np.abs(e - self.embeddings).max() > 1e-6:
-            return {}
+        shape = self.embeddings.shape
+        off = np.abs(e - self.embeddings).max() if e.shape == shape else np.inf
+        if w.shape != (shape[1],) * 2 or off > 1e-6:
+            raise ValueError(
+                f"the model's embeddings {e.shape} are not this paper-mode dataset's {shape} "
+                f"(largest difference {off:.3g}): build the model with the dataset's E "
+                "(priority_attention: embedding_seed = the task's instance_seed, the same d and "
+                "embedding; e.g. --set instance_seed=3 --model-arg embedding_seed=3)"
+            )
         out = self.metrics(w)
         del out["norm_diff"]
         return out

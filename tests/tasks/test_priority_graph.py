@@ -606,6 +606,28 @@ def test_paper_train_set_and_model_metrics_hook():
     assert PriorityGraphTask().model_metrics(model) == {}
 
 
+def test_li2024_with_another_dataset_but_the_default_embeddings_is_refused(tmp_path):
+    """--set instance_seed=3 without --model-arg embedding_seed=3: the model's E is not the
+    dataset's, so the trainer refuses before the run folder exists (the theory's metrics are
+    of the dataset's E); with the matching seed it trains."""
+    from dataclasses import replace
+
+    from iclgym.harness import RECIPES, RunOptions, build_model, train
+
+    recipe = RECIPES["li2024"]
+    task = PriorityGraphTask(**{**recipe.spec, "instance_seed": 3})
+    config = replace(recipe.train, epochs=3, eval_every=0)
+    quiet = RunOptions(out=str(tmp_path / "run"), progress=False, plot=False)
+    wrong = build_model("baselines.priority_attention:make_model", task, **recipe.model_args)
+    with pytest.raises(ValueError, match="embedding_seed = the task's instance_seed"):
+        train(wrong, task, config, quiet)
+    assert not (tmp_path / "run").exists()
+    args = {**recipe.model_args, "embedding_seed": 3}
+    right = build_model("baselines.priority_attention:make_model", task, **args)
+    summary = train(right, task, config, quiet)
+    assert "corr_svm" in summary["final"]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

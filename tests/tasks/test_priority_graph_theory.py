@@ -393,7 +393,10 @@ def test_model_metrics_read_a_model_with_the_dataset_embeddings_only():
     assert m["proj_corr"] == pytest.approx(1.0) and m["fin_diff"] == pytest.approx(0.0, abs=1e-9)
     assert m["nll"] == pytest.approx(th.loss(th.w_svm))
     other = make_model(6, 4, d=8, embedding="random", embedding_seed=1).double()
-    assert th.model_metrics(other) == {}
+    with pytest.raises(ValueError, match="embedding_seed = the task's instance_seed"):
+        th.model_metrics(other)  # the wrong E: refused, not silently unmeasured
+    with pytest.raises(ValueError, match=r"embeddings \(6, 9\) are not"):
+        th.model_metrics(make_model(6, 4, d=9, embedding="random").double())
     assert th.model_metrics(torch.nn.Linear(8, 8)) == {}
 
 

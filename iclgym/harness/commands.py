@@ -75,6 +75,10 @@ class SweepArgs:
         object.__setattr__(self, "seeds", parse_seeds(self.seeds))
 
 
+MODEL_METRICS_SHOWN = 8
+"""Model metrics (``task.model_metrics``) printed by ``iclgym train``; the rest are logged."""
+
+
 def format_train_summary(summary: dict[str, Any], env_id: str, model: str) -> str:
     """The lines ``iclgym train`` prints for a run summary, one seed's or a multi-seed run's
     (:func:`iclgym.harness.multiseed.train_seeds`: one line per seed, then the mean)."""
@@ -95,8 +99,14 @@ def format_train_summary(summary: dict[str, Any], env_id: str, model: str) -> st
     refs = summary.get("references") or {}
     if refs and summary["final"].get("kl_last") is not None:
         lines.append("  references " + ", ".join(f"{k} {v:.4f}" for k, v in refs.items()))
+    names = [k for k in summary.get("model_metrics") or () if k in summary["final"]]
+    if names:  # the task's model metrics at the end (mean over seeds for --seeds)
+        shown = ", ".join(f"{k} {summary['final'][k]:.4g}" for k in names[:MODEL_METRICS_SHOWN])
+        more = len(names) - MODEL_METRICS_SHOWN
+        tail = f" (+{more} in metrics.jsonl)" if more > 0 else ""
+        lines.append(f"  model metrics: {shown}{tail}")
     rows = summary.get("untrained_rows")
-    if rows is not None:
+    if rows is not None and rows["rows"]:
         lines.append(f"  {rows['rows']} unseen-token embedding rows unchanged: {rows['unchanged']}")
     lines.append(f"  run folder {summary['out']}")
     return "\n".join(lines)

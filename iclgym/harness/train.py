@@ -1206,6 +1206,7 @@ def _run(
         "checkpoint": str(ckpt_path),
         "num_parameters": num_parameters(model),
         "model_output": checked.output,
+        "model_metrics": metric_keys,
         "final": records[-1],
         "references": sets.references,
         "oracle": sets.oracle,

@@ -368,7 +368,10 @@ def test_ren2024_recipe_trains_the_squared_loss_and_eval_reads_its_checkpoint(tm
     out = tmp_path / "ren"
     args = ["train", "--recipe", "ren2024", "--steps", "200", "--eval-every", "100"]
     assert main([*args, "--eval-sequences", "512", "--out", str(out)]) in (0, None)
+    printed = capsys.readouterr().out  # the summary shows the task's model metrics at the end
     records = evals(out)
+    shown = f"model metrics: excess_mse {records[-1]['excess_mse']:.4g}, excess_mse_rel"
+    assert shown in printed and "unseen-token" not in printed  # no embedding rows to report
     assert [r["step"] for r in records] == [0, 100, 200]
     assert records[0]["excess_mse_rel"] == pytest.approx(1.0)
     assert records[-1]["excess_mse_rel"] < 0.02 and records[-1]["support_recall"] == 1.0

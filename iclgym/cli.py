@@ -165,8 +165,10 @@ def _task_setup(recipe, env_id: str, sets: Sequence[str]) -> tuple[str, dict[str
 
 # ---------------------------------------------------------------------- commands
 def _cmd_list(args: ListArgs) -> int:
-    for env_id in list_envs():
-        print(f"{env_id:24s} {get_entry(env_id).summary}")
+    ids = list_envs()
+    width = max(map(len, ids))
+    for env_id in ids:
+        print(f"{env_id:{width}s}  {get_entry(env_id).summary}")
     return 0
 
 

@@ -134,6 +134,14 @@ class MarkovChainSpec(TaskSpec):
         return self.num_states ** (self.order - 1)
 
 
+def _token_packed(states: int, k: int) -> bool:
+    """Whether the walk on ``states`` lifted states of ``k`` tokens packs every state's next
+    token in an int32 (order >= 3, when the successor fields of :meth:`MarkovChainTask._walk`
+    would need more than 31 bits and the token fields do not)."""
+    width = next(w for w in range(1, 64) if (states - 1) * w < 2**w)
+    return states > k and states * width > 31 and states * (k - 1).bit_length() <= 31
+
+
 def inverse_cdf_thresholds(probs: Tensor) -> Tensor:
     """(..., m - 1) thresholds for inverse-CDF draws from ``probs`` (..., m): the cumulative
     sums, set to exactly 1 from the last positive entry on. With ``u`` uniform in (0, 1] the
@@ -294,9 +302,8 @@ class MarkovChainTask(Task):
         steps = u.shape[0]
         base = torch.arange(states, device=cdf.device) * k % states
         width = next(w for w in range(1, 64) if (states - 1) * w < 2**w)
-        bits = km1.bit_length()  # bits of a token id
-        if states > k and states * width > 31 and states * bits <= 31:
-            return MarkovChainTask._walk_tokens(cdf, start, u, bits)
+        if _token_packed(states, k):
+            return MarkovChainTask._walk_tokens(cdf, start, u, km1.bit_length())
         if states * width <= 63:
             dtype = torch.int32 if states * width <= 31 else torch.int64
             packed = torch.full(
@@ -337,21 +344,35 @@ class MarkovChainTask(Task):
         return MarkovChainTask._walk_tokens_torch(cdf, start, u, bits)
 
     @staticmethod
-    def _walk_tokens_numpy(cdf: Tensor, start: Tensor, u: Tensor, bits: int) -> Tensor:
+    def _walk_tokens_numpy(
+        cdf: Tensor, start: Tensor, u: Tensor, bits: int, tokens: bool = False
+    ) -> Tensor:
+        """The numpy walk of :meth:`_walk_tokens`: the states (steps + 1, B) int64, or with
+        ``tokens=True`` the tokens drawn (steps, B) uint8 (what :meth:`sample` writes: no
+        remainder of the states, and a transposition of bytes)."""
         _, states, km1 = cdf.shape
         k, mask = km1 + 1, 2**bits - 1
         keep = states // k
         thresholds = cdf.permute(1, 2, 0).contiguous().numpy()  # (S, k-1, B)
         un = u.numpy()
         packed = np.zeros(un.shape, dtype=np.int32)
-        for s in range(states):
-            for j in range(km1):
-                packed += np.left_shift(un > thresholds[s, j], bits * s, dtype=np.int32)
+        above, token = np.empty(un.shape, dtype=np.bool_), np.empty(un.shape, dtype=np.uint8)
+        for s in range(states):  # the token from state s: thresholds below u, in bytes
+            np.greater(un, thresholds[s, 0], out=above)
+            token[...] = above
+            for j in range(1, km1):
+                np.greater(un, thresholds[s, j], out=above)
+                token += above
+            packed |= np.left_shift(token, bits * s, dtype=np.int32)
         state = start.numpy().astype(np.int32)
-        visited = [state]
+        visited, drawn = [state], []
         for row in packed:
-            state = (state % keep) * k + ((row >> (state * bits)) & mask)
+            token = (row >> (state * bits)) & mask
+            state = (state % keep) * k + token
             visited.append(state)
+            drawn.append(token)
+        if tokens:
+            return torch.from_numpy(np.stack(drawn).astype(np.uint8))
         return torch.from_numpy(np.stack(visited)).long()
 
     @staticmethod
@@ -396,11 +417,15 @@ class MarkovChainTask(Task):
             first = (u0 > inverse_cdf_thresholds(law64)).sum(-1)
             law = law64.float()
             u = open_uniform((t + 2 - n, batch_size), generator, device)
-            states = self._walk(cdf, first, u)
             seq = torch.empty(batch_size, t + 1, dtype=torch.int64, device=device)
             digits = k ** torch.arange(n - 2, -1, -1, device=device)
             seq[:, : n - 1] = first.unsqueeze(1) // digits % k
-            seq[:, n - 1 :] = states[1:].T if n == 2 else states[1:].T % k
+            if device.type == "cpu" and _token_packed(spec.num_contexts, k) and k <= 256:
+                drawn = self._walk_tokens_numpy(cdf, first, u, (k - 1).bit_length(), True)
+                seq[:, n - 1 :] = drawn.T.contiguous()  # (steps, B) bytes: transposed, widened
+            else:
+                states = self._walk(cdf, first, u)
+                seq[:, n - 1 :] = states[1:].T if n == 2 else states[1:].T % k
         return Batch(
             tokens=seq[:, :t],
             targets=seq[:, 1:],
@@ -483,15 +508,19 @@ class MarkovChainTask(Task):
         if self.spec.prior != "dirichlet":
             return super().online(batch)
         k, n, states = self.spec.num_states, self.spec.order, self.spec.num_contexts
-        tokens = batch.tokens.T.contiguous().cpu().numpy()  # (T, B): one row per step
-        size = tokens.shape[1]
+        size = batch.batch_size
         cols = size * states
+        # (T, B), one row per step, in int32 (cell indices < k * cols fit when it does; the
+        # transposition runs on bytes where tokens fit in one: 4x less memory traffic)
+        narrow = torch.uint8 if k <= 256 else torch.int32
+        index = np.int32 if k * cols < 2**31 else np.int64
+        tokens = batch.tokens.to(narrow).T.contiguous().cpu().numpy().astype(index)
         # token-major layouts (k, B * S): numpy reduces and gathers fast along the long axis
         tables = batch.params["transition"].reshape(cols, k).T.contiguous().cpu().numpy()
         counts = np.zeros((k, cols), dtype=np.float32)
         flat_counts = counts.reshape(-1)
         alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))[:, None]
-        offset = np.arange(size) * states
+        offset = np.arange(size, dtype=index) * states
         uniform = np.full((size, k), 1.0 / k, dtype=np.float32)
         init = self._first_context_laws(batch).cpu().numpy() if n > 2 else None
         # Up front (the envs build this in their worker thread), per position t: the column of

@@ -144,6 +144,19 @@ def test_fast_walk_equals_reference_walk(k, order):
     assert torch.equal(task._walk(cdf, start, u).long(), _reference_walk(cdf, start, u))
 
 
+@pytest.mark.parametrize(("k", "order"), [(3, 3), (2, 4), (3, 4), (2, 5)])
+def test_sampler_token_walk_draws_the_same_sequences_as_the_state_walk(k, order, monkeypatch):
+    """sample() on CPU writes the token-packed walk's tokens directly; with that path switched
+    off it takes the lifted-state walk: the same generator gives the same sequences."""
+    import iclgym.tasks.markov as markov
+
+    task = MarkovChainTask(num_states=k, order=order, seq_len=30)
+    fast = task.sample(64, generator=task.generator(5))
+    monkeypatch.setattr(markov, "_token_packed", lambda states, k: False)
+    slow = task.sample(64, generator=task.generator(5))
+    assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.targets, slow.targets)
+
+
 def test_true_probs_are_the_table_rows():
     task = MarkovChainTask(num_states=3, order=3, seq_len=20, init="uniform")
     batch = task.sample(16, generator=task.generator(0))

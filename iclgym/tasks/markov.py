@@ -500,7 +500,8 @@ class MarkovChainTask(Task):
 
         Dirichlet rows: the add-alpha predictive (:attr:`online_oracle`), in O(B * V) work per
         step. Other priors: the exact oracle of the whole batch, computed up front.
-        For Dirichlet rows it keeps each sequence's current context and running transition
+        For Dirichlet rows it computes up front every position's context column and the count
+        cell each step reveals (vectorised over positions), then keeps running transition
         counts; a step reveals one observation (one scatter-add), reads the table row and the
         count row of the new context (two gathers) and normalises. Equals
         :attr:`Batch.true_probs` and :meth:`addalpha` position by position (tested).

@@ -25,33 +25,17 @@ and 30 s on the project's 2-core CPU at one thread (90 s in all).
 
 from __future__ import annotations
 
-import importlib.util
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from docs_scripts import load_script, one_thread_timed  # noqa: F401 (the fixture)
 
 from iclgym.harness import RECIPES
 
-pytestmark = pytest.mark.repro
+pytestmark = [pytest.mark.repro, pytest.mark.usefixtures("one_thread_timed")]
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "scripts" / "priority_graph_trials.py"
-_spec = importlib.util.spec_from_file_location("priority_graph_trials", _SCRIPT)
-trials = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trials)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    yield
-    print(f" [{time.perf_counter() - start:.1f} s]")
-    torch.set_num_threads(before)
+trials = load_script("priority_graph_trials")
 
 
 def _report(name, runs):

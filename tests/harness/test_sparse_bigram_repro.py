@@ -31,32 +31,16 @@ never asserted: A about 16 s, B about 66 s, the control 8 s, C 12 s, D 6 s on th
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import time
-from pathlib import Path
 
 import pytest
-import torch
+from docs_scripts import load_script, one_thread_timed  # noqa: F401 (the fixture)
 
 from iclgym.harness import RECIPES
 
-pytestmark = pytest.mark.repro
+pytestmark = [pytest.mark.repro, pytest.mark.usefixtures("one_thread_timed")]
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "scripts" / "sparse_bigram_grid.py"
-_spec = importlib.util.spec_from_file_location("sparse_bigram_grid", _SCRIPT)
-grid = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(grid)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    yield
-    print(f" [{time.perf_counter() - start:.1f} s]")
-    torch.set_num_threads(before)
+grid = load_script("sparse_bigram_grid")
 
 
 def test_a_proximal_method_beats_the_best_sgd_and_sgd_plateaus():

@@ -365,15 +365,14 @@ class MarkovChainTask(Task):
                 token += above
             packed |= np.left_shift(token, bits * s, dtype=np.int32)
         state = start.numpy().astype(np.int32)
-        visited, drawn = [state], []
+        out = [] if tokens else [state]  # the tokens drawn, or the states visited
         for row in packed:
             token = (row >> (state * bits)) & mask
             state = (state % keep) * k + token
-            visited.append(state)
-            drawn.append(token)
+            out.append(token if tokens else state)
         if tokens:
-            return torch.from_numpy(np.stack(drawn).astype(np.uint8))
-        return torch.from_numpy(np.stack(visited)).long()
+            return torch.from_numpy(np.stack(out).astype(np.uint8))
+        return torch.from_numpy(np.stack(out)).long()
 
     @staticmethod
     def _walk_tokens_torch(cdf: Tensor, start: Tensor, u: Tensor, bits: int) -> Tensor:
@@ -420,7 +419,7 @@ class MarkovChainTask(Task):
             seq = torch.empty(batch_size, t + 1, dtype=torch.int64, device=device)
             digits = k ** torch.arange(n - 2, -1, -1, device=device)
             seq[:, : n - 1] = first.unsqueeze(1) // digits % k
-            if device.type == "cpu" and _token_packed(spec.num_contexts, k) and k <= 256:
+            if device.type == "cpu" and _token_packed(spec.num_contexts, k):  # k <= 3: bytes
                 drawn = self._walk_tokens_numpy(cdf, first, u, (k - 1).bit_length(), True)
                 seq[:, n - 1 :] = drawn.T.contiguous()  # (steps, B) bytes: transposed, widened
             else:

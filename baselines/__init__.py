@@ -38,13 +38,17 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
             "baselines.linear_transformer:make_model", {"softmax": True}, None
         ),
         "priority_attention": ModelEntry("baselines.priority_attention:make_model", {}, None),
+        "concept_attention": ModelEntry("baselines.concept_attention:make_model", {}, "width"),
     }
 )
 """``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
 ``linear_transformer`` / ``softmax_transformer``: the one-layer (V, A) models of sparse
 contextual bigrams (Ren, Wang, Lee 2024), linear or softmax attention over the context.
 ``priority_attention``: the one-layer attention of token-priority graphs (Li et al. 2024), one
-combined W over fixed embeddings, ``iden`` or ``gen`` head."""
+combined W over fixed embeddings, ``iden`` or ``gen`` head.
+``concept_attention``: the reference transformer of multi-concept prompts (after Bu et al. 2024),
+one softmax attention read at the query and a ReLU MLP of width m with fixed output signs; it
+needs a task with continuous features."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
 """``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""

@@ -72,8 +72,9 @@ class EvalArgs:
     repeatable (default: every strategy and the oracle)."""
     set: Repeated = ()
     """Spec override KEY=VALUE, repeatable (e.g. --set num_states=5)."""
-    split: Literal["train", "validation", "test"] = "test"
-    """Data split scored."""
+    split: str = "test"
+    """Data split scored: train, validation, test, or one of the task's named held-out splits
+    (``iclgym describe ID`` lists them, e.g. ood_length_32, ood_switched)."""
     seed: int = 0
     """Seed of the evaluated sequences."""
     num_sequences: int = 4096
@@ -188,13 +189,9 @@ def _cmd_eval(args: EvalArgs) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    task = make_task(args.env_id, **parse_overrides(args.set))
-    kinds = predictor_kinds()
-    names = list(args.predictor) or [*task.strategies, "oracle"]
-    predictors = [resolve_predictor(n, task, kinds, device=args.device) for n in names]
     progress = not args.json and sys.stderr.isatty()
     held_out = HeldOut(  # the data, the oracle and the strategies once for every predictor
-        task,
+        make_task(args.env_id, **parse_overrides(args.set)),
         split=args.split,
         seed=args.seed,
         num_sequences=args.num_sequences,
@@ -203,6 +200,10 @@ def _cmd_eval(args: EvalArgs) -> int:
         progress=progress,
         env_id=args.env_id,
     )
+    task = held_out.task  # a named split's variant: its oracle and strategies are scored
+    kinds = predictor_kinds()
+    names = list(args.predictor) or [*task.strategies, "oracle"]
+    predictors = [resolve_predictor(n, task, kinds, device=args.device) for n in names]
     reports = []
     for name, predictor in zip(names, predictors, strict=True):
         row = evaluate(predictor, held_out, progress=progress).to_dict()

@@ -15,6 +15,14 @@ Observations (``observation=``):
     ``n``: SB3 sums ``nvec`` in its dtype); observation arrays are the smallest unsigned
     dtype holding ``V + 1`` ids (uint8 / uint16 / uint32), which cast safely to the space's
     int64, so ``obs in observation_space`` holds.
+Continuous features: for a task whose batches carry features (``task.feature_dim`` = F > 0,
+e.g. the multi-concept prompts' word and label vectors), the token observation above becomes
+the ``"tokens"`` entry of a ``Dict`` whose ``"features"`` entry is a float32 ``Box`` of the
+same positions bounded by the float32 range (every finite value; infinite bounds make both
+checkers warn): ``(seq_len, F)`` for ``"context"``, unrevealed rows
+zero; ``(W, F)`` for ``"window"``, left-padded with zero rows; ``(F,)`` for ``"token"``.
+``observation="features"`` gives the ``(seq_len, F)`` context features alone, a plain ``Box``
+(SB3's ``MlpPolicy``).
 Actions (``action=``): every action inside the declared action space is valid; anything else
 raises ``ValueError``.
     ``"token"`` (default): ``Discrete(V)``, reward ``1[a = x_{t+1}]``;
@@ -34,10 +42,12 @@ raises ``ValueError``.
     expected value under its law); ``"class"``: for tasks with classes (``task.class_tokens``,
     the label token of each class), ``Discrete(C)``, action c standing for the token of class
     c, reward ``1[class_tokens[a] = x_{t+1}]``.
-Splits: ``split=`` (``"train"``, ``"validation"`` or its alias ``"val"``, ``"test"``) picks the
-data split; ``reset(options={"split": ...})`` switches it for this and later episodes (a new
-episode stream seeded from the env's ``np_random``, so seeded resets stay deterministic).
-Other option keys and unknown splits raise ``ValueError``.
+Splits: ``split=`` (``"train"``, ``"validation"`` or its alias ``"val"``, ``"test"``, or one of
+the task's ``named_splits``: held-out distributions such as longer contexts, drawn from the
+test seed stream) picks the data split; ``reset(options={"split": ...})`` switches it for this
+and later episodes (a new episode stream seeded from the env's ``np_random``, so seeded resets
+stay deterministic); a named split whose spaces differ (e.g. another context length) can only
+be chosen at construction. Other option keys and unknown splits raise ``ValueError``.
 Info (every step): ``t`` (the position scored), ``split``, the law ``x_{t+1}`` was drawn from
 and the oracle's prediction, as given by ``task.online`` (the oracle named by
 :attr:`ICLEnv.online_oracle`, e.g. ``"bayes (closed form)"``): ``true_probs`` and
@@ -87,9 +97,10 @@ from gymnasium.vector.utils import batch_space
 
 from iclgym.registry import get_entry
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
+from iclgym.tasks.base import resolve_split
 from iclgym.validation import as_float, as_int, check_memory, format_bytes, invalid
 
-OBSERVATIONS = ("context", "token", "window")
+OBSERVATIONS = ("context", "token", "window", "features")
 ACTIONS = ("token", "distribution", "logits", "value", "class")
 REWARDS = ("logprob", "squared")
 """Rewards of probability actions (``reward=``): the log-probability of the next token, or the
@@ -117,17 +128,25 @@ PALETTE = (
 """Token colours (token id mod 64), golden-ratio hues."""
 
 
-def check_split(split: Any, name: str = "split") -> str:
-    """The canonical name of a split (one of ``SPLITS``; ``"val"`` is ``"validation"``)."""
+def check_split(split: Any, name: str = "split", task: Task | None = None) -> str:
+    """The canonical name of a split: one of ``SPLITS`` (``"val"`` is ``"validation"``) or,
+    given ``task``, one of its named splits (validated by ``task.split_task``)."""
     canonical = SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
-    if canonical not in SPLITS:
-        raise ValueError(
-            f"{name}={split!r} is invalid: expected one of {SPLITS} (or 'val' for 'validation')"
-        )
-    return canonical
+    if canonical in SPLITS:
+        return canonical
+    if task is not None and isinstance(canonical, str) and task.named_splits:
+        try:
+            task.split_task(canonical)
+        except ValueError as err:
+            raise ValueError(f"{name}={split!r} is invalid: {err}") from None
+        return canonical
+    raise ValueError(
+        f"{name}={split!r} is invalid: expected one of {SPLITS + tuple(task.named_splits if task else ())}"
+        " (or 'val' for 'validation')"
+    )
 
 
-def reset_split(options: dict[str, Any] | None) -> str | None:
+def reset_split(options: dict[str, Any] | None, task: Task | None = None) -> str | None:
     """The split asked for by ``reset(options=...)``, or None; unknown keys raise."""
     if not options:
         return None
@@ -138,7 +157,9 @@ def reset_split(options: dict[str, Any] | None) -> str | None:
         raise ValueError(
             f"reset options {unknown} are invalid: expected keys among {RESET_OPTIONS}"
         )
-    return check_split(options["split"], "options['split']") if "split" in options else None
+    if "split" not in options:
+        return None
+    return check_split(options["split"], "options['split']", task)
 
 
 def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any]) -> Task:
@@ -205,6 +226,7 @@ def select_rows(batch: Batch, rows: slice) -> Batch:
         targets=batch.targets[rows],
         loss_mask=batch.loss_mask[rows],
         params={k: v[rows] for k, v in batch.params.items()},
+        features=None if batch.features is None else batch.features[rows],
     )
 
 
@@ -280,6 +302,8 @@ class Block:
         else:
             self.targets = np.ascontiguousarray(targets[:, first:].T, dtype=space.obs_dtype)
         self.obs = space.initial_buffer(self.tokens, self.last)
+        self.features = None if batch.features is None else batch.features.cpu().numpy()
+        self.feature_obs = space.initial_features(self.features)
         self.episode = None if space.episode_fn is None else space.episode_fn(batch)
         size = batch.batch_size
         self.rows = [slice(i, i + num_envs) for i in range(0, size, num_envs)]
@@ -327,6 +351,8 @@ class Round:
         self.tokens, self.last = block.tokens[rows], block.last[rows]
         self.targets = block.targets[:, rows]
         self.obs = None if block.obs is None else block.obs[rows]
+        self.features = None if block.features is None else block.features[rows]
+        self.feature_obs = None if block.feature_obs is None else block.feature_obs[rows]
         self.episode = None
         if block.episode is not None:
             self.episode = {
@@ -497,7 +523,14 @@ class _Spaces:
             raise ValueError(f"action={action!r} is invalid: expected one of {ACTIONS}")
         if render_mode is not None and render_mode not in RENDER_MODES:
             raise invalid("render_mode", render_mode, f"None or one of {RENDER_MODES}")
-        split = check_split(split)
+        split = check_split(split, task=task)
+        self.base_task = task  # named splits are variants of it (reset may switch among them)
+        task, self.stream_split = resolve_split(task, split)
+        if observation == "features" and not task.feature_dim:
+            raise ValueError(
+                f"observation='features' needs a task with continuous features "
+                f"(task.feature_dim > 0); {type(task).__name__} has none"
+            )
         v, t = task.vocab_size, task.seq_len
         window = min(DEFAULT_WINDOW, t + 1) if window is None else as_int("window", window, 1)
         if window > t + 1:
@@ -545,13 +578,23 @@ class _Spaces:
         self.logit_scale = logit_scale
         self.vocab_size, self.seq_len, self.pad = v, t, v
         self.obs_dtype = token_dtype(v + 1)
-        width = {"context": t + 1, "window": window}.get(observation)
+        width = {"context": t + 1, "window": window, "features": t + 1}.get(observation)
         self.window = width
         self.single_obs_space: spaces.Space = (
             spaces.Discrete(v)
             if width is None
             else spaces.MultiDiscrete(np.full(width, v + 1, dtype=np.int64), dtype=np.int64)
         )
+        self.feature_dim = f = task.feature_dim
+        if f:
+            rows = {"context": (t,), "features": (t,), "window": (window,), "token": ()}
+            big = np.finfo(np.float32).max  # every finite float32 (checkers warn on inf)
+            box = spaces.Box(-big, big, (*rows[observation], f), np.float32)
+            self.single_obs_space = (
+                box
+                if observation == "features"
+                else spaces.Dict({"tokens": self.single_obs_space, "features": box})
+            )
         self.single_act_space: spaces.Space = {
             "token": spaces.Discrete(v),
             "distribution": spaces.Box(0.0, 1.0, (v,), np.float32),
@@ -563,6 +606,21 @@ class _Spaces:
             finite = self.values[np.isfinite(np.asarray(values, np.float64))]
             low, high = min(-1.0, finite.min()), max(1.0, finite.max())
             self.single_act_space = spaces.Box(low, high, (1,), np.float32)
+
+    def _switch_split(self, split: str) -> None:
+        """Use split ``split`` (canonical) from now on: its variant of the construction task,
+        which must have the same spaces (``ValueError`` naming the difference otherwise)."""
+        task, stream = resolve_split(self.base_task, split)
+        shape = (task.vocab_size, task.seq_len, task.feature_dim, task.first_scored_position)
+        mine = (self.vocab_size, self.seq_len, self.feature_dim, self.first)
+        if shape != mine:
+            raise ValueError(
+                f"options['split']={split!r} changes the spaces (vocab_size, seq_len, "
+                f"feature_dim, first scored position) {mine} -> {shape}: make an env with "
+                f"split={split!r} instead"
+            )
+        self.task, self.split, self.stream_split = task, split, stream
+        self.episode_fn = getattr(task, "episode_info", None)
 
     @property
     def online_oracle(self) -> str:
@@ -592,6 +650,33 @@ class _Spaces:
             buffer[:, -1] = last
             return buffer
         return None
+
+    def initial_features(self, features: np.ndarray | None) -> np.ndarray | None:
+        """The feature observation buffer at the episode start from ``features`` (N, T, F)
+        float32 (None for token-only tasks): context (N, T, F) with rows ``0 .. s`` revealed
+        and the rest zero; window (N, W - 1 + T, F) with W - 1 zero rows in front (the window
+        at t is rows t .. t + W - 1); the features themselves for the token observation."""
+        if features is None:
+            return None
+        n, t, f = features.shape
+        first = self.first
+        if self.obs_mode in ("context", "features"):
+            buffer = np.zeros((n, t, f), dtype=np.float32)
+            buffer[:, : first + 1] = features[:, : first + 1]
+            return buffer
+        if self.obs_mode == "window":
+            buffer = np.zeros((n, self.window - 1 + t, f), dtype=np.float32)
+            buffer[:, self.window - 1 :] = features
+            return buffer
+        return features
+
+    def compose(self, tokens: Any, features: np.ndarray | None) -> Any:
+        """The observation from its token part and its feature part (None: token-only)."""
+        if features is None:
+            return tokens
+        if self.obs_mode == "features":
+            return features
+        return {"tokens": tokens, "features": features}
 
     def _probabilities(self, action: Any, shape: tuple[int, ...]) -> np.ndarray:
         """Validated probability vectors of ``shape + (V,)`` from distribution/logits actions;
@@ -799,6 +884,8 @@ class ICLEnv(_Spaces, gym.Env):
             for t, law in zip(range(first, last), laws, strict=True)
         ]
         self._block_obs = self.initial_buffer(seqs[:, :-1], seqs[:, -1])
+        self._block_features = None if batch.features is None else batch.features.cpu().numpy()
+        self._block_fobs = self.initial_features(self._block_features)
         self._block_episodes = None
         if self.episode_fn is not None:
             columns = self.episode_columns(self.episode_fn(batch), seqs[:, -1], laws[-1][1])
@@ -807,20 +894,35 @@ class ICLEnv(_Spaces, gym.Env):
 
     def _observation(self) -> Any:
         t = self._t
+        if self._block_fobs is not None:
+            return self.compose(self._token_observation(t), self._feature_observation(t))
+        return self._token_observation(t)
+
+    def _token_observation(self, t: int) -> Any:
         if self.obs_mode == "token":
             return self._block_tokens[t][self._i]
         if self.obs_mode == "window":
             return self._obs_buffer[t : t + self.window].copy()
+        if self.obs_mode == "features":
+            return None
         return self._obs_buffer.copy()
 
+    def _feature_observation(self, t: int) -> np.ndarray:
+        if self.obs_mode == "token":  # the features of position t (the last one at the end)
+            return self._block_features[self._i, min(t, self.seq_len - 1)].copy()
+        if self.obs_mode == "window":
+            return self._fobs_buffer[t : t + self.window].copy()
+        return self._fobs_buffer.copy()
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        split = None if options is None else reset_split(options)
+        split = None if options is None else reset_split(options, self.base_task)
         super().reset(seed=seed)
         if seed is not None or self._stream is None or split not in (None, self.split):
-            self.split = split or self.split
+            if split not in (None, self.split):
+                self._switch_split(split)
             self._stream = EpisodeStream(
                 self.task,
-                self.split,
+                self.stream_split,
                 self.np_random,
                 block_sequences(self.task, 1, SINGLE_MIN_STEPS),
             )
@@ -831,6 +933,8 @@ class ICLEnv(_Spaces, gym.Env):
         self._row = i + 1
         if self._block_obs is not None:  # each row serves one episode: steps write into it
             self._obs_buffer = self._block_obs[i]
+        if self._block_fobs is not None:
+            self._fobs_buffer = self._block_fobs[i]
         self._t = self.first
         self._last = None
         if self.render_mode is not None:
@@ -860,6 +964,9 @@ class ICLEnv(_Spaces, gym.Env):
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[t + 1] = target
+        if self._block_fobs is not None and self.obs_mode != "window" and t + 1 < self.seq_len:
+            if self.obs_mode != "token":  # reveal position t + 1's features
+                self._fobs_buffer[t + 1] = self._block_features[self._i, t + 1]
         self._last = (action, reward)
         if self.render_mode is not None:
             self._regrets[t] = info["regret"]
@@ -946,6 +1053,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         self.block = block_sequences(self.task, num_envs, VECTOR_MIN_STEPS)
         per_round = num_envs * (self.seq_len + 1) * (16 + (self.window or 1))
         nbytes = self.block * (self.seq_len + 1) * 24 + per_round + num_envs * self.vocab_size * 8
+        nbytes += self.block * self.seq_len * self.feature_dim * 8  # features and their buffer
         check_memory(
             "num_envs",
             num_envs,
@@ -971,6 +1079,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
     def _start_round(self) -> tuple[Any, dict[str, Any]]:
         self._round = self._rounds.next()
         self._obs_buffer = self._round.obs  # the round owns its rows of the block's buffer
+        self._fobs_buffer = self._round.feature_obs
         self._t = self.first
         self._autoreset = False
         if self.render_mode is not None:
@@ -978,24 +1087,37 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         info = {"t": np.full(self.num_envs, self.first, dtype=np.int64), "split": self._split_info}
         return self._observation(), info
 
-    def _observation(self) -> np.ndarray:
+    def _observation(self) -> Any:
         t = self._t
+        if self._fobs_buffer is None:
+            return self._token_observation(t)
+        if self.obs_mode == "token":
+            features = self._round.features[:, min(t, self.seq_len - 1)]
+        elif self.obs_mode == "window":
+            features = self._fobs_buffer[:, t : t + self.window]
+        else:
+            features = self._fobs_buffer
+        tokens = None if self.obs_mode == "features" else self._token_observation(t)
+        return self.compose(tokens, fresh_copy(features))
+
+    def _token_observation(self, t: int) -> np.ndarray:
         if self.obs_mode == "token":
             return self._round.token(t)
         view = self._obs_buffer[:, t : t + self.window] if self.obs_mode == "window" else None
         return fresh_copy(self._obs_buffer if view is None else view)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        split = reset_split(options)
+        split = reset_split(options, self.base_task)
         super().reset(seed=seed)
         if seed is not None or self._rounds is None or split not in (None, self.split):
-            self.split = split or self.split
+            if split not in (None, self.split):
+                self._switch_split(split)
             # info["split"]: a read-only broadcast view, made once per stream and shared by
             # the infos (a fresh array per step cost ~4 us at 4096 envs)
             self._split_info = np.broadcast_to(np.array(self.split), (self.num_envs,))
             if self._rounds is not None:
                 self._rounds.close()
-            stream = EpisodeStream(self.task, self.split, self.np_random, self.block)
+            stream = EpisodeStream(self.task, self.stream_split, self.np_random, self.block)
             self._rounds = RoundQueue(stream, self._make_block)
         return self._start_round()
 
@@ -1013,6 +1135,9 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
+        if self._fobs_buffer is not None and t + 1 < self.seq_len:
+            if self.obs_mode in ("context", "features"):  # reveal position t + 1's features
+                self._fobs_buffer[:, t + 1] = self._round.features[:, t + 1]
         if self.render_mode is not None:
             self._regrets[:, t] = extra["regret"]
         terminated = self._t == self.seq_len

@@ -54,6 +54,17 @@ def _higher_order(kwargs: Mapping[str, Any]) -> None:
         )
 
 
+def _mapping(mapping: str, env_id: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(kwargs: Mapping[str, Any]) -> None:
+        if kwargs.get("mapping") != mapping:
+            raise ValueError(
+                f"mapping={kwargs.get('mapping')!r} is invalid for {env_id}: it is the "
+                f"mapping={mapping!r} variant (use ICL-MultiConcept-v0 with mapping=... instead)"
+            )
+
+    return check
+
+
 def _any(kwargs: Mapping[str, Any]) -> None:
     """Every spec is allowed (the spec validates itself)."""
 
@@ -137,6 +148,22 @@ ENVS: Mapping[str, EnvEntry] = MappingProxyType(
                 "soft composition (Li et al. 2024); planted mode, paper mode by kwarg",
                 MappingProxyType({"mode": "planted", "num_tokens": 8, "context_len": 6}),
                 _any,
+            ),
+            EnvEntry(
+                "ICL-MultiConcept-v0",
+                "multi_concept",
+                "Multi-concept sparse-coding prompts: continuous word and label vectors, predict "
+                "the polysemous query's +-1 label (after Bu et al. 2024); fixed mapping",
+                MappingProxyType({"mapping": "fixed"}),
+                _any,
+            ),
+            EnvEntry(
+                "ICL-MultiConcept-Random-v0",
+                "multi_concept",
+                "Multi-concept prompts with a random label mapping per prompt: the sign "
+                "convention must be read from the demonstrations (true ICL, after Bu et al. 2024)",
+                MappingProxyType({"mapping": "random"}),
+                _mapping("random", "ICL-MultiConcept-Random-v0"),
             ),
         )
     }
@@ -227,6 +254,11 @@ def describe(env_id: str) -> str:
         f"  vocabulary:  {task.vocab_size} tokens, "
         f"{task.seq_len - task.first_scored_position} scored positions",
         f"  strategies:  {', '.join(task.strategies)}",
+        *(
+            [f"  splits:      {', '.join(('train', 'validation', 'test', *task.named_splits))}"]
+            if task.named_splits
+            else []
+        ),
         f"  docs:        docs/envs/{entry.env_id}.md",
     ]
     return "\n".join(lines)

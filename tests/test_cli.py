@@ -92,7 +92,7 @@ def error_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([*markov, "--predictor", "ngram:x"], "expected ngram:ORDER[:ALPHA]"),
         ([*markov, "--predictor", "magic"], "unknown predictor 'magic': use 'oracle'"),
         ([*markov, "--predictor", f"checkpoint:{tmp_path / 'missing.pt'}"], "does not exist"),
-        ([*markov, "--split", "holdout"], "invalid choice 'holdout' for argument '--split'"),
+        ([*markov, "--split", "holdout"], "split='holdout' is invalid for MarkovChainTask"),
         ([*markov, "--num-sequences", "0"], "num_sequences=0 is invalid"),
         (["eval"], "ENV_ID"),
         (["eval", "ICL-Nope-v0"], "unknown iclgym env id 'ICL-Nope-v0'"),

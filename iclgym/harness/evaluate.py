@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from iclgym.harness.predictors import OraclePredictor, Predictor
-from iclgym.tasks.base import Batch, Task
+from iclgym.tasks.base import Batch, Task, resolve_split
 
 PRIVILEGED_STRATEGIES = ("true",)
 """Strategies that read the latent parameters: reported, never a ``nearest_strategy``."""
@@ -86,6 +86,8 @@ class HeldOut:
     """A fixed evaluation set and the predictor-independent quantities on it, computed once.
 
     The sequences are ``num_sequences`` draws of ``split`` from ``task.generator(seed, split)``
+    (a named split of ``task.named_splits``: its variant task on the ``"test"`` stream, see
+    :func:`~iclgym.tasks.base.resolve_split`; ``self.task`` is then that variant)
     in batches of ``batch_size`` (the same arguments always give the same data), or the given
     ``batches``. The oracle (``task.oracle_estimate``) and every strategy run once per batch,
     here; :func:`evaluate` then only runs the predictor. Memory: a few (N, V) float32 tensors,
@@ -105,19 +107,21 @@ class HeldOut:
         batches: Sequence[Batch] | None = None,
         env_id: str | None = None,
     ) -> None:
-        self.task, self.split, self.seed, self.env_id = task, split, seed, env_id
+        self.split, self.seed, self.env_id = split, seed, env_id
         self.device = torch.device(device)
         if batches is None:
             for name, value in (("num_sequences", num_sequences), ("batch_size", batch_size)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
-            gen = task.generator(seed, split, device)
+            task, stream = resolve_split(task, split)
+            gen = task.generator(seed, stream, device)
             starts = range(0, num_sequences, batch_size)
             sizes = [min(batch_size, num_sequences - d) for d in starts]
             batches = (task.sample(b, generator=gen, device=device) for b in sizes)
         else:
             batches = list(batches)
             num_sequences = sum(b.batch_size for b in batches)
+        self.task = task
         self.num_sequences = num_sequences
         values = getattr(task, "label_values", None)
         self.label_values = values.to(self.device) if values is not None else None
@@ -331,7 +335,9 @@ def evaluate(
     """Evaluate ``predictor`` on ``num_sequences`` sequences of ``split`` (see :class:`Report`).
 
     ``task`` is a :class:`Task`, a registered env id (``task_kwargs`` override its spec) or a
-    :class:`HeldOut` set (then the data arguments are ignored: the set fixes them). The same
+    :class:`HeldOut` set (then the data arguments are ignored: the set fixes them). ``split``
+    is a seed-stream split (``"train"``, ``"validation"``, ``"test"``) or one of the task's
+    ``named_splits`` (held-out distributions such as longer contexts). The same
     ``(task, split, seed, num_sequences, batch_size)`` always gives the same data. Raises
     ``ValueError`` for a predictor output that is not (B, T, V) log-probabilities (or (B, T, 1)
     values on a task with real-valued labels).

@@ -26,6 +26,14 @@ This docstring is the one place the contract is written down.
 ``iclgym_output`` is ``"logits"`` when absent; any other value than ``"logits"`` or
 ``"probabilities"`` is refused by :func:`check_model`.
 
+**Continuous features.** For a task whose batches carry features (``task.feature_dim`` = F > 0,
+``batch.features`` (B, T, F) float32, e.g. the multi-concept prompts' word and label vectors),
+the model is called ``forward(tokens, features)`` with the same outputs; position t's features
+sit beside token t, so the causality rule below covers both. Every call site (trainer,
+``evaluate``, probes, checks) goes through ``batch.inputs`` (:func:`iclgym.tasks.base.model_inputs`),
+so token-only tasks keep calling ``forward(tokens)``. Factories of such tasks also get
+``feature_dim=F``.
+
 Only the positions of ``batch.loss_mask`` are trained and scored (by selection: the outputs at
 the other positions are never read, so they may be anything, ``-inf`` included).
 
@@ -50,7 +58,7 @@ does.
   (e.g. a tied unembedding, whose softmax trains every row).
 
 **Building by name.** A model factory is any callable ``factory(vocab_size=V, seq_len=T,
-**model_args) -> nn.Module``, given as an object or as an import path ``"package.module:name"``.
+**model_args) -> nn.Module`` (plus ``feature_dim=F`` where the task has features), given as an object or as an import path ``"package.module:name"``.
 :func:`build_model` seeds the init from the training seed (stream :data:`INIT_STREAM`) and
 records the factory path and arguments on the module, so checkpoints can rebuild it
 (:func:`load_model`, ``--predictor checkpoint:PATH``).
@@ -77,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iclgym.tasks.base import Batch, Task, stream_seed
+from iclgym.tasks.base import Batch, Task, model_inputs, stream_seed
 
 INIT_STREAM = 5
 """Seed stream of a model's initial weights (:func:`iclgym.tasks.base.stream_seed`): streams
@@ -164,7 +172,8 @@ def build_model(
     seed: int = 0,
     **model_args: Any,
 ) -> nn.Module:
-    """A fresh model for ``task``: ``factory(vocab_size=V, seq_len=T, **model_args)``.
+    """A fresh model for ``task``: ``factory(vocab_size=V, seq_len=T, **model_args)``, with
+    ``feature_dim=F`` added for a task with continuous features (``task.feature_dim`` > 0).
 
     The initial weights depend only on ``seed`` (stream :data:`INIT_STREAM`; the global torch
     random state is left untouched). The factory's import path and ``model_args`` are recorded
@@ -180,7 +189,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(seed, INIT_STREAM))
         try:
-            model = fn(vocab_size=task.vocab_size, seq_len=task.seq_len, **model_args)
+            model = fn(**shape_args(task), **model_args)
         except TypeError as err:
             try:
                 signature = f"{getattr(fn, '__name__', name)}{inspect.signature(fn)}"
@@ -200,11 +209,19 @@ def build_model(
         {
             "factory": path,
             "args": dict(model_args),
-            "vocab_size": task.vocab_size,
-            "seq_len": task.seq_len,
+            **shape_args(task),
         },
     )
     return model
+
+
+def shape_args(task: Task) -> dict[str, int]:
+    """The task-shape arguments a model factory gets: ``vocab_size``, ``seq_len`` and, for a
+    task with continuous features, ``feature_dim``."""
+    args = {"vocab_size": task.vocab_size, "seq_len": task.seq_len}
+    if task.feature_dim:
+        args["feature_dim"] = task.feature_dim
+    return args
 
 
 # ------------------------------------------------------------------ optional hooks
@@ -286,7 +303,7 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
     """
     gen = task.generator(0, "validation", device)
     batch = task.sample(PROBE_SEQUENCES, generator=gen, device=device)
-    tokens = batch.tokens
+    tokens, features = batch.tokens, batch.features
     B, T = tokens.shape
     V = task.vocab_size
     declared = declared_output(model)
@@ -302,10 +319,11 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
     try:
         with torch.random.fork_rng(devices=devices):
             try:
-                out = model(tokens)
+                out = model(*batch.inputs)
             except Exception as err:  # a user's module: report whatever it raised, in one line
+                what = "token ids" if features is None else "token ids and (B, T, F) features"
                 raise ValueError(
-                    f"model forward failed on a ({B}, {T}) batch of token ids of this task: "
+                    f"model forward failed on a ({B}, {T}) batch of {what} of this task: "
                     f"{type(err).__name__}: {_first_line(err)}"
                 ) from None
             if not isinstance(out, Tensor):
@@ -322,15 +340,18 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
                 )
             several = bool((batch.loss_mask.sum(1) > 1).any())
             if several:
-                _causality_probe(model, tokens, out, V)
+                _causality_probe(model, tokens, features, out, V)
     finally:
         model.train(was_training)
     return ModelCheck(kind, several, exposes_attention(model))
 
 
-def _causality_probe(model: nn.Module, tokens: Tensor, out: Tensor, vocab_size: int) -> None:
-    """Change every token from position s on, for up to :data:`PROBE_CUTS` cut points s, and
-    require the outputs before s to stay the same (to float tolerance)."""
+def _causality_probe(
+    model: nn.Module, tokens: Tensor, features: Tensor | None, out: Tensor, vocab_size: int
+) -> None:
+    """Change every token (and every feature vector) from position s on, for up to
+    :data:`PROBE_CUTS` cut points s, and require the outputs before s to stay the same (to
+    float tolerance)."""
     B, T = tokens.shape
     cuts = torch.linspace(1, T - 1, min(PROBE_CUTS, T - 1)).round().long().unique().tolist()
     edited = tokens.repeat(len(cuts), 1)
@@ -339,7 +360,12 @@ def _causality_probe(model: nn.Module, tokens: Tensor, out: Tensor, vocab_size: 
         rows = slice(i * B, (i + 1) * B)
         later = positions >= s
         edited[rows, later] = (edited[rows, later] + 1) % vocab_size
-    edited_out = model(edited).view(len(cuts), B, T, -1)
+    edited_features = None
+    if features is not None:
+        edited_features = features.repeat(len(cuts), 1, 1)
+        for i, s in enumerate(cuts):
+            edited_features[i * B : (i + 1) * B, s:] += 1.0
+    edited_out = model(*model_inputs(edited, edited_features)).view(len(cuts), B, T, -1)
     tolerance = 1e-4 * max(1.0, out.abs().max().item())
     for i, s in enumerate(cuts):
         change = (edited_out[i, :, :s] - out[:, :s]).abs().amax(dim=(0, 2))  # (s,)
@@ -380,7 +406,7 @@ class ModelPredictor:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model(batch.tokens.to(self.device))
+            out = self.model(*batch.to(self.device).inputs)
         finally:
             self.model.train(was_training)
         return output_scores(out, batch.vocab_size, self.output)
@@ -457,13 +483,19 @@ def load_model(path: str | Path, task: Task, device: torch.device | str = "cpu")
             f"checkpoint {str(path)!r} holds weights of a module built without an importable "
             "factory: rebuild the module and call load_state_dict(state['model'])"
         )
+    if info.get("feature_dim", 0) != task.feature_dim:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with feature_dim={info.get('feature_dim', 0)},"
+            f" but the task has feature_dim={task.feature_dim}"
+        )
     if info["vocab_size"] != task.vocab_size:
         raise ValueError(
             f"checkpoint {str(path)!r} was trained with vocab_size={info['vocab_size']}, but "
             f"the task has vocab_size={task.vocab_size}"
         )
     fn = import_object(info["factory"], "model")
-    model = fn(vocab_size=info["vocab_size"], seq_len=info["seq_len"], **info["args"])
+    shape = {k: info[k] for k in ("vocab_size", "seq_len", "feature_dim") if k in info}
+    model = fn(**shape, **info["args"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

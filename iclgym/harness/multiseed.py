@@ -121,19 +121,24 @@ class Copies:
         params, self.buffers = torch.func.stack_module_state(self.models)
         self.params = {name: p.detach().requires_grad_() for name, p in params.items()}
 
-    def __call__(self, tokens: Tensor, copies: slice = slice(None), **kwargs: Any) -> Any:
-        """The model on every copy of ``copies``: ``tokens`` (N, B, T) one batch per copy, or
-        (B, T) shared by all; outputs with a leading copy axis."""
+    def __call__(
+        self, inputs: Tensor | tuple[Tensor, ...], copies: slice = slice(None), **kwargs: Any
+    ) -> Any:
+        """The model on every copy of ``copies``: ``inputs`` the tokens, or the tuple
+        ``batch.inputs`` (tokens and, for tasks that have them, features), either with a
+        leading copy axis (tokens (N, B, T)), one batch per copy, or without ((B, T)), shared
+        by all; outputs with a leading copy axis."""
+        inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         params = {k: v[copies] for k, v in self.params.items()}
         buffers = {k: v[copies] for k, v in self.buffers.items()}
-        shared = tokens.dim() == 2
+        shared = inputs[0].dim() == 2
 
-        def call(p: dict, b: dict, x: Tensor) -> Any:
-            return torch.func.functional_call(self.template, (p, b), (x,), kwargs)
+        def call(p: dict, b: dict, x: tuple[Tensor, ...]) -> Any:
+            return torch.func.functional_call(self.template, (p, b), x, kwargs)
 
-        in_dims = (0, 0, None if shared else 0)
+        in_dims = (0, 0, tuple(None if shared else 0 for _ in inputs))
         return torch.func.vmap(call, in_dims=in_dims, randomness="different")(
-            params, buffers, tokens
+            params, buffers, inputs
         )
 
     def train(self, mode: bool = True) -> None:
@@ -218,9 +223,9 @@ def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
     with torch.random.fork_rng(devices=devices):
         try:
             copies.train(False)
-            out = copies(batch.tokens)
+            out = copies(batch.inputs)
             for n in (0, copies.n - 1):
-                own = copies.module(n).eval()(batch.tokens)
+                own = copies.module(n).eval()(*batch.inputs)
                 tolerance = 1e-4 * max(1.0, own.abs().max().item())
                 if (out[n] - own).abs().max() > tolerance:
                     raise ValueError(
@@ -230,7 +235,7 @@ def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
             copies.train(True)
             with torch.enable_grad():
                 params = list(copies.params.values())
-                loss = copies(batch.tokens).float().square().mean()
+                loss = copies(batch.inputs).float().square().mean()
                 torch.autograd.grad(loss, params, allow_unused=True)
         except Exception as err:  # a user's module: report whatever it raised, in one line
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -497,11 +502,11 @@ def _run_seeds(
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
             batches = [d.next() for d in data]
-            tokens = torch.stack([b[0] for b in batches])  # (N, B, T)
+            inputs = tuple(torch.stack(x) for x in zip(*(b[0] for b in batches)))  # (N, B, T..)
             targets = [
                 Targets.select(t, m, label_values, output, config.loss) for _, t, m in batches
             ]
-            losses = copy_losses(copies(tokens), targets)
+            losses = copy_losses(copies(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             if config.grad_clip:
@@ -510,7 +515,7 @@ def _run_seeds(
             step += 1
             values = losses.tolist()
             for n in range(N):
-                sequences[n] += tokens.shape[1]
+                sequences[n] += inputs[0].shape[1]
                 loss_sum[n] += values[n]
             loss_count += 1
             bar.update()
@@ -661,13 +666,15 @@ def _vectorised_scores(
             shared = all(s is sets[0] for s in sets)
             for j, part in enumerate(sets[0].parts):
                 parts = [s.parts[j] for s in sets]
-                tokens = (
-                    part.batch.tokens if shared else torch.stack([p.batch.tokens for p in parts])
+                inputs = (
+                    part.batch.inputs
+                    if shared
+                    else tuple(torch.stack(x) for x in zip(*(p.batch.inputs for p in parts)))
                 )
                 if attention and split == primary and j == 0:
-                    out = _probing_forward(copies, part.batch.tokens, probes)
+                    out = _probing_forward(copies, part.batch.inputs, probes)
                 else:
-                    out = copies(tokens)
+                    out = copies(inputs)
                 for n, p in enumerate(parts):
                     selected = out[n][p.rows, p.cols]  # (scored positions, V or 1)
                     scores[split][n].append(output_scores(selected, p.batch.vocab_size, output))
@@ -676,16 +683,19 @@ def _vectorised_scores(
     return scores, probes
 
 
-def _probing_forward(copies: Copies, tokens: Tensor, probes: list[dict[str, float]]) -> Tensor:
-    """Every copy's output on ``tokens`` (N, B, T, V) and, from the same forward passes, its
-    :func:`~iclgym.harness.train.attention_probes` into ``probes``; the copies run in groups
-    whose attention maps stay under :data:`PROBE_FLOATS`."""
-    _, maps = copies.template(tokens[:1], return_attention=True)
+def _probing_forward(
+    copies: Copies, inputs: tuple[Tensor, ...], probes: list[dict[str, float]]
+) -> Tensor:
+    """Every copy's output on the shared ``inputs`` (``batch.inputs``; (N, B, T, V) out) and,
+    from the same forward passes, its :func:`~iclgym.harness.train.attention_probes` into
+    ``probes``; the copies run in groups whose attention maps stay under :data:`PROBE_FLOATS`."""
+    tokens = inputs[0]
+    _, maps = copies.template(*(x[:1] for x in inputs), return_attention=True)
     per_copy = tokens.shape[0] * sum(a.numel() for a in maps if a is not None)
     group = max(1, PROBE_FLOATS // max(1, per_copy))
     outputs = []
     for first in range(0, copies.n, group):
-        out, attention = copies(tokens, slice(first, first + group), return_attention=True)
+        out, attention = copies(inputs, slice(first, first + group), return_attention=True)
         outputs.append(out)
         for i in range(out.shape[0]):
             layers = [a[i] if a is not None else None for a in attention]

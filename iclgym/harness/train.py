@@ -430,9 +430,10 @@ def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
     return scored_loss(selected, targets)
 
 
-def model_loss(model: nn.Module, tokens: Tensor, targets: Targets) -> Tensor:
-    """:func:`loss_of_output` of ``model(tokens)``."""
-    return loss_of_output(model(tokens), targets)
+def model_loss(model: nn.Module, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
+    """:func:`loss_of_output` of ``model(*inputs)`` (``inputs`` = ``batch.inputs``: the
+    tokens, and the features of a task that has them)."""
+    return loss_of_output(model(*inputs), targets)
 
 
 # -------------------------------------------------------------------------------- data
@@ -447,9 +448,10 @@ class StreamData:
     def steps(self, config: TrainConfig) -> int:
         return config.steps
 
-    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """``(inputs, targets, loss_mask)`` of a fresh batch (inputs = ``batch.inputs``)."""
         batch = self.task.sample(self.size, generator=self.generator, device=self.device)
-        return batch.tokens, batch.targets, batch.loss_mask
+        return batch.inputs, batch.targets, batch.loss_mask
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.generator.get_state()}
@@ -485,13 +487,16 @@ class FiniteData:
     def steps(self, config: TrainConfig) -> int:
         return config.epochs * math.ceil(self.n / self.size)
 
-    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """``(inputs, targets, loss_mask)`` of the next shuffled rows."""
         if self.position >= self.n:
             self.order = torch.randperm(self.n, generator=self.generator).to(self.device)
             self.position = 0
         rows = self.order[self.position : self.position + self.size]
         self.position += self.size
-        return self.data.tokens[rows], self.data.targets[rows], self.data.loss_mask[rows]
+        d = self.data
+        inputs = tuple(x[rows] for x in d.inputs)
+        return inputs, d.targets[rows], d.loss_mask[rows]
 
     def batches(self, size: int) -> list:
         """The training set in order, in batches of ``size`` (its held-out view)."""
@@ -503,6 +508,7 @@ class FiniteData:
                 targets=d.targets[i : i + size],
                 loss_mask=d.loss_mask[i : i + size],
                 params={k: v[i : i + size] for k, v in d.params.items()},
+                features=None if d.features is None else d.features[i : i + size],
             )
             for i in range(0, self.n, size)
         ]
@@ -882,7 +888,7 @@ class ProbingPredictor(ModelPredictor):
         was_training = self.model.training
         self.model.eval()
         try:
-            out, attention = self.model(batch.tokens.to(self.device), return_attention=True)
+            out, attention = self.model(*batch.to(self.device).inputs, return_attention=True)
         finally:
             self.model.train(was_training)
         self.probes = attention_probes(attention, batch.tokens.to(self.device))
@@ -1170,16 +1176,16 @@ def _run(
                 factor = lr_factor(config, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
-            tokens, targets, mask = data.next()
+            inputs, targets, mask = data.next()
             selected = Targets.select(targets, mask, label_values, output, config.loss)
-            loss = model_loss(model, tokens, selected)
+            loss = model_loss(model, inputs, selected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            sequences += tokens.shape[0]
+            sequences += targets.shape[0]
             loss_sum += loss.item()
             loss_count += 1
             bar.update()

@@ -45,6 +45,10 @@ class Batch:
     vocab_size: int
     true_probs_fn: Callable[[Batch], Tensor] = field(repr=False, compare=False)
     """Computes :attr:`true_probs` from this batch (usually a bound task method)."""
+    features: Tensor | None = None
+    """(B, T, F) float32 continuous inputs aligned with ``tokens`` (position t's features sit
+    beside token t), or None for token-only tasks; F = ``task.feature_dim``. A model of a task
+    with features is called ``model(tokens, features)`` (see :func:`model_inputs`)."""
 
     @cached_property
     def true_probs(self) -> Tensor:
@@ -67,7 +71,20 @@ class Batch:
             targets=self.targets.to(device),
             loss_mask=self.loss_mask.to(device),
             params={k: v.to(device) for k, v in self.params.items()},
+            features=None if self.features is None else self.features.to(device),
         )
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """What a model is called with: ``(tokens,)`` or ``(tokens, features)``."""
+        return model_inputs(self.tokens, self.features)
+
+
+def model_inputs(tokens: Tensor, features: Tensor | None) -> tuple[Tensor, ...]:
+    """The positional arguments of a model's ``forward`` (the model contract of
+    :mod:`iclgym.harness.model`): ``(tokens,)`` for token-only tasks, ``(tokens, features)``
+    for tasks whose batches carry continuous features."""
+    return (tokens,) if features is None else (tokens, features)
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -189,6 +206,30 @@ class Task(ABC):
         """Number of scored positions T per sequence."""
 
     @property
+    def feature_dim(self) -> int:
+        """F, the width of ``Batch.features`` (B, T, F); 0 for token-only tasks (the default),
+        whose batches carry ``features=None``."""
+        return 0
+
+    @property
+    def named_splits(self) -> Mapping[str, str]:
+        """Held-out data distributions beyond the seed-stream splits ``SPLITS``: name ->
+        one-line description (e.g. longer contexts, unseen concepts). Each is a variant task
+        (:meth:`split_task`) drawn from the ``"test"`` seed stream, selectable wherever a split
+        is (``evaluate``, the envs' ``split=`` and ``reset(options=...)``, the CLI). Default:
+        none."""
+        return {}
+
+    def split_task(self, name: str) -> Task:
+        """The task whose data are the named split ``name`` (one of :attr:`named_splits`, or
+        a parametrised name the family documents, e.g. ``ood_length_12``). Raises
+        ``ValueError`` naming the valid splits for any other name."""
+        raise ValueError(
+            f"split={name!r} is invalid for {type(self).__name__}: expected one of "
+            f"{SPLITS + tuple(self.named_splits)}"
+        )
+
+    @property
     def first_scored_position(self) -> int:
         """Positions before this one are context only (never scored); env episodes start
         here. 0 for next-token tasks; the last position for single-label tasks."""
@@ -279,6 +320,19 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
+
+
+def resolve_split(task: Task, split: str) -> tuple[Task, str]:
+    """``(task, seed-stream split)`` for ``split``: a seed-stream split of ``SPLITS`` keeps
+    ``task``; a named split of ``task.named_splits`` gives its variant task on the ``"test"``
+    stream. Raises ``ValueError`` naming the valid splits for anything else."""
+    if split in SPLITS:
+        return task, split
+    if not isinstance(split, str):
+        raise ValueError(
+            f"split={split!r} is invalid: expected one of {SPLITS + tuple(task.named_splits)}"
+        )
+    return task.split_task(split), "test"
 
 
 def check_batch_size(batch_size: int) -> None:

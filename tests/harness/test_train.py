@@ -258,9 +258,9 @@ def test_lsq2_trains_through_the_trainer_and_value_models_refuse_it(tmp_path, ta
     model on the first train batch; a value model (n_outputs=1) refuses any loss but auto."""
     config = replace(TINY, steps=1, eval_every=0, loss="lsq2", weight_decay=0.0)
     model = model_for(task, dropout=0.0)
-    tokens, targets, mask = StreamData(task, config).next()
+    inputs, targets, mask = StreamData(task, config).next()
     with torch.no_grad():
-        p = model(tokens).softmax(-1)[mask]
+        p = model(*inputs).softmax(-1)[mask]
     expected = (1 - p[range(len(p)), targets[mask]]).pow(2).mean().item()
     train(model, task, config, run_in(tmp_path))
     end = [r for r in read_log(tmp_path / "run") if r["type"] == "eval"][-1]
@@ -527,7 +527,7 @@ def test_finite_regime_epochs_are_permutations_of_the_training_set():
     assert data.n == 16 and data.size == 6 and data.steps(replace(FINITE, epochs=2)) == 6
     rows = {tuple(t.tolist()) for t in data.data.tokens}
     for _ in range(2):
-        seen = [tuple(t.tolist()) for _ in range(3) for t in data.next()[0]]
+        seen = [tuple(t.tolist()) for _ in range(3) for t in data.next()[0][0]]
         assert len(seen) == 16 and set(seen) == rows
     drawn = FiniteData(task, replace(FINITE, train_sequences=5))
     assert drawn.n == 5  # N sequences of the train stream instead of the task's own set

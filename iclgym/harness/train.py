@@ -202,9 +202,11 @@ class TrainConfig:
     """Sequences per evaluation batch; the probes read the first batch."""
     eval_seed: int = 0
     """Seed of the held-out sets (the same sets for every training seed)."""
-    eval_splits: tuple[Literal["validation", "test"], ...] = ("validation",)
-    """Held-out splits scored at every evaluation; the first is the primary one (its metrics are
-    logged unprefixed, the others as val_*, test_*)."""
+    eval_splits: tuple[str, ...] = ("validation",)
+    """Held-out splits scored at every evaluation: validation, test, or the task's named
+    held-out splits (``task.named_splits``, e.g. ood_switched); the first is the primary one
+    (its metrics are logged unprefixed, the others as val_*, test_*, or NAME_* for a named
+    split)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "batch_size", "eval_sequences", "eval_batch_size"):
@@ -239,9 +241,12 @@ class TrainConfig:
                 " or an import path 'package.module:factory'"
             )
         object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
-        if not self.eval_splits or any(s not in SPLITS[1:] for s in self.eval_splits):
+        if not self.eval_splits or any(
+            not isinstance(s, str) or s == "train" or not s for s in self.eval_splits
+        ):
             raise ValueError(
-                f"eval_splits={self.eval_splits!r} is invalid: expected one or more of {SPLITS[1:]}"
+                f"eval_splits={self.eval_splits!r} is invalid: expected one or more of "
+                f"{SPLITS[1:]} or the task's named splits"
             )
         parse_assignments(self.optimizer_args, "optimizer_args")
         check_device(self.device)
@@ -862,7 +867,7 @@ def eval_record(
         if split == primary:
             rec.update(metrics)
         else:
-            prefix = SPLIT_PREFIX[split]
+            prefix = SPLIT_PREFIX.get(split, split)  # a named split: its own name
             rec.update({f"{prefix}_{k}": metrics[k] for k in SPLIT_METRICS if k in metrics})
     rec.update(probes)
     rec.update(task_metrics or {})

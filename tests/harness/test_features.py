@@ -220,3 +220,15 @@ def test_vector_env_features_match_the_single_env_and_named_splits(task):
     longer = ICLEnv(task=task, split="longer")
     assert longer.observation_space["features"].shape == (2 * task.seq_len, 1)
     check_env(longer, skip_render_check=True)
+
+
+def test_the_trainer_scores_named_splits_during_training(tmp_path, task):
+    model = build_model(FACTORY, task)
+    config = replace(CONFIG, steps=5, eval_splits=("validation", "shifted", "longer"))
+    summary = train(model, task, config, replace(QUIET, out=str(tmp_path / "run")))
+    final = summary["final"]
+    assert {"shifted_accuracy", "longer_excess_loss"} <= set(final)
+    assert final["shifted_accuracy"] > 0.9  # a sign rule that started right (w > 0)
+    bad = replace(CONFIG, steps=1, eval_splits=("validation", "nope"))
+    with pytest.raises(ValueError, match="split='nope' is invalid"):
+        train(build_model(FACTORY, task), task, bad, replace(QUIET, out=str(tmp_path / "x")))

@@ -910,7 +910,8 @@ class ICLEnv(_Spaces, gym.Env):
     def _feature_observation(self, t: int) -> np.ndarray:
         if self.obs_mode == "token":  # the features of position t (the last one at the end)
             return self._block_features[self._i, min(t, self.seq_len - 1)].copy()
-        if self.obs_mode == "window":
+        if self.obs_mode == "window":  # positions t - W + 1 .. t (the last at the end)
+            t = min(t, self.seq_len - 1)
             return self._fobs_buffer[t : t + self.window].copy()
         return self._fobs_buffer.copy()
 
@@ -1093,8 +1094,9 @@ class ICLVectorEnv(_Spaces, VectorEnv):
             return self._token_observation(t)
         if self.obs_mode == "token":
             features = self._round.features[:, min(t, self.seq_len - 1)]
-        elif self.obs_mode == "window":
-            features = self._fobs_buffer[:, t : t + self.window]
+        elif self.obs_mode == "window":  # positions t - W + 1 .. t (the last at the end)
+            t_last = min(t, self.seq_len - 1)
+            features = self._fobs_buffer[:, t_last : t_last + self.window]
         else:
             features = self._fobs_buffer
         tokens = None if self.obs_mode == "features" else self._token_observation(t)

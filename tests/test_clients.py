@@ -39,6 +39,12 @@ def _modes(env_id: str) -> list[dict]:
     return modes
 
 
+def _policy(venv, flat: str, multi_input: str) -> str:
+    """SB3's policy name for the observation: feature tasks observe Dict(tokens, features),
+    which SB3 reads with its MultiInput policies (each key flattened, then concatenated)."""
+    return multi_input if isinstance(venv.observation_space, gym.spaces.Dict) else flat
+
+
 @pytest.mark.parametrize("env_id", IDS)
 @pytest.mark.parametrize("vec_env_cls", [DummyVecEnv, SubprocVecEnv])
 def test_make_vec_env_returns_a_working_vec_env(env_id, vec_env_cls):
@@ -50,8 +56,11 @@ def test_make_vec_env_returns_a_working_vec_env(env_id, vec_env_cls):
     venv = make_vec_env(name, n_envs=2, seed=0, vec_env_cls=vec_env_cls)
     try:
         obs = venv.reset()
-        assert obs.shape == (2, *venv.observation_space.shape)
-        assert obs in batch_space(venv.observation_space, 2)
+        space = venv.observation_space
+        parts = space.spaces if isinstance(space, gym.spaces.Dict) else {None: space}
+        for key, part in parts.items():  # feature tasks: Dict(tokens, features)
+            assert (obs if key is None else obs[key]).shape == (2, *part.shape)
+        assert obs in batch_space(space, 2)
         for _ in range(5):
             actions = np.array([venv.action_space.sample() for _ in range(2)])
             obs, rewards, _, infos = venv.step(actions)
@@ -68,7 +77,13 @@ def test_ppo_learns_2048_steps_on_every_mode(env_id):
     for mode in _modes(env_id):
         venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs=mode)
         model = PPO(
-            "MlpPolicy", venv, n_steps=256, batch_size=256, n_epochs=1, seed=0, device="cpu"
+            _policy(venv, "MlpPolicy", "MultiInputPolicy"),
+            venv,
+            n_steps=256,
+            batch_size=256,
+            n_epochs=1,
+            seed=0,
+            device="cpu",
         )
         model.learn(2048)
         assert model.num_timesteps >= 2048, mode
@@ -84,7 +99,13 @@ def test_recurrent_ppo_learns_2048_steps_on_the_token_observation(env_id):
     refuses whatever its dtype, so the token observation is the recurrent one."""
     venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs={"observation": "token"})
     model = RecurrentPPO(
-        "MlpLstmPolicy", venv, n_steps=128, batch_size=128, n_epochs=1, seed=0, device="cpu"
+        _policy(venv, "MlpLstmPolicy", "MultiInputLstmPolicy"),
+        venv,
+        n_steps=128,
+        batch_size=128,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
     )
     model.learn(2048)
     assert model.num_timesteps >= 2048

@@ -22,6 +22,8 @@ def test_ids_registered_with_entry_points():
         "ICL-SymbolCopy-v0",
         "ICL-SparseContextualBigram-v0",
         "ICL-PriorityGraph-v0",
+        "ICL-MultiConcept-v0",
+        "ICL-MultiConcept-Random-v0",
     ]
     for env_id in ids:
         spec = gym.spec(env_id)

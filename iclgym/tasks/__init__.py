@@ -10,6 +10,7 @@ from iclgym.tasks.base import (
     make_generator,
 )
 from iclgym.tasks.markov import MarkovChainSpec, MarkovChainTask
+from iclgym.tasks.multi_concept import MultiConceptSpec, MultiConceptTask
 from iclgym.tasks.priority_graph import PriorityGraphSpec, PriorityGraphTask
 from iclgym.tasks.sparse_bigram import SparseContextualBigramSpec, SparseContextualBigramTask
 from iclgym.tasks.templates import SymbolTemplateSpec, SymbolTemplateTask
@@ -19,6 +20,7 @@ TASK_FAMILIES: dict[str, type[Task]] = {
     SymbolTemplateTask.name: SymbolTemplateTask,
     SparseContextualBigramTask.name: SparseContextualBigramTask,
     PriorityGraphTask.name: PriorityGraphTask,
+    MultiConceptTask.name: MultiConceptTask,
 }
 """Family name -> task class; the registry builds envs and tasks from these names."""
 
@@ -40,6 +42,8 @@ __all__ = [
     "Batch",
     "MarkovChainSpec",
     "MarkovChainTask",
+    "MultiConceptSpec",
+    "MultiConceptTask",
     "OracleEstimate",
     "PriorityGraphSpec",
     "PriorityGraphTask",

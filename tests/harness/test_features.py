@@ -179,6 +179,14 @@ def test_envs_observe_features_as_dict_or_box_and_pass_both_checkers(task):
         sb3_check_env(ICLEnv(task=task, observation=observation, window=3), warn=False)
         obs, _ = env.reset(seed=0)
         assert obs in env.observation_space
+        vec = ICLVectorEnv(2, task=task, observation=observation, window=3)
+        vobs, _ = vec.reset(seed=0)
+        terminated = False
+        while not terminated:  # every observation, the terminal one included, in the space
+            obs, _, terminated, *_ = env.step(0)
+            vobs, _, vterm, *_ = vec.step(np.zeros(2, dtype=np.int64))
+            assert obs in env.observation_space and vobs in vec.observation_space
+            assert vterm.all() == terminated
     env = ICLEnv(task=task)
     assert isinstance(env.observation_space, gym.spaces.Dict)
     obs, _ = env.reset(seed=3)

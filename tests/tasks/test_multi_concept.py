@@ -1,0 +1,387 @@
+"""Multi-concept prompts (``shared/specs/multi-concept.md``): spec validation, batch layout,
+the world's geometry, the sampler's law, the exact posterior against a brute-force
+enumeration of the full Gaussian likelihood, calibration, the section 3 analytic accuracies,
+the section 6 accuracy bands, and the named OOD splits."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations, product
+
+import numpy as np
+import pytest
+import torch
+
+from iclgym.harness import OraclePredictor, StrategyPredictor, evaluate
+from iclgym.harness.evaluate import HeldOut
+from iclgym.tasks import TASK_FAMILIES, MultiConceptSpec, MultiConceptTask
+from iclgym.tasks.multi_concept import (
+    SKEW_MASS,
+    leave_one_out_esp,
+    make_world,
+    skewed_concept_law,
+)
+
+TINY = {"d": 6, "d_y": 6, "num_concepts": 3, "s_extra": 1, "num_demos": 2}
+
+
+def draw(task, n, split="test", seed=0):
+    return task.sample(n, generator=task.generator(seed, split))
+
+
+def accuracy(log_probs, batch):
+    return (log_probs[:, -1].argmax(-1) == batch.targets[:, -1]).double().mean().item()
+
+
+def within_binomial(acc: float, p: float, n: int, z: float = 3.0) -> bool:
+    return abs(acc - p) <= z * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-12
+
+
+# ------------------------------------------------------------------------------ the spec
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"d": 15}, "d"),  # < 2K = 16 orthonormal directions
+        ({"d_y": 4}, "d_y"),
+        ({"num_concepts": 1}, "num_concepts"),
+        ({"s_extra": 8}, "s_extra"),
+        ({"num_demos": 0}, "num_demos"),
+        ({"beta": 1.0}, "beta"),  # alpha > beta: positive within-concept inner product
+        ({"delta": 1.5}, "delta"),
+        ({"sigma": -0.1}, "sigma"),
+        ({"label_noise": 0.5}, "label_noise"),
+        ({"coef_jitter": 1.0}, "coef_jitter"),
+        ({"mapping": "swap"}, "mapping"),
+        ({"dictionary": "sparse"}, "dictionary"),
+        ({"concept_probs": (0.5, 0.5)}, "concept_probs"),
+        ({"concept_probs": (0.2,) * 8}, "concept_probs"),
+        ({"heldout_concepts": 8}, "heldout_concepts"),
+        ({"label_extra_concepts": 8}, "label_extra_concepts"),
+        ({"dictionary": "gaussian", "coef_jitter": 0.2}, "coef_jitter"),
+        ({"cross_pairing": 1}, "cross_pairing"),
+        ({"num_demos": 10**9}, "num_demos"),
+    ],
+)
+def test_invalid_specs_raise_naming_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MultiConceptSpec(**kwargs)
+
+
+def test_numpy_numbers_are_accepted_and_the_family_is_registered():
+    spec = MultiConceptSpec(num_concepts=np.int64(4), d=np.int64(8), d_y=8, sigma=np.float32(0.1))
+    assert type(spec.num_concepts) is int and isinstance(spec.sigma, float)
+    assert TASK_FAMILIES["multi_concept"] is MultiConceptTask
+    assert MultiConceptTask(spec).spec == spec
+
+
+# ------------------------------------------------------------------- layout and sampler
+def test_batch_layout_matches_the_prompt():
+    task = MultiConceptTask(**TINY, label_extra_concepts=1)
+    s = task.spec
+    g1, g2 = task.generator(3, "test"), task.generator(3, "test")
+    p = task.sample_prompts(50, generator=g1)
+    b = task.sample(50, generator=g2)
+    L = s.num_demos
+    assert b.tokens.shape == (50, L + 1) and b.features.shape == (50, L + 1, s.d + s.d_y)
+    assert b.features.dtype == torch.float32 and b.tokens.dtype == torch.int64
+    torch.testing.assert_close(b.features[:, :L, : s.d], p["demo_x"])
+    torch.testing.assert_close(b.features[:, L, : s.d], p["query_x"])
+    torch.testing.assert_close(b.features[:, :L, s.d :], p["demo_u"])
+    assert (b.features[:, L, s.d :] == 0).all()  # e_q = [x_q; 0]
+    assert (b.tokens[:, :L] * 2 - 1 == p["demo_y"]).all() and (b.tokens[:, L] == 0).all()
+    assert (b.targets[:, L] * 2 - 1 == p["query_y"]).all()
+    assert (b.targets[:, :L] == b.tokens[:, 1:]).all()
+    assert b.loss_mask.sum().item() == 50 and b.loss_mask[:, L].all()
+    assert task.first_scored_position == L and task.seq_len == L + 1
+    assert task.feature_dim == s.d + s.d_y and task.class_tokens == (0, 1)
+    # the true law puts 1 - p on the query's clean label; the placeholder is a point mass
+    law = b.true_probs
+    assert (law[:, L - 1, 0] == 1).all()
+    torch.testing.assert_close(law.sum(-1), torch.ones(50, L + 1))
+
+
+def test_same_seed_same_prompts_and_streams_differ():
+    task = MultiConceptTask()
+    a, b = draw(task, 8, "train", 1), draw(task, 8, "train", 1)
+    assert torch.equal(a.features, b.features) and torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.features, draw(task, 8, "test", 1).features)
+
+
+def test_world_geometry():
+    """Spec section 2: orthonormal directions, the norms, <mu+, mu-> = alpha^2 - beta^2 within
+    a concept, orthogonality across concepts; the world depends on world_seed only."""
+    spec = MultiConceptSpec()
+    w = make_world(spec)
+    words = np.concatenate([w.a / spec.alpha, w.b / spec.beta])
+    labels = np.concatenate([w.c / spec.gamma, w.d / spec.delta])
+    np.testing.assert_allclose(words @ words.T, np.eye(16), atol=1e-12)
+    np.testing.assert_allclose(labels @ labels.T, np.eye(16), atol=1e-12)
+    mu_p, mu_m = w.a + w.b, w.a - w.b
+    np.testing.assert_allclose((mu_p * mu_m).sum(1), spec.alpha**2 - spec.beta**2)
+    cos = (mu_p * mu_m).sum(1) / (np.linalg.norm(mu_p, axis=1) * np.linalg.norm(mu_m, axis=1))
+    np.testing.assert_allclose(cos, 0.51 / 1.49)  # spec section 2: ~0.34 under C0
+    same = make_world(MultiConceptSpec(sigma=0.3, mapping="random", label_noise=0.1))
+    assert np.array_equal(same.a, w.a) and np.array_equal(same.d, w.d)
+    other = make_world(MultiConceptSpec(world_seed=1))
+    assert not np.allclose(other.a, w.a)
+    g = make_world(MultiConceptSpec(dictionary="gaussian"))
+    np.testing.assert_allclose(np.linalg.norm(g.b, axis=1), spec.beta)
+
+
+def test_sampler_law():
+    """Supports hold k* and s_extra others; labels are m eps_{k*} flipped at rate p; the
+    random mapping is fair; x is the sum of its active semantics plus noise of scale sigma."""
+    task = MultiConceptTask(mapping="random", label_noise=0.2, coef_jitter=0.5)
+    s, n = task.spec, 20000
+    p = task.sample_prompts(n, generator=task.generator(0))
+    sup, k = p["support"], p["task_concept"]
+    assert (sup.sum(-1) == s.s_extra + 1).all()
+    assert sup.gather(-1, k[:, None, None].expand(-1, s.num_demos + 1, 1)).all()
+    flips = (torch.cat([p["demo_y"], p["query_y"][:, None]], 1) != p["clean_label"]).double()
+    assert within_binomial(flips.mean().item(), 0.2, flips.numel())
+    assert within_binomial((p["mapping"] > 0).double().mean().item(), 0.5, n)
+    z = p["coefficient"][sup]
+    assert z.min() >= 0.5 and z.max() <= 1.5 and abs(z.mean().item() - 1.0) < 0.01
+    w = make_world(s)
+    mean = p["coefficient"].double() @ torch.tensor(w.a) + (
+        p["coefficient"] * p["semantic_sign"]
+    ).double() @ torch.tensor(w.b)
+    noise = p["words"].double() - mean
+    assert abs(noise.std().item() - s.sigma) < 0.002
+    counts = torch.bincount(k, minlength=s.num_concepts).double() / n
+    assert all(within_binomial(c, 1 / 8, n) for c in counts.tolist())
+
+
+def test_concept_law_skew_and_heldout():
+    task = MultiConceptTask(heldout_concepts=2)
+    k = task.sample_prompts(20000, generator=task.generator(0))["task_concept"]
+    assert k.max().item() == 5
+    skew = task.split_task("ood_skew")
+    assert skew.spec.concept_probs == skewed_concept_law(task.spec)
+    law = np.array(skew.spec.concept_probs)
+    assert law[0] == SKEW_MASS and law[6:].sum() == 0 and math.isclose(law.sum(), 1.0)
+    k = skew.sample_prompts(20000, generator=skew.generator(0))["task_concept"]
+    assert within_binomial((k == 0).double().mean().item(), SKEW_MASS, 20000)
+    held = task.split_task("ood_heldout_concepts")
+    k = held.sample_prompts(4000, generator=held.generator(0))["task_concept"]
+    assert set(k.tolist()) == {6, 7}
+
+
+def test_leave_one_out_esp_matches_enumeration():
+    v = torch.rand(3, 6, dtype=torch.float64) + 0.1
+    for degree in range(6):
+        got = leave_one_out_esp(v.log(), degree).exp()
+        for j in range(6):
+            others = [i for i in range(6) if i != j]
+            want = sum(
+                math.prod(v[:, i].numpy() for i in c) if c else np.ones(3)
+                for c in combinations(others, degree)
+            )
+            np.testing.assert_allclose(got[:, j].numpy(), want, rtol=1e-10)
+
+
+# --------------------------------------------------------------- the exact posterior
+def _brute_force(task: MultiConceptTask, batch) -> np.ndarray:
+    """(B, 2) P(y_q | prompt) by enumerating, per prompt, every (k*, m) and for every word
+    every support, sign vector and coefficient (Gauss-Legendre in each active coefficient),
+    with the full isotropic Gaussian density in R^d; label tokens likewise. Shares no code
+    with the task's factorised oracle."""
+    s, w = task.spec, make_world(task.spec)
+    k, L = s.num_concepts, batch.seq_len - 1
+    sig, sig_y, p = s.sigma, s.sigma_y, s.label_noise
+    nodes, weights = np.polynomial.legendre.leggauss(12)
+    if s.coef_jitter:
+        zs, zw = 1 + s.coef_jitter * nodes, weights / 2
+    else:
+        zs, zw = np.ones(1), np.ones(1)
+    f = batch.features.double().numpy()
+    y_obs = batch.tokens.numpy()[:, :L] * 2 - 1
+    law = task.concept_law
+    maps = {"fixed": (1,), "switched": (-1,), "random": (1, -1)}[s.mapping]
+
+    def log_gauss(x, mean, sd):
+        return -((x - mean) ** 2).sum(-1) / (2 * sd**2) - x.shape[-1] * math.log(sd)
+
+    def word_lik(x, kstar):  # {e: likelihood of x with eps_{k*} = e}
+        out = {1: 0.0, -1: 0.0}
+        for extra in combinations([j for j in range(k) if j != kstar], s.s_extra):
+            sup = (kstar, *extra)
+            for eps in product((-1, 1), repeat=len(sup)):
+                for zz in product(range(len(zs)), repeat=len(sup)):
+                    coef = [zs[i] for i in zz]
+                    mean = sum(c * (w.a[j] + e * w.b[j]) for c, j, e in zip(coef, sup, eps))
+                    wt = math.prod(zw[i] for i in zz) / math.comb(k - 1, s.s_extra) / 2 ** len(sup)
+                    out[eps[0]] += wt * math.exp(log_gauss(x, mean, sig))
+        return out
+
+    def label_lik(u, kappa, y):
+        total = 0.0
+        for extra in combinations([j for j in range(k) if j != kappa], s.label_extra_concepts):
+            for rho in product((-1, 1), repeat=len(extra)):
+                mean = w.c[kappa] + y * w.d[kappa]
+                for j, r in zip(extra, rho):
+                    mean = mean + w.c[j] + r * w.d[j]
+                prior = 1 / math.comb(k - 1, len(extra)) / 2 ** len(extra)
+                total += prior * math.exp(log_gauss(u, mean, sig_y))
+        return total
+
+    out = np.zeros((f.shape[0], 2))
+    for b in range(f.shape[0]):
+        x, u = f[b, :, : s.d], f[b, :L, s.d :]
+        for kstar in range(k):
+            if law[kstar] == 0:
+                continue
+            kappa = (kstar + 1) % k if s.cross_pairing else kstar
+            words = [word_lik(x[i], kstar) for i in range(L + 1)]
+            labels = math.prod(label_lik(u[l], kappa, y_obs[b, l]) for l in range(L))
+            for m in maps:
+                ctx = law[kstar] / len(maps) * labels
+                for l in range(L):
+                    ctx *= sum(words[l][e] * (1 - p if y_obs[b, l] == m * e else p) for e in (-1, 1))
+                for yi, y in enumerate((-1, 1)):
+                    q = sum(words[L][e] * (1 - p if y == m * e else p) for e in (-1, 1))
+                    out[b, yi] += ctx * q
+    return out / out.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"sigma": 0.6, "sigma_y": 0.8, "label_noise": 0.1, "mapping": "random"},
+        {"sigma": 0.5, "sigma_y": 0.7, "coef_jitter": 0.4, "label_extra_concepts": 1},
+        {"sigma": 0.6, "sigma_y": 0.9, "cross_pairing": True, "mapping": "switched"},
+        {"sigma": 0.5, "sigma_y": 0.9, "dictionary": "gaussian", "d": 4, "d_y": 3,
+         "label_extra_concepts": 1, "concept_probs": (0.6, 0.3, 0.1), "mapping": "random"},
+    ],
+)  # fmt: skip
+def test_posterior_matches_brute_force_enumeration(extra):
+    task = MultiConceptTask(**{**TINY, **extra})
+    batch = draw(task, 12)
+    got = task.query_log_probs(batch.tokens, batch.features).exp().numpy()
+    want = _brute_force(task, batch)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert (np.abs(got[:, 1] - 0.5) > 0.05).any()  # informative, not all at chance
+    oracle = task.oracle(batch)
+    torch.testing.assert_close(oracle[:, -1].exp().double(), torch.tensor(want), atol=1e-6, rtol=0)
+
+
+def test_noiseless_limit_is_finite_and_exact():
+    task = MultiConceptTask(sigma=0.0, sigma_y=0.0, mapping="random")
+    batch = draw(task, 500)
+    lp = task.oracle(batch)
+    assert torch.isfinite(lp).all()
+    assert accuracy(lp, batch) == 1.0
+
+
+def test_posterior_is_calibrated():
+    """On a noisy random-mapping config the posterior P(y = +1) matches the label frequency
+    bin by bin (a Bayes posterior is calibrated on its own data)."""
+    task = MultiConceptTask(sigma=0.6, sigma_y=0.6, mapping="random", label_noise=0.05)
+    batch = draw(task, 20000)
+    prob = task.oracle(batch)[:, -1, 1].exp().double()
+    y = batch.targets[:, -1].double()
+    edges = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (prob >= lo) & (prob < hi)
+        n = int(sel.sum())
+        if n < 200:
+            continue
+        mean_p = prob[sel].mean().item()
+        assert within_binomial(y[sel].mean().item(), mean_p, n, z=4.0), (lo, n)
+
+
+def test_no_strategy_beats_the_oracle():
+    task = MultiConceptTask(sigma=0.5, sigma_y=0.5, mapping="random", label_noise=0.1)
+    held = HeldOut(task, split="test", seed=0, num_sequences=4000, batch_size=1000)
+    oracle = evaluate(OraclePredictor(task), held)
+    for name in task.strategies:
+        r = evaluate(StrategyPredictor(task, name), held)
+        assert r.excess_loss >= -3 * r.excess_loss_se, name
+        assert r.accuracy <= oracle.accuracy + 3 * math.sqrt(0.25 / 4000), name
+
+
+# --------------------------------------------------------- analytic accuracies (section 3)
+@pytest.mark.parametrize(
+    ("extra", "reference"),
+    [
+        ({"sigma": 0.35}, 0.9772),  # spec section 3: 1 - Phi(-2), measured 0.9770
+        ({"sigma": 0.5}, 0.9192),  # 1 - Phi(-1.4), measured 0.9202
+        ({"sigma": 0.35, "label_noise": 0.1, "mapping": "random"}, None),
+        ({"sigma": 0.35, "coef_jitter": 0.5, "mapping": "switched"}, None),
+    ],
+)
+def test_oracle_accuracy_matches_the_analytic_bayes_error(extra, reference):
+    task = MultiConceptTask(**extra)
+    analytic = 1.0 - task.bayes_error()
+    if reference is not None:
+        assert abs(analytic - reference) < 5e-5
+    n = 40000
+    batch = draw(task, n)
+    assert within_binomial(accuracy(task.oracle(batch), batch), analytic, n, z=1.96 * 1.5)
+    dictionary = task.strategies["dictionary_oracle"](batch)
+    assert within_binomial(accuracy(dictionary, batch), analytic, n, z=3.0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"s_extra": 4}, {"concept_probs": (0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0)},
+     {"label_noise": 0.2, "mapping": "switched"}],
+)  # fmt: skip
+def test_no_context_accuracy(extra):
+    """The query alone, dictionary known: 0.75 at C0 (E max(n, 3 - n) / 3, n ~ Bin(3, 1/2)),
+    not the spec's 0.667 (one active concept's sign, picked at random)."""
+    task = MultiConceptTask(**extra)
+    analytic = task.no_context_accuracy()
+    if not extra:
+        assert analytic == pytest.approx(0.75)
+    n = 20000
+    batch = draw(task, n)
+    assert within_binomial(accuracy(task.strategies["no_context"](batch), batch), analytic, n)
+    assert MultiConceptTask(mapping="random").no_context_accuracy() == 0.5
+
+
+def test_section_6_accuracy_bands_at_c0():
+    """Spec section 6 (C0, L = 16, N = 4000, fixed mapping)."""
+    task = MultiConceptTask()
+    held = HeldOut(task, split="test", seed=0, num_sequences=4000, batch_size=1000)
+    acc = {name: evaluate(StrategyPredictor(task, name), held).accuracy for name in task.strategies}
+    acc["oracle"] = evaluate(OraclePredictor(task), held).accuracy
+    assert acc["oracle"] >= 0.999 and acc["dictionary_oracle"] >= 0.999
+    assert acc["ridge"] >= 0.99 and acc["nearest_centroid"] >= 0.98
+    assert 0.83 <= acc["softmax_vote"] <= 0.92
+    assert abs(acc["majority"] - 0.5) < 0.03 and abs(acc["uniform"] - 0.5) < 0.03
+
+
+# ------------------------------------------------------------------------- named splits
+def test_named_splits():
+    task = MultiConceptTask(mapping="random")
+    assert "ood_heldout_concepts" not in task.named_splits
+    assert task.split_task("ood_length_12").seq_len == 13
+    assert task.split_task("ood_length_64").spec.num_demos == 64
+    assert task.split_task("ood_switched").spec.mapping == "switched"
+    assert task.split_task("ood_noise").spec.sigma == pytest.approx(0.2)
+    assert task.split_task("iid").spec == task.spec
+    cross = task.split_task("ood_cross_pairing")
+    p = cross.sample_prompts(100, generator=cross.generator(0))
+    assert (p["label_concept"] == (p["task_concept"] + 1) % 8).all()
+    switched = task.split_task("ood_switched")
+    assert (draw(switched, 100).params["mapping"] == -1).all()
+    for name in task.named_splits:
+        assert make_world(task.split_task(name).spec) is make_world(task.spec)
+    for bad in ("ood_length_0", "ood_heldout_concepts", "skew", 3):
+        with pytest.raises(ValueError, match="split"):
+            task.split_task(bad)
+
+
+def test_online_matches_the_oracle():
+    task = MultiConceptTask(sigma=0.5, mapping="random")
+    batch = draw(task, 64)
+    step = task.online(batch)
+    true, oracle = step(task.seq_len - 1)
+    np.testing.assert_allclose(oracle, task.oracle(batch)[:, -1].exp().numpy(), atol=1e-6)
+    np.testing.assert_allclose(true, batch.true_probs[:, -1].numpy())
+    with pytest.raises(ValueError, match="position"):
+        step(0)
+    info = task.episode_info(batch)
+    assert set(info) == {"task_concept", "mapping", "query_y"}
+    assert (info["query_y"] == batch.targets[:, -1].numpy() * 2 - 1).all()

@@ -141,7 +141,8 @@ def check_split(split: Any, name: str = "split", task: Task | None = None) -> st
             raise ValueError(f"{name}={split!r} is invalid: {err}") from None
         return canonical
     raise ValueError(
-        f"{name}={split!r} is invalid: expected one of {SPLITS + tuple(task.named_splits if task else ())}"
+        f"{name}={split!r} is invalid: expected one of "
+        f"{SPLITS + tuple(task.named_splits if task else ())}"
         " (or 'val' for 'validation')"
     )
 
@@ -965,9 +966,9 @@ class ICLEnv(_Spaces, gym.Env):
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[t + 1] = target
-        if self._block_fobs is not None and self.obs_mode != "window" and t + 1 < self.seq_len:
-            if self.obs_mode != "token":  # reveal position t + 1's features
-                self._fobs_buffer[t + 1] = self._block_features[self._i, t + 1]
+        reveal = self.obs_mode in ("context", "features") and t + 1 < self.seq_len
+        if self._block_fobs is not None and reveal:  # reveal position t + 1's features
+            self._fobs_buffer[t + 1] = self._block_features[self._i, t + 1]
         self._last = (action, reward)
         if self.render_mode is not None:
             self._regrets[t] = info["regret"]
@@ -1137,9 +1138,9 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         self._t = t + 1
         if self.obs_mode == "context":
             self._obs_buffer[:, t + 1] = target
-        if self._fobs_buffer is not None and t + 1 < self.seq_len:
-            if self.obs_mode in ("context", "features"):  # reveal position t + 1's features
-                self._fobs_buffer[:, t + 1] = self._round.features[:, t + 1]
+        reveal = self.obs_mode in ("context", "features") and t + 1 < self.seq_len
+        if self._fobs_buffer is not None and reveal:  # reveal position t + 1's features
+            self._fobs_buffer[:, t + 1] = self._round.features[:, t + 1]
         if self.render_mode is not None:
             self._regrets[:, t] = extra["regret"]
         terminated = self._t == self.seq_len

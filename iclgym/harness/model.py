@@ -30,9 +30,9 @@ This docstring is the one place the contract is written down.
 ``batch.features`` (B, T, F) float32, e.g. the multi-concept prompts' word and label vectors),
 the model is called ``forward(tokens, features)`` with the same outputs; position t's features
 sit beside token t, so the causality rule below covers both. Every call site (trainer,
-``evaluate``, probes, checks) goes through ``batch.inputs`` (:func:`iclgym.tasks.base.model_inputs`),
-so token-only tasks keep calling ``forward(tokens)``. Factories of such tasks also get
-``feature_dim=F``.
+``evaluate``, probes, checks) goes through ``batch.inputs``
+(:func:`iclgym.tasks.base.model_inputs`), so token-only tasks keep calling ``forward(tokens)``.
+Factories of such tasks also get ``feature_dim=F``.
 
 Only the positions of ``batch.loss_mask`` are trained and scored (by selection: the outputs at
 the other positions are never read, so they may be anything, ``-inf`` included).
@@ -58,7 +58,8 @@ does.
   (e.g. a tied unembedding, whose softmax trains every row).
 
 **Building by name.** A model factory is any callable ``factory(vocab_size=V, seq_len=T,
-**model_args) -> nn.Module`` (plus ``feature_dim=F`` where the task has features), given as an object or as an import path ``"package.module:name"``.
+**model_args) -> nn.Module`` (plus ``feature_dim=F`` where the task has features), given as
+an object or as an import path ``"package.module:name"``.
 :func:`build_model` seeds the init from the training seed (stream :data:`INIT_STREAM`) and
 records the factory path and arguments on the module, so checkpoints can rebuild it
 (:func:`load_model`, ``--predictor checkpoint:PATH``).

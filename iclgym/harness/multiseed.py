@@ -502,7 +502,9 @@ def _run_seeds(
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
             batches = [d.next() for d in data]
-            inputs = tuple(torch.stack(x) for x in zip(*(b[0] for b in batches)))  # (N, B, T..)
+            inputs = tuple(
+                torch.stack(x) for x in zip(*(b[0] for b in batches), strict=True)
+            )  # (N, B, T..)
             targets = [
                 Targets.select(t, m, label_values, output, config.loss) for _, t, m in batches
             ]
@@ -669,7 +671,9 @@ def _vectorised_scores(
                 inputs = (
                     part.batch.inputs
                     if shared
-                    else tuple(torch.stack(x) for x in zip(*(p.batch.inputs for p in parts)))
+                    else tuple(
+                        torch.stack(x) for x in zip(*(p.batch.inputs for p in parts), strict=True)
+                    )
                 )
                 if attention and split == primary and j == 0:
                     out = _probing_forward(copies, part.batch.inputs, probes)

@@ -152,7 +152,9 @@ def test_many_seeds_in_one_process_take_features(tmp_path, task):
     summary = train(model, task, replace(CONFIG, steps=10), run)
     assert len(summary["runs"]) == 2
     single = build_model(FACTORY, task, seed=1)
-    train(single, task, replace(CONFIG, steps=10, seed=1), replace(QUIET, out=str(tmp_path / "one")))
+    train(
+        single, task, replace(CONFIG, steps=10, seed=1), replace(QUIET, out=str(tmp_path / "one"))
+    )
     from iclgym.harness import load_model
 
     copy = load_model(tmp_path / "seeds" / "seed1", task)
@@ -191,7 +193,7 @@ def test_envs_observe_features_as_dict_or_box_and_pass_both_checkers(task):
     assert isinstance(env.observation_space, gym.spaces.Dict)
     obs, _ = env.reset(seed=3)
     feats = [obs["features"].copy()]
-    for t in range(task.seq_len):
+    for _ in range(task.seq_len):
         obs, *_ = env.step(0)
         feats.append(obs["features"].copy())
     full = feats[-1][:, 0]
@@ -217,7 +219,7 @@ def test_vector_env_features_match_the_single_env_and_named_splits(task):
     obs, _ = vec4.reset(seed=0)
     assert obs in vec4.observation_space and obs["features"].shape == (4, 2, 1)
     # a same-shape named split by reset option; another length only at construction
-    shifted, info = vec4.reset(options={"split": "shifted"})
+    _shifted, info = vec4.reset(options={"split": "shifted"})
     assert (info["split"] == "shifted").all()
     env = ICLEnv(task=task)
     env.reset(seed=0, options={"split": "shifted"})

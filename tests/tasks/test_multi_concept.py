@@ -6,7 +6,7 @@ the section 6 accuracy bands, and the named OOD splits."""
 from __future__ import annotations
 
 import math
-from itertools import combinations, product
+from itertools import combinations, pairwise, product
 
 import numpy as np
 import pytest
@@ -209,7 +209,9 @@ def _brute_force(task: MultiConceptTask, batch) -> np.ndarray:
             for eps in product((-1, 1), repeat=len(sup)):
                 for zz in product(range(len(zs)), repeat=len(sup)):
                     coef = [zs[i] for i in zz]
-                    mean = sum(c * (w.a[j] + e * w.b[j]) for c, j, e in zip(coef, sup, eps))
+                    mean = sum(
+                        c * (w.a[j] + e * w.b[j]) for c, j, e in zip(coef, sup, eps, strict=True)
+                    )
                     wt = math.prod(zw[i] for i in zz) / math.comb(k - 1, s.s_extra) / 2 ** len(sup)
                     out[eps[0]] += wt * math.exp(log_gauss(x, mean, sig))
         return out
@@ -219,7 +221,7 @@ def _brute_force(task: MultiConceptTask, batch) -> np.ndarray:
         for extra in combinations([j for j in range(k) if j != kappa], s.label_extra_concepts):
             for rho in product((-1, 1), repeat=len(extra)):
                 mean = w.c[kappa] + y * w.d[kappa]
-                for j, r in zip(extra, rho):
+                for j, r in zip(extra, rho, strict=True):
                     mean = mean + w.c[j] + r * w.d[j]
                 prior = 1 / math.comb(k - 1, len(extra)) / 2 ** len(extra)
                 total += prior * math.exp(log_gauss(u, mean, sig_y))
@@ -233,11 +235,12 @@ def _brute_force(task: MultiConceptTask, batch) -> np.ndarray:
                 continue
             kappa = (kstar + 1) % k if s.cross_pairing else kstar
             words = [word_lik(x[i], kstar) for i in range(L + 1)]
-            labels = math.prod(label_lik(u[l], kappa, y_obs[b, l]) for l in range(L))
+            labels = math.prod(label_lik(u[j], kappa, y_obs[b, j]) for j in range(L))
             for m in maps:
                 ctx = law[kstar] / len(maps) * labels
-                for l in range(L):
-                    ctx *= sum(words[l][e] * (1 - p if y_obs[b, l] == m * e else p) for e in (-1, 1))
+                for j in range(L):
+                    yj = y_obs[b, j]
+                    ctx *= sum(words[j][e] * (1 - p if yj == m * e else p) for e in (-1, 1))
                 for yi, y in enumerate((-1, 1)):
                     q = sum(words[L][e] * (1 - p if y == m * e else p) for e in (-1, 1))
                     out[b, yi] += ctx * q
@@ -281,7 +284,7 @@ def test_posterior_is_calibrated():
     prob = task.oracle(batch)[:, -1, 1].exp().double()
     y = batch.targets[:, -1].double()
     edges = torch.linspace(0, 1, 11, dtype=torch.float64)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in pairwise(edges):
         sel = (prob >= lo) & (prob < hi)
         n = int(sel.sum())
         if n < 200:

@@ -32,6 +32,7 @@ from gymnasium.utils.performance import benchmark_step
 from tqdm.auto import tqdm
 
 from iclgym.tasks.markov import MarkovChainTask
+from iclgym.tasks.multi_concept import MultiConceptTask
 from iclgym.tasks.priority_graph import PriorityGraphTask
 from iclgym.tasks.sparse_bigram import SparseContextualBigramTask
 from iclgym.validation import as_float, as_int, invalid
@@ -178,6 +179,15 @@ def _batch_rows(budget: float, repeats: int, suffix: str, bar) -> list[Row]:
     tokens = graph.sample(4096, generator=gen).tokens
     rate = _best_rate(lambda: graph.bayes_probs(tokens), 4096, 10 * repeats, budget)
     rows.append(Row(f"priority-graph Oracle C B=4096{suffix}", rate, "seq/s", None, "info"))
+    concepts = MultiConceptTask()  # C0, L = 16
+    rate = _best_rate(lambda: concepts.sample(64, generator=gen), 64, 50 * repeats, budget)
+    # spec multi-concept.md section 2: about 2 ms per 64 prompts (32k prompts/s), one thread
+    rows.append(Row(f"multi-concept sampler B=64 L=16{suffix}", rate, "seq/s", None, "ref 32k"))
+    rate = _best_rate(lambda: concepts.sample(4096, generator=gen), 4096, 5 * repeats, budget)
+    rows.append(Row(f"multi-concept sampler B=4096 L=16{suffix}", rate, "seq/s", None, "info"))
+    prompts = concepts.sample(4096, generator=gen)
+    rate = _best_rate(lambda: concepts.oracle(prompts), 4096, 5 * repeats, budget)
+    rows.append(Row(f"multi-concept exact oracle B=4096{suffix}", rate, "seq/s", None, "info"))
     bar.update(1)
     return rows
 

@@ -40,7 +40,6 @@ from iclgym.harness.evaluate import HeldOut
 from iclgym.harness.model import ModelPredictor
 from iclgym.harness.predictors import OraclePredictor, StrategyPredictor
 from iclgym.registry import make_task
-from iclgym.tasks.multi_concept import skewed_concept_law
 
 ENV_ID = "ICL-MultiConcept-v0"
 RECIPE = RECIPES["bu2024"]
@@ -127,7 +126,7 @@ def run_all(seeds=(0, 1, 2), steps: int = 2000, out: Path | None = None) -> dict
             print(f"{key}: {r['wall_s']:.1f} s, final test 0-1 {err:.4f}", flush=True)
         r = train_run(mapping, 0, steps, out, heldout_concepts=2)
         runs["heldout"][mapping] = accuracies(r["model"], r["task"], ("ood_heldout_concepts",))
-    skewed = make_task(ENV_ID, concept_probs=skewed_concept_law(make_task(ENV_ID).spec))
+    skewed = make_task(ENV_ID).split_task("train_skew")  # p(k* = 0) = 0.9 in training
     r = _train(skewed, 0, steps, out, eval_split="iid")
     runs["train_skew"] = r["curve"]
     return runs

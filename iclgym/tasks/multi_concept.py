@@ -967,7 +967,9 @@ class MultiConceptTask(Task):
     def named_splits(self) -> Mapping[str, str]:
         """The spec section 2 OOD splits (same world): ``iid`` (the default concept law),
         ``ood_length_N`` for N in :data:`OOD_LENGTHS` (any N >= 1 is accepted), ``ood_skew``
-        (:func:`skewed_concept_law`), ``ood_switched`` (m = -1), ``ood_noise`` (sigma x
+        (:func:`skewed_concept_law`), ``train_skew`` (the same law, named for the spec's run
+        that trains on it and scores ``iid``: ``task.split_task("train_skew")`` is the task to
+        train), ``ood_switched`` (m = -1), ``ood_noise`` (sigma x
         :data:`NOISE_FACTOR`), ``ood_heldout_concepts`` (k* uniform over the held-out
         concepts; only with ``heldout_concepts`` > 0) and ``ood_cross_pairing``."""
         s = self.spec
@@ -975,6 +977,7 @@ class MultiConceptTask(Task):
         for n in OOD_LENGTHS:
             out[f"ood_length_{n}"] = f"L = {n} demonstrations (any ood_length_N, N >= 1)"
         out["ood_skew"] = f"p(k* = 0) = {SKEW_MASS}, the rest uniform over the training concepts"
+        out["train_skew"] = "the ood_skew law as a training distribution (train on it, score iid)"
         out["ood_switched"] = "m = -1 for every prompt: mu^+ takes the label -1"
         out["ood_noise"] = f"sigma x {NOISE_FACTOR:g} = {s.sigma * NOISE_FACTOR:g}"
         if s.heldout_concepts:
@@ -997,7 +1000,7 @@ class MultiConceptTask(Task):
         k, h = s.num_concepts, s.heldout_concepts
         if name == "iid":
             spec = replace(s, concept_probs=None)
-        elif name == "ood_skew":
+        elif name in ("ood_skew", "train_skew"):
             spec = replace(s, concept_probs=skewed_concept_law(s))
         elif name == "ood_switched":
             spec = replace(s, mapping="switched")

@@ -158,6 +158,8 @@ def test_concept_law_skew_and_heldout():
     assert k.max().item() == 5
     skew = task.split_task("ood_skew")
     assert skew.spec.concept_probs == skewed_concept_law(task.spec)
+    assert task.split_task("train_skew").spec == skew.spec
+    assert task.split_task("train_skew").split_task("iid").spec == task.spec
     law = np.array(skew.spec.concept_probs)
     assert law[0] == SKEW_MASS and law[6:].sum() == 0 and math.isclose(law.sum(), 1.0)
     k = skew.sample_prompts(20000, generator=skew.generator(0))["task_concept"]

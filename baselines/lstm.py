@@ -42,6 +42,8 @@ class LSTMConfig:
         n_layers: stacked LSTM layers.
         n_outputs: size of the head (None = vocab_size; 1 for a value head).
         dropout: rate between layers and before the head (0 = none).
+        feature_dim: F >= 0, the width of the task's continuous features (0: token-only); a
+            Linear map of the features at t is added to token t's embedding.
     """
 
     vocab_size: int
@@ -49,10 +51,12 @@ class LSTMConfig:
     n_layers: int = 1
     n_outputs: int | None = None
     dropout: float = 0.0
+    feature_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "n_layers"):
             as_int(name, getattr(self, name), 1)
+        as_int("feature_dim", self.feature_dim, 0)
         if self.n_outputs is not None:
             as_int("n_outputs", self.n_outputs, 1)
         as_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -92,13 +96,21 @@ class LSTM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)  # N(0, 1) init
+        if config.feature_dim:
+            self.feature_embed = nn.Linear(config.feature_dim, config.hidden_size)
         self.layers = nn.ModuleList(LSTMLayer(config.hidden_size) for _ in range(config.n_layers))
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.n_outputs or config.vocab_size)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, n_outputs) outputs (logits or values)."""
+    def forward(self, tokens: Tensor, features: Tensor | None = None) -> Tensor:
+        """(B, T) token ids (and features (B, T, F) when ``feature_dim`` > 0) -> (B, T,
+        n_outputs) outputs (logits or values). Raises ``ValueError`` for a missing or
+        unexpected feature input."""
+        if (features is None) != (self.config.feature_dim == 0):
+            raise ValueError(f"this model has feature_dim={self.config.feature_dim}")
         x = self.embed(tokens)
+        if features is not None:
+            x = x + self.feature_embed(features)
         for i, layer in enumerate(self.layers):
             x = layer(x if i == 0 else self.drop(x))
         return self.head(self.drop(x))
@@ -118,7 +130,8 @@ def make_model(
     n_layers: int = 1,
     n_outputs: int | None = None,
     dropout: float = 0.0,
+    feature_dim: int = 0,
 ) -> LSTM:
     """The factory of the model contract (``iclgym train --model lstm``); ``seq_len`` is not
     needed (an LSTM runs on any length). The other arguments are :class:`LSTMConfig`'s."""
-    return LSTM(LSTMConfig(vocab_size, hidden_size, n_layers, n_outputs, dropout))
+    return LSTM(LSTMConfig(vocab_size, hidden_size, n_layers, n_outputs, dropout, feature_dim))

@@ -31,6 +31,8 @@ class MLPConfig:
         n_outputs: output size (1 for a value head, V for next-token logits).
         width: hidden width of each ReLU layer.
         depth: number of hidden ReLU layers.
+        feature_dim: F >= 0, the width of the task's continuous features (0: token-only); the
+            flattened features (T * F) then feed the first layer beside the one-hot codes.
     """
 
     vocab_size: int
@@ -38,12 +40,13 @@ class MLPConfig:
     n_outputs: int = 1
     width: int = 256
     depth: int = 2
+    feature_dim: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "n_outputs", "width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+        for name in ("vocab_size", "seq_len", "n_outputs", "width", "depth", "feature_dim"):
+            value, low = getattr(self, name), 0 if name == "feature_dim" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r} is invalid: expected an int >= {low}")
 
 
 class MLP(nn.Module):
@@ -59,6 +62,8 @@ class MLP(nn.Module):
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.embed.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
+        if config.feature_dim:  # PyTorch's Linear init for its own fan-in
+            self.feature_in = nn.Linear(config.seq_len * config.feature_dim, config.width, False)
         self.hidden = nn.ModuleList(
             nn.Linear(config.width, config.width) for _ in range(config.depth - 1)
         )
@@ -67,18 +72,26 @@ class MLP(nn.Module):
             "offsets", torch.arange(config.seq_len) * config.vocab_size, persistent=False
         )
 
-    def features(self, tokens: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, n_outputs): the network's one prediction per sequence."""
+    def features(self, tokens: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """(B, T) token ids (and, with ``feature_dim`` F > 0, the continuous ``inputs`` (B, T,
+        F)) -> (B, n_outputs): the network's one prediction per sequence. Raises
+        ``ValueError`` for another length or a missing / unexpected feature input."""
         if tokens.shape[1] != self.config.seq_len:
             raise ValueError(f"expected {self.config.seq_len} tokens, got {tokens.shape[1]}")
-        h = F.relu(self.embed(tokens + self.offsets).sum(1) + self.bias)
+        if (inputs is None) != (self.config.feature_dim == 0):
+            raise ValueError(f"this model has feature_dim={self.config.feature_dim}")
+        pre = self.embed(tokens + self.offsets).sum(1) + self.bias
+        if inputs is not None:
+            pre = pre + self.feature_in(inputs.flatten(1))
+        h = F.relu(pre)
         for layer in self.hidden:
             h = F.relu(layer(h))
         return self.head(h)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, n_outputs), the prediction repeated at every position."""
-        out = self.features(tokens)
+    def forward(self, tokens: Tensor, features: Tensor | None = None) -> Tensor:
+        """(B, T) token ids (and features (B, T, F) when ``feature_dim`` > 0) -> (B, T,
+        n_outputs), the prediction repeated at every position."""
+        out = self.features(tokens, features)
         return out[:, None, :].expand(-1, tokens.shape[1], -1)
 
     def num_parameters(self) -> int:
@@ -92,8 +105,14 @@ class MLP(nn.Module):
 
 
 def make_model(
-    vocab_size: int, seq_len: int, n_outputs: int | None = None, width: int = 256, depth: int = 2
+    vocab_size: int,
+    seq_len: int,
+    n_outputs: int | None = None,
+    width: int = 256,
+    depth: int = 2,
+    feature_dim: int = 0,
 ) -> MLP:
     """The factory of the model contract (``iclgym train --model mlp``): ``n_outputs`` None
-    means V logits; 1 is a value head for tasks with real-valued labels."""
-    return MLP(MLPConfig(vocab_size, seq_len, n_outputs or vocab_size, width, depth))
+    means V logits; 1 is a value head for tasks with real-valued labels; ``feature_dim`` is
+    the task's (given by the harness for feature tasks)."""
+    return MLP(MLPConfig(vocab_size, seq_len, n_outputs or vocab_size, width, depth, feature_dim))

@@ -83,6 +83,10 @@ class TransformerConfig:
         init: ``"small"`` (N(0, 0.02), output projections N(0, 0.01)) or ``"default"``
             (PyTorch's Linear init, N(0, 1) token and position embeddings: the template
             reference model).
+        feature_dim: F >= 0, the width of the task's continuous features (0: token-only).
+            With F > 0 the input at position t is the token embedding plus a Linear map of
+            the features (B, T, F) at t, and the model is called ``forward(tokens,
+            features)`` (the model contract's feature tasks, e.g. multi-concept prompts).
     """
 
     vocab_size: int
@@ -104,8 +108,13 @@ class TransformerConfig:
     kq_identity_mult: float = 1.0
     vo_identity_mult: float = 1.0
     init: str = "small"
+    feature_dim: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.feature_dim, int) or isinstance(self.feature_dim, bool):
+            raise ValueError(f"feature_dim={self.feature_dim!r} is invalid: expected an int >= 0")
+        if self.feature_dim < 0:
+            raise ValueError(f"feature_dim={self.feature_dim!r} is invalid: expected an int >= 0")
         for name in ("vocab_size", "max_len", "n_layers", "n_heads", "d_model"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -571,6 +580,8 @@ class Transformer(nn.Module):
             raise ValueError("tied=True needs an nn.Embedding input layer to share its weight")
         if config.positional == "learned":
             self.pos_embed = nn.Embedding(config.max_len, config.d_model)
+        if config.feature_dim:
+            self.feature_embed = nn.Linear(config.feature_dim, config.d_model)
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config, config.heads(layer)) for layer in range(config.n_layers)
@@ -607,11 +618,21 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: Tensor, return_attention: bool = False):
-        """Next-token logits (B, T, V); with ``return_attention`` also a list with one
-        (B, H, T, T) attention-weight tensor per layer (rows sum to 1, zero above the diagonal).
-        """
+    def forward(
+        self, tokens: Tensor, features: Tensor | None = None, return_attention: bool = False
+    ):
+        """Next-token logits (B, T, V) from tokens (B, T) and, with ``feature_dim`` F > 0,
+        features (B, T, F) float32 (required then, refused otherwise: ``ValueError``); with
+        ``return_attention`` also a list with one (B, H, T, T) attention-weight tensor per
+        layer (rows sum to 1, zero above the diagonal)."""
         x = self.embed(tokens)
+        if (features is None) != (self.config.feature_dim == 0):
+            raise ValueError(
+                f"this model has feature_dim={self.config.feature_dim}: call it with "
+                + ("features (B, T, F)" if self.config.feature_dim else "tokens only")
+            )
+        if features is not None:
+            x = x + self.feature_embed(features)
         length = x.shape[1]
         if self.config.positional == "learned":
             if length > self.config.max_len:
@@ -645,7 +666,7 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return F.log_softmax(self(batch.tokens).float(), dim=-1)
+            return F.log_softmax(self(*batch.inputs).float(), dim=-1)
         finally:
             self.train(was_training)
 

@@ -179,6 +179,7 @@ def copy_losses(out: Tensor, targets: Sequence[Targets]) -> Tensor:
         None if targets[0].values is None else torch.cat([t.values for t in targets]),
         output=targets[0].output,
         loss=targets[0].loss,
+        probs=None if targets[0].probs is None else torch.cat([t.probs for t in targets]),
     )
     per_position = scored_loss(selected, joint, reduction="none")
     counts = torch.tensor([t.rows.numel() for t in targets], device=out.device)
@@ -506,7 +507,8 @@ def _run_seeds(
                 torch.stack(x) for x in zip(*(b[0] for b in batches), strict=True)
             )  # (N, B, T..)
             targets = [
-                Targets.select(t, m, label_values, output, config.loss) for _, t, m in batches
+                Targets.select(t, m, label_values, output, config.loss, laws)
+                for _, t, m, laws in batches
             ]
             losses = copy_losses(copies(inputs), targets)
             optimizer.zero_grad(set_to_none=True)

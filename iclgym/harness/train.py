@@ -125,6 +125,8 @@ model metric may not use them (:func:`check_model_metrics`)."""
 # ------------------------------------------------------------------------------ config
 LOSSES = ("auto", "cross_entropy", "squared", "lsq2")
 """Training losses (:attr:`TrainConfig.loss`, :func:`scored_loss`)."""
+LABELS = ("sampled", "soft", "hard")
+"""Training labels (:attr:`TrainConfig.labels`; ``shared/specs/dpt-gym-sb3.md`` section 3)."""
 
 
 def check_loss(loss: str, output: str) -> None:
@@ -183,6 +185,14 @@ class TrainConfig:
     ``(1 - p_y)^2`` (Li et al. 2024, spec priority-graph.md section 5). p = softmax of logits,
     or a probability output f as given (cross_entropy: clipped at 1e-6 and renormalised, as
     evaluate reads it). Value models take auto only."""
+    labels: Literal["sampled", "soft", "hard"] = "sampled"
+    """What each scored position is trained towards (``shared/specs/dpt-gym-sb3.md`` section
+    3, the DPT label switch): sampled, the realised next token (plain next-token training);
+    soft, the true law it was drawn from (``batch.true_probs``, privileged: the loss is the
+    expectation of the sampled one under that law, whose population minimiser is the same
+    posterior predictive, with less label variance); hard, the argmax of the true law (the
+    lowest token on a tie), faithful DPT's optimal-action label. Evaluation always scores
+    the realised tokens."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating-point type of the model's parameters and outputs."""
     device: str = "cpu"
@@ -227,6 +237,7 @@ class TrainConfig:
         choices = {
             "data": ("stream", "finite"),
             "loss": LOSSES,
+            "labels": LABELS,
             "schedule": ("constant", "cosine"),
             "dtype": ("float32", "float64"),
         }
@@ -360,6 +371,10 @@ class Targets:
     or probabilities (squared loss against the one-hot target)."""
     loss: str = "auto"
     """The training loss (:attr:`TrainConfig.loss`; auto: by ``output``)."""
+    probs: Tensor | None = None
+    """(N, V) the true law at each scored position (``labels="soft"``): the loss is then the
+    expectation of the sampled loss under it (squared: ``1/2 ||p - probs||^2``, the same
+    gradient); None trains towards ``tokens``."""
 
     @classmethod
     def select(
@@ -369,14 +384,23 @@ class Targets:
         label_values: Tensor | None = None,
         output: Literal["logits", "probabilities"] = "logits",
         loss: str = "auto",
+        laws: Tensor | None = None,
     ) -> Targets:
         """From (B, T) ``targets`` and (B, T) bool ``loss_mask``; ``label_values`` (V,) for a
-        value model; ``output`` the kind of a (B, T, V) output; ``loss`` the training loss."""
+        value model; ``output`` the kind of a (B, T, V) output; ``loss`` the training loss;
+        ``laws`` (B, T, V) the true laws for soft labels (a value model then trains towards
+        the law's mean value)."""
         rows, cols = loss_mask.nonzero(as_tuple=True)
         tokens = targets[rows, cols]
-        values = label_values[tokens] if label_values is not None else None
+        probs = None if laws is None else laws[rows, cols]
+        if label_values is None:
+            values = None
+        elif probs is None:
+            values = label_values[tokens]
+        else:
+            values, probs = probs.to(label_values.dtype) @ label_values, None
         dense = rows.numel() == loss_mask.numel()
-        return cls(rows, cols, tokens, values, dense=dense, output=output, loss=loss)
+        return cls(rows, cols, tokens, values, dense=dense, output=output, loss=loss, probs=probs)
 
 
 def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> Tensor:
@@ -407,16 +431,24 @@ def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> 
     loss = targets.loss
     if loss == "auto":
         loss = "squared" if probabilities else "cross_entropy"
+    soft = None if targets.probs is None else targets.probs.to(selected.dtype)
     if loss == "cross_entropy":
         scores = output_scores(selected, selected.shape[-1], targets.output)
-        per_position = F.nll_loss(scores, targets.tokens, reduction="none")
+        if soft is None:
+            per_position = F.nll_loss(scores, targets.tokens, reduction="none")
+        else:  # E_{y ~ probs} -log p_y; 0 * log 0 counts as 0
+            per_position = -(soft * scores.clamp_min(torch.finfo(scores.dtype).min)).sum(-1)
     else:
         p = selected if probabilities else selected.softmax(-1)
         if loss == "squared":
-            onehot = F.one_hot(targets.tokens, selected.shape[-1]).to(selected.dtype)
-            per_position = 0.5 * (p - onehot).pow(2).sum(-1)
+            if soft is None:  # one-hot by scatter: no data-dependent shape (vmap)
+                soft = torch.zeros_like(p).scatter(1, targets.tokens[:, None], 1.0)
+            per_position = 0.5 * (p - soft).pow(2).sum(-1)
         elif loss == "lsq2":
-            per_position = (1.0 - p.gather(1, targets.tokens[:, None])[:, 0]).pow(2)
+            if soft is None:
+                per_position = (1.0 - p.gather(1, targets.tokens[:, None])[:, 0]).pow(2)
+            else:
+                per_position = (soft * (1.0 - p).pow(2)).sum(-1)
         else:
             raise ValueError(f"loss={loss!r} is invalid: expected one of {LOSSES}")
     return per_position.mean() if reduction == "mean" else per_position
@@ -442,6 +474,19 @@ def model_loss(model: nn.Module, inputs: tuple[Tensor, ...], targets: Targets) -
 
 
 # -------------------------------------------------------------------------------- data
+def training_labels(batch: Batch, labels: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(targets, loss_mask, laws)`` a batch trains towards under :attr:`TrainConfig.labels`:
+    the realised tokens (``sampled``: laws None); the argmax of ``batch.true_probs`` (B, T),
+    the lowest token on a tie (``hard``); or the realised tokens and ``batch.true_probs``
+    (B, T, V) (``soft``)."""
+    if labels == "sampled":
+        return batch.targets, batch.loss_mask, None
+    laws = batch.true_probs
+    if labels == "hard":  # torch.argmax returns the first maximal index
+        return laws.argmax(-1), batch.loss_mask, None
+    return batch.targets, batch.loss_mask, laws
+
+
 class StreamData:
     """A fresh batch of the task's train split every step (generator of ``config.seed``)."""
 
@@ -449,14 +494,16 @@ class StreamData:
         self.task, self.size, self.device = task, config.batch_size, torch.device(config.device)
         self.generator = task.generator(config.seed, "train", config.device)
         self.seen_tokens: Tensor | None = None  # every token may appear: nothing to check
+        self.labels = config.labels
 
     def steps(self, config: TrainConfig) -> int:
         return config.steps
 
-    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-        """``(inputs, targets, loss_mask)`` of a fresh batch (inputs = ``batch.inputs``)."""
+    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor | None]:
+        """``(inputs, targets, loss_mask, laws)`` of a fresh batch (inputs = ``batch.inputs``;
+        :func:`training_labels`)."""
         batch = self.task.sample(self.size, generator=self.generator, device=self.device)
-        return batch.inputs, batch.targets, batch.loss_mask
+        return (batch.inputs, *training_labels(batch, self.labels))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.generator.get_state()}
@@ -488,20 +535,21 @@ class FiniteData:
         self.order = torch.arange(self.n, device=self.device)
         self.position = self.n  # the first call draws the first epoch's order
         self.seen_tokens = data.tokens.unique()
+        self.targets, self.mask, self.laws = training_labels(self.data, config.labels)
 
     def steps(self, config: TrainConfig) -> int:
         return config.epochs * math.ceil(self.n / self.size)
 
-    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-        """``(inputs, targets, loss_mask)`` of the next shuffled rows."""
+    def next(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor | None]:
+        """``(inputs, targets, loss_mask, laws)`` of the next shuffled rows."""
         if self.position >= self.n:
             self.order = torch.randperm(self.n, generator=self.generator).to(self.device)
             self.position = 0
         rows = self.order[self.position : self.position + self.size]
         self.position += self.size
-        d = self.data
-        inputs = tuple(x[rows] for x in d.inputs)
-        return inputs, d.targets[rows], d.loss_mask[rows]
+        inputs = tuple(x[rows] for x in self.data.inputs)
+        laws = None if self.laws is None else self.laws[rows]
+        return inputs, self.targets[rows], self.mask[rows], laws
 
     def batches(self, size: int) -> list:
         """The training set in order, in batches of ``size`` (its held-out view)."""
@@ -1181,8 +1229,8 @@ def _run(
                 factor = lr_factor(config, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
-            inputs, targets, mask = data.next()
-            selected = Targets.select(targets, mask, label_values, output, config.loss)
+            inputs, targets, mask, laws = data.next()
+            selected = Targets.select(targets, mask, label_values, output, config.loss, laws)
             loss = model_loss(model, inputs, selected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

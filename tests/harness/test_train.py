@@ -32,6 +32,7 @@ from iclgym.harness.train import (
     lr_factor,
     run_lock,
     train,
+    training_labels,
 )
 from iclgym.registry import make_task
 from iclgym.tasks.templates import SymbolTemplateTask
@@ -253,12 +254,83 @@ def test_each_training_loss_is_its_formula_on_the_predicted_law():
         TrainConfig(loss="hinge")
 
 
+def test_soft_labels_are_the_expected_sampled_loss_and_hard_labels_the_argmax():
+    """TrainConfig.labels (spec dpt-gym-sb3.md section 3): soft labels train each loss's
+    expectation under the true law pi (cross_entropy sum_y pi_y (-log p_y), lsq2 sum_y pi_y
+    (1 - p_y)^2; squared 1/2 ||p - pi||^2, whose gradient is the expectation's); a value
+    model trains towards the law's mean value; hard labels are argmax pi, the lowest token on
+    a tie."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    laws = torch.rand(2, 3, 4, generator=g, dtype=torch.float64)
+    laws[0, 0, 1] = 0.0  # a zero entry: 0 * log p counts as 0
+    laws = laws / laws.sum(-1, keepdim=True)
+    targets = torch.randint(0, 4, (2, 3), generator=g)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    pi, p = laws[mask], logits[mask].softmax(-1)
+    expected = {
+        "cross_entropy": -(pi * p.log()).sum(-1).mean(),
+        "lsq2": (pi * (1 - p).pow(2)).sum(-1).mean(),
+    }
+    for loss, value in expected.items():
+        got = loss_of_output(logits, Targets.select(targets, mask, loss=loss, laws=laws))
+        torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-12)
+    squared = loss_of_output(logits, Targets.select(targets, mask, loss="squared", laws=laws))
+    expectation = sum(
+        pi[:, y] @ (0.5 * (p - torch.eye(4, dtype=p.dtype)[y]).pow(2).sum(-1)) for y in range(4)
+    ) / len(pi)
+    (g_soft,) = torch.autograd.grad(squared, logits)
+    (g_expect,) = torch.autograd.grad(expectation, logits)
+    torch.testing.assert_close(g_soft, g_expect, rtol=1e-12, atol=1e-12)
+    values = torch.tensor([0.0, 1.0, -1.0, 3.0], dtype=torch.float64)
+    valued = Targets.select(targets, mask, label_values=values, laws=laws)
+    torch.testing.assert_close(valued.values, pi @ values)
+    task = make_task("ICL-MarkovChain-v0", num_states=3, seq_len=12)
+    batch = task.sample(8, generator=task.generator(0))
+    hard, _, none = training_labels(batch, "hard")
+    assert none is None and torch.equal(hard, batch.true_probs.argmax(-1))
+    tie = replace(batch, true_probs_fn=lambda b: torch.full((8, 12, 3), 1 / 3))
+    assert (training_labels(tie, "hard")[0] == 0).all()
+    sampled, _, none = training_labels(batch, "sampled")
+    assert none is None and sampled is batch.targets
+    _, _, soft = training_labels(batch, "soft")
+    torch.testing.assert_close(soft, batch.true_probs)
+    with pytest.raises(ValueError, match="labels='oracle' is invalid"):
+        TrainConfig(labels="oracle")
+
+
+def test_soft_labels_train_single_and_many_seed_runs_alike(tmp_path, task):
+    """labels="soft" through the one trainer: the first logged loss is the soft
+    cross-entropy of the untrained model on the first train batch, and a two-copy run equals
+    its single-seed runs."""
+    config = replace(TINY, steps=3, eval_every=0, labels="soft", weight_decay=0.0)
+    model = model_for(task, dropout=0.0)
+    batch = task.sample(config.batch_size, generator=task.generator(config.seed, "train"))
+    with torch.no_grad():
+        first = loss_of_output(
+            model(batch.tokens),
+            Targets.select(batch.targets, batch.loss_mask, laws=batch.true_probs),
+        ).item()
+    train(model, task, replace(config, steps=1), run_in(tmp_path, "one"))
+    end = [r for r in read_log(tmp_path / "one") if r["type"] == "eval"][-1]
+    assert end["batch_loss"] == pytest.approx(first, rel=1e-5)
+    multi = train(model_for(task, dropout=0.0), task, config, run_in(tmp_path, "m", seeds="0,1"))
+    for n, seed in enumerate((0, 1)):
+        single = train(
+            model_for(task, dropout=0.0, seed=seed),
+            task,
+            replace(config, seed=seed),
+            run_in(tmp_path, f"s{seed}"),
+        )
+        assert multi["runs"][n]["final"]["loss"] == pytest.approx(single["final"]["loss"])
+
+
 def test_lsq2_trains_through_the_trainer_and_value_models_refuse_it(tmp_path, task):
     """The first logged training loss of a loss='lsq2' run is (1 - p_y)^2 of the untrained
     model on the first train batch; a value model (n_outputs=1) refuses any loss but auto."""
     config = replace(TINY, steps=1, eval_every=0, loss="lsq2", weight_decay=0.0)
     model = model_for(task, dropout=0.0)
-    inputs, targets, mask = StreamData(task, config).next()
+    inputs, targets, mask, _ = StreamData(task, config).next()
     with torch.no_grad():
         p = model(*inputs).softmax(-1)[mask]
     expected = (1 - p[range(len(p)), targets[mask]]).pow(2).mean().item()

@@ -39,6 +39,7 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
         ),
         "priority_attention": ModelEntry("baselines.priority_attention:make_model", {}, None),
         "concept_attention": ModelEntry("baselines.concept_attention:make_model", {}, "width"),
+        "dpt": ModelEntry("baselines.dpt:make_model", {}, "d_model"),
     }
 )
 """``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
@@ -48,7 +49,9 @@ contextual bigrams (Ren, Wang, Lee 2024), linear or softmax attention over the c
 combined W over fixed embeddings, ``iden`` or ``gen`` head.
 ``concept_attention``: the reference transformer of multi-concept prompts (after Bu et al. 2024),
 one softmax attention read at the query and a ReLU MLP of width m with fixed output signs; it
-needs a task with continuous features."""
+needs a task with continuous features.
+``dpt``: the streaming decision-pretrained transformer (Lee et al. 2023) over transitions
+(s_{t-1} -> x_t), trained with the label switch ``--labels soft|hard|sampled``."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
 """``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""

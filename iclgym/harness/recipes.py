@@ -294,10 +294,52 @@ BU2024 = Recipe(
 )
 """After Bu et al. 2024: the two-layer transformer learns multi-concept prompts by SGD."""
 
+LEE2023 = Recipe(
+    name="lee2023",
+    env_id="ICL-MarkovChain-v0",
+    spec={"num_states": 3, "seq_len": 100, "alpha": 1.0, "init": "stationary"},
+    model="dpt",
+    model_args={"d_model": 32, "n_layers": 3, "n_heads": 1, "state_len": 1},
+    train=TrainConfig(
+        data="stream",
+        steps=300,
+        batch_size=64,
+        optimizer="adamw",
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        weight_decay=1e-4,
+        schedule="constant",
+        labels="soft",
+        eval_every=50,
+        eval_sequences=1024,
+        eval_batch_size=256,
+        eval_splits=("validation",),
+    ),
+    source=(
+        "Lee et al. 2023 (DPT, arXiv 2306.14892) mapped onto iclgym by shared/specs/"
+        "dpt-gym-sb3.md sections 3, 5 and 6: the streaming DPT (baselines.dpt) over the "
+        "transitions of ICL-MarkovChain-v0 at the Edelman et al. setting (k=3, T=100, "
+        "Dirichlet(1), stationary start), soft labels (the true next-token law, the spec's "
+        "default); the original code's --embd 32 --layer 3 and its one real head, AdamW lr 1e-3 "
+        "(its Dark Room value), weight decay 1e-4, batch 64; 300 steps (the DPT sanity target: "
+        "KL_last < 0.169, the unigram reference, and <= 0.065, the next-token transformer's)."
+    ),
+)
+"""Lee et al. 2023: streaming DPT with soft labels on in-context Markov chains."""
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType(
     {
         r.name: r
-        for r in (EDELMAN2024, BOIX2023, BOIX2023_MLP, BOIX2023_COPY, REN2024, LI2024, BU2024)
+        for r in (
+            EDELMAN2024,
+            BOIX2023,
+            BOIX2023_MLP,
+            BOIX2023_COPY,
+            REN2024,
+            LI2024,
+            BU2024,
+            LEE2023,
+        )
     }
 )
 """Every named recipe."""

@@ -53,5 +53,13 @@ needs a task with continuous features.
 ``dpt``: the streaming decision-pretrained transformer (Lee et al. 2023) over transitions
 (s_{t-1} -> x_t), trained with the label switch ``--labels soft|hard|sampled``."""
 
-PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType({"ngram": "baselines.ngram:from_text"})
-"""``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform)."""
+PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType(
+    {
+        "ngram": "baselines.ngram:from_text",
+        "dpt": "baselines.dpt:from_text",
+        "sb3": "baselines.sb3_agents:from_text",
+    }
+)
+"""``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform). ``dpt:RUN``: a streaming
+DPT run folder of ``iclgym train --model dpt`` (its checkpoint). ``sb3:RUN``: an SB3 agent
+folder of ``python -m baselines.sb3_agents`` (:func:`baselines.sb3_agents.train_agent`)."""

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.transformer import Transformer, TransformerConfig
+from iclgym.harness.model import ModelPredictor, load_predictor
+from iclgym.tasks.base import Task
 from iclgym.validation import as_int
 
 
@@ -106,3 +108,17 @@ def make_model(
         feature_dim=feature_dim,
     )
     return StreamingDPT(config, state_len)
+
+
+def from_text(text: str, task: Task) -> ModelPredictor:
+    """``RUN`` (the part after ``dpt:`` on the command line): the checkpoint of a run folder
+    of ``iclgym train --model dpt`` (or ``--recipe lee2023``), named ``dpt:RUN``. Raises
+    ``ValueError`` when the checkpoint holds another model."""
+    predictor = load_predictor(text, task)
+    if not isinstance(predictor.model, StreamingDPT):
+        raise ValueError(
+            f"dpt:{text} holds a {type(predictor.model).__name__}, not a streaming DPT: use "
+            f"--predictor checkpoint:{text}"
+        )
+    predictor.name = f"dpt:{text}"
+    return predictor

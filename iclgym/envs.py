@@ -629,6 +629,54 @@ class _Spaces:
         :attr:`~iclgym.tasks.Task.online_oracle` (e.g. ``"bayes (closed form)"``)."""
         return self.task.online_oracle
 
+    def observation_at(self, tokens: np.ndarray, features: np.ndarray | None, t: int) -> Any:
+        """The observations of N episodes at scored position t (what ``reset``/``step`` show
+        just before the action that predicts x_{t+1}), from their sequences: ``tokens`` (N, T)
+        = x_0 .. x_{T-1} and, for a task with features, ``features`` (N, T, F) float32.
+        Batched as the vector env's observations: context (N, T + 1) with x_0 .. x_t and PAD
+        after, window (N, W), token (N,), plus the feature rows revealed at t. For clients
+        that score a policy on given sequences (e.g. :mod:`baselines.sb3_agents`). Raises
+        ``ValueError`` for t outside the scored positions ``first_scored_position .. T - 1``."""
+        if not self.first <= t < self.seq_len:
+            raise ValueError(
+                f"t={t} is outside the scored positions {self.first}..{self.seq_len - 1}"
+            )
+        tokens = np.asarray(tokens)
+        n = tokens.shape[0]
+        token_obs: Any = None
+        if self.obs_mode == "token":
+            token_obs = tokens[:, t].astype(np.int64)
+        elif self.obs_mode != "features":
+            buffer = self.initial_buffer(tokens, np.full(n, self.pad))
+            if self.obs_mode == "context":
+                buffer[:, self.first + 1 : t + 1] = tokens[:, self.first + 1 : t + 1]
+                token_obs = buffer
+            else:
+                token_obs = buffer[:, t : t + self.window].copy()
+        if features is None:
+            return token_obs
+        feats = self.initial_features(np.asarray(features, dtype=np.float32))
+        if self.obs_mode in ("context", "features"):
+            feats[:, self.first + 1 : t + 1] = features[:, self.first + 1 : t + 1]
+        elif self.obs_mode == "window":
+            feats = feats[:, t : t + self.window].copy()
+        else:
+            feats = feats[:, t].copy()
+        return self.compose(token_obs, feats)
+
+    def action_probabilities(self, action: Any) -> np.ndarray:
+        """(N, V) float64 the next-token law the env reads from N probability actions
+        (``action="distribution"``: normalised, floored at 1e-6; ``"logits"``:
+        ``softmax(logit_scale a)``), as it scores them. Raises ``ValueError`` for other
+        action modes and for actions outside the space."""
+        if self.action_mode not in ("distribution", "logits"):
+            raise ValueError(
+                f"action_probabilities needs action='distribution' or 'logits', not "
+                f"{self.action_mode!r}"
+            )
+        a = np.asarray(action)
+        return self._probabilities(a, a.shape[:-1])
+
     def initial_buffer(self, tokens: np.ndarray, last: np.ndarray) -> np.ndarray | None:
         """The observation buffer at the episode start from ``tokens`` (N, T) and ``last``
         (N,), the final token x_T: context (N, T + 1) with ``x_0 .. x_s`` revealed, window

@@ -916,3 +916,50 @@ def test_reward_option_is_validated():
     env.reset(seed=0)
     _, reward, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
     assert reward == pytest.approx(np.log(1 / 8))
+
+
+@pytest.mark.parametrize(
+    "env_id", ["ICL-MarkovChain-v0", "ICL-SymbolTemplate-v0", "ICL-MultiConcept-v0"]
+)
+@pytest.mark.parametrize("observation", ["context", "window", "token"])
+def test_observation_at_rebuilds_what_the_env_shows(env_id, observation):
+    """env.observation_at(tokens, features, t) equals the vector env's observation before its
+    action at every scored t, from the sequences alone (read back from a context env on the
+    same seed, whose terminal observation reveals every token and feature row)."""
+    kwargs = {"seq_len": 12} if env_id == "ICL-MarkovChain-v0" else {}
+    full = ICLVectorEnv(3, env_id, observation="context", **kwargs)
+    env = ICLVectorEnv(3, env_id, observation=observation, window=4, **kwargs)
+    shown, _ = env.reset(seed=5)
+    last, _ = full.reset(seed=5)
+    seen = []
+    for _t in range(env.first, env.seq_len):
+        seen.append(shown)
+        action = np.zeros(3, dtype=np.int64)
+        shown, *_ = env.step(action)
+        last, *_ = full.step(action)
+    tokens = last["tokens"] if isinstance(last, dict) else last
+    features = last["features"] if isinstance(last, dict) else None
+    for t, obs in zip(range(env.first, env.seq_len), seen, strict=True):
+        rebuilt = env.observation_at(tokens[:, : env.seq_len], features, t)
+        if isinstance(obs, dict):
+            assert set(rebuilt) == set(obs)
+            for key in obs:
+                np.testing.assert_array_equal(rebuilt[key], obs[key])
+        else:
+            np.testing.assert_array_equal(rebuilt, obs)
+        assert rebuilt in env.observation_space
+    with pytest.raises(ValueError, match="scored positions"):
+        env.observation_at(tokens[:, : env.seq_len], features, env.seq_len)
+
+
+def test_action_probabilities_read_actions_as_the_env_scores_them():
+    env = ICLVectorEnv(2, "ICL-MarkovChain-v0", action="logits", logit_scale=2.0)
+    a = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]], dtype=np.float32)
+    z = np.exp(2.0 * a.astype(np.float64))
+    np.testing.assert_allclose(env.action_probabilities(a), z / z.sum(-1, keepdims=True))
+    dist = ICLVectorEnv(2, "ICL-MarkovChain-v0", action="distribution")
+    q = dist.action_probabilities(np.array([[0.0, 0.0, 0.0], [2e-7, 0.5, 0.5]]))
+    np.testing.assert_allclose(q[0], 1 / 3)
+    assert q[1, 0] > 2e-7 and np.isclose(q.sum(-1), 1).all()  # floored at 1e-6
+    with pytest.raises(ValueError, match="action_probabilities"):
+        ICLVectorEnv(2, "ICL-MarkovChain-v0").action_probabilities(a)

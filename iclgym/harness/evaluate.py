@@ -248,6 +248,9 @@ class Report:
     accuracy: float
     """Argmax accuracy (first token wins ties); for a value predictor, the nearest label value
     equals the true one."""
+    accuracy_se: float
+    """Standard error of ``accuracy`` over sequences (each sequence's mean accuracy: positions
+    within a sequence are not independent, sequences are)."""
     oracle_accuracy: float
     mse: float | None
     """Squared error of the predicted label value (a value predictor's output, else E_q[value]
@@ -409,7 +412,7 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
                 ce = -log_q.gather(-1, part.targets[:, None])[:, 0]
                 sums.add("cross_entropy", part, ce, per_seq=True)
                 sums.add("kl", part, kl_at(part.true, part.log_true, log_q), last=True)
-                sums.add("accuracy", part, log_q.argmax(-1) == part.targets)
+                sums.add("accuracy", part, log_q.argmax(-1) == part.targets, per_seq=True)
                 for name in names:
                     p, log_p = part.strategies[name]
                     sums.add(f"strategy:{name}", part, kl_at(p, log_p, log_q), last=True)
@@ -423,7 +426,7 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
                 value_hits.append(hit.float())
                 labels.append(y)
                 if is_values:
-                    sums.add("accuracy", part, hit)
+                    sums.add("accuracy", part, hit, per_seq=True)
             bar.update(B)
 
     mse = mse_se = value_accuracy = chance_mse = None
@@ -470,6 +473,7 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
         oracle_kl=sums.mean("oracle_kl"),
         oracle_kl_last=oracle_kl_last.mean().item(),
         accuracy=sums.mean("accuracy"),
+        accuracy_se=_mean_se(torch.cat(sums.seq["accuracy"]))[1],
         oracle_accuracy=sums.mean("oracle_accuracy"),
         mse=mse,
         mse_se=mse_se,

@@ -11,6 +11,7 @@ import torch
 
 from baselines.ngram import NGramPredictor
 from iclgym.harness import HeldOut, OraclePredictor, StrategyPredictor, evaluate
+from iclgym.registry import make_task
 from iclgym.tasks import MarkovChainTask, OracleEstimate
 from iclgym.tasks.templates import SymbolTemplateTask
 
@@ -184,3 +185,17 @@ def test_held_out_set_is_scored_like_fresh_data():
         batch_size=40,
     )
     assert evaluate(NGramPredictor(3, order=2), held) == fresh
+
+
+def test_accuracy_se_is_over_sequences():
+    """One scored position per prompt (multi-concept): the SE of the accuracy is the binomial
+    sqrt(a (1 - a) / (n - 1)) over the n prompts; with many scored positions per sequence it
+    is the SE of the per-sequence accuracies, above the naive per-position binomial one."""
+    task = make_task("ICL-MultiConcept-v0")
+    report = evaluate(StrategyPredictor(task, "softmax_vote"), task, num_sequences=1000)
+    a = report.accuracy
+    assert report.accuracy_se == pytest.approx(math.sqrt(a * (1 - a) / 999), rel=1e-4)
+    markov = make_task("ICL-MarkovChain-v0", seq_len=50)
+    r = evaluate(StrategyPredictor(markov, "unigram"), markov, num_sequences=400)
+    naive = math.sqrt(r.accuracy * (1 - r.accuracy) / (400 * 50))
+    assert r.accuracy_se > naive

@@ -33,6 +33,9 @@ next-token prediction, which is the streaming form.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -122,3 +125,61 @@ def from_text(text: str, task: Task) -> ModelPredictor:
         )
     predictor.name = f"dpt:{text}"
     return predictor
+
+
+class DPTAgent:
+    """A trained streaming DPT acting in an iclgym env's step loop (spec section 5,
+    deployment): from the ``observation="context"`` observation (tokens x_0 .. x_t then PAD,
+    as an array (T + 1,) or a batch (N, T + 1) of a vector env; a Dict with ``"tokens"`` and
+    ``"features"`` for a feature task) it reads the model's law at t and returns the action
+    of ``mode``: ``"greedy"`` (argmax, the first token on ties), ``"sample"`` (a draw from
+    softmax(logits / temperature), seeded by ``seed``) or ``"distribution"`` (that law, for
+    ``action="distribution"`` envs). With full-information feedback the revealed prefix is the
+    same offline and online, so this is both deployments. Raises ``ValueError`` for another
+    mode, a temperature <= 0, or an observation without revealed tokens."""
+
+    MODES = ("greedy", "sample", "distribution")
+
+    def __init__(
+        self, model: nn.Module, mode: str = "greedy", temperature: float = 1.0, seed: int = 0
+    ) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"mode={mode!r} is invalid: expected one of {self.MODES}")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected a float > 0")
+        self.model, self.mode, self.temperature = model, mode, float(temperature)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab_size = model.config.vocab_size
+
+    @torch.no_grad()
+    def act(self, observation: Any) -> Any:
+        features = None
+        if isinstance(observation, dict):
+            observation, features = observation["tokens"], observation["features"]
+        tokens = torch.as_tensor(np.asarray(observation), dtype=torch.long)
+        single = tokens.dim() == 1
+        tokens = tokens[None] if single else tokens
+        revealed = (tokens != self.vocab_size).sum(1)  # PAD = V after the revealed prefix
+        if (revealed == 0).any():
+            raise ValueError("the observation reveals no token: use observation='context'")
+        t = int(revealed.max()) - 1
+        inputs = [tokens[:, : t + 1].clamp_max(self.vocab_size - 1)]
+        if features is not None:
+            f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+            inputs.append((f[None] if single else f)[:, : t + 1])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(*inputs).float()
+        finally:
+            self.model.train(was_training)
+        rows = torch.arange(tokens.shape[0])
+        logits = logits[rows, revealed - 1]  # each row's last revealed position
+        if self.mode == "greedy":
+            action = logits.argmax(-1).numpy()
+        elif self.mode == "sample":
+            probs = (logits / self.temperature).softmax(-1)
+            action = torch.multinomial(probs, 1, generator=self.generator)[:, 0].numpy()
+        else:
+            action = (logits / self.temperature).softmax(-1).numpy().astype(np.float32)
+        return action[0] if single else action

@@ -62,3 +62,45 @@ def test_lee2023_recipe_trains_soft_dpt_from_the_command_line(tmp_path, capsys):
     main(["eval", "ICL-MarkovChain-v0", "--set", "seq_len=20", "--predictor",
           f"checkpoint:{out}", "--num-sequences", "32"])  # fmt: skip
     assert "checkpoint" in capsys.readouterr().out
+
+
+def test_dpt_agent_acts_in_the_env_loop_as_the_model_predicts():
+    """Through ICLEnv's context observation: the distribution agent's log-prob rewards are the
+    model's log-probabilities of the revealed next tokens (floored at 1e-6 as the env reads
+    actions), the greedy agent's actions their argmax; a vector env batch acts row by row."""
+    import gymnasium as gym
+    import numpy as np
+
+    from baselines.dpt import DPTAgent
+    from iclgym.envs import ICLVectorEnv
+    from iclgym.harness.model import ModelPredictor
+
+    task = make_task("ICL-MarkovChain-v0", num_states=3, seq_len=12)
+    model = build_model("baselines.dpt:make_model", task, seed=1)
+    agents = {mode: DPTAgent(model, mode) for mode in ("distribution", "greedy")}
+    env = gym.make("ICL-MarkovChain-v0", num_states=3, seq_len=12, observation="context",
+                   action="distribution").unwrapped  # fmt: skip
+    obs, _ = env.reset(seed=3)
+    rewards, greedy = [], []
+    for _ in range(12):
+        greedy.append(agents["greedy"].act(obs))
+        obs, reward, terminated, _, _ = env.step(agents["distribution"].act(obs))
+        rewards.append(reward)
+    assert terminated
+    tokens = torch.as_tensor(obs[None].astype(np.int64))  # x_0 .. x_T, all revealed
+    batch = task.sample(1, generator=task.generator(0))
+    batch = type(batch)(**{**batch.__dict__, "tokens": tokens[:, :12], "targets": tokens[:, 1:]})
+    log_q = ModelPredictor(model).predict(batch)[0]
+    q = log_q.exp().clamp_min(1e-6)
+    q = q / q.sum(-1, keepdim=True)
+    expected = q[torch.arange(12), tokens[0, 1:]].log()
+    np.testing.assert_allclose(rewards, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert greedy == log_q.argmax(-1).tolist()
+    vec = ICLVectorEnv(4, "ICL-MarkovChain-v0", num_states=3, seq_len=12)
+    vobs, _ = vec.reset(seed=0)
+    actions = agents["greedy"].act(vobs)
+    assert actions.shape == (4,) and set(actions.tolist()) <= {0, 1, 2}
+    a, b = DPTAgent(model, "sample", seed=7), DPTAgent(model, "sample", seed=7)
+    assert (a.act(vobs) == b.act(vobs)).all()
+    with pytest.raises(ValueError, match="mode="):
+        DPTAgent(model, "thompson")

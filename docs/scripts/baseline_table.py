@@ -6,7 +6,7 @@ split of each id's default spec.
 
 Budgets (small and equal across ids, so the table compares methods, not tuning; one torch
 thread): the transformer (pre-LN, width 32, 2 layers, 2 heads, MLP, no dropout) and the DPT
-(the ``lee2023`` recipe's model) train through the one trainer for ``--steps`` AdamW steps
+(the ``lee2023`` recipe's model; states of n - 1 tokens on order-n chains) train through the one trainer for ``--steps`` AdamW steps
 (lr 1e-3, batch 64); PPO (8-token window observation, token action) and RecurrentPPO (one
 token per step) train for ``--agent-steps`` env steps through SB3's ``make_vec_env``. SB3 agents
 are floors, not in-context learners: their env steps are printed with the table.
@@ -69,7 +69,9 @@ def score_id(env_id: str, steps: int, agent_steps: int) -> dict[str, Any]:
     """{column: {excess, excess_se, accuracy, accuracy_se, seconds}} for one id."""
     task = make_task(env_id)
     held = HeldOut(task, split="test", seed=0, num_sequences=EVAL_SEQUENCES, batch_size=256)
-    dpt = RECIPES["lee2023"].model_args
+    # the DPT state is the last n - 1 tokens of an order-n chain (spec dpt-gym-sb3.md section 3)
+    order = getattr(task.spec, "order", 2)
+    dpt = {**RECIPES["lee2023"].model_args, "state_len": max(1, order - 1)}
     makers = {
         "oracle": lambda: OraclePredictor(task),
         "uniform": lambda: StrategyPredictor(task, "uniform"),

@@ -7,9 +7,10 @@ split of each id's default spec.
 Budgets (small and equal across ids, so the table compares methods, not tuning; one torch
 thread): the transformer (pre-LN, width 32, 2 layers, 2 heads, MLP, no dropout) and the DPT
 (the ``lee2023`` recipe's model; states of n - 1 tokens on order-n chains) train through the
-one trainer for ``--steps`` AdamW steps (lr 1e-3, batch 64); PPO (8-token window observation, token action) and RecurrentPPO (one
-token per step) train for ``--agent-steps`` env steps through SB3's ``make_vec_env``. SB3 agents
-are floors, not in-context learners: their env steps are printed with the table.
+one trainer for ``--steps`` AdamW steps (lr 1e-3, batch 64); PPO (8-token window observation,
+token action) and RecurrentPPO (one token per step) train for ``--agent-steps`` env steps
+through SB3's ``make_vec_env``. SB3 agents are floors, not in-context learners: their env steps
+are printed with the table.
 
 Run::
 

@@ -280,10 +280,10 @@ class Task(ABC):
     @property
     def online_oracle(self) -> str:
         """What the second output of :meth:`online` is (the envs' ``info["oracle_probs"]``):
-        by default the oracle of :meth:`oracle`, ``"bayes (closed form)"``; tasks whose
-        online predictor is something else (e.g. a fast approximation of an estimated
-        oracle) say so here."""
-        return "bayes (closed form)"
+        by default the oracle of :meth:`oracle` (:attr:`oracle_name`); tasks whose online
+        predictor is something else (e.g. a fast approximation of an estimated oracle) say so
+        here."""
+        return self.oracle_name
 
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """Per-position laws at the scored positions, the envs' per-step info and scores.

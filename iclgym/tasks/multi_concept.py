@@ -500,10 +500,6 @@ class MultiConceptTask(Task):
             return "bayes (closed form, knows the dictionary)"
         return "bayes (exact enumeration, knows the dictionary)"
 
-    @property
-    def online_oracle(self) -> str:
-        return self.oracle_name
-
     def _tables(self, device: torch.device | str) -> dict[str, Tensor]:
         key = str(device)
         if key not in self._device_tables:

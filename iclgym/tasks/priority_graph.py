@@ -544,10 +544,6 @@ class PriorityGraphTask(Task):
             return "bayes (closed form, the fixed dataset's label law given the context)"
         return "bayes (closed form, Oracle C: knows the planted levels and beta)"
 
-    @property
-    def online_oracle(self) -> str:
-        return self.oracle_name
-
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """The laws at the label (t = T - 1) only, from ``params["oracle_probs"]`` (the label's
         law is the oracle's: the oracle is exact and sees everything the label depends on):

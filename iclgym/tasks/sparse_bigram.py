@@ -539,10 +539,6 @@ class SparseContextualBigramTask(Task):
     def oracle_name(self) -> str:
         return "bayes (closed form, knows P and attn)"
 
-    @property
-    def online_oracle(self) -> str:
-        return self.oracle_name
-
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """The laws at the query position T only: ``(true, oracle)``, (B, N) float32 numpy,
         ``P[:, x_s]`` and ``P X q^(k)``; O(B (Q + 1) N) numpy work. Raises ``ValueError`` at

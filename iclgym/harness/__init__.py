@@ -12,6 +12,7 @@ from iclgym.harness.model import (
     load_predictor,
 )
 from iclgym.harness.predictors import (
+    MarginalPredictor,
     OraclePredictor,
     Predictor,
     StrategyPredictor,
@@ -23,6 +24,7 @@ from iclgym.harness.train import RunOptions, TrainConfig, train
 __all__ = [
     "RECIPES",
     "HeldOut",
+    "MarginalPredictor",
     "ModelPredictor",
     "OraclePredictor",
     "Predictor",

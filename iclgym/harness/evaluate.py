@@ -267,6 +267,10 @@ class Report:
     """argmin of ``strategy_kl_last`` over the non-privileged strategies (the phase label)."""
     curves: Mapping[str, list[float | None]] = field(repr=False)
     """Per-position means (``None`` at positions never scored)."""
+    sequence_excess: tuple[float, ...] | None = field(default=None, repr=False)
+    """Each held-out sequence's excess loss (its mean cross-entropy minus the oracle's,
+    nats/token), in the set's order: the unit a bootstrap resamples. Only with
+    ``evaluate(..., per_sequence=True)`` and log-prob predictors."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -333,6 +337,7 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    per_sequence: bool = False,
     **task_kwargs: object,
 ) -> Report:
     """Evaluate ``predictor`` on ``num_sequences`` sequences of ``split`` (see :class:`Report`).
@@ -343,7 +348,8 @@ def evaluate(
     ``named_splits`` (held-out distributions such as longer contexts). The same
     ``(task, split, seed, num_sequences, batch_size)`` always gives the same data. Raises
     ``ValueError`` for a predictor output that is not (B, T, V) log-probabilities (or (B, T, 1)
-    values on a task with real-valued labels).
+    values on a task with real-valued labels). ``per_sequence`` also returns each sequence's
+    excess loss (:attr:`Report.sequence_excess`).
     """
     if isinstance(task, HeldOut):
         if task_kwargs:
@@ -367,10 +373,12 @@ def evaluate(
             progress=progress,
             env_id=env_id,
         )
-    return _score(predictor, held_out, progress)
+    return _score(predictor, held_out, progress, per_sequence)
 
 
-def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
+def _score(
+    predictor: Predictor, held: HeldOut, progress: bool, per_sequence: bool = False
+) -> Report:
     task, V = held.task, held.task.vocab_size
     values_table = held.label_values
     device = held.device
@@ -436,13 +444,16 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
         value_accuracy = torch.cat(value_hits).mean().item()
         chance_mse = ((y - y.mean()) ** 2).mean().item()
     oracle_kl_last = torch.cat(sums.last["oracle_kl"])
-    ce = ce_se = excess = excess_se = kl = kl_last = kl_last_se = None
+    ce = ce_se = excess = excess_se = kl = kl_last = kl_last_se = sequence_excess = None
     strategy_kl = strategy_kl_last = nearest = None
     curve_names = ["oracle_cross_entropy", "oracle_kl", "oracle_accuracy", "entropy", "accuracy"]
     if not value_mode:
         per_seq_ce = torch.cat(sums.seq["cross_entropy"])
         ce, ce_se = _mean_se(per_seq_ce)
-        excess, excess_se = _mean_se(per_seq_ce - torch.cat(sums.seq["oracle_cross_entropy"]))
+        per_seq_excess = per_seq_ce - torch.cat(sums.seq["oracle_cross_entropy"])
+        excess, excess_se = _mean_se(per_seq_excess)
+        if per_sequence:
+            sequence_excess = tuple(per_seq_excess.double().cpu().tolist())
         kl = sums.mean("kl")
         kl_last, kl_last_se = _mean_se(torch.cat(sums.last["kl"]))
         strategy_kl = {n: sums.mean(f"strategy:{n}") for n in names}
@@ -483,4 +494,5 @@ def _score(predictor: Predictor, held: HeldOut, progress: bool) -> Report:
         strategy_kl_last=strategy_kl_last,
         nearest_strategy=nearest,
         curves={name: sums.curve(name) for name in curve_names},
+        sequence_excess=sequence_excess,
     )

@@ -35,6 +35,38 @@ class OraclePredictor:
         return self.task.oracle(batch)
 
 
+class MarginalPredictor:
+    """The best context-free predictor: at each position t the population marginal law of the
+    next token, E[p(x_{t+1} | task, x_{<=t})] over tasks and contexts, estimated as the mean of
+    ``batch.true_probs`` over ``num_sequences`` sequences of the train stream (seed ``seed``).
+    It reads no token, so it is the floor any in-context predictor must beat, for every task
+    alike (the 0 of the bench's normalised score, :mod:`iclgym.bench`). Its Monte-Carlo error
+    is O(1 / sqrt(num_sequences)) per entry; laws are floored at 1e-6 and renormalised."""
+
+    def __init__(self, task: Task, num_sequences: int = 4096, seed: int = 0) -> None:
+        import torch
+
+        gen = task.generator(seed, "train")
+        total, count, left = None, 0, num_sequences
+        while left > 0:
+            batch = task.sample(min(left, 1024), generator=gen)
+            law = batch.true_probs.double().sum(0)  # (T, V)
+            total = law if total is None else total + law
+            count += batch.batch_size
+            left -= batch.batch_size
+        law = (total / count).clamp_min(1e-6)
+        self.log_law = (law / law.sum(-1, keepdim=True)).log().float()  # (T, V)
+        self.name = "marginal"
+        self._torch = torch
+
+    def predict(self, batch: Batch) -> Tensor:
+        b, t = batch.tokens.shape
+        law = self.log_law.to(batch.tokens.device)
+        if law.shape[0] != t:
+            raise ValueError(f"the marginal was estimated for T={law.shape[0]}, got T={t}")
+        return law[None].expand(b, -1, -1)
+
+
 class StrategyPredictor:
     """One of the task's named reference strategies."""
 

@@ -199,3 +199,26 @@ def test_accuracy_se_is_over_sequences():
     r = evaluate(StrategyPredictor(markov, "unigram"), markov, num_sequences=400)
     naive = math.sqrt(r.accuracy * (1 - r.accuracy) / (400 * 50))
     assert r.accuracy_se > naive
+
+
+def test_per_sequence_excess_and_the_marginal_predictor():
+    """per_sequence=True: the sequence excesses average to excess_loss. The marginal (the
+    best context-free law) beats uniform where the labels are a small part of the vocabulary,
+    matches the exact marginal of a symmetric prior (uniform over 3 states on a Dirichlet(1)
+    chain), and reads no token."""
+    from iclgym.harness import MarginalPredictor
+
+    templates = make_task("ICL-SymbolTemplate-v0")
+    marginal = MarginalPredictor(templates, num_sequences=2048)
+    report = evaluate(marginal, templates, num_sequences=300, per_sequence=True)
+    assert len(report.sequence_excess) == 300
+    assert sum(report.sequence_excess) / 300 == pytest.approx(report.excess_loss, rel=1e-5)
+    uniform = evaluate(StrategyPredictor(templates, "uniform"), templates, num_sequences=300)
+    assert report.excess_loss < uniform.excess_loss - 5  # two labels, not ~1,800 tokens
+    markov = make_task("ICL-MarkovChain-v0", seq_len=20)
+    law = MarginalPredictor(markov, num_sequences=8192).log_law.exp()
+    torch.testing.assert_close(law, torch.full((20, 3), 1 / 3), atol=0.02, rtol=0)
+    batch = markov.sample(4, generator=markov.generator(0))
+    edited = type(batch)(**{**batch.__dict__, "tokens": (batch.tokens + 1) % 3})
+    pred = MarginalPredictor(markov, num_sequences=64)
+    assert torch.equal(pred.predict(batch), pred.predict(edited))

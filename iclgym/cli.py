@@ -1,4 +1,4 @@
-"""The ``iclgym`` command: list, describe, eval, train, sweep, speed.
+"""The ``iclgym`` command: list, describe, eval, train, sweep, speed, bench, verify.
 
 Each subcommand's options are a dataclass parsed by ``tyro`` (the config is the command line,
 as in CleanRL); ``iclgym train`` and ``iclgym sweep`` take every field of
@@ -38,6 +38,8 @@ COMMANDS = {
     "train": "train any model on any env id with the one trainer (--recipe NAME for a paper's)",
     "sweep": "train a model x width x n x seed grid; table and plot of the test error",
     "speed": "throughput benchmark with the project's targets",
+    "bench": "train and score one model on the versioned suite; results in a SQLite store",
+    "verify": "re-evaluate a stored result or a submitted bundle from its checkpoints",
 }
 Repeated = tyro.conf.UseAppendAction[tuple[str, ...]]
 EnvId = tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV_ID")]]
@@ -102,6 +104,41 @@ class SpeedArgs:
     """Runs per benchmark (the best counts)."""
     num_envs: int = 4096
     """Envs of the native vector env benchmark."""
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    """Train one model on every entry of the versioned suite (iclgym.bench.suite) with the
+    bench's fixed protocol, 3 seeds each, score it against the Bayes oracle and the
+    context-free floor, and store one row per entry and seed (resumable)."""
+
+    model: str = "transformer"
+    """A model name (transformer, mlp, lstm, dpt, ...) or an import path package.module:factory."""
+    model_arg: Repeated = ()
+    """KEY=VALUE model arguments (repeatable)."""
+    quick: tyro.conf.FlagCreatePairsOff[bool] = False
+    """The quick budget (each entry's quick_steps): minutes on a CPU, for CI and newcomers."""
+    store: str = "results/iclgym.db"
+    """The SQLite results store (created if absent)."""
+    entries: tuple[str, ...] = ()
+    """Suite entries to run (default: all)."""
+    device: str = "cpu"
+    """Torch device of the training runs."""
+
+
+@dataclass(frozen=True)
+class VerifyArgs:
+    """Re-evaluate results from their checkpoints on the fingerprinted data: a stored row
+    (RESULT_ID, marked verified when it holds) or a submission bundle (PATH to bundle.json or
+    its folder, added to the store as verified when every claim holds). Exit status 1 when a
+    claim is rejected."""
+
+    target: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="RESULT_ID|BUNDLE")]]
+    """A result id of the store, or a bundle's path."""
+    store: str = "results/iclgym.db"
+    """The SQLite results store."""
+    device: str = "cpu"
+    """Torch device of the re-evaluation."""
 
 
 # ------------------------------------------------------------------ resolving names
@@ -300,6 +337,43 @@ def _cmd_speed(args: SpeedArgs) -> int:
     return 0
 
 
+def _cmd_bench(args: BenchArgs) -> int:
+    from iclgym.bench.run import BenchModel, format_summary, run_bench
+    from iclgym.bench.suite import SUITE
+    from iclgym.harness.train import parse_assignments
+
+    factory, model_args, _ = resolve_model(args.model)
+    model_args.update(parse_assignments(args.model_arg, "--model-arg"))
+    names = {e.name: e for e in SUITE}
+    unknown = [n for n in args.entries if n not in names]
+    if unknown:
+        raise UsageError(f"entries {unknown} are invalid: expected some of {', '.join(names)}")
+    entries = [names[n] for n in args.entries] if args.entries else list(SUITE)
+    name = args.model + "".join(f" {a}" for a in args.model_arg)
+    summary = run_bench(
+        BenchModel(name, factory, model_args),
+        args.store,
+        quick=args.quick,
+        entries=entries,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_summary(summary, name))
+    print(f"rows in {args.store}")
+    return 0
+
+
+def _cmd_verify(args: VerifyArgs) -> int:
+    from iclgym.bench.verify import format_verdicts, verify_bundle, verify_result
+
+    if args.target.isdigit():
+        verdicts = [verify_result(args.store, int(args.target), args.device)]
+    else:
+        verdicts = verify_bundle(args.target, args.store, args.device)
+    print(format_verdicts(verdicts))
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 # ------------------------------------------------------------------ parsing, errors
 _BOX = re.compile(r"[╭╮╰╯│─━┃┏┓┗┛]")
 
@@ -389,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_eval(_parse(EvalArgs, prog, rest))
         if command == "speed":
             return _cmd_speed(_parse(SpeedArgs, prog, rest))
+        if command == "bench":
+            return _cmd_bench(_parse(BenchArgs, prog, rest))
+        if command == "verify":
+            return _cmd_verify(_parse(VerifyArgs, prog, rest))
         if command == "train":
             from iclgym.harness.commands import TrainArgs as cls
 

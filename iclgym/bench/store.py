@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS results (
     wall_s REAL NOT NULL,
     device TEXT NOT NULL,
     scores TEXT NOT NULL,
+    checkpoint TEXT NOT NULL DEFAULT '',
     verified INTEGER NOT NULL DEFAULT 0,
     created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     UNIQUE (suite_version, entry, model, config_hash, seed)
@@ -46,7 +47,9 @@ CREATE TABLE IF NOT EXISTS results (
 class ResultRow:
     """One result (the columns of the ``results`` table but ``id``, ``verified`` and
     ``created``, which the store sets). ``scores`` is a JSON-ready mapping (e.g. excess loss,
-    accuracy, normalised score, each with its standard error)."""
+    accuracy, normalised score, each with its standard error); ``checkpoint`` is the trained
+    model's checkpoint file, relative to the store's folder (``""``: none kept), which
+    :mod:`iclgym.bench.verify` re-evaluates."""
 
     suite_version: str
     entry: str
@@ -61,6 +64,7 @@ class ResultRow:
     wall_s: float
     device: str
     scores: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: str = ""
 
 
 COLUMNS = tuple(f.name for f in fields(ResultRow))

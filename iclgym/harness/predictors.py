@@ -38,15 +38,19 @@ class OraclePredictor:
 class MarginalPredictor:
     """The best context-free predictor: at each position t the population marginal law of the
     next token, E[p(x_{t+1} | task, x_{<=t})] over tasks and contexts, estimated as the mean of
-    ``batch.true_probs`` over ``num_sequences`` sequences of the train stream (seed ``seed``).
+    ``batch.true_probs`` over ``num_sequences`` sequences of ``split``'s stream (seed ``seed``;
+    estimate it on the distribution it is scored on, from another seed than the held-out
+    set's: e.g. a test split of unseen symbols has its own label marginal).
     It reads no token, so it is the floor any in-context predictor must beat, for every task
     alike (the 0 of the bench's normalised score, :mod:`iclgym.bench`). Its Monte-Carlo error
     is O(1 / sqrt(num_sequences)) per entry; laws are floored at 1e-6 and renormalised."""
 
-    def __init__(self, task: Task, num_sequences: int = 4096, seed: int = 0) -> None:
+    def __init__(
+        self, task: Task, num_sequences: int = 4096, seed: int = 0, split: str = "train"
+    ) -> None:
         import torch
 
-        gen = task.generator(seed, "train")
+        gen = task.generator(seed, split)
         total, count, left = None, 0, num_sequences
         while left > 0:
             batch = task.sample(min(left, 1024), generator=gen)

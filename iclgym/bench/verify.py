@@ -1,0 +1,158 @@
+"""Verification of bench results: re-evaluate each claimed result from its checkpoint on the
+fingerprinted data and accept it only when the recomputed scores match the claim.
+
+A claim is a stored row (``iclgym verify RESULT_ID``) or an entry of a submission bundle
+(``iclgym verify PATH/bundle.json``, written by ``iclgym bench`` beside its checkpoints:
+:func:`iclgym.bench.run.write_bundle`). Each is rejected, with the reason, when its suite
+version is not the installed suite's, its entry is not in the suite, its data fingerprint is
+not the entry's, its checkpoint is missing or does not load onto the entry's task, or a
+recomputed score differs from the claim by more than the tolerance. Evaluation is
+deterministic for a given device, so the tolerances only absorb floating-point reordering
+across machines (they are far below any score difference a leaderboard reads: the excess
+loss's standard error on 1024 sequences is about 1e-3 nats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iclgym.bench.run import BUNDLE_FORMAT, floor_excess, held_out, score_model
+from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
+from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
+from iclgym.harness.model import load_model
+
+TOLERANCE = {"excess_loss": 1e-4, "accuracy": 1e-4, "score": 1e-3}
+"""Largest accepted |recomputed - claimed| per score (nats/token; fraction; normalised)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one claim: ``ok``, the ``reason`` when rejected, and the recomputed
+    scores (empty when the claim was rejected before evaluation)."""
+
+    entry: str
+    seed: int
+    ok: bool
+    reason: str = ""
+    recomputed: Mapping[str, float] = field(default_factory=dict)
+    row_id: int | None = None
+
+
+def verify_claim(
+    claim: Mapping[str, Any],
+    base: Path,
+    device: str = "cpu",
+    suite: Sequence[SuiteEntry] = SUITE,
+) -> Verdict:
+    """Check one claim (a mapping with the store's columns; ``checkpoint`` relative to
+    ``base``) by re-evaluating its checkpoint on its entry's scored set (the entry looked up
+    by name in ``suite``)."""
+    entry_name, seed = str(claim.get("entry")), int(claim.get("seed", -1))
+
+    def reject(reason: str, **recomputed: float) -> Verdict:
+        return Verdict(entry_name, seed, False, reason, recomputed, claim.get("id"))
+
+    if claim.get("suite_version") != SUITE_VERSION:
+        return reject(
+            f"suite version {claim.get('suite_version')!r} is not the installed suite "
+            f"{SUITE_VERSION!r}"
+        )
+    entries = {e.name: e for e in suite}
+    if entry_name not in entries:
+        return reject(f"entry {entry_name!r} is not in {SUITE_VERSION}")
+    entry = entries[entry_name]
+    if claim.get("fingerprint") != fingerprint(entry):
+        return reject(f"data fingerprint {claim.get('fingerprint')!r} is not {entry_name}'s")
+    if not claim.get("checkpoint"):
+        return reject("no checkpoint was kept for this result")
+    try:
+        held = held_out(entry, device)
+        net = load_model(base / str(claim["checkpoint"]), held.task, device)
+    except ValueError as err:
+        return reject(f"checkpoint does not load: {err}")
+    scores = score_model(net, held, floor_excess(entry, held))
+    recomputed = {k: float(scores[k]) for k in TOLERANCE}
+    claimed = claim.get("scores", {})
+    bad = []
+    for key, tol in TOLERANCE.items():
+        value = claimed.get(key)
+        if not isinstance(value, (int, float)) or abs(value - recomputed[key]) > tol:
+            bad.append(f"{key} claimed {value!r}, recomputed {recomputed[key]:.6g}")
+    if bad:
+        return reject("scores differ beyond tolerance: " + "; ".join(bad), **recomputed)
+    return Verdict(entry_name, seed, True, "", recomputed, claim.get("id"))
+
+
+def verify_result(
+    store: str | Path, row_id: int, device: str = "cpu", suite: Sequence[SuiteEntry] = SUITE
+) -> Verdict:
+    """Verify stored row ``row_id`` and, when it holds, set its ``verified`` flag. Raises
+    ``ValueError`` when the store has no such row."""
+    with ResultsStore(store) as results:
+        rows = results.rows(id=row_id)
+        if not rows:
+            raise ValueError(f"no result with id {row_id} in {store}")
+        verdict = verify_claim(rows[0], results.path.parent, device, suite)
+        if verdict.ok:
+            results.mark_verified(row_id)
+    return verdict
+
+
+def verify_bundle(
+    path: str | Path,
+    store: str | Path | None = None,
+    device: str = "cpu",
+    suite: Sequence[SuiteEntry] = SUITE,
+) -> list[Verdict]:
+    """Verify every claim of a submission bundle (``bundle.json`` or its folder). When all
+    hold and ``store`` is given, the claims are added to it marked verified (claims already
+    stored are only marked). Raises ``ValueError`` for a file that is not a bundle."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "bundle.json"
+    try:
+        bundle = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable bundle: {err}") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an {BUNDLE_FORMAT} bundle")
+    claims = bundle.get("results", [])
+    if not claims:
+        raise ValueError(f"bundle {str(path)!r} holds no results")
+    verdicts = []
+    for claim in claims:
+        if bundle.get("suite_version") != SUITE_VERSION:
+            claim = {**claim, "suite_version": bundle.get("suite_version")}
+        verdicts.append(verify_claim(claim, path.parent, device, suite))
+    if store is not None and all(v.ok for v in verdicts):
+        with ResultsStore(store) as results:
+            for claim in claims:
+                row = {k: claim[k] for k in COLUMNS}
+                if row["checkpoint"]:  # re-anchor the checkpoint path at the store's folder
+                    absolute = (path.parent / row["checkpoint"]).resolve()
+                    row["checkpoint"] = _relative(absolute, results.path.parent)
+                key = {k: row[k] for k in ("suite_version", "entry", "model", "config_hash")}
+                existing = results.rows(**key, seed=row["seed"])
+                row_id = existing[0]["id"] if existing else results.add(ResultRow(**row))
+                results.mark_verified(row_id)
+    return verdicts
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base.resolve())).as_posix()
+
+
+def format_verdicts(verdicts: list[Verdict]) -> str:
+    """One line per claim (``verified`` or ``REJECTED: reason``) and a count."""
+    lines = [
+        f"{v.entry:32s} seed {v.seed}: " + ("verified" if v.ok else f"REJECTED: {v.reason}")
+        for v in verdicts
+    ]
+    ok = sum(v.ok for v in verdicts)
+    lines.append(f"{ok}/{len(verdicts)} verified")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""``iclgym bench`` and ``iclgym verify`` end to end on tiny suite entries: rows hold the
+documented scores, a rerun resumes without new rows, the summary's score and interval match the
+stored per-sequence excess, and verification accepts honest results and rejects tampered
+claims, a wrong suite version, a checkpoint that does not load and an unknown entry, each with
+its reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from iclgym.bench import SUITE, ResultsStore
+from iclgym.bench.run import BenchModel, format_summary, run_bench, run_folder, summarize
+from iclgym.bench.verify import verify_bundle, verify_result
+from iclgym.cli import main
+
+TINY = tuple(
+    replace(e, quick_steps=3, seeds=(0, 1), eval_sequences=48)
+    for e in SUITE
+    if e.name in ("markov/bigram", "multi-concept/switched")
+)
+MODEL = BenchModel("tiny-transformer", "baselines.transformer:make_model",
+                   {"d_model": 16, "n_layers": 1, "n_heads": 1})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    store = tmp_path_factory.mktemp("bench") / "results.db"
+    summary = run_bench(MODEL, store, quick=True, entries=TINY, progress=False)
+    return store, summary
+
+
+def test_rows_hold_the_scores_and_a_rerun_resumes(bench):
+    store, summary = bench
+    with ResultsStore(store) as results:
+        rows = results.rows()
+    assert len(rows) == 4 and {(r["entry"], r["seed"]) for r in rows} == {
+        (e.name, s) for e in TINY for s in (0, 1)
+    }
+    for row in rows:
+        s = row["scores"]
+        assert len(s["sequence_excess"]) == len(s["floor_sequence_excess"]) == 48
+        assert s["excess_loss"] == pytest.approx(np.mean(s["sequence_excess"]), abs=1e-6)
+        assert s["score"] == pytest.approx(
+            1 - np.mean(s["sequence_excess"]) / np.mean(s["floor_sequence_excess"]), abs=1e-6
+        )
+        assert np.mean(s["floor_sequence_excess"]) > 0.01  # the floor ignores the context
+        assert row["parameters"] > 0 and row["train_flops"] == 6.0 * row["parameters"] * 3 * 64 * (
+            next(e for e in TINY if e.name == row["entry"]).task().seq_len
+        )
+        assert (store.parent / row["checkpoint"]).is_file() and not row["verified"]
+    again = run_bench(MODEL, store, quick=True, entries=TINY, progress=False)
+    assert len(ResultsStore(store)) == 4
+    assert again["entries"].keys() == summary["entries"].keys()
+    bundle = json.loads((run_folder(store, MODEL, True) / "bundle.json").read_text())
+    assert len(bundle["results"]) == 4 and bundle["model"]["factory"] == MODEL.factory
+
+
+def test_summary_scores_pool_seeds_and_the_interval_covers_them(bench):
+    store, summary = bench
+    rows = ResultsStore(store).rows()
+    for entry in TINY:
+        mine = [r for r in rows if r["entry"] == entry.name]
+        model = np.mean([np.mean(r["scores"]["sequence_excess"]) for r in mine])
+        floor = np.mean([np.mean(r["scores"]["floor_sequence_excess"]) for r in mine])
+        got = summary["entries"][entry.name]
+        assert got["score"] == pytest.approx(1 - model / floor, abs=1e-9)
+        lo, hi = got["ci"]
+        assert lo <= got["score"] <= hi and hi - lo > 0
+        assert got["seeds"] == [0, 1]
+    scores = sorted(e["score"] for e in summary["entries"].values())
+    assert summary["iqm"] == pytest.approx(np.mean(scores))  # 2 entries: nothing trimmed
+    text = format_summary(summary, MODEL.name)
+    assert "IQM over entries" in text and all(e.name in text for e in TINY)
+
+
+def test_iqm_trims_a_quarter_from_each_end():
+    rows = []
+    for i, value in enumerate([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 10.0]):
+        rows.append({"entry": f"e{i}", "seed": 0, "parameters": 1, "wall_s": 1.0,
+                     "scores": {"sequence_excess": [1 - value] * 4, "floor_sequence_excess":
+                                [1.0] * 4, "excess_loss": 1 - value, "accuracy": 0.5}})  # fmt: skip
+    summary = summarize(rows, [f"e{i}" for i in range(8)])
+    assert summary["iqm"] == pytest.approx(np.mean([0.2, 0.3, 0.4, 0.5]))
+
+
+def test_verify_accepts_an_honest_row_and_marks_it(bench):
+    store, _ = bench
+    verdict = verify_result(store, 1, suite=TINY)
+    assert verdict.ok, verdict.reason
+    row = ResultsStore(store).rows(id=1)[0]
+    assert row["verified"] and verdict.recomputed["excess_loss"] == pytest.approx(
+        row["scores"]["excess_loss"], abs=1e-9
+    )
+    with pytest.raises(ValueError, match="no result with id 99"):
+        verify_result(store, 99, suite=TINY)
+
+
+def _bundle(bench, tmp_path):
+    store, _ = bench
+    folder = tmp_path / "submission"
+    shutil.copytree(run_folder(store, MODEL, True), folder)
+    return folder, json.loads((folder / "bundle.json").read_text())
+
+
+def _write(folder, bundle):
+    (folder / "bundle.json").write_text(json.dumps(bundle))
+    return folder
+
+
+def test_an_honest_bundle_is_verified_into_a_new_store(bench, tmp_path):
+    folder, _ = _bundle(bench, tmp_path)
+    new_store = tmp_path / "board" / "results.db"
+    verdicts = verify_bundle(folder, new_store, suite=TINY)
+    assert all(v.ok for v in verdicts) and len(verdicts) == 4
+    rows = ResultsStore(new_store).rows()
+    assert len(rows) == 4 and all(r["verified"] for r in rows)
+    assert all((new_store.parent / r["checkpoint"]).is_file() for r in rows)
+
+
+def test_tampered_claims_are_rejected_naming_the_entry(bench, tmp_path):
+    folder, bundle = _bundle(bench, tmp_path)
+    claim = bundle["results"][2]
+    claim["scores"]["excess_loss"] -= 0.01  # a better loss than the checkpoint earns
+    claim["scores"]["score"] += 0.05
+    store = tmp_path / "store.db"
+    verdicts = verify_bundle(_write(folder, bundle), store, suite=TINY)
+    bad = [v for v in verdicts if not v.ok]
+    assert [(v.entry, v.seed) for v in bad] == [(claim["entry"], claim["seed"])]
+    assert "excess_loss claimed" in bad[0].reason and "score claimed" in bad[0].reason
+    assert not store.exists() or len(ResultsStore(store)) == 0  # nothing of it is stored
+
+
+def test_wrong_suite_version_unknown_entry_and_broken_checkpoint_are_rejected(bench, tmp_path):
+    folder, bundle = _bundle(bench, tmp_path)
+    wrong = {**bundle, "suite_version": "iclgym-suite-v9"}
+    verdicts = verify_bundle(_write(folder, wrong), suite=TINY)
+    assert not any(v.ok for v in verdicts) and "iclgym-suite-v9" in verdicts[0].reason
+
+    bundle["results"][0]["entry"] = "markov/imaginary"
+    (folder / bundle["results"][1]["checkpoint"]).write_bytes(b"not a checkpoint")
+    bundle["results"][3]["fingerprint"] = "0" * 64
+    verdicts = verify_bundle(_write(folder, bundle), suite=TINY)
+    reasons = [v.reason for v in verdicts]
+    assert "not in iclgym-suite-v0" in reasons[0]
+    assert "checkpoint does not load" in reasons[1]
+    assert verdicts[2].ok
+    assert "fingerprint" in reasons[3]
+    with pytest.raises(ValueError, match="not an iclgym-bundle-1 bundle"):
+        verify_bundle(_write(folder, {"results": []}), suite=TINY)
+
+
+def test_cli_bench_and_verify(tmp_path, capsys):
+    store = tmp_path / "cli.db"
+    argv = ["bench", "--model", "mlp", "--quick", "--store", str(store),
+            "--entries", "priority-graph/planted"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "priority-graph/planted" in out and "IQM over entries" in out
+    rows = ResultsStore(store).rows()
+    assert len(rows) == 3 and all(r["scores"]["steps"] == 100 for r in rows)
+    assert main(["verify", str(rows[0]["id"]), "--store", str(store)]) == 0
+    assert "1/1 verified" in capsys.readouterr().out
+    assert main(["bench", "--entries", "nope/none", "--store", str(store)]) == 2
+    assert "entries ['nope/none'] are invalid" in capsys.readouterr().err

@@ -114,6 +114,9 @@ class BenchArgs:
 
     model: str = "transformer"
     """A model name (transformer, mlp, lstm, dpt, ...) or an import path package.module:factory."""
+    predictor: str = ""
+    """Score an untrained predictor instead of training --model (oracle, a strategy name,
+    ngram:ORDER[:ALPHA]): one row per entry, nothing trained."""
     model_arg: Repeated = ()
     """KEY=VALUE model arguments (repeatable)."""
     quick: tyro.conf.FlagCreatePairsOff[bool] = False
@@ -342,13 +345,22 @@ def _cmd_bench(args: BenchArgs) -> int:
     from iclgym.bench.suite import SUITE
     from iclgym.harness.train import parse_assignments
 
-    factory, model_args, _ = resolve_model(args.model)
-    model_args.update(parse_assignments(args.model_arg, "--model-arg"))
     names = {e.name: e for e in SUITE}
     unknown = [n for n in args.entries if n not in names]
     if unknown:
         raise UsageError(f"entries {unknown} are invalid: expected some of {', '.join(names)}")
     entries = [names[n] for n in args.entries] if args.entries else list(SUITE)
+    if args.predictor:
+        from iclgym.bench.run import run_predictor_bench
+
+        summary = run_predictor_bench(args.predictor, args.store, predictor_kinds(),
+                                      entries=entries, device=args.device,
+                                      progress=sys.stderr.isatty())  # fmt: skip
+        print(format_summary(summary, args.predictor))
+        print(f"rows in {args.store}")
+        return 0
+    factory, model_args, _ = resolve_model(args.model)
+    model_args.update(parse_assignments(args.model_arg, "--model-arg"))
     name = args.model + "".join(f" {a}" for a in args.model_arg)
     summary = run_bench(
         BenchModel(name, factory, model_args),
@@ -366,10 +378,11 @@ def _cmd_bench(args: BenchArgs) -> int:
 def _cmd_verify(args: VerifyArgs) -> int:
     from iclgym.bench.verify import format_verdicts, verify_bundle, verify_result
 
+    kinds = predictor_kinds()
     if args.target.isdigit():
-        verdicts = [verify_result(args.store, int(args.target), args.device)]
+        verdicts = [verify_result(args.store, int(args.target), args.device, kinds=kinds)]
     else:
-        verdicts = verify_bundle(args.target, args.store, args.device)
+        verdicts = verify_bundle(args.target, args.store, args.device, kinds=kinds)
     print(format_verdicts(verdicts))
     return 0 if all(v.ok for v in verdicts) else 1
 

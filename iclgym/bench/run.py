@@ -40,8 +40,17 @@ from tqdm.auto import tqdm
 import iclgym
 from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
 from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
-from iclgym.harness import HeldOut, MarginalPredictor, RunOptions, build_model, evaluate, train
+from iclgym.harness import (
+    HeldOut,
+    MarginalPredictor,
+    RunOptions,
+    build_model,
+    evaluate,
+    resolve_predictor,
+    train,
+)
 from iclgym.harness.model import ModelPredictor, load_model, num_parameters
+from iclgym.harness.predictors import Predictor, PredictorKind
 from iclgym.harness.train import TrainConfig
 from iclgym.tasks.base import resolve_split
 
@@ -149,6 +158,50 @@ def run_bench(
     return summarize(rows, [e.name for e in entries])
 
 
+PREDICTOR_PREFIX = "predictor:"
+"""The ``checkpoint`` of a row scored from a predictor named on the command line (``oracle``,
+``ngram:2``, ...) rather than a trained module: verification rebuilds it from the name."""
+
+
+def run_predictor_bench(
+    text: str,
+    store: str | Path,
+    kinds: Mapping[str, PredictorKind] | None = None,
+    *,
+    entries: Sequence[SuiteEntry] = SUITE,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the untrained predictor ``text`` (:func:`iclgym.harness.resolve_predictor`, with
+    the predictor ``kinds`` the caller adds, e.g. the baselines' ``ngram``) on every entry not
+    yet in ``store``: one row per entry, seed 0 (nothing is trained, so seeds do not apply),
+    no parameters and no training FLOPs. Returns :func:`summarize` of its rows."""
+    config_hash = hashlib.sha256(json.dumps({"predictor": text}).encode()).hexdigest()[:16]
+    commit = git_commit()
+    with ResultsStore(store) as results:
+        done = {r["entry"] for r in results.rows(model=text, config_hash=config_hash,
+                                                 suite_version=SUITE_VERSION)}  # fmt: skip
+        for entry in tqdm(entries, disable=not progress, unit="entry", desc=f"bench {text}"):
+            if entry.name in done:
+                continue
+            start = time.perf_counter()
+            held = held_out(entry, device)
+            predictor = resolve_predictor(text, held.task, kinds, device=device)
+            scores = score_model(predictor, held, floor_excess(entry, held))
+            results.add(
+                ResultRow(
+                    suite_version=SUITE_VERSION, entry=entry.name, model=text,
+                    config_hash=config_hash, seed=0, fingerprint=fingerprint(entry),
+                    iclgym_version=iclgym.__version__, git_commit=commit, parameters=0,
+                    train_flops=0.0, wall_s=time.perf_counter() - start,
+                    device=str(torch.device(device)), scores=scores,
+                    checkpoint=PREDICTOR_PREFIX + text,
+                )
+            )  # fmt: skip
+        rows = results.rows(suite_version=SUITE_VERSION, model=text, config_hash=config_hash)
+    return summarize(rows, [e.name for e in entries])
+
+
 def write_bundle(
     rows: Sequence[Mapping[str, Any]], model: BenchModel, store: str | Path, folder: Path
 ) -> Path:
@@ -159,7 +212,7 @@ def write_bundle(
     results = []
     for row in rows:
         claim = {k: row[k] for k in COLUMNS}
-        if claim["checkpoint"]:
+        if claim["checkpoint"] and not claim["checkpoint"].startswith(PREDICTOR_PREFIX):
             path = (base / claim["checkpoint"]).resolve()
             claim["checkpoint"] = Path(os.path.relpath(path, folder.resolve())).as_posix()
         results.append(claim)
@@ -190,11 +243,15 @@ def held_out(entry: SuiteEntry, device: str = "cpu") -> HeldOut:
                    batch_size=256, device=device)  # fmt: skip
 
 
-def score_model(net: torch.nn.Module, held: HeldOut, floor: np.ndarray) -> dict[str, Any]:
-    """The scores stored in a row: excess loss (nats/token) and accuracy with standard errors,
-    the oracle's accuracy, the normalised score ``1 - E_model / E_floor`` and both
-    per-sequence excess arrays (what the bootstrap resamples)."""
-    report = evaluate(ModelPredictor(net), held, per_sequence=True)
+def score_model(
+    net: torch.nn.Module | Predictor, held: HeldOut, floor: np.ndarray
+) -> dict[str, Any]:
+    """The scores stored in a row, of a trained module or a predictor: excess loss
+    (nats/token) and accuracy with standard errors, the oracle's accuracy, the normalised score
+    ``1 - E_model / E_floor`` and both per-sequence excess arrays (what the bootstrap
+    resamples)."""
+    predictor = ModelPredictor(net) if isinstance(net, torch.nn.Module) else net
+    report = evaluate(predictor, held, per_sequence=True)
     return {
         "excess_loss": report.excess_loss,
         "excess_loss_se": report.excess_loss_se,

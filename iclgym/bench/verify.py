@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iclgym.bench.run import BUNDLE_FORMAT, floor_excess, held_out, score_model
+from iclgym.bench.run import (
+    BUNDLE_FORMAT,
+    PREDICTOR_PREFIX,
+    floor_excess,
+    held_out,
+    score_model,
+)
 from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
 from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
+from iclgym.harness import resolve_predictor
 from iclgym.harness.model import load_model
+from iclgym.harness.predictors import PredictorKind
 
 TOLERANCE = {"excess_loss": 1e-4, "accuracy": 1e-4, "score": 1e-3}
 """Largest accepted |recomputed - claimed| per score (nats/token; fraction; normalised)."""
@@ -48,10 +56,11 @@ def verify_claim(
     base: Path,
     device: str = "cpu",
     suite: Sequence[SuiteEntry] = SUITE,
+    kinds: Mapping[str, PredictorKind] | None = None,
 ) -> Verdict:
     """Check one claim (a mapping with the store's columns; ``checkpoint`` relative to
-    ``base``) by re-evaluating its checkpoint on its entry's scored set (the entry looked up
-    by name in ``suite``)."""
+    ``base``, or ``predictor:TEXT`` rebuilt with the predictor ``kinds``) by re-evaluating it
+    on its entry's scored set (the entry looked up by name in ``suite``)."""
     entry_name, seed = str(claim.get("entry")), int(claim.get("seed", -1))
 
     def reject(reason: str, **recomputed: float) -> Verdict:
@@ -70,9 +79,14 @@ def verify_claim(
         return reject(f"data fingerprint {claim.get('fingerprint')!r} is not {entry_name}'s")
     if not claim.get("checkpoint"):
         return reject("no checkpoint was kept for this result")
+    checkpoint = str(claim["checkpoint"])
     try:
         held = held_out(entry, device)
-        net = load_model(base / str(claim["checkpoint"]), held.task, device)
+        if checkpoint.startswith(PREDICTOR_PREFIX):
+            text = checkpoint.removeprefix(PREDICTOR_PREFIX)
+            net = resolve_predictor(text, held.task, kinds, device=device)
+        else:
+            net = load_model(base / checkpoint, held.task, device)
     except ValueError as err:
         return reject(f"checkpoint does not load: {err}")
     scores = score_model(net, held, floor_excess(entry, held))
@@ -89,7 +103,11 @@ def verify_claim(
 
 
 def verify_result(
-    store: str | Path, row_id: int, device: str = "cpu", suite: Sequence[SuiteEntry] = SUITE
+    store: str | Path,
+    row_id: int,
+    device: str = "cpu",
+    suite: Sequence[SuiteEntry] = SUITE,
+    kinds: Mapping[str, PredictorKind] | None = None,
 ) -> Verdict:
     """Verify stored row ``row_id`` and, when it holds, set its ``verified`` flag. Raises
     ``ValueError`` when the store has no such row."""
@@ -97,7 +115,7 @@ def verify_result(
         rows = results.rows(id=row_id)
         if not rows:
             raise ValueError(f"no result with id {row_id} in {store}")
-        verdict = verify_claim(rows[0], results.path.parent, device, suite)
+        verdict = verify_claim(rows[0], results.path.parent, device, suite, kinds)
         if verdict.ok:
             results.mark_verified(row_id)
     return verdict
@@ -108,6 +126,7 @@ def verify_bundle(
     store: str | Path | None = None,
     device: str = "cpu",
     suite: Sequence[SuiteEntry] = SUITE,
+    kinds: Mapping[str, PredictorKind] | None = None,
 ) -> list[Verdict]:
     """Verify every claim of a submission bundle (``bundle.json`` or its folder). When all
     hold and ``store`` is given, the claims are added to it marked verified (claims already
@@ -128,12 +147,13 @@ def verify_bundle(
     for claim in claims:
         if bundle.get("suite_version") != SUITE_VERSION:
             claim = {**claim, "suite_version": bundle.get("suite_version")}
-        verdicts.append(verify_claim(claim, path.parent, device, suite))
+        verdicts.append(verify_claim(claim, path.parent, device, suite, kinds))
     if store is not None and all(v.ok for v in verdicts):
         with ResultsStore(store) as results:
             for claim in claims:
                 row = {k: claim[k] for k in COLUMNS}
-                if row["checkpoint"]:  # re-anchor the checkpoint path at the store's folder
+                if row["checkpoint"] and not row["checkpoint"].startswith(PREDICTOR_PREFIX):
+                    # re-anchor the checkpoint path at the store's folder
                     absolute = (path.parent / row["checkpoint"]).resolve()
                     row["checkpoint"] = _relative(absolute, results.path.parent)
                 key = {k: row[k] for k in ("suite_version", "entry", "model", "config_hash")}

@@ -167,3 +167,21 @@ def test_cli_bench_and_verify(tmp_path, capsys):
     assert "1/1 verified" in capsys.readouterr().out
     assert main(["bench", "--entries", "nope/none", "--store", str(store)]) == 2
     assert "entries ['nope/none'] are invalid" in capsys.readouterr().err
+
+
+def test_predictor_rows_are_scored_and_verified_from_their_name(tmp_path, capsys):
+    store = tmp_path / "predictors.db"
+    for text in ("oracle", "ngram:2"):
+        assert main(["bench", "--predictor", text, "--store", str(store),
+                     "--entries", "markov/bigram"]) == 0  # fmt: skip
+    rows = {r["model"]: r for r in ResultsStore(store).rows()}
+    assert rows["oracle"]["scores"]["excess_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["oracle"]["scores"]["score"] == pytest.approx(1.0, abs=1e-5)
+    # The in-context bigram is the Bayes predictor up to the Dirichlet concentration.
+    assert 0.9 < rows["ngram:2"]["scores"]["score"] < 1.0
+    assert rows["ngram:2"]["parameters"] == 0 and rows["ngram:2"]["checkpoint"] == (
+        "predictor:ngram:2"
+    )
+    capsys.readouterr()
+    assert main(["verify", str(rows["ngram:2"]["id"]), "--store", str(store)]) == 0
+    assert ResultsStore(store).rows(id=rows["ngram:2"]["id"])[0]["verified"]

@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -127,6 +127,12 @@ class BenchArgs:
     """Suite entries to run (default: all)."""
     device: str = "cpu"
     """Torch device of the training runs."""
+    backend: Literal["local", "ray"] = "local"
+    """Where runs go: one after another in this process, or as Ray tasks (iclgym[ray])."""
+    address: str = ""
+    """Ray cluster address (e.g. auto, ray://HOST:10001); empty: a local Ray for the run."""
+    workers: int | None = None
+    """CPUs of the local Ray started for the run (default: every core)."""
 
 
 @dataclass(frozen=True)
@@ -324,8 +330,17 @@ def _cmd_sweep(args: Any) -> int:
         out=args.out,
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
+        backend=_backend(args, args.train.device),
     )
     return 0
+
+
+def _backend(args: Any, device: str) -> Any:
+    """The trials' :class:`~iclgym.harness.backends.Backend`: one GPU per trial off the CPU."""
+    from iclgym.harness.backends import Backend
+
+    gpus = 0.0 if device == "cpu" else 1.0
+    return Backend(args.backend, args.address, args.workers, num_gpus=gpus)
 
 
 def _cmd_speed(args: SpeedArgs) -> int:
@@ -369,6 +384,7 @@ def _cmd_bench(args: BenchArgs) -> int:
         entries=entries,
         device=args.device,
         progress=sys.stderr.isatty(),
+        backend=_backend(args, args.device),
     )
     print(format_summary(summary, name))
     print(f"rows in {args.store}")

@@ -49,6 +49,7 @@ from iclgym.harness import (
     resolve_predictor,
     train,
 )
+from iclgym.harness.backends import Backend, run_trials
 from iclgym.harness.model import ModelPredictor, load_model, num_parameters
 from iclgym.harness.predictors import Predictor, PredictorKind
 from iclgym.harness.train import TrainConfig
@@ -122,12 +123,14 @@ def run_bench(
     entries: Sequence[SuiteEntry] = SUITE,
     device: str = "cpu",
     progress: bool = True,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Train and score ``model`` on every entry and seed not yet in ``store`` (resumable: an
     interrupted bench rerun with the same arguments skips the stored rows and retrains the one
     it was in), keep each run's checkpoint under :func:`run_folder`, write one row per
     (entry, seed) and the folder's ``bundle.json``, and return :func:`summarize` of the
-    model's rows."""
+    model's rows. The runs go to ``backend`` (default: this process, in order; Ray tasks with
+    ``Backend("ray")``), the rows are written here as each finishes."""
     config_hash = model.config_hash(quick)
     commit = git_commit()
     folder = run_folder(store, model, quick)
@@ -140,19 +143,20 @@ def run_bench(
             )
         }
         todo = [(e, s) for e, s in jobs if (e.name, s) not in done]
-        floors: dict[str, np.ndarray] = {}
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress,
-                   unit="run", desc=f"bench {model.name}")  # fmt: skip
-        with bar:
-            for entry, seed in todo:
-                bar.set_postfix(entry=entry.name, seed=seed)
-                out = folder / entry.name.replace("/", "-") / f"seed{seed}"
-                row = _run_one(model, entry, seed, quick, device, floors, out)
-                checkpoint = (out / "checkpoint.pt").relative_to(results.path.parent)
-                row = replace(row, config_hash=config_hash, git_commit=commit,
-                              checkpoint=checkpoint.as_posix())  # fmt: skip
-                results.add(row)
-                bar.update()
+        floors: dict[str, np.ndarray] = {}  # shared by the local runs; each Ray task its own
+        outs = [folder / e.name.replace("/", "-") / f"seed{s}" for e, s in todo]
+        trials = [(model, e, s, quick, device, floors, out)
+                  for (e, s), out in zip(todo, outs, strict=True)]  # fmt: skip
+        if len(todo) < len(jobs):
+            print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {store}")
+
+        def record(i: int, row: ResultRow) -> None:
+            checkpoint = (outs[i] / "checkpoint.pt").relative_to(results.path.parent)
+            results.add(replace(row, config_hash=config_hash, git_commit=commit,
+                                checkpoint=checkpoint.as_posix()))  # fmt: skip
+
+        run_trials(_run_one, trials, record, backend, desc=f"bench {model.name}",
+                   progress=progress)  # fmt: skip
         rows = results.rows(suite_version=SUITE_VERSION, model=model.name, config_hash=config_hash)
     write_bundle(rows, model, store, folder)
     return summarize(rows, [e.name for e in entries])

@@ -7,7 +7,7 @@ imports this module. Field docstrings are the ``--help`` texts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -69,6 +69,12 @@ class SweepArgs:
     other flags unchanged) and train the missing ones."""
     keep_checkpoints: bool = False
     """Keep each run's checkpoint.pt (default: deleted once its cell is recorded)."""
+    backend: Literal["local", "ray"] = "local"
+    """Where cells run: one after another in this process, or as Ray tasks (iclgym[ray])."""
+    address: str = ""
+    """Ray cluster address (e.g. auto, ray://HOST:10001); empty: a local Ray for the run."""
+    workers: int | None = None
+    """CPUs of the local Ray started for the run (default: every core)."""
     train: tyro.conf.OmitArgPrefixes[TrainConfig] = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:

@@ -27,12 +27,14 @@ import json
 import re
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from iclgym.harness.backends import Backend, run_trials
 from iclgym.harness.model import build_model
 from iclgym.harness.train import CHECKPOINT, RunOptions, TrainConfig, train
 
@@ -144,6 +146,70 @@ def _cell_name(model: str, width: Any, n: Any, seed: int) -> str:
     return re.sub(r"[^\w+.=-]", "_", name)
 
 
+def train_cell(
+    env_id: str,
+    choice: ModelChoice,
+    width: Any,
+    n: Any,
+    seed: int,
+    spec: Mapping[str, Any],
+    config: TrainConfig,
+    n_key: str,
+    out: Path,
+    resume: bool,
+    keep_checkpoints: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train one cell into ``out/runs/CELL`` and return its record (one trial of a sweep,
+    run in this process or as a Ray task: :mod:`iclgym.harness.backends`)."""
+    from iclgym.registry import make_task
+
+    config_fields = {f.name for f in fields(TrainConfig)}
+    cell_spec, cell_config = dict(spec), replace(config, seed=seed)
+    if n is not None:
+        if n_key in config_fields:
+            cell_config = replace(cell_config, **{n_key: n})
+        else:
+            cell_spec[n_key] = n
+    task = make_task(env_id, **cell_spec)
+    if "train_set_seed" in task.spec.to_dict():
+        task = make_task(env_id, **{**cell_spec, "train_set_seed": seed})
+    args = dict(choice.args)
+    if width is not None:
+        args[choice.width_arg] = width
+    model = build_model(choice.factory, task, seed=seed, **args)
+    folder = out / "runs" / _cell_name(choice.name, width, n, seed)
+    again = resume and (folder / CHECKPOINT).exists()
+    if not again and folder.exists():
+        shutil.rmtree(folder)
+    run = RunOptions(out=str(folder), resume=again, progress=progress, plot=False)
+    summary = train(model, task, cell_config, run, env_id=env_id)
+    if not keep_checkpoints:
+        (folder / CHECKPOINT).unlink(missing_ok=True)
+    error, metric = cell_error(summary)
+    final = summary["final"]
+    record = {
+        "model": choice.name,
+        "width": width,
+        "n": n,
+        "seed": seed,
+        "error": error,
+        "metric": metric,
+        "accuracy": final.get("test_accuracy", final.get("accuracy")),
+        "factory": choice.factory,
+        "model_args": args,
+        "task": task.spec.to_dict(),
+        "config": asdict(cell_config),
+        "steps": summary["step"],
+        "num_parameters": summary["num_parameters"],
+        "untrained_rows": summary["untrained_rows"],
+        "final": final,
+        "wall_s": summary["wall_s"],
+        "out": str(folder),
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
 def run_sweep(
     env_id: str,
     *,
@@ -158,24 +224,27 @@ def run_sweep(
     resume: bool = False,
     keep_checkpoints: bool = False,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every cell of the grid (see the module docstring) and return the records.
+    """Train every cell of the grid (see the module docstring) on ``backend`` (default: in
+    this process, one after another; :mod:`iclgym.harness.backends`) and return the records
+    in grid order, whatever order the cells finished in.
 
     Raises ``ValueError`` before training for an empty axis or an unknown env id or spec
-    key (from the first cell's task)."""
+    key (from the first cell's task); :class:`~iclgym.harness.backends.TrialsFailed` after the
+    other cells are recorded when some cells raised."""
     from iclgym.registry import make_task
 
     start = time.perf_counter()
     config, spec = config or TrainConfig(), dict(spec or {})
     if not models or not seeds:
         raise ValueError("a sweep needs at least one model and one seed")
+    make_task(env_id, **spec)  # a bad id or spec fails here, before any trial starts
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     if resume and (out / "sweep.json").exists():
         records = json.loads((out / "sweep.json").read_text())
-    done = {(r["model"], r["width"], r["n"], r["seed"]) for r in records}
-    config_fields = {f.name for f in fields(TrainConfig)}
     grid = [
         (choice, width, n, seed)
         for choice in models
@@ -183,63 +252,34 @@ def run_sweep(
         for n in (ns or [None])
         for seed in seeds
     ]
-    metric = None
-    for i, (choice, width, n, seed) in enumerate(grid):
-        tag = f"[{i + 1}/{len(grid)}] {choice.name} width={width} n={n} seed={seed}"
-        if (choice.name, width, n, seed) in done:
-            print(f"{tag}: in sweep.json")
-            continue
-        cell_spec, cell_config = dict(spec), replace(config, seed=seed)
-        if n is not None:
-            if n_key in config_fields:
-                cell_config = replace(cell_config, **{n_key: n})
-            else:
-                cell_spec[n_key] = n
-        task = make_task(env_id, **cell_spec)
-        if "train_set_seed" in task.spec.to_dict():
-            task = make_task(env_id, **{**cell_spec, "train_set_seed": seed})
-        args = dict(choice.args)
-        if width is not None:
-            args[choice.width_arg] = width
-        model = build_model(choice.factory, task, seed=seed, **args)
-        folder = out / "runs" / _cell_name(choice.name, width, n, seed)
-        again = resume and (folder / CHECKPOINT).exists()
-        if not again and folder.exists():
-            shutil.rmtree(folder)
-        run = RunOptions(out=str(folder), resume=again, progress=progress, plot=False)
-        summary = train(model, task, cell_config, run, env_id=env_id)
-        if not keep_checkpoints:
-            (folder / CHECKPOINT).unlink(missing_ok=True)
-        error, metric = cell_error(summary)
-        final = summary["final"]
-        accuracy = final.get("test_accuracy", final.get("accuracy"))
-        record = {
-            "model": choice.name,
-            "width": width,
-            "n": n,
-            "seed": seed,
-            "error": error,
-            "metric": metric,
-            "accuracy": accuracy,
-            "factory": choice.factory,
-            "model_args": args,
-            "task": task.spec.to_dict(),
-            "config": asdict(cell_config),
-            "steps": summary["step"],
-            "num_parameters": summary["num_parameters"],
-            "untrained_rows": summary["untrained_rows"],
-            "final": final,
-            "wall_s": summary["wall_s"],
-            "out": str(folder),
-        }
-        records.append(json.loads(json.dumps(record, default=str)))
+    order = {(c.name, w, n, s): i for i, (c, w, n, s) in enumerate(grid)}
+    done = {(r["model"], r["width"], r["n"], r["seed"]) for r in records}
+    todo = [cell for cell in grid if (cell[0].name, *cell[1:]) not in done]
+    if len(todo) < len(grid):
+        print(f"{len(grid) - len(todo)} of {len(grid)} cells already in sweep.json")
+
+    def key(r: dict[str, Any]) -> int:
+        return order.get((r["model"], r["width"], r["n"], r["seed"]), len(order))
+
+    def record(i: int, result: dict[str, Any]) -> None:
+        choice, width, n, seed = todo[i]
+        records.append(result)
+        records.sort(key=key)
         print(
-            f"{tag}: {metric} {error:.3f}, accuracy {accuracy:.3f}, "
-            f"{summary['step']} steps in {summary['wall_s']:.0f} s",
+            f"[{key(result) + 1}/{len(grid)}] {choice.name} width={width} n={n} seed={seed}: "
+            f"{result['metric']} {result['error']:.3f}, accuracy {result['accuracy']:.3f}, "
+            f"{result['steps']} steps in {result['wall_s']:.0f} s",
             flush=True,
         )
         (out / "sweep.json").write_text(json.dumps(records, indent=1))
-    metric = metric or (records[0]["metric"] if records else "error")
+
+    trials = [
+        (env_id, c, w, n, s, spec, config, n_key, out, resume, keep_checkpoints, progress)
+        for c, w, n, s in todo
+    ]
+    bar = sys.stderr.isatty() and not progress  # one bar for the sweep, or one per run
+    run_trials(train_cell, trials, record, backend, desc="sweep", progress=bar)
+    metric = records[0]["metric"] if records else "error"
     table = format_table(records, metric)
     (out / "sweep.txt").write_text(table + "\n")
     sets = " ".join(f"{k}={v}" for k, v in spec.items())

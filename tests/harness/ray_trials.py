@@ -1,0 +1,26 @@
+"""Model factories for the Ray backend tests (imported by Ray workers by module name): an MLP
+whose first construction kills its worker process, and one whose first construction raises."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from baselines.lstm import make_model
+
+
+def dying_lstm(vocab_size: int, seq_len: int, marker: str, **kwargs):
+    """The LSTM, after SIGKILLing the calling process the first time (``marker`` absent)."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return make_model(vocab_size, seq_len, **kwargs)
+
+
+def failing_lstm(vocab_size: int, seq_len: int, marker: str, fail_width: int, **kwargs):
+    """The LSTM; raises the first time it is built with ``hidden_size == fail_width``."""
+    if kwargs.get("hidden_size") == fail_width and not Path(marker).exists():
+        Path(marker).touch()
+        raise RuntimeError("injected trial failure")
+    return make_model(vocab_size, seq_len, **kwargs)

@@ -1,4 +1,5 @@
-"""The ``iclgym`` command: list, describe, eval, train, sweep, speed, bench, verify.
+"""The ``iclgym`` command: list, describe, eval, train, sweep, speed, bench, verify,
+leaderboard, export.
 
 Each subcommand's options are a dataclass parsed by ``tyro`` (the config is the command line,
 as in CleanRL); ``iclgym train`` and ``iclgym sweep`` take every field of
@@ -40,6 +41,8 @@ COMMANDS = {
     "speed": "throughput benchmark with the project's targets",
     "bench": "train and score one model on the versioned suite; results in a SQLite store",
     "verify": "re-evaluate a stored result or a submitted bundle from its checkpoints",
+    "leaderboard": "render the results store as a static HTML page and a Markdown table",
+    "export": "write a frozen evaluation set (tokens, targets, mask, exact law) to Parquet",
 }
 Repeated = tyro.conf.UseAppendAction[tuple[str, ...]]
 EnvId = tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="ENV_ID")]]
@@ -148,6 +151,43 @@ class VerifyArgs:
     """The SQLite results store."""
     device: str = "cpu"
     """Torch device of the re-evaluation."""
+
+
+@dataclass(frozen=True)
+class LeaderboardArgs:
+    """Render the results store as OUT/leaderboard.html (sortable table, size classes,
+    verified vs self-reported, score-vs-parameters plot; one self-contained file) and
+    OUT/leaderboard.md (the README's table)."""
+
+    store: str = "results/iclgym.db"
+    """The SQLite results store."""
+    out: str = "results/leaderboard"
+    """Folder of leaderboard.html and leaderboard.md."""
+    screenshot: str = ""
+    """Also save a PNG screenshot of the page here (needs chromium, chromedriver, selenium)."""
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """Write a frozen evaluation set to Parquet (pip install 'iclgym[export]'): one row per
+    sequence with tokens, targets, loss mask, the exact next-token law, the oracle's and the
+    strategies' log-probs and per-row provenance; scoring it back (iclgym.bench.export.
+    score_parquet) gives evaluate's report."""
+
+    env_id: EnvId
+    """Registered env id."""
+    out: str = "eval.parquet"
+    """Output Parquet file."""
+    split: str = "test"
+    """A seed-stream split or one of the task's named splits."""
+    num_sequences: int = 1024
+    """Sequences in the set."""
+    seed: int = 0
+    """Evaluation seed."""
+    batch_size: int = 512
+    """Sampling batch size (part of the data: keep it to match an evaluate run)."""
+    set: Repeated = ()
+    """Spec override KEY=VALUE, repeatable."""
 
 
 # ------------------------------------------------------------------ resolving names
@@ -403,6 +443,48 @@ def _cmd_verify(args: VerifyArgs) -> int:
     return 0 if all(v.ok for v in verdicts) else 1
 
 
+def _cmd_leaderboard(args: LeaderboardArgs) -> int:
+    from pathlib import Path
+
+    from iclgym.bench.leaderboard import (
+        leaderboard_table,
+        render_html,
+        render_markdown,
+        screenshot,
+    )
+
+    try:
+        rows = leaderboard_table(args.store)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    page = render_html(rows, out / "leaderboard.html")
+    (out / "leaderboard.md").write_text(render_markdown(rows) + "\n")
+    print(render_markdown(rows))
+    print(f"wrote {page} and {out / 'leaderboard.md'} ({len(rows)} models)")
+    if args.screenshot:
+        print(f"wrote {screenshot(page, args.screenshot)}")
+    return 0
+
+
+def _cmd_export(args: ExportArgs) -> int:
+    from iclgym.bench.export import export_parquet
+
+    path = export_parquet(
+        args.env_id,
+        args.out,
+        split=args.split,
+        num_sequences=args.num_sequences,
+        seed=args.seed,
+        spec=parse_overrides(args.set),
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"wrote {path} ({args.num_sequences} sequences of {args.env_id}, split {args.split})")
+    return 0
+
+
 # ------------------------------------------------------------------ parsing, errors
 _BOX = re.compile(r"[╭╮╰╯│─━┃┏┓┗┛]")
 
@@ -496,6 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(_parse(BenchArgs, prog, rest))
         if command == "verify":
             return _cmd_verify(_parse(VerifyArgs, prog, rest))
+        if command == "leaderboard":
+            return _cmd_leaderboard(_parse(LeaderboardArgs, prog, rest))
+        if command == "export":
+            return _cmd_export(_parse(ExportArgs, prog, rest))
         if command == "train":
             from iclgym.harness.commands import TrainArgs as cls
 

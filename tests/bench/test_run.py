@@ -185,3 +185,29 @@ def test_predictor_rows_are_scored_and_verified_from_their_name(tmp_path, capsys
     capsys.readouterr()
     assert main(["verify", str(rows["ngram:2"]["id"]), "--store", str(store)]) == 0
     assert ResultsStore(store).rows(id=rows["ngram:2"]["id"])[0]["verified"]
+
+
+def test_cli_leaderboard_and_export(bench, tmp_path, capsys):
+    store, summary = bench
+    out = tmp_path / "board"
+    assert main(["leaderboard", "--store", str(store), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    html, md = (out / "leaderboard.html").read_text(), (out / "leaderboard.md").read_text()
+    assert MODEL.name in html and MODEL.name in md and "1 models" in printed
+    assert f"{summary['iqm']:.2f}" in md
+    assert main(["leaderboard", "--store", str(tmp_path / "none.db")]) == 2
+    assert "none.db" in capsys.readouterr().err
+
+    pytest.importorskip("pyarrow")
+    from iclgym.bench.export import score_parquet
+    from iclgym.harness import StrategyPredictor, evaluate
+    from iclgym.registry import make_task
+
+    path = tmp_path / "markov.parquet"
+    argv = ["export", "ICL-MarkovChain-v0", "--num-sequences", "64", "--set", "num_states=4",
+            "--out", str(path)]  # fmt: skip
+    assert main(argv) == 0 and path.is_file()
+    ours = score_parquet(path, "uniform")
+    task = make_task("ICL-MarkovChain-v0", num_states=4)
+    ref = evaluate(StrategyPredictor(task, "uniform"), task, split="test", num_sequences=64)
+    assert ours.excess_loss == pytest.approx(ref.excess_loss, abs=1e-9)

@@ -358,20 +358,26 @@ def _cmd_sweep(args: Any) -> int:
     for name in names:
         factory, model_args, width_arg = _model_setup(recipe, name, args.model_arg, env_id)
         choices.append(ModelChoice(name, factory, model_args, width_arg or args.width_arg or None))
-    run_sweep(
-        env_id,
-        models=choices,
-        widths=args.widths,
-        ns=args.ns,
-        n_key=args.n_key,
-        seeds=args.seeds,
-        spec=spec,
-        config=args.train,
-        out=args.out,
-        resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints,
-        backend=_backend(args, args.train.device),
-    )
+    from iclgym.harness.backends import TrialsFailed
+
+    try:
+        run_sweep(
+            env_id,
+            models=choices,
+            widths=args.widths,
+            ns=args.ns,
+            n_key=args.n_key,
+            seeds=args.seeds,
+            spec=spec,
+            config=args.train,
+            out=args.out,
+            resume=args.resume,
+            keep_checkpoints=args.keep_checkpoints,
+            backend=_backend(args, args.train.device),
+        )
+    except TrialsFailed as err:  # the other cells are recorded: --resume reruns these
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -428,7 +434,7 @@ def _cmd_bench(args: BenchArgs) -> int:
     )
     print(format_summary(summary, name))
     print(f"rows in {args.store}")
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 def _cmd_verify(args: VerifyArgs) -> int:

@@ -49,7 +49,7 @@ from iclgym.harness import (
     resolve_predictor,
     train,
 )
-from iclgym.harness.backends import Backend, run_trials
+from iclgym.harness.backends import Backend, TrialsFailed, run_trials
 from iclgym.harness.model import ModelPredictor, load_model, num_parameters
 from iclgym.harness.predictors import Predictor, PredictorKind
 from iclgym.harness.train import TrainConfig
@@ -126,11 +126,12 @@ def run_bench(
     backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Train and score ``model`` on every entry and seed not yet in ``store`` (resumable: an
-    interrupted bench rerun with the same arguments skips the stored rows and retrains the one
-    it was in), keep each run's checkpoint under :func:`run_folder`, write one row per
-    (entry, seed) and the folder's ``bundle.json``, and return :func:`summarize` of the
-    model's rows. The runs go to ``backend`` (default: this process, in order; Ray tasks with
-    ``Backend("ray")``), the rows are written here as each finishes."""
+        interrupted bench rerun with the same arguments skips the stored rows and retrains the one
+        it was in), keep each run's checkpoint under :func:`run_folder`, write one row per
+        (entry, seed) and the folder's ``bundle.json``, and return :func:`summarize` of the
+        model's rows, with ``"failed"``: the runs that raised (entry and seed -> error; the others
+    are stored). The runs go to ``backend`` (default: this process, in order; Ray tasks with
+        ``Backend("ray")``), the rows are written here as each finishes."""
     config_hash = model.config_hash(quick)
     commit = git_commit()
     folder = run_folder(store, model, quick)
@@ -155,11 +156,16 @@ def run_bench(
             results.add(replace(row, config_hash=config_hash, git_commit=commit,
                                 checkpoint=checkpoint.as_posix()))  # fmt: skip
 
-        run_trials(_run_one, trials, record, backend, desc=f"bench {model.name}",
-                   progress=progress)  # fmt: skip
+        failed: dict[str, str] = {}
+        try:
+            run_trials(_run_one, trials, record, backend, desc=f"bench {model.name}",
+                       progress=progress)  # fmt: skip
+        except TrialsFailed as err:  # e.g. a model that cannot score an entry's task
+            failed = {f"{todo[i][0].name} seed {todo[i][1]}": e for i, e in err.failures.items()}
         rows = results.rows(suite_version=SUITE_VERSION, model=model.name, config_hash=config_hash)
-    write_bundle(rows, model, store, folder)
-    return summarize(rows, [e.name for e in entries])
+    if rows:
+        write_bundle(rows, model, store, folder)
+    return {**summarize(rows, [e.name for e in entries]), "failed": failed}
 
 
 PREDICTOR_PREFIX = "predictor:"
@@ -385,4 +391,6 @@ def format_summary(summary: Mapping[str, Any], model: str) -> str:
     if "iqm" in summary:
         lo, hi = summary["iqm_ci"]
         lines += ["", f"{'IQM over entries':32s} {summary['iqm']:7.3f} [{lo:6.3f}, {hi:6.3f}]"]
+    for run, error in summary.get("failed", {}).items():
+        lines.append(f"FAILED {run}: {' '.join(error.split())[:300]}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ A trial is a module-level function and its arguments; its result comes back to t
 process, which records it (a sweep's ``sweep.json``, the bench's results store) as local runs
 do, so both backends write the same rows for the same seeds. On Ray each trial is a task with
 its CPU/GPU request; a worker that dies mid-trial (killed, out of memory) is retried up to
-``max_retries`` times (Ray's task retries). A trial that raises is not retried: the others
-finish and are recorded, then :func:`run_trials` raises naming the failed trials, so a rerun
+``max_retries`` times (Ray's task retries). On either backend a trial that raises is not
+retried: the others finish and are recorded, then :func:`run_trials` raises naming the failed
+trials, so a rerun
 with ``--resume`` trains only what is missing. Ray is the optional extra ``iclgym[ray]``;
 we use it rather than a process pool of our own for its scheduling, retries and clusters.
 """
@@ -79,10 +80,18 @@ def run_trials(
     bar = tqdm(total=len(trials), desc=desc, unit="trial", disable=not progress)
     with bar:
         if backend.kind == "local":
+            failures: dict[int, str] = {}
             for i, args in enumerate(trials):
-                bar.set_postfix(running=1, failed=0)
-                on_result(i, fn(*args))
+                bar.set_postfix(running=1, failed=len(failures))
+                try:
+                    result = fn(*args)
+                except Exception as err:  # recorded; KeyboardInterrupt still stops the run
+                    failures[i] = f"{type(err).__name__}: {err}"
+                else:
+                    on_result(i, result)
                 bar.update()
+            if failures:
+                raise TrialsFailed(failures)
             return
         _run_on_ray(fn, trials, on_result, backend, bar)
 

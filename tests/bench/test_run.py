@@ -211,3 +211,15 @@ def test_cli_leaderboard_and_export(bench, tmp_path, capsys):
     task = make_task("ICL-MarkovChain-v0", num_states=4)
     ref = evaluate(StrategyPredictor(task, "uniform"), task, split="test", num_sequences=64)
     assert ours.excess_loss == pytest.approx(ref.excess_loss, abs=1e-9)
+
+
+def test_runs_a_model_cannot_do_are_reported_and_the_rest_stored(tmp_path):
+    mlp = BenchModel("mlp", "baselines.mlp:make_model", {"width": 8})
+    entries = [*TINY, replace(next(e for e in SUITE if e.name == "priority-graph/planted"),
+                              quick_steps=3, seeds=(0,), eval_sequences=32)]  # fmt: skip
+    summary = run_bench(mlp, tmp_path / "r.db", quick=True, entries=entries, progress=False)
+    # The MLP reads the whole sequence: it cannot score every position of a Markov chain.
+    assert sorted(summary["failed"]) == ["markov/bigram seed 0", "markov/bigram seed 1"]
+    assert all("reads future tokens" in e for e in summary["failed"].values())
+    assert set(summary["entries"]) == {"multi-concept/switched", "priority-graph/planted"}
+    assert "FAILED markov/bigram seed 0" in format_summary(summary, "mlp")

@@ -422,7 +422,9 @@ def _cmd_bench(args: BenchArgs) -> int:
         return 0
     factory, model_args, _ = resolve_model(args.model)
     model_args.update(parse_assignments(args.model_arg, "--model-arg"))
-    name = args.model + "".join(f" {a}" for a in args.model_arg)
+    name = (
+        args.model + "".join(f" {a}" for a in args.model_arg) + (" --quick" if args.quick else "")
+    )
     summary = run_bench(
         BenchModel(name, factory, model_args),
         args.store,

@@ -1,6 +1,7 @@
 """The reference transformer of multi-concept prompts: one softmax attention read at the query,
-then a two-layer ReLU MLP with fixed output signs (after Bu et al. 2024, arXiv 2411.02199;
-``shared/specs/multi-concept.md`` section 5, [reconstructed]: not the paper's exact model).
+then a two-layer ReLU MLP with fixed output signs (after Bu et al. 2024, arXiv 2411.02199; a
+reconstruction of the paper's two-layer model, ``docs/envs/ICL-MultiConcept-v0.md``: not the
+paper's exact model).
 
 With the demonstrations ``e_l = [x_l; u_l]`` (l = 1..L) and the query ``e_q = [x_q; 0]`` in
 R^D (D = d + d_y, the task's features: ``features[:, l]`` and ``features[:, L]``):
@@ -11,7 +12,7 @@ R^D (D = d + d_y, the task's features: ``features[:, l]`` and ``features[:, L]``
     f   = (1/sqrt(m)) sum_{r=1..m} rho_r ReLU(<w_r, o>)
 
 with W_Q, W_K, W_V (D, D) and w (m, D) trained, all drawn i.i.d. N(0, init_std^2) with
-``init_std = 1/sqrt(D)`` by default (spec section 7: at 0.01 the model does not move), and
+``init_std = 1/sqrt(D)`` by default (at 0.01 the model does not move), and
 rho = (+1 for the first m/2 neurons, -1 for the rest) a buffer, never trained. The model
 predicts sign(f); its loss is the logistic loss ``log(1 + exp(-y f))``.
 
@@ -23,8 +24,8 @@ then the logistic loss exactly:
     -log softmax([-f/2, f/2])_{(y+1)/2} = log(1 + exp(-y f)),   y in {-1, +1},
 
 because ``e^{yf/2} / (e^{f/2} + e^{-f/2}) = 1 / (1 + e^{-yf})``. The token ids are not read:
-the demonstrations' labels reach the model only through their label vectors u_l (spec
-section 2), and the query's placeholder token carries nothing.
+the demonstrations' labels reach the model only through their label vectors u_l, and the
+query's placeholder token carries nothing.
 
 The model takes any T >= 2 (the ``ood_length`` splits, L = 4..64, use the same weights).
 """
@@ -41,18 +42,18 @@ from torch import Tensor, nn
 from iclgym.validation import as_float, as_int, invalid
 
 LATENT_KEYS = ("task_concept", "semantic_sign")
-"""The latents :func:`correct_attention_weight` reads from ``batch.params`` (spec section 2:
-k* (B,) and the signs eps (B, T, K))."""
+"""The latents :func:`correct_attention_weight` reads from ``batch.params`` (k* (B,) and the
+signs eps (B, T, K))."""
 
 
 class ConceptAttention(nn.Module):
-    """The spec section 5 reference transformer (module docstring).
+    """The reference transformer (module docstring).
 
     Args:
         feature_dim: D = d + d_y, the width of the task's features, >= 1.
         width: m, the MLP's neurons, an even int >= 2 (half get rho = +1, half -1).
         init_std: standard deviation of the N(0, init_std^2) init of W_Q, W_K, W_V and w;
-            None: 1/sqrt(D) (spec section 5).
+            None: 1/sqrt(D).
 
     Parameters ``W_Q``, ``W_K``, ``W_V`` (D, D) and ``w`` (m, D); buffer ``rho`` (m,).
     ``forward(tokens (B, T) int64, features (B, T, D)) -> (B, T, 2)`` logits;
@@ -137,7 +138,7 @@ class ConceptAttention(nn.Module):
 def correct_attention_weight(
     model: ConceptAttention, features: Tensor, params: Mapping[str, Tensor]
 ) -> Tensor:
-    """The "correct attention weight" of spec section 4 (a diagnostic, not a target): per
+    """The "correct attention weight" of Bu et al. 2024's figures (a diagnostic, not a target): per
     prompt, the query's attention mass on the demonstrations whose k*-semantic sign equals the
     query's, ``sum_l a_l [eps_{l,k*} = eps_{q,k*}]``.
 
@@ -145,7 +146,7 @@ def correct_attention_weight(
         model: a :class:`ConceptAttention`.
         features: (B, T, D) the batch's features (``batch.features``).
         params: the batch's latents (``batch.params``): ``task_concept`` (B,) int64 k* and
-            ``semantic_sign`` (B, T, K) the signs eps in {-1, +1} (spec section 2).
+            ``semantic_sign`` (B, T, K) the signs eps in {-1, +1}.
 
     Returns (B,) float in [0, 1] (model dtype). Raises ``ValueError`` when a latent is missing or
     its shape does not fit ``features``. Evaluated under ``no_grad``, in the model's current
@@ -155,7 +156,7 @@ def correct_attention_weight(
     if missing:
         raise ValueError(
             f"the batch's params lack {missing}: the correct attention weight needs the latents "
-            f"{list(LATENT_KEYS)} (spec section 2) of a multi-concept batch"
+            f"{list(LATENT_KEYS)} of a multi-concept batch"
         )
     concept, sign = params["task_concept"], params["semantic_sign"]
     b, t = features.shape[:2]

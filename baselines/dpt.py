@@ -1,16 +1,16 @@
 """Decision-pretrained transformer (DPT; Lee et al. 2023, *Supervised Pretraining Can Learn
 In-Context Reinforcement Learning*, arXiv 2306.14892), in its streaming form for iclgym's
-exogenous-token tasks (``shared/specs/dpt-gym-sb3.md`` sections 3 and 5).
+exogenous-token tasks (the ``lee2023`` recipe, ``docs/recipes.md``).
 
-**Mapping** (spec section 3). One task is one draw of the generator's parameters (a Markov
+**Mapping** (iclgym's). One task is one draw of the generator's parameters (a Markov
 table, ...); the stream x_0, x_1, ... is exogenous, so a prediction never changes the next
 token and DPT reduces to an in-context predictor trained with privileged labels. A transition
 is (s_i, a_i, r_i, s'_i) with the state s_i the last ``state_len`` tokens up to x_i (n - 1 for
 an order-n chain) and s'_i = x_{i+1}. The behaviour action and reward carry no information
-about the task beyond s'_i, so this model drops their slots (the spec's zero ablation, which
-it calls legitimate and cheaper).
+about the task beyond s'_i, so this model drops their slots (a zero ablation: legitimate, and
+cheaper).
 
-**Streaming DPT** (spec section 5, iclgym design): a causal GPT-2-style transformer over the
+**Streaming DPT** (an iclgym design): a causal GPT-2-style transformer over the
 transition stream. Element t embeds the transition that ends at x_t, i.e. the one-hot codes of
 [s_{t-1}; s'_{t-1} = x_t] = x_{t - state_len} .. x_t (PAD before the sequence start) through
 one Linear, as the original embeds [s, a, s', r]; learned absolute positions are added (as
@@ -128,7 +128,7 @@ def from_text(text: str, task: Task) -> ModelPredictor:
 
 
 class DPTAgent:
-    """A trained streaming DPT acting in an iclgym env's step loop (spec section 5,
+    """A trained streaming DPT acting in an iclgym env's step loop (DPT's online
     deployment): from the ``observation="context"`` observation (tokens x_0 .. x_t then PAD,
     as an array (T + 1,) or a batch (N, T + 1) of a vector env; a Dict with ``"tokens"`` and
     ``"features"`` for a feature task) it reads the model's law at t and returns the action

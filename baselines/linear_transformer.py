@@ -1,5 +1,5 @@
 """The one-layer linear transformer of sparse contextual bigrams and its softmax variant
-(Ren, Wang, Lee 2024, arXiv 2410.23438; ``shared/specs/sparse-contextual-bigram.md`` section 5).
+(Ren, Wang, Lee 2024, arXiv 2410.23438; ``docs/envs/ICL-SparseContextualBigram-v0.md``).
 
 With one-hot tokens and positions, the output at the query (the last position) is
 
@@ -10,9 +10,9 @@ the truth is V* = P (column-stochastic) and A* = attn. The softmax variant param
 attention columns as ``a_k = softmax(W[:, k])`` over the T positions, with logits ``W`` (T, N).
 The paper's loss is the squared error ``1/2 ||e_{x_o} - f(X)||^2`` (:func:`squared_loss`), plus
 ``lam ||A||_1`` handled by the proximal step of :mod:`iclgym.harness.optimizers`; the softmax
-variant has the same loss (spec section 5).
+variant has the same loss.
 
-**Init** (spec section 5): every column of V is ``mu`` (uniform unless ``mu`` is given), A =
+**Init**: every column of V is ``mu`` (uniform unless ``mu`` is given), A =
 1/T (W = 0). There the attention gradient is the same at every position (zero in expectation;
 a uniform column stays uniform after renormalisation) and V's carries a 1/T signal: stage 1.
 
@@ -20,8 +20,8 @@ a uniform column stays uniform after renormalisation) and V's carries a 1/T sign
 ``iclgym_output = "probabilities"``, and ``forward`` returns (B, T + 1, N) with the raw ``f``
 at the query and 0 at the context positions, which this single-label task never scores. The
 trainer then trains the squared loss ``1/2 ||f - e_y||^2`` on it (the paper's loss), and the
-evaluation reads ``f`` clipped at 1e-6 and renormalised as the predicted distribution (spec
-sections 4 and 7: the linear output is not a distribution). :meth:`LinearTransformer.
+evaluation reads ``f`` clipped at 1e-6 and renormalised as the predicted distribution (the
+linear output is not a distribution). :meth:`LinearTransformer.
 query_output` gives ``f`` (B, N) alone.
 """
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 OUTPUT_FLOOR = 1e-6
-"""Clip of ``f`` before it is read as a distribution (spec section 4; the harness's
+"""Clip of ``f`` before it is read as a distribution (the harness's
 ``iclgym.harness.model.PROBABILITY_FLOOR``)."""
 
 
@@ -129,7 +129,7 @@ class LinearTransformer(nn.Module):
 
 
 def squared_loss(output: Tensor, targets: Tensor) -> Tensor:
-    """The paper's loss, ``1/2 mean_i ||e_{y_i} - f_i||^2`` (spec section 5; the l1 term is
+    """The paper's loss, ``1/2 mean_i ||e_{y_i} - f_i||^2`` (Ren, Wang, Lee 2024; the l1 term is
     the optimiser's prox): ``output`` (B, N) raw ``f``, ``targets`` (B,) int64."""
     onehot = F.one_hot(targets, output.shape[-1]).to(output.dtype)
     return 0.5 * (output - onehot).pow(2).sum(-1).mean()

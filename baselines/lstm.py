@@ -1,7 +1,7 @@
 """An LSTM baseline, readable top to bottom: embedding -> LSTM layers -> linear head.
 
-The recurrent comparison of the templates paper (Boix-Adserà et al. 2024, spec
-``shared/specs/symbol-templates.md`` section 5: "a ReLU Elman RNN, an LSTM") and the sequence
+The recurrent comparison of the templates paper (Boix-Adserà et al. 2024 and its reference
+code: "a ReLU Elman RNN, an LSTM") and the sequence
 model behind stable-baselines3's recurrent agents. Causal by construction: the state at
 position t has read ``tokens[:, : t + 1]`` only, so it suits every task of the model contract
 (:mod:`iclgym.harness.model`): (B, T) ids -> (B, T, V) logits, or (B, T, 1) values with

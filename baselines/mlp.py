@@ -4,7 +4,7 @@ The input is the concatenation of the one-hot codes of the T tokens (T * V featu
 first Linear layer is computed as a sum of T embedding lookups (row ``t * V + token``), which
 is the same map without building the one-hot matrix. The rows of tokens never seen in
 training get no gradient, so on unseen symbols the network acts with its random init: the
-failure that ``shared/specs/symbol-templates.md`` (section 3, target T1) reproduces.
+failure that target T1 of ``docs/results/symbol-templates.md`` reproduces.
 
 It reads the whole sequence, so it is bidirectional: under the model contract
 (:mod:`iclgym.harness.model`) it suits tasks that score one position per sequence (template

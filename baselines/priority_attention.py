@@ -1,12 +1,12 @@
 """The one-layer attention model of token-priority graphs (Li, Huang, Ildiz, Rawat, Oymak 2024,
 *Mechanics of Next Token Prediction with Self-Attention*, arXiv 2403.08081;
-``shared/specs/priority-graph.md`` section 5, the reference's ``MLayerAttn`` with one layer).
+the reference code's ``MLayerAttn`` with one layer).
 
 Fixed token embeddings E (K, d) (a buffer, never trained) and one trained matrix W (d, d), the
 weight of a bias-free ``nn.Linear(d, d)`` (PyTorch's default init U(-1/sqrt d, 1/sqrt d)), so
-the score of position s under the query x_t is ``a_s = x_s^T W x_t`` (pitfall 5). At every
+the score of position s under the query x_t is ``a_s = x_s^T W x_t`` (PyTorch's layout). At every
 position t the model reads the prefix x_0 .. x_t with query x_t (causal: the task scores only
-the last position T - 1, where the whole context is read, the query included: pitfall 2):
+the last position T - 1, where the whole context is read, the query included):
 
 - ``s = softmax_{s <= t}(a_s)``, ``f = sum_s s_s x_s`` (identity value);
 - head ``iden`` (the global figures): ``p_hat_j = sum_{s: x_s = j} s_s`` (attention summed per
@@ -106,7 +106,7 @@ class PriorityAttention(nn.Module):
 
 
 def paper_loss(output: Tensor, labels: Tensor, loss: str = "nll", head: str = "iden") -> Tensor:
-    """The paper's losses (spec section 5) of a :class:`PriorityAttention` output at the scored
+    """The paper's losses (Li et al. 2024) of a :class:`PriorityAttention` output at the scored
     position, ``output`` (B, K) and ``labels`` (B,) int64, mean over the batch:
 
     - ``nll`` (``iden`` head): ``-log(p_hat_y + eps)`` = ``-output[y]``;

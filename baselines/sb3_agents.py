@@ -1,5 +1,5 @@
 """stable-baselines3 agents on iclgym envs, scored by the harness as predictors
-(``shared/specs/dpt-gym-sb3.md`` section 8).
+(``docs/envs/clients.md``).
 
 :func:`train_agent` trains ``PPO`` or ``sb3_contrib.RecurrentPPO`` through SB3's own
 ``make_vec_env`` on any registered id (``gamma = 0`` by default: a prediction never changes the
@@ -61,7 +61,7 @@ class AgentConfig:
         env_kwargs: ``gym.make`` keyword arguments: spec parameters and the env options
             (``observation``, ``action``, ``window``, ...). Defaults: ``observation="token"``
             for RecurrentPPO (one token per step), ``"window"`` for PPO.
-        gamma: discount (0: the stream is exogenous, spec dpt-gym-sb3.md section 8).
+        gamma: discount (0: the stream is exogenous, a contextual bandit).
         n_steps, batch_size, n_epochs, learning_rate: PPO's rollout and update settings.
     Raises ``ValueError`` for an unknown algorithm or out-of-range numbers.
     """

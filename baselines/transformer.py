@@ -1,7 +1,7 @@
 """A GPT-style causal transformer baseline, readable top to bottom (nanoGPT style).
 
 The default configuration is the reference model of Edelman et al. 2024
-(``shared/specs/markov-chain.md`` section 5): 2 layers, attention only, width 16, 1 head,
+(its official code's ``Relative_Transformer``): 2 layers, attention only, width 16, 1 head,
 pre-LayerNorm plus a final LayerNorm, no absolute positions, Shaw-style relative positions
 (one table of shape (max_len + 1, d_model) per layer, score (q.k + q.r_{i-j}) / sqrt(d_head)),
 bias-free Q/K/V/output/LM head, dropout 0.1, init N(0, 0.02) with output projections
@@ -12,9 +12,10 @@ default, any width, GELU); tied unembedding; a replaceable input layer (``embed`
 mapping ids to (B, T, d)); ``n_outputs`` other than V (e.g. 1 for a regression head);
 bidirectional attention (``causal=False``); PyTorch's default init (``init="default"``).
 
-The two identity scalars of Boix-Adserà et al. 2024 (``shared/specs/symbol-templates.md``
-section 5), both initialised at 0 and trainable, per head h, with x~ the block's LayerNormed
-attention input: ``kq_identity`` adds ``a_h * <x~_i, x~_j>`` to the attention logits (outside
+The two identity scalars of Boix-Adserà et al. 2024 (its reference code's
+``wkwq_identity_scalings`` and ``wvwo_identity_scalings``), both initialised at 0 and
+trainable, per head h, with x~ the block's LayerNormed attention input: ``kq_identity`` adds
+``a_h * <x~_i, x~_j>`` to the attention logits (outside
 the 1/sqrt(d_head) scaling), ``vo_identity`` adds ``sum_h b_h * sum_j A_h[i, j] x~_j`` to the
 attention output (after W_O); each term has a fixed factor (c_KQ, c_VO; 1 by default, as in the
 reference's regression model).

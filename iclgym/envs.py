@@ -104,11 +104,11 @@ OBSERVATIONS = ("context", "token", "window", "features")
 ACTIONS = ("token", "distribution", "logits", "value", "class")
 REWARDS = ("logprob", "squared")
 """Rewards of probability actions (``reward=``): the log-probability of the next token, or the
-negated squared error ``-||e_y - q||^2`` (the Brier score; sparse contextual bigrams' paper
-loss, spec ``sparse-contextual-bigram.md`` section 8)."""
+negated squared error ``-||e_y - q||^2`` (the Brier score; the paper loss of sparse contextual
+bigrams, Ren, Wang, Lee 2024)."""
 RENDER_MODES = ("ansi", "rgb_array")
 SPLIT_ALIASES = {"val": "validation"}
-"""Other names accepted for a split (spec ``symbol-templates.md`` section 8 says ``"val"``)."""
+"""Other names accepted for a split (``"val"`` for ``"validation"``)."""
 RESET_OPTIONS = ("split",)
 PROB_FLOOR = 1e-6
 DEFAULT_WINDOW = 8

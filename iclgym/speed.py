@@ -181,7 +181,8 @@ def _batch_rows(budget: float, repeats: int, suffix: str, bar) -> list[Row]:
     rows.append(Row(f"priority-graph Oracle C B=4096{suffix}", rate, "seq/s", None, "info"))
     concepts = MultiConceptTask()  # C0, L = 16
     rate = _best_rate(lambda: concepts.sample(64, generator=gen), 64, 50 * repeats, budget)
-    # spec multi-concept.md section 2: about 2 ms per 64 prompts (32k prompts/s), one thread
+    # reference: about 2 ms per 64 prompts (32k prompts/s), one thread
+    # (docs/envs/ICL-MultiConcept-v0.md, Speed)
     rows.append(Row(f"multi-concept sampler B=64 L=16{suffix}", rate, "seq/s", None, "ref 32k"))
     rate = _best_rate(lambda: concepts.sample(4096, generator=gen), 4096, 5 * repeats, budget)
     rows.append(Row(f"multi-concept sampler B=4096 L=16{suffix}", rate, "seq/s", None, "info"))

@@ -1,12 +1,13 @@
 """Gymnasium wrappers over any iclgym env.
 
-:class:`BanditFeedback` is the ``feedback="bandit"`` variant of ``shared/specs/dpt-gym-sb3.md``
-section 3: the reward is 1[the predicted token is the next token], and the next token is
-revealed only when the prediction was right; a wrong prediction reveals only that it was
-wrong. iclgym's streams are exogenous and full-information by default, where exploration has
-nothing to act on; under bandit feedback what the agent predicts decides what it sees, so
-greedy and sampling policies genuinely differ (DPT's bandit setting). It wraps the env rather
-than adding a code path to it: it works on every id, through ``gym.make`` and Gymnasium's
+:class:`BanditFeedback` is the ``feedback="bandit"`` variant (``docs/envs/clients.md``, Bandit
+feedback), which recreates the bandit setting of Lee et al. 2023 (DPT, arXiv 2306.14892): the reward
+is 1[the predicted token is the next token], and the next token is revealed only when the prediction
+was right; a wrong prediction reveals only that it was wrong. iclgym's streams are exogenous and
+full-information by default, where exploration has nothing to act on; under bandit feedback what the
+agent predicts decides what it sees, so greedy and sampling policies genuinely differ (DPT's bandit
+setting). It wraps the env rather than adding a code path to it: it works on every id, through
+``gym.make`` and Gymnasium's
 sync/async vector envs (``gym.make_vec(id, vectorization_mode="sync",
 wrappers=[BanditFeedback])``) and SB3's ``make_vec_env(id, wrapper_class=BanditFeedback)``.
 """
@@ -37,7 +38,7 @@ class BanditFeedback(gym.Wrapper, gym.utils.RecordConstructorArgs):
     action is the next token, else 0 (the wrapped env's token reward). Info: ``t``,
     ``split``, ``correct`` (bool) and ``regret``, the pseudo-regret ``max_v p(v) - p(a)``
     under the true law p of the next token (its sum over an episode is the cumulative regret
-    of the spec's bandit metric; computed from the law, never from the realised token, so it
+    of the bandit metric; computed from the law, never from the realised token, so it
     reveals nothing the reward does not; for evaluation, not an agent input). Raises
     ``ValueError`` for an env whose action is not ``"token"`` or that is not an iclgym env."""
 

@@ -94,7 +94,7 @@ def test_ppo_learns_2048_steps_on_every_mode(env_id):
 
 @pytest.mark.parametrize("env_id", IDS)
 def test_recurrent_ppo_learns_2048_steps_on_the_token_observation(env_id):
-    """RecurrentPPO reads one token per step (spec dpt-gym-sb3 section 8). On MultiDiscrete
+    """RecurrentPPO reads one token per step (docs/envs/clients.md). On MultiDiscrete
     observations SB3 sizes the LSTM with sum(nvec), a numpy integer that torch's LSTM
     refuses whatever its dtype, so the token observation is the recurrent one."""
     venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs={"observation": "token"})

@@ -1,4 +1,4 @@
-"""BanditFeedback (``iclgym.wrappers``; spec dpt-gym-sb3.md section 3): reward 1[correct], the
+"""BanditFeedback (``iclgym.wrappers``; ``docs/envs/clients.md``): reward 1[correct], the
 next token revealed only after a correct prediction, nothing leaked through info; both
 checkers; SB3 through make_vec_env."""
 

@@ -70,7 +70,7 @@ def score_id(env_id: str, steps: int, agent_steps: int) -> dict[str, Any]:
     """{column: {excess, excess_se, accuracy, accuracy_se, seconds}} for one id."""
     task = make_task(env_id)
     held = HeldOut(task, split="test", seed=0, num_sequences=EVAL_SEQUENCES, batch_size=256)
-    # the DPT state is the last n - 1 tokens of an order-n chain (spec dpt-gym-sb3.md section 3)
+    # the DPT state is the last n - 1 tokens of an order-n chain (lee2023, docs/recipes.md)
     order = getattr(task.spec, "order", 2)
     dpt = {**RECIPES["lee2023"].model_args, "state_len": max(1, order - 1)}
     makers = {

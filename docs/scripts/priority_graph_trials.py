@@ -1,5 +1,5 @@
 """Token-priority-graph reproductions (Li, Huang, Ildiz, Rawat, Oymak 2024, *Mechanics of Next
-Token Prediction with Self-Attention*; ``shared/specs/priority-graph.md`` section 6) through the
+Token Prediction with Self-Attention*; ``docs/results/priority-graph.md``) through the
 one trainer, :func:`iclgym.harness.train`.
 
 Parts (each trial redraws the dataset and its embeddings: ``instance_seed`` = trial, and the
@@ -64,17 +64,18 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
     "acyclic": {"n": 4, "context_len": 6, "num_tokens": 8, "cyclic": False, "trials": 2},
     "larger": {"n": 10, "context_len": 6, "num_tokens": 8, "cyclic": True, "trials": 5},
 }
-"""Spec section 6's paper-mode rows (d 8, random unit embeddings; 4000 iterations, lr 0.01)."""
+"""The paper-mode rows of the reproduction table (d 8, random unit embeddings; 4000 iterations,
+lr 0.01)."""
 
 LOCAL_SETTINGS: dict[str, dict[str, Any]] = {
     "local": {"n": 4, "context_len": 6, "num_tokens": 8, "cyclic": True, "trials": 5},
     "local-n6": {"n": 6, "context_len": 4, "num_tokens": 6, "cyclic": True, "trials": 5},
 }
-"""Spec section 6's optional local-convergence rows: the ``gen`` head trained with lsq2 (or the
+"""The optional local-convergence rows: the ``gen`` head trained with lsq2 (or the
 paper's ``ce``), normalised GD lr 0.1, 2000 iterations."""
 
 PLANTED = {"num_tokens": 8, "context_len": 6, "d": 8, "n_train": 2000, "lr": 0.05, "steps": 4000}
-"""Spec section 6's planted row."""
+"""The planted row of the reproduction table."""
 
 
 # ------------------------------------------------------------------ paper mode
@@ -145,7 +146,7 @@ def paper_part(setting: str, trials: int | None = None, eval_every: int = 0) -> 
 def local_trial(
     setting: str, trial: int, lr: float = 0.1, steps: int = 2000, loss: str = "lsq2"
 ) -> dict[str, Any]:
-    """The local-convergence run of spec section 6 (optional row): the ``gen`` head with the
+    """The local-convergence run (optional row of the reproduction table): the ``gen`` head with the
     trainer's ``loss`` (``lsq2`` = (1 - p_y)^2, or ``cross_entropy``, the paper's ``ce``),
     normalised GD ``lr``, ``steps`` full-batch iterations, float64; then corr(W, local W^svm)
     (:func:`~iclgym.tasks.priority_graph_theory.local_graph_svm` of the trained attention) and

@@ -1,10 +1,10 @@
-"""The reproduction grid of sparse contextual bigrams (``shared/specs/sparse-contextual-bigram.md``
-section 6; Ren, Wang, Lee 2024): A (proximal method vs SGD), B (two stages and transfer), the
+"""The reproduction grid of sparse contextual bigrams (``docs/results/sparse-contextual-bigram.md``;
+Ren, Wang, Lee 2024): A (proximal method vs SGD), B (two stages and transfer), the
 negative control, C (oracles: Bayes closed form vs Monte Carlo, the oracle ladder) and D
 (softmax parity).
 
-Common setting (spec section 6): perm_mixture P (M = 3), uniform weights, Q = 2, N = 8; the
-training data of task seed s come from ``task.generator(100 + s, "train")`` (the spec's data
+Common setting: perm_mixture P (M = 3), uniform weights, Q = 2, N = 8; the
+training data of task seed s come from ``task.generator(100 + s, "train")`` (the data
 seed 100 + task seed: the trainer's ``--seed``); metrics are the exact closed forms of
 :meth:`~iclgym.tasks.sparse_bigram.SparseContextualBigramTask.parameter_metrics` (no evaluation
 noise), logged against training samples.
@@ -54,9 +54,9 @@ from iclgym.tasks.sparse_bigram import (
 from iclgym.tasks.sparse_bigram_ladder import oracle_ladder
 
 DATA_SEED_OFFSET = 100
-"""Data seed = 100 + task seed (spec section 6)."""
+"""Data seed = 100 + task seed."""
 ESCAPE, TRANSFER_LEVEL = 0.5, 0.1
-"""Escape: excess/initial first below 0.5; the transfer test uses 0.1 (spec section 4)."""
+"""Escape: excess/initial first below 0.5; the transfer test uses 0.1."""
 ENV_ID = "ICL-SparseContextualBigram-v0"
 RECIPE = RECIPES["ren2024"]
 """Target A's scb_ppg run is this recipe's configuration (task seed 0: the recipe itself)."""
@@ -71,7 +71,8 @@ _COUNTER = [0]
 
 # ------------------------------------------------------------------------------ protocol
 def linear_model(task: SparseContextualBigramTask, softmax: bool = False) -> LinearTransformer:
-    """The model of spec section 5 at its init (V columns = mu, A = 1/T or W = 0), built by
+    """The one-layer linear (or softmax) transformer at its init (V columns = mu, A = 1/T or
+    W = 0), built by
     :func:`~iclgym.harness.build_model` (a checkpoint records its factory)."""
     args: dict = {"softmax": softmax}
     if not np.allclose(task.stationary, task.stationary[0]):
@@ -89,7 +90,7 @@ def ppg_config(
     eval_every: int,
     tau: float = 0.0,
 ) -> TrainConfig:
-    """``scb_ppg`` (spec section 5: precond mu, renormalise, eta / (1 + t / tau)) as the
+    """``scb_ppg`` (precond mu, renormalise, eta / (1 + t / tau)) as the
     trainer's config: ``--optimizer iclgym.harness.optimizers:ppg``, data seed 100 + task
     seed."""
     args = [f"lam={lam!r}", f"tau={tau!r}"]
@@ -204,8 +205,8 @@ _PRETRAINED: dict = {}
 
 
 def pretrain(task: SparseContextualBigramTask, steps: int = 600) -> tuple[list[dict], torch.Tensor]:
-    """scb_ppg on ``task`` at B=512 (eta 0.1, lambda 0.005) for ``steps`` steps (spec section 6,
-    B: the upstream run of finetuning): its records and the trained V (cached per spec)."""
+    """scb_ppg on ``task`` at B=512 (eta 0.1, lambda 0.005) for ``steps`` steps (B: the
+    upstream run of finetuning): its records and the trained V (cached per spec)."""
     key = (task.spec, steps)
     if key not in _PRETRAINED:
         model = linear_model(task)
@@ -228,7 +229,7 @@ def finetune(
     eval_every: int = 25,
 ) -> list[dict]:
     """scb_ppg on ``task`` from V = ``value`` and A reset to uniform: B=64, eta 0.1, lambda
-    0.005, tau 1000 (spec section 6, B)."""
+    0.005, tau 1000 (B)."""
     model = linear_model(task)
     with torch.no_grad():
         model.value.copy_(value)
@@ -240,7 +241,7 @@ def finetune(
 
 def part_b(task_seed: int, rho: float = 1 / math.sqrt(2), seq_len: int = 512) -> dict:
     """B: downstream P~ with corr rho to P, fresh attn, T=512: scratch at B=64 (3000 steps) and
-    B=512 (600 steps: the spec's escape is at 300-400), finetune from the pretrained V (3000
+    B=512 (600 steps: the reference escape is at 300-400), finetune from the pretrained V (3000
     steps), SGD at B=64 (3000 steps)."""
     pair = make_transfer_pair(spec_for(task_seed, seq_len), rho)
     down = pair.downstream
@@ -259,7 +260,7 @@ def negative_control(
     task_seed: int, rho: float = -0.12, batch_size: int = 64, steps: int = 3000
 ) -> dict:
     """The control: finetuning at T=128 on a downstream P~ with corr ``rho`` (negative: never
-    escapes; spec: rho about -0.11 to -0.13 stays at excess/initial about 1.0, +0.11 escapes in
+    escapes; reference: rho about -0.11 to -0.13 stays at excess/initial about 1.0, +0.11 escapes in
     about 500 steps)."""
     pair = make_transfer_pair(spec_for(task_seed), rho)
     records = finetune(

@@ -1,10 +1,10 @@
-"""T4 of ``shared/specs/markov-chain.md`` section 6: when does the induction head appear?
+"""T4 of ``docs/results/markov-chain.md``: when does the induction head appear?
 
 Trains the ``edelman2024`` recipe (2 layers, attention-only, relative positions, width 16, 1
 head, dropout 0.1; AdamW lr 5e-4, batch 64, 2000 steps; ICL-MarkovChain-v0 with k=3, T=100,
 Dirichlet(1), stationary init) through the one trainer for several seeds and reports each run's
 persistent switch step: the first evaluation after which KL(bigram || model) < KL(unigram ||
-model) at every later evaluation (section 4). The target is a switch in [800, 1800] for at least
+model) at every later evaluation. The target is a switch in [800, 1800] for at least
 2 of 3 seeds (the official code switched at about 1150-1500); the repro test
 ``tests/harness/test_train_repro.py::test_t4_switch_step_window_over_three_seeds`` asserts it.
 
@@ -29,7 +29,7 @@ from baselines import MODELS
 from iclgym.harness import RECIPES, RunOptions, build_model, train
 from iclgym.registry import make_task
 
-LOW, HIGH, NEEDED = 800, 1800, 2  # section 6, T4
+LOW, HIGH, NEEDED = 800, 1800, 2  # target T4
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ SUITE: tuple[SuiteEntry, ...] = (
     ),
 )  # fmt: skip
 """The entries of :data:`SUITE_VERSION`: every registered family, and held-out splits where the
-family has them (spec sections 2 and 6 of each family)."""
+family has them (the named splits of each family's env page)."""
 
 
 def fingerprint(entry: SuiteEntry) -> str:

@@ -12,10 +12,10 @@ This docstring is the one place the contract is written down.
   distribution, not necessarily normalised nor non-negative (e.g. the linear transformer of
   sparse contextual bigrams, ``f(X) = V X a_k``). It is trained with the squared loss against
   the one-hot target, ``1/2 ||f - e_y||^2`` summed over the V entries and averaged over the
-  scored positions (Ren, Wang, Lee 2024: the loss ``1/2 E||e_{x_o} - f(X)||^2`` of
-  ``shared/specs/sparse-contextual-bigram.md`` section 5, whose gradients are batch means),
+  scored positions (Ren, Wang, Lee 2024, arXiv 2410.23438: the loss ``1/2 E||e_{x_o} - f(X)||^2``,
+  whose gradients are batch means),
   and scored as the distribution ``clip(f, eps) / sum_v clip(f, eps)_v`` with ``eps =``
-  :data:`PROBABILITY_FLOOR` = 1e-6 (spec sections 4 and 7: entries below eps, negative ones
+  :data:`PROBABILITY_FLOOR` = 1e-6 (entries below eps, negative ones
   included, count as eps before renormalising, so every token keeps a finite log-probability);
   or
 - values (B, T, 1), float, allowed only for tasks with real-valued labels
@@ -54,7 +54,8 @@ does.
   weights of ``nn.Linear`` layers are decayed, everything else, embeddings included, is not);
 - ``input_embedding() -> Tensor | None``: the input table with the token axis first (V, ...);
   in the finite data regime the rows of tokens absent from the training set must come out of
-  training bit-identical (``shared/specs/symbol-templates.md`` pitfall 3). ``None`` opts out
+  training bit-identical (Boix-Adserà et al. 2024's unseen-symbol test; decoupled weight decay
+  would shrink them). ``None`` opts out
   (e.g. a tied unembedding, whose softmax trains every row).
 
 **Building by name.** A model factory is any callable ``factory(vocab_size=V, seq_len=T,
@@ -104,8 +105,8 @@ OUTPUT_ATTRIBUTE = "iclgym_output"
 OUTPUT_KINDS = ("logits", "probabilities")
 """The valid values of ``iclgym_output``; ``"values"`` is told by the (B, T, 1) shape."""
 PROBABILITY_FLOOR = 1e-6
-"""eps of a probability output read as a distribution: ``clip(f, eps) / sum`` (spec section 4:
-clip at 1e-6 and renormalise)."""
+"""eps of a probability output read as a distribution: ``clip(f, eps) / sum`` (clip at 1e-6
+and renormalise)."""
 
 
 def check_device(device: object) -> torch.device:
@@ -417,7 +418,7 @@ def output_scores(out: Tensor, vocab_size: int, output: str = "logits") -> Tenso
     """A model output (..., V) as predictor scores (log-probabilities over the last axis):
     log-softmax of logits (``output="logits"``), or for a probability output ``f``
     (``output="probabilities"``) ``log(c / sum_v c_v)`` with ``c = clamp(f, min=eps)``, eps =
-    :data:`PROBABILITY_FLOOR` (1e-6; spec section 4). A (..., 1) output on a task with V > 1
+    :data:`PROBABILITY_FLOOR` (1e-6). A (..., 1) output on a task with V > 1
     is a value model's: returned unchanged. Half precision is computed in float32."""
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()

@@ -6,19 +6,19 @@ KEY=VALUE``) and returns a ``torch.optim.Optimizer``, whose ``step()`` the train
 per batch after ``backward()`` and whose ``state_dict`` it checkpoints.
 
 - :func:`ppg`: :class:`ProximalGradient`, the preconditioned proximal gradient method of
-  sparse contextual bigrams (Ren, Wang, Lee 2024; ``shared/specs/sparse-contextual-bigram.md``
-  section 5, ``scb_ppg``) for a model with a value matrix ``value`` (N, N) and a linear
+  sparse contextual bigrams (Ren, Wang, Lee 2024, arXiv 2410.23438;
+  ``scb_ppg``) for a model with a value matrix ``value`` (N, N) and a linear
   attention table ``attention`` (T, N) (:mod:`baselines.linear_transformer`).
 - :func:`sgd`: plain SGD (``torch.optim.SGD``) with an optional separate learning rate for the
-  attention parameters: the spec's SGD baseline (lambda = 0, no constraints, constant lr) and
+  attention parameters: the SGD baseline (lambda = 0, no constraints, constant lr) and
   the softmax variant's lr_V / lr_W pair.
 - :func:`normalized_gd`: :class:`NormalizedGD`, full-batch normalised gradient descent of
-  token-priority graphs (Li et al. 2024; ``shared/specs/priority-graph.md`` section 5): the
+  token-priority graphs (Li et al. 2024, arXiv 2403.08081): the
   gradient divided by its Frobenius norm, plain SGD, no momentum.
 
-Only the class of method is [verified] in the paper; the preconditioner, prox, renormalisation
-and schedule below are the spec's [design] reconstruction, which reproduces its qualitative
-claims (docs/results/sparse-contextual-bigram.md).
+Only the class of method is stated in the paper (its abstract); the preconditioner, prox,
+renormalisation and schedule below are iclgym's reconstruction, which reproduces the paper's
+qualitative claims (docs/results/sparse-contextual-bigram.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ PRECONDITIONERS = ("none", "mu")
 
 
 class ProximalGradient(torch.optim.Optimizer):
-    """Preconditioned proximal gradient on (V, A) (spec section 5, ``scb_ppg``).
+    """Preconditioned proximal gradient on (V, A) (``scb_ppg``, Ren, Wang, Lee 2024).
 
     One step, with ``eta_t = lr / (1 + t / tau)`` (``tau`` = 0: no decay) and the gradients G_V,
     G_A already in ``.grad`` (batch means of the squared loss):
@@ -49,7 +49,7 @@ class ProximalGradient(torch.optim.Optimizer):
     4. ``renorm``: each column of A rescaled to sum 1; an all-zero column resets to 1/T.
 
     ``simplex_proj=True`` replaces 3-4 by the Euclidean projection of each column onto the
-    simplex (the spec's ablation: it drifts into the flat valley, dist_P about 0.4). Ablations
+    simplex (an ablation: it drifts into the flat valley, dist_P about 0.4). Ablations
     ``precond="none"``, ``lam=0``, ``renorm=False`` as named.
 
     Args:
@@ -59,7 +59,7 @@ class ProximalGradient(torch.optim.Optimizer):
         lam: l1 weight lambda >= 0.
         precond: ``"mu"`` or ``"none"``.
         mu: the stationary law (N positive floats, renormalised) for ``precond="mu"``; None:
-            uniform (then ``"mu"`` is the identity: the spec's perm_mixture setting).
+            uniform (then ``"mu"`` is the identity: the perm_mixture setting).
         renorm: rescale A's columns to sum 1 after the prox.
         tau: decay time of ``eta_t`` in steps, >= 0 (0: constant).
         simplex_proj: project A's columns onto the simplex instead of prox + renorm.
@@ -216,9 +216,10 @@ def ppg(
 def sgd(model: nn.Module, config: Any, attention_lr: float | None = None) -> torch.optim.SGD:
     """``--optimizer iclgym.harness.optimizers:sgd``: ``torch.optim.SGD`` with ``lr =
     config.lr`` and ``config.momentum``; the attention parameters (``attention`` or
-    ``attention_logits``) at ``attention_lr`` when given (the softmax variant: lr_V 0.3, lr_W
-    30, spec section 5). ``config.weight_decay`` applies as in the trainer's built-in ``sgd``
-    (to the model's decayed parameters: nn.Linear weights unless the model says otherwise).
+    ``attention_logits``) at ``attention_lr`` when given (the softmax variant: lr_V 0.3, lr_W 30,
+    docs/results/sparse-contextual-bigram.md). ``config.weight_decay`` applies as in the trainer's
+    built-in ``sgd`` (to the model's decayed parameters: nn.Linear weights unless the model says
+    otherwise).
     Raises ``ValueError`` for ``attention_lr`` <= 0 or a model without attention parameters
     when ``attention_lr`` is given."""
     decay_ids = {id(p) for p in decay_parameters(model)[0]}
@@ -250,8 +251,8 @@ def sgd(model: nn.Module, config: Any, attention_lr: float | None = None) -> tor
 
 
 class NormalizedGD(torch.optim.Optimizer):
-    """Normalised gradient descent (``shared/specs/priority-graph.md`` section 5, the
-    reference's ``normalize_grad`` then SGD): ``p <- p - lr * g_p / ||g||_F`` with ``||g||_F``
+    """Normalised gradient descent (Li et al. 2024, the
+    reference code's ``normalize_grad`` then SGD): ``p <- p - lr * g_p / ||g||_F`` with ``||g||_F``
     the Frobenius norm of all the parameters' gradients together (one matrix W for the paper's
     model, so its own norm), no momentum, no weight decay. Every step moves the parameters by
     exactly ``lr`` in Frobenius norm, so ``||W(tau)|| <= ||W(0)|| + lr tau``; a step whose

@@ -1,4 +1,5 @@
-"""Phase detection on a logged training curve (``shared/specs/markov-chain.md`` section 4).
+"""Phase detection on a logged training curve (Edelman et al. 2024's phase label: the nearest
+strategy; ``docs/results/markov-chain.md``).
 
 Every evaluation record carries ``strategy_kl_last`` (KL(strategy || model) at the last
 position) and its argmin ``nearest``, the phase label. From a sequence of records this module
@@ -70,9 +71,9 @@ def persistent_switch_step(
 def phase_report(records: Sequence[Record], order: Sequence[str] = ()) -> dict[str, Any]:
     """Everything above in one JSON-friendly dict (used by the training summary).
 
-    ``switch_step`` is the unigram -> bigram switch of the spec; ``switches`` has the persistent
-    switch between every pair of consecutive strategies in ``order`` (e.g. uniform, unigram,
-    bigram, trigram for an order-3 task).
+    ``switch_step`` is the unigram -> bigram switch (target T4 of docs/results/markov-chain.md);
+    ``switches`` has the persistent switch between every pair of consecutive strategies in ``order``
+    (e.g. uniform, unigram, bigram, trigram for an order-3 task).
     """
     return {
         "switch_step": persistent_switch_step(records),

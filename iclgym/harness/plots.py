@@ -3,13 +3,12 @@
 :func:`plot_run`, the phase diagram. Top panel: last-token KL(true || model) against training
 sequences seen, one horizontal line per reference strategy (its own KL(true || strategy) at the
 last position), and the background shaded by the nearest strategy (the phase label). Bottom
-panel: the attention probes. This is the paper's Fig. 1 layout (``shared/specs/markov-chain.md``
-section 4).
+panel: the attention probes. This is the Fig. 1 layout of Edelman et al. 2024 (arXiv 2402.11004;
+``docs/results/markov-chain.md``).
 
 :func:`plot_metrics`, the learning curves of a task's model metrics (``task.model_metrics``,
 e.g. excess/initial, dist_P and dist_Q of sparse contextual bigrams): one panel per metric
-against training sequences seen (the spec's x-axis is samples, not steps:
-``shared/specs/sparse-contextual-bigram.md`` section 4).
+against training sequences seen (samples, not steps, as in Ren, Wang, Lee 2024).
 """
 
 from __future__ import annotations

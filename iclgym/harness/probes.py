@@ -1,4 +1,4 @@
-"""Mechanistic probes on attention patterns (``shared/specs/markov-chain.md`` section 4).
+"""Mechanistic probes on attention patterns (the induction-head circuit of Edelman et al. 2024).
 
 A statistical induction head is two attention layers: layer 1 copies the previous token into
 each position (a previous-token head), layer 2 attends from the current token x_t to the

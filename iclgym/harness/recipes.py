@@ -67,12 +67,14 @@ EDELMAN2024 = Recipe(
         eval_splits=("validation",),
     ),
     source=(
-        "Edelman et al. 2024, the statistical induction head (shared/specs/markov-chain.md "
-        "sections 5-6): k=3, T=100, Dirichlet(1) rows, stationary start; 2-layer attention-only "
+        "Edelman et al. 2024 (arXiv 2402.11004), the statistical induction head, with the "
+        "official code's model and optimiser: k=3, T=100, Dirichlet(1) rows, stationary "
+        "start; 2-layer attention-only "
         "transformer, width 16, 1 head, Shaw relative positions, dropout 0.1 (5,472 "
         "parameters); AdamW lr 5e-4, betas (0.9, 0.95), weight decay 0.1 on Linear weights, "
         "constant lr, no clipping; a fresh batch of 64 every step, 2000 steps; evaluation in "
-        "eval mode on 1024 held-out sequences every 25 steps (the T2-T5 targets of section 6)."
+        "eval mode on 1024 held-out sequences every 25 steps (targets T2-T5 of "
+        "docs/results/markov-chain.md)."
     ),
 )
 """Edelman et al. 2024: the unigram plateau, then the switch to the in-context bigram."""
@@ -114,8 +116,9 @@ BOIX2023 = Recipe(
     common_args={"n_outputs": 1},
     train=_BOIX_TRAIN,
     source=(
-        "Boix-Adserà et al. 2024 (arXiv 2310.09753), shared/specs/symbol-templates.md sections "
-        "5-6: ABA vs ABB regression with +-1 labels; a fixed training set of n = 512 strings "
+        "Boix-Adserà et al. 2024 (arXiv 2310.09753) and its reference code "
+        "(eboix/relational-reasoning), target T3-fast of docs/results/symbol-templates.md: "
+        "ABA vs ABB regression with +-1 labels; a fixed training set of n = 512 strings "
         "over n symbols (the task's train_set()), Adam lr 1e-3 without weight decay, batch "
         "min(n, 1024), 1000 epochs; the reference model read at the final QUERY token: pre-LN, "
         "no causal mask, learned N(0, 1) token and position embeddings, GELU MLP of 2D, a "
@@ -136,7 +139,7 @@ BOIX2023_MLP = Recipe(
     common_args={"n_outputs": 1},
     train=_BOIX_TRAIN,
     source=(
-        "Boix-Adserà et al. 2024, target T1 of shared/specs/symbol-templates.md section 6: a "
+        "Boix-Adserà et al. 2024, target T1 of docs/results/symbol-templates.md: a "
         "one-hot MLP with two ReLU layers of width 256 and a value head fits the n training "
         "strings (MSE < 0.01) and stays at chance on unseen symbols (MSE >= 0.8, accuracy "
         "about 0.5); the protocol of boix2023 (n = 64 here)."
@@ -153,7 +156,7 @@ BOIX2023_COPY = Recipe(
     train=_BOIX_TRAIN,
     source=(
         "Boix-Adserà et al. 2024, the next-token copy task and its inverse scaling "
-        "(shared/specs/symbol-templates.md section 6, T5; docs/results/symbol-templates.md): "
+        "(target T5 of docs/results/symbol-templates.md): "
         "A B -> A over all V ids, logits tied to the input embedding, heads of width 64, GELU "
         "MLP of 2D, the boix2023 protocol with n = 64. The b_h identity scalar needs the "
         "factor c_VO = 100: --model transformer+vo --model-arg vo_identity_mult=100."
@@ -191,8 +194,9 @@ REN2024 = Recipe(
         eval_splits=("validation",),
     ),
     source=(
-        "Ren, Wang, Lee 2024 (arXiv 2410.23438), shared/specs/sparse-contextual-bigram.md "
-        "sections 5-6, target A: N=8, T=128, Q=2, perm_mixture P (M=3), uniform weights, task "
+        "Ren, Wang, Lee 2024 (arXiv 2410.23438), target A of "
+        "docs/results/sparse-contextual-bigram.md: N=8, T=128, Q=2, perm_mixture P (M=3), "
+        "uniform weights, task "
         "seed 0 and data seed 100 + task seed (--seed); the one-layer linear transformer "
         "f(X) = V X a_k from V = mu 1^T, A = 1/T; scb_ppg (the preconditioned proximal "
         "gradient of iclgym.harness.optimizers: eta 0.3, lambda 0.01, renormalised columns, no "
@@ -200,9 +204,10 @@ REN2024 = Recipe(
         "a probability output, so the trainer trains the paper's squared loss "
         "1/2 ||e_{x_o} - f||^2 (batch means); every evaluation logs the task's exact model "
         "metrics (excess_mse, excess_mse_rel, dist_P, dist_Q, alpha_V, alpha_A, corr_V, "
-        "support_recall) and model_metrics.png plots them against samples. Target A of "
-        "section 6: excess 3.7e-4, dist_P 0.037, dist_Q 0.020 at step 1500 on the spec's "
-        "instance (iclgym's instance of task seed 0 differs; its numbers are in "
+        "support_recall) and model_metrics.png plots them against samples. Target A's "
+        "reference: excess 3.7e-4, dist_P 0.037, dist_Q 0.020 at step 1500 on the instance of "
+        "a numpy reference implementation (iclgym's instance of task seed 0 differs; its "
+        "numbers are in "
         "docs/results/sparse-contextual-bigram.md). The SGD baseline: --optimizer sgd --lr 0.1 "
         "--optimizer-args with nothing (lambda = 0, no constraints)."
     ),
@@ -240,8 +245,9 @@ LI2024 = Recipe(
         eval_splits=("validation",),
     ),
     source=(
-        "Li, Huang, Ildiz, Rawat, Oymak 2024 (arXiv 2403.08081), shared/specs/priority-graph.md "
-        "sections 5-6, the cyclic main experiment: the paper-mode dataset of n = 6 samples, T = "
+        "Li, Huang, Ildiz, Rawat, Oymak 2024 (arXiv 2403.08081) and its reference code "
+        "(yixiao-huang/next-token-prediction), the cyclic main experiment: the paper-mode "
+        "dataset of n = 6 samples, T = "
         "4, K = 6, d = 8, random unit embeddings, redrawn until a TPG is cyclic (the task's "
         "train_set(), full batch: batch 6 = n, so one epoch is one step); the one-layer "
         "attention model with combined W (bias-free Linear, PyTorch's default init), the iden "
@@ -249,7 +255,7 @@ LI2024 = Recipe(
         "normalised GD (iclgym.harness.optimizers:normalized_gd) lr 0.01, no momentum, no "
         "decay, 4000 iterations, float64. The model's embeddings must be the dataset's: "
         "embedding_seed = instance_seed and the same d and embedding (--set instance_seed=S "
-        "--model-arg embedding_seed=S). Targets of section 6: corr(W, W^svm) >= 0.97 (reference "
+        "--model-arg embedding_seed=S). Targets: corr(W, W^svm) >= 0.97 (reference notebooks "
         "0.976-0.993), top-SCC mass >= 0.995, norm diff <= 0.02, loss within 1e-3 of the "
         "reduced optimum (docs/results/priority-graph.md). The acyclic run: --set n=4 "
         "context_len=6 num_tokens=8 cyclic=False --train-sequences 0 --batch-size 4."
@@ -279,15 +285,17 @@ BU2024 = Recipe(
         eval_splits=("validation",),
     ),
     source=(
-        "shared/specs/multi-concept.md sections 5-6, after Bu et al. 2024 (arXiv 2411.02199), "
-        "reconstructed: not the paper's formulas or numbers. The task's defaults (config C0: "
+        "After Bu et al. 2024 (arXiv 2411.02199), iclgym's reconstruction "
+        "(docs/envs/ICL-MultiConcept-v0.md): not the paper's formulas or numbers. The task's "
+        "defaults (config C0: "
         "d = 64, d_y = 32, K = 8, s_extra = 2, L = 16, fixed mapping); the reference "
         "transformer (baselines.concept_attention): one softmax attention of the query over the "
         "L demonstrations (no 1/sqrt(D)) and a ReLU MLP of m = 32 neurons with fixed +-1 output "
         "signs, W_Q, W_K, W_V, w from N(0, 1/D); the logistic loss log(1 + e^{-y f}) as the "
         "cross-entropy of the logits [-f/2, f/2]; plain SGD lr 0.5, no momentum, no weight "
         "decay, constant lr, a fresh batch of 64 every step, 2000 steps; evaluation on 4000 "
-        "held-out prompts every 200 steps. Targets of section 6: test 0-1 error <= 0.01 after "
+        "held-out prompts every 200 steps. Targets (docs/results/multi-concept.md): test 0-1 "
+        "error <= 0.01 after "
         "1000 steps (fixed mapping), <= 0.03 after 2000 steps with --set mapping=random, loss "
         "after 1000 steps < 0.05 x the initial loss (ln 2)."
     ),
@@ -316,10 +324,10 @@ LEE2023 = Recipe(
         eval_splits=("validation",),
     ),
     source=(
-        "Lee et al. 2023 (DPT, arXiv 2306.14892) mapped onto iclgym by shared/specs/"
-        "dpt-gym-sb3.md sections 3, 5 and 6: the streaming DPT (baselines.dpt) over the "
+        "Lee et al. 2023 (DPT, arXiv 2306.14892, code jon--lee/decision-pretrained-transformer) "
+        "mapped onto iclgym (docs/recipes.md): the streaming DPT (baselines.dpt) over the "
         "transitions of ICL-MarkovChain-v0 at the Edelman et al. setting (k=3, T=100, "
-        "Dirichlet(1), stationary start), soft labels (the true next-token law, the spec's "
+        "Dirichlet(1), stationary start), soft labels (the true next-token law, the "
         "default); the original code's --embd 32 --layer 3 and its one real head, AdamW lr 1e-3 "
         "(its Dark Room value), weight decay 1e-4, batch 64; 300 steps (the DPT sanity target: "
         "KL_last < 0.169, the unigram reference, and <= 0.065, the next-token transformer's)."

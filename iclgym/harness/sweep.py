@@ -15,7 +15,7 @@ init, the batch order and the training set. Into ``out`` it writes:
 - ``sweep.txt``: the median error over seeds per (model, width) and n, with the median accuracy;
 - ``sweep.png``: median error against n (log2 axis), one line per (model, width), the seed
   range shaded; against the width when the sweep has one n and several widths (the inverse
-  scaling view of ``shared/specs/symbol-templates.md`` section 6).
+  scaling view of Boix-Adserà et al. 2024's copy task: T5 of ``docs/results/symbol-templates.md``).
 
 The error of a cell is the test MSE for a value model, else 1 - test accuracy when the test
 split is scored (``eval_splits`` includes ``test``), else the excess loss on the primary split.

@@ -126,7 +126,7 @@ model metric may not use them (:func:`check_model_metrics`)."""
 LOSSES = ("auto", "cross_entropy", "squared", "lsq2")
 """Training losses (:attr:`TrainConfig.loss`, :func:`scored_loss`)."""
 LABELS = ("sampled", "soft", "hard")
-"""Training labels (:attr:`TrainConfig.labels`; ``shared/specs/dpt-gym-sb3.md`` section 3)."""
+"""Training labels (:attr:`TrainConfig.labels`; the label switch in ``docs/harness.md``)."""
 
 
 def check_loss(loss: str, output: str) -> None:
@@ -182,12 +182,12 @@ class TrainConfig:
     """Training loss at the scored positions (:func:`scored_loss`): auto = by the model's
     output (cross-entropy of logits, the squared loss of a probability output, the squared
     error of a value model); cross_entropy ``-log p_y``; squared ``1/2 ||p - e_y||^2``; lsq2
-    ``(1 - p_y)^2`` (Li et al. 2024, spec priority-graph.md section 5). p = softmax of logits,
+    ``(1 - p_y)^2`` (Li et al. 2024, arXiv 2403.08081). p = softmax of logits,
     or a probability output f as given (cross_entropy: clipped at 1e-6 and renormalised, as
     evaluate reads it). Value models take auto only."""
     labels: Literal["sampled", "soft", "hard"] = "sampled"
-    """What each scored position is trained towards (``shared/specs/dpt-gym-sb3.md`` section
-    3, the DPT label switch): sampled, the realised next token (plain next-token training);
+    """What each scored position is trained towards (the DPT label switch, after Lee et al.
+    2023, arXiv 2306.14892): sampled, the realised next token (plain next-token training);
     soft, the true law it was drawn from (``batch.true_probs``, privileged: the loss is the
     expectation of the sampled one under that law, whose population minimiser is the same
     posterior predictive, with less label variance); hard, the argmax of the true law (the
@@ -409,16 +409,15 @@ def scored_loss(selected: Tensor, targets: Targets, reduction: str = "mean") -> 
 
     - logits: the cross-entropy ``-log softmax(selected)[y]``;
     - probabilities: ``1/2 sum_v (f_v - 1[v = y])^2``, the squared loss of Ren, Wang, Lee 2024
-      (``shared/specs/sparse-contextual-bigram.md`` section 5: ``1/2 E||e_{x_o} - f(X)||^2``,
-      summed over the vocabulary, halved, its gradients batch means over the samples);
+      (``1/2 E||e_{x_o} - f(X)||^2``, summed over the vocabulary, halved, its gradients batch means
+      over the samples);
     - values (``targets.values`` given): ``(selected - value)^2``;
 
     or, by ``targets.loss`` (:attr:`TrainConfig.loss`), on the predicted law p (softmax of
     logits; a probability output as given): ``cross_entropy`` ``-log p_y`` (a probability
     output clipped at :data:`~iclgym.harness.model.PROBABILITY_FLOOR` and renormalised, as
     evaluation reads it), ``squared`` ``1/2 ||p - e_y||^2``, ``lsq2`` ``(1 - p_y)^2`` (the
-    non-convex local-convergence loss of Li et al. 2024, ``shared/specs/priority-graph.md``
-    section 5).
+    non-convex local-convergence loss of Li et al. 2024).
 
     Pure (no state, no randomness), so ``vmap`` can map it over stacked copies; the single run
     (:func:`loss_of_output`) and the vectorised copies
@@ -993,8 +992,8 @@ def unseen_rows(embedding: Tensor | None, seen_tokens: Tensor | None) -> tuple |
 
 
 def untrained_report(frozen: tuple | None, embedding: Tensor | None) -> dict | None:
-    """Whether the rows of :func:`unseen_rows` came out of training bit-identical (spec
-    pitfall 3); warns when they did not."""
+    """Whether the rows of :func:`unseen_rows` came out of training bit-identical (the
+    unseen-symbol test of Boix-Adserà et al. 2024 needs untrained rows); warns when they did not."""
     if frozen is None or embedding is None:
         return None
     rows, before = frozen

@@ -5,7 +5,7 @@ tokens, rows from the prior) and then ``seq_len + 1`` tokens from the chain. Con
 indexed newest-last (see :mod:`iclgym.tasks.estimators`), so the newest token of a lifted state
 ``s`` is ``s % k`` and the successor of ``s`` after token ``j`` is ``(s * k) % k**(n-1) + j``.
 
-**Sampling** (``shared/specs/markov-chain.md`` section 2). Dirichlet rows are drawn in log space
+**Sampling** (the process of Edelman et al. 2024, vectorised). Dirichlet rows are drawn in log space
 in float64 (``log Gamma(a) = log Gamma(a + 1) + log(U) / a``), so no concentration in
 :data:`~iclgym.tasks.estimators.ALPHA_RANGE` underflows to a NaN or a reducible table; the
 stationary law of the first context is the GTH elimination of those log-tables
@@ -52,7 +52,7 @@ def strategy_name(order: int) -> str:
 
 @dataclass(frozen=True)
 class MarkovChainSpec(TaskSpec):
-    """Parameters of an in-context Markov-chain task (``markov-chain.md`` section 2).
+    """Parameters of an in-context Markov-chain task (``docs/envs/ICL-MarkovChain-v0.md``).
 
     Attributes:
         num_states: vocabulary size k >= 2.
@@ -216,7 +216,7 @@ class MarkovChainTask(Task):
         polytope for k <= 5, Sinkhorn-normalised Dirichlet(1) tables (not uniform, opt-in
         ``approx_sinkhorn``) above."""
         k = self.spec.num_states
-        if k > EXACT_BIRKHOFF_MAX_K:  # opt-in approximation (spec: Sinkhorn is not uniform)
+        if k > EXACT_BIRKHOFF_MAX_K:  # opt-in approximation (Sinkhorn is not uniform)
             table = torch.empty(batch, k, k, device=device, dtype=torch.float64)
             table.exponential_(generator=gen).clamp_min_(torch.finfo(torch.float64).tiny)
             for _ in range(200):

@@ -1,9 +1,10 @@
 """The exact Bayes predictive of in-context Markov chains, for every prior and init.
 
 Position t has seen ``x_0 .. x_t`` and predicts ``x_{t+1}``; the Bayes predictive is
-``E[P(x_{t+1} | P, x_0..x_t) | x_0..x_t]`` under the spec's prior (``shared/specs/
-markov-chain.md`` sections 2-3; issue 8 section 1). ``N_t`` counts the transitions seen so far
-(context -> token), ``c_t`` is the context ending at t, ``c_0`` the first context.
+``E[P(x_{t+1} | P, x_0..x_t) | x_0..x_t]`` under the task's prior (the priors of Edelman et al. 2024
+and their official code, ``docs/envs/ICL-MarkovChain-v0.md``; issue 8 section 1). ``N_t`` counts the
+transitions seen so far (context -> token), ``c_t`` is the context ending at t, ``c_0`` the first
+context.
 
 Closed forms:
 

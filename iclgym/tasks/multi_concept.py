@@ -1,10 +1,10 @@
 """Multi-concept sparse-coding prompts for in-context classification, after Bu et al. 2024
 (*Provably Transformers Harness Multi-Concept Word Semantics for Efficient In-Context
-Learning*, NeurIPS 2024, arXiv 2411.02199). The generative model is the reconstruction "MC-SC
-v0" of ``shared/specs/multi-concept.md`` section 2, **not the paper's formulas or numbers**;
+Learning*, NeurIPS 2024, arXiv 2411.02199). The generative model is iclgym's reconstruction
+"MC-SC v0" (``docs/envs/ICL-MultiConcept-v0.md``), **not the paper's formulas or numbers**;
 every reconstructed choice is a spec parameter.
 
-**World** (fixed by ``world_seed``, shared by training and every split; spec section 2). For
+**World** (fixed by ``world_seed``, shared by training and every split). For
 each concept k = 0 .. K - 1: word features a_k (norm alpha, the shared part) and b_k (norm
 beta, the contrast), label features c_k (norm gamma) and d_k (norm delta). The word semantics
 are mu_k^+- = a_k +- b_k and the label semantics q_k^+- = c_k +- d_k. ``"orthogonal"``: the 2K
@@ -31,12 +31,13 @@ is a placeholder that carries no information (the same token in every sequence);
 t] = tokens[:, t + 1]`` for t < L and ``targets[:, L]`` is the query's label token, the only
 scored position (``loss_mask``, :attr:`~MultiConceptTask.first_scored_position` = L).
 ``features`` (B, T, d + d_y) float32: ``[x_l; u_l]`` at demonstration l, ``[x_q; 0]`` at L (the
-spec section 5 tokens e_l and e_q). ``params``: ``task_concept`` (B,) int64, ``mapping`` (B,)
-int64 in {-1, +1}, ``support`` (B, T, K) bool, ``semantic_sign`` (B, T, K) int8 (eps, drawn for
-every concept; only those in the support act), ``coefficient`` (B, T, K) float32 (z on the
-support, 0 elsewhere), ``clean_label`` (B, T) int64 (m eps_{i,k*}, before label noise),
-``label_concept`` (B,) int64 (kappa), ``label_support`` (B, L, K) bool and ``label_sign`` (B, L,
-K) int8 (the concepts and signs of each label token's features: y_l at kappa, rho elsewhere).
+reference transformer's tokens e_l and e_q, :mod:`baselines.concept_attention`). ``params``:
+``task_concept`` (B,) int64, ``mapping`` (B,) int64 in {-1, +1}, ``support`` (B, T, K) bool,
+``semantic_sign`` (B, T, K) int8 (eps, drawn for every concept; only those in the support act),
+``coefficient`` (B, T, K) float32 (z on the support, 0 elsewhere), ``clean_label`` (B, T) int64 (m
+eps_{i,k*}, before label noise), ``label_concept`` (B,) int64 (kappa), ``label_support`` (B, L, K)
+bool and ``label_sign`` (B, L, K) int8 (the concepts and signs of each label token's features: y_l
+at kappa, rho elsewhere).
 
 **Laws** (``true_probs``, the law of each target given the latents): mass 1 - p on the clean
 label of the next word (positions t < L - 1 and the query), a point mass on the placeholder at
@@ -74,7 +75,7 @@ projection, i.e. >= 10 floor units, so it loses >= 50 nats per word), and the fl
 are rounded at ~6e-8 relative, far below the floor, so the floored posterior is the sigma = 0
 posterior up to exp(-50) terms; no NaN arises.
 
-Spec section 3's references: :meth:`~MultiConceptTask.dictionary_oracle` (the 4-step rule),
+The reference predictors: :meth:`~MultiConceptTask.dictionary_oracle` (the 4-step rule),
 :meth:`~MultiConceptTask.bayes_error`, :meth:`~MultiConceptTask.no_context_accuracy` and the
 dictionary-free in-context rules (:func:`ridge_score`, :func:`centroid_score`,
 :func:`softmax_vote_score`, :func:`majority_score`), which read demo_x, demo_y and query_x only.
@@ -123,14 +124,15 @@ enumerates."""
 PROB_TOL = 1e-6
 """Tolerance of the sum of ``concept_probs`` (then renormalised)."""
 SKEW_MASS = 0.9
-"""p(k = 0) of the ``ood_skew`` and ``train_skew`` concept laws (spec section 2)."""
+"""p(k = 0) of the ``ood_skew`` and ``train_skew`` concept laws."""
 OOD_LENGTHS = (4, 8, 32, 64)
-"""The listed ``ood_length_N`` splits (spec section 2; any N >= 1 is accepted)."""
+"""The listed ``ood_length_N`` splits (any N >= 1 is accepted)."""
 NOISE_FACTOR = 4.0
-"""sigma x 4 in ``ood_noise`` (spec section 2)."""
+"""sigma x 4 in ``ood_noise``."""
 SOFTMAX_TAU = 0.1
 RIDGE_LAMBDA = 0.1
-"""The ``softmax_vote`` and ``ridge`` strategies' temperature and penalty (spec section 6)."""
+"""The ``softmax_vote`` and ``ridge`` strategies' temperature and penalty
+(``docs/results/multi-concept.md``)."""
 _LABEL_NOISE_ZERO = -math.inf
 
 
@@ -146,7 +148,7 @@ def _log_comb(n: int, k: int) -> float:
 
 @dataclass(frozen=True)
 class MultiConceptSpec(TaskSpec):
-    """Parameters of a multi-concept task (``multi-concept.md`` section 2; defaults: config C0).
+    """Parameters of a multi-concept task (``docs/envs/ICL-MultiConcept-v0.md``; defaults: C0).
 
     Attributes:
         d: word dimension, an int >= 2 K for ``"orthogonal"`` (>= 1 for ``"gaussian"``).
@@ -299,7 +301,7 @@ def _check_probs(value: object, k: int) -> tuple[float, ...]:
 # ------------------------------------------------------------------------------- the world
 @dataclass(frozen=True)
 class World:
-    """The dictionary of one world (spec section 2): rows k of ``a``, ``b`` (K, d) and ``c``,
+    """The dictionary of one world: rows k of ``a``, ``b`` (K, d) and ``c``,
     ``d`` (K, d_y), float64 read-only numpy, with norms alpha, beta, gamma, delta."""
 
     a: np.ndarray
@@ -392,9 +394,9 @@ def _layout(last: Tensor, seq_len: int) -> Tensor:
 
 
 def skewed_concept_law(spec: MultiConceptSpec) -> tuple[float, ...]:
-    """The ``ood_skew`` concept law (spec section 2): p(k = 0) = :data:`SKEW_MASS` and the
+    """The ``ood_skew`` concept law: p(k = 0) = :data:`SKEW_MASS` and the
     rest uniform over the other training concepts 1 .. K - h - 1 (h = ``heldout_concepts``);
-    also the training law of the spec's ``train_skew`` run (``concept_probs=`` this)."""
+    also the training law of the ``train_skew`` run (``concept_probs=`` this)."""
     k, train = spec.num_concepts, spec.num_concepts - spec.heldout_concepts
     law = np.zeros(k)
     if train == 1:
@@ -405,14 +407,14 @@ def skewed_concept_law(spec: MultiConceptSpec) -> tuple[float, ...]:
     return tuple(float(x) for x in law)
 
 
-# ------------------------------------------------ dictionary-free in-context rules (section 3)
+# ------------------------------------------------ dictionary-free in-context rules
 def majority_score(demo_y: Tensor) -> Tensor:
     """(B,) float64 sum of the demonstration labels (B, L) in {-1, +1}: the majority floor."""
     return demo_y.to(torch.float64).sum(-1)
 
 
 def ridge_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor, lam: float) -> Tensor:
-    """(B,) float64 <w, x_q> with w = (X^T X + lam I)^-1 X^T y (spec section 3), X = demo_x
+    """(B,) float64 <w, x_q> with w = (X^T X + lam I)^-1 X^T y, X = demo_x
     (B, L, d), y = demo_y (B, L) in {-1, +1}, x_q = query_x (B, d); computed as
     x_q^T X^T (X X^T + lam I)^-1 y (the same w, an L x L system). Raises ``ValueError`` for
     lam <= 0."""
@@ -426,7 +428,7 @@ def ridge_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor, lam: float) -> 
 
 def centroid_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor) -> Tensor:
     """(B,) float64 ||x_q - mu_-||^2 - ||x_q - mu_+||^2, mu_+- the mean demonstration word of
-    each label (nearest class centroid, spec section 3; positive: predict +1). A label with no
+    each label (nearest class centroid; positive: predict +1). A label with no
     demonstration has no centroid: the score is then the sign of the label present."""
     x = demo_x.to(torch.float64)
     q = query_x.to(torch.float64)
@@ -441,7 +443,7 @@ def centroid_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor) -> Tensor:
 
 
 def softmax_vote_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor, tau: float) -> Tensor:
-    """(B,) float64 sum_l y_l softmax_l(<x_q, x_l> / tau) (spec section 3: the sign of
+    """(B,) float64 sum_l y_l softmax_l(<x_q, x_l> / tau) (the vote is the sign of
     sum_l y_l exp(<x_q, x_l> / tau), normalised for stability). Raises ``ValueError`` for
     tau <= 0."""
     tau = as_float("tau", tau, 0.0, low_open=True)
@@ -451,7 +453,7 @@ def softmax_vote_score(demo_x: Tensor, demo_y: Tensor, query_x: Tensor, tau: flo
 
 # -------------------------------------------------------------------------------- the task
 class MultiConceptTask(Task):
-    """Sampler, exact Bayes oracle, section 3 references and named OOD splits of
+    """Sampler, exact Bayes oracle, reference predictors and named OOD splits of
     :class:`MultiConceptSpec` (module docstring)."""
 
     name = "multi_concept"
@@ -572,7 +574,7 @@ class MultiConceptTask(Task):
         device: torch.device | str | None = None,
         num_demos: int | None = None,
     ) -> dict[str, Tensor]:
-        """``batch_size`` prompts as the spec section 2 dict (B = batch_size, L = ``num_demos``,
+        """``batch_size`` prompts as a dict (B = batch_size, L = ``num_demos``,
         default the spec's, T = L + 1): ``demo_x`` (B, L, d), ``demo_u`` (B, L, d_y) and
         ``query_x`` (B, d) float32; ``demo_y`` (B, L) and ``query_y`` (B,) int64 in {-1, +1};
         ``task_concept`` (B,) int64; ``mapping`` (B,) int64 in {-1, +1}; ``support`` (B, T, K)
@@ -720,7 +722,7 @@ class MultiConceptTask(Task):
         """(B, 2) float64 log P(y_q = -1, +1 | prompt) of the exact posterior (module
         docstring), from ``tokens`` (B, L + 1) int64 (the demonstration labels) and
         ``features`` (B, L + 1, d + d_y) float32; any L >= 1. ``context=False`` conditions on
-        the query word x_q alone (the no-context Bayes predictor, spec section 3). Computed
+        the query word x_q alone (the no-context Bayes predictor). Computed
         in float64 log space, in blocks of 512 prompts. Raises ``ValueError`` for missing or
         mis-shaped features."""
         s = self.spec
@@ -823,7 +825,7 @@ class MultiConceptTask(Task):
                 out = out + leave_one_out_esp(log_big, s.label_extra_concepts)
         return torch.roll(out, -1, -1) if s.cross_pairing else out
 
-    # ------------------------------------------------------------ references (section 3)
+    # ------------------------------------------------------------ reference predictors
     def _prompt(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(demo_x (B, L, d), demo_u (B, L, d_y), demo_y (B, L) int64 in {-1, +1}, query_x
         (B, d)) read from a batch's tokens and features."""
@@ -834,7 +836,7 @@ class MultiConceptTask(Task):
         return f[:, :L, : s.d], f[:, :L, s.d :], batch.tokens[:, :L].long() * 2 - 1, f[:, L, : s.d]
 
     def dictionary_oracle(self, batch: Batch) -> Tensor:
-        """(B,) int64 in {-1, 0, +1} the spec section 3 dictionary oracle's prediction: k^ =
+        """(B,) int64 in {-1, 0, +1} the dictionary oracle's prediction: k^ =
         argmax_k sum_l <u_l, c_k> / gamma^2 + sum_i <x_i, a_k> / alpha^2 (all L + 1 words),
         s^_i = sign <x_i, b_k^>, m^ = sign sum_l y_l s^_l (random mapping; +1 fixed, -1
         switched), y^_q = m^ s^_q (0: a tie)."""
@@ -855,7 +857,7 @@ class MultiConceptTask(Task):
 
     @property
     def strategies(self) -> Mapping[str, Strategy]:
-        """Reference predictors at the query, least to most informed (spec section 3):
+        """Reference predictors at the query, least to most informed:
         ``uniform``; ``majority`` (the majority demonstration label); ``no_context`` (the
         exact Bayes posterior given x_q alone and the dictionary); the dictionary-free
         in-context rules ``softmax_vote`` (tau = :data:`SOFTMAX_TAU`), ``nearest_centroid``
@@ -891,7 +893,7 @@ class MultiConceptTask(Task):
 
     # ------------------------------------------------------------- analytic accuracies
     def bayes_error(self) -> float:
-        """The spec section 3 analytic error of the dictionary oracle (orthogonal dictionary,
+        """The analytic error of the dictionary oracle (orthogonal dictionary,
         k* identified from the context): per word e = p + (1 - 2p) E_z Phi(-z beta / sigma)
         (p = ``label_noise``; z ~ U[1 - c, 1 + c], 64-point Gauss-Legendre; 0 at sigma = 0),
         the exact Bayes error given k* for the fixed and switched mappings; for the random
@@ -933,7 +935,7 @@ class MultiConceptTask(Task):
         of larger posterior mass: an expectation over the C(K, s + 1) supports and 2^(s + 1)
         signs, then p + (1 - 2p) acc under label noise p; 1/2 for the random mapping. Uniform
         law, s = ``s_extra``: E[max(n, s + 1 - n)] / (s + 1), n ~ Bin(s + 1, 1/2) (0.75 at
-        C0). The spec's (s + 2) / (2 (s + 1)) = 0.667 is the accuracy of reading the sign of
+        C0). The formula (s + 2) / (2 (s + 1)) = 0.667 is the accuracy of reading the sign of
         one active concept picked at random, not the Bayes rule's. Raises ``ValueError`` when
         the enumeration exceeds :data:`MAX_HYPOTHESES` supports x signs."""
         s = self.spec
@@ -961,13 +963,13 @@ class MultiConceptTask(Task):
     # ------------------------------------------------------------------ named splits
     @property
     def named_splits(self) -> Mapping[str, str]:
-        """The spec section 2 OOD splits (same world): ``iid`` (the default concept law),
-        ``ood_length_N`` for N in :data:`OOD_LENGTHS` (any N >= 1 is accepted), ``ood_skew``
-        (:func:`skewed_concept_law`), ``train_skew`` (the same law, named for the spec's run
-        that trains on it and scores ``iid``: ``task.split_task("train_skew")`` is the task to
-        train), ``ood_switched`` (m = -1), ``ood_noise`` (sigma x
-        :data:`NOISE_FACTOR`), ``ood_heldout_concepts`` (k* uniform over the held-out
-        concepts; only with ``heldout_concepts`` > 0) and ``ood_cross_pairing``."""
+        """The OOD splits (same world; ``docs/envs/ICL-MultiConcept-v0.md``, Splits): ``iid``
+        (the default concept law), ``ood_length_N`` for N in :data:`OOD_LENGTHS` (any N >= 1 is
+        accepted), ``ood_skew`` (:func:`skewed_concept_law`), ``train_skew`` (the same law, named
+        for the run that trains on it and scores ``iid``: ``task.split_task("train_skew")`` is the
+        task to train), ``ood_switched`` (m = -1), ``ood_noise`` (sigma x :data:`NOISE_FACTOR`),
+        ``ood_heldout_concepts`` (k* uniform over the held-out concepts; only with
+        ``heldout_concepts`` > 0) and ``ood_cross_pairing``."""
         s = self.spec
         out = {"iid": f"L = {s.num_demos}, k* uniform over the training concepts"}
         for n in OOD_LENGTHS:
@@ -1026,7 +1028,7 @@ class MultiConceptTask(Task):
         return step
 
     def episode_info(self, batch: Batch) -> dict[str, object]:
-        """Per-episode env info (spec section 8), numpy int64 (B,): ``task_concept`` k*,
+        """Per-episode env info, numpy int64 (B,): ``task_concept`` k*,
         ``mapping`` m in {-1, +1} and ``query_y`` in {-1, +1} (the label after noise)."""
         p = batch.params
         return {

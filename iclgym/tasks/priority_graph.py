@@ -1,18 +1,18 @@
 """Token-priority graphs (Li, Huang, Ildiz, Rawat, Oymak 2024, *Mechanics of Next Token
 Prediction with Self-Attention*, AISTATS 2024, arXiv 2403.08081): next-token prediction as hard
 retrieval of the highest-priority tokens of the context followed by a soft composition among
-them (``shared/specs/priority-graph.md``; this module is the task, the planted sampler, Oracle C
-and the planted metrics; the token-priority graphs of a dataset, Oracles A and B, the
-Graph-SVM and the paper's model live in :mod:`iclgym.tasks.priority_graph_theory` and
+them (the env page is ``docs/envs/ICL-PriorityGraph-v0.md``; this module is the task, the planted
+sampler, Oracle C and the planted metrics; the token-priority graphs of a dataset, Oracles A and B,
+the Graph-SVM and the paper's model live in :mod:`iclgym.tasks.priority_graph_theory` and
 :mod:`baselines.priority_attention`).
 
-**Modes** (spec section 2). ``mode="planted"`` (the benchmark default, spec 2.2 [design]): a
+**Modes**. ``mode="planted"`` (the benchmark default, an iclgym design, not the paper's): a
 planted priority structure fixed by ``instance_seed``; for every query token k a permutation of
 the K tokens cut into consecutive blocks of sizes ~ U{1 .. s_max} gives ``level[k, j]`` (the
 block index of j: later blocks have higher priority) and ``beta[k, j] ~ N(0, sigma_beta^2)``.
 A context is T tokens i.i.d. uniform over [K] (without replacement with ``distinct=True``), its
 last token is the query k = x_{T-1} (part of the attended context; it may be the label), and the
-label is drawn from Oracle C's law (spec section 3):
+label is drawn from Oracle C's law (the R -> infinity limit of the paper's model):
 
 - hard retrieval: ``S* = {j in X : level[k, j] = max_{i in X} level[k, i]}``;
 - soft composition: ``p(j) = n_X(j) exp(beta[k, j]) / sum_{i in S*} n_X(i) exp(beta[k, i])`` on
@@ -34,7 +34,7 @@ token given the prefix) and the label's law at T - 1. ``params`` holds ``top_mas
 the training set are the label's SCC among the context's tokens) and ``oracle_probs`` (B, K)
 float64 (the label's law: Oracle C, or the dataset law in paper mode).
 
-**Sampling** (spec section 8, vectorised, no loop over the batch). Every row reads its own
+**Sampling** (vectorised, no loop over the batch). Every row reads its own
 words of the generator (T + 1 64-bit words, K + 1 with ``distinct=True``, one in paper mode), so
 drawing B1 then B2 rows gives the rows of one draw of B1 + B2
 (:attr:`PriorityGraphTask.sample_composes`). A word w in [0, 2**63) gives the token ``floor(u
@@ -69,10 +69,11 @@ from iclgym.validation import as_float, as_int, check_memory, check_sequence_mem
 
 MODES = ("planted", "paper")
 DEFAULT_S_MAX = 3
-"""The spec's default largest planted block (section 2.2 table), capped at K."""
+"""The default largest planted block, capped at K (``docs/envs/ICL-PriorityGraph-v0.md``)."""
 ORACLE_A_SAMPLES = 2000
 """Planted mode: the training set of the ``oracle_a`` strategy, the first 2000 samples of the
-train split of seed 0 (the spec's planted reproduction uses n_train = 2000, section 6)."""
+train split of seed 0 (the planted reproduction in ``docs/envs/ICL-PriorityGraph-v0.md`` uses
+n_train = 2000)."""
 INSTANCE_STREAM = 9
 """Seed stream of ``instance_seed`` for the planted levels and betas
 (``numpy.random.SeedSequence(instance_seed, spawn_key=(9,))``); streams 0-8 of a seed are the
@@ -93,7 +94,7 @@ def _flag(name: str, value: object) -> bool:
 
 @dataclass(frozen=True)
 class PriorityGraphSpec(TaskSpec):
-    """Parameters of a token-priority-graph task (``priority-graph.md`` section 2.2 table).
+    """Parameters of a token-priority-graph task (``docs/envs/ICL-PriorityGraph-v0.md``, Arguments).
 
     Attributes:
         mode: ``"planted"`` (default: fresh contexts from a planted priority structure) or
@@ -103,7 +104,7 @@ class PriorityGraphSpec(TaskSpec):
             ``distinct=True``.
         s_max: 1 <= s_max <= K, the largest block of the planted levels (1: every token its own
             level, pure hard retrieval; K may give one block: pure soft composition); None
-            (default): min(3, K), the spec's 3 where K allows it. Planted mode only.
+            (default): min(3, K), 3 where K allows it. Planted mode only.
         sigma_beta: >= 0, finite, the scale of the planted composition weights beta (0: the
             label is count-weighted uniform over S*).
         distinct: planted contexts without repeated tokens (the paper's sampling for T <= K).
@@ -195,7 +196,7 @@ class PriorityGraphSpec(TaskSpec):
 
 
 def planted_instance(spec: PriorityGraphSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The planted priority structure of ``spec`` (spec section 2.2): ``(level, beta)``, both
+    """The planted priority structure of ``spec`` (planted mode): ``(level, beta)``, both
     (K, K) indexed ``[query k, token j]``, ``level`` int64 (block index of j in query k's
     permutation: 0 .. number of blocks - 1, higher = higher priority) and ``beta`` float64.
 
@@ -223,7 +224,7 @@ def planted_weights(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor
     level present); ``weights`` (B, K) float64 are ``n_X(j) exp(beta[k, j] - max_i beta[k, i])``
     on S* and 0 elsewhere (the shift is common to a row, so it cancels in the law).
 
-    O(B (T + K)) work without a (B, T, K) one-hot (spec section 8): the level and weight of
+    O(B (T + K)) work without a (B, T, K) one-hot: the level and weight of
     every position are read from the flattened (K * K) tables, the top level is a max over
     the T positions, and the scatter-add of the top positions' weights over the token ids sums
     the multiplicities. When some ``exp`` of the shifted beta underflows (a spread of beta
@@ -247,7 +248,7 @@ def planted_weights(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor
 
 
 def planted_law(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """Oracle C (spec section 3, closed form), the label's law given the context: ``(probs,
+    """Oracle C (closed form), the label's law given the context: ``(probs,
     top)``, ``probs`` (B, K) float64 ``n_X(j) exp(beta[k, j])`` normalised over S* (0
     elsewhere) and ``top`` (B, K) bool S*; arguments as in :func:`planted_weights`."""
     weights, top = planted_weights(tokens, level, beta)
@@ -564,7 +565,7 @@ class PriorityGraphTask(Task):
         return step
 
     def episode_info(self, batch: Batch) -> dict[str, object]:
-        """Per-episode env info (spec section 8, given after the step): ``query_token`` (B,)
+        """Per-episode env info (given after the step): ``query_token`` (B,)
         int64, and ``top_mask`` (B, K) bool (S*) where the batch has it; paper mode adds
         ``sample_index`` (B,) int64. The env adds ``label`` (y) and ``oracle_pred`` (the
         oracle's argmax, smallest id on ties)."""
@@ -582,16 +583,16 @@ class PriorityGraphTask(Task):
         - ``uniform``: 1/K;
         - ``copy_last``: the point mass on the query token x_{T-1};
         - ``unigram``: the in-context counts ``n_X(j) / T``. This is the paper's model at
-          W = 0 (uniform attention, ``iden`` head), the spec's "count-weighted uniform over the
-          context" baseline (section 8);
-        - ``hard_retrieval`` (planted mode): ``n_X(j) / sum_{S*} n_X`` on S*, the spec's
+          W = 0 (uniform attention, ``iden`` head), the "count-weighted uniform over the
+          context" baseline;
+        - ``hard_retrieval`` (planted mode): ``n_X(j) / sum_{S*} n_X`` on S*, the
           "count-weighted uniform over the retrieved tokens": Oracle C with beta = 0, i.e. the
           exact law when ``sigma_beta = 0`` (knows the levels, not beta);
-        - ``oracle_a``: Oracle A (spec section 3) of :attr:`oracle_a_tpg`, the empirical TPG of a
-          training set (planted: 2000 train samples of seed 0; paper: the dataset itself):
-          ``n_X(j)`` normalised over the undominated tokens of the context (beta = 0: no
-          ``W^fin``), and over all undominated tokens of an ambiguous context (incomparable or
-          unseen tokens; :meth:`~iclgym.tasks.priority_graph_theory.EmpiricalTPG.predict`).
+        - ``oracle_a``: Oracle A of :attr:`oracle_a_tpg`, the empirical TPG of a training set
+          (planted: 2000 train samples of seed 0; paper: the dataset itself): ``n_X(j)`` normalised
+          over the undominated tokens of the context (beta = 0: no ``W^fin``), and over all
+          undominated tokens of an ambiguous context (incomparable or unseen tokens;
+          :meth:`~iclgym.tasks.priority_graph_theory.EmpiricalTPG.predict`).
         """
 
         def const(last_fn: Callable[[Tensor], Tensor]) -> Strategy:
@@ -705,7 +706,7 @@ class PriorityGraphTask(Task):
 
     def model_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """Paper mode: the paper's training-set metrics of a model exposing ``weight`` (d, d)
-        and this dataset's ``embeddings`` (K, d) (spec section 4: corr(W, W^svm), the
+        and this dataset's ``embeddings`` (K, d) (Li et al. 2024's figures: corr(W, W^svm), the
         decomposition, top-SCC mass, label attention, loss, ...; :meth:`PaperTheory.
         model_metrics`), ``{}`` for any other model. Planted mode: ``{}`` (its metrics need
         data: :func:`planted_metrics`)."""
@@ -729,8 +730,8 @@ class PriorityGraphTask(Task):
 
 
 def planted_metrics(log_probs: Tensor, batch: Batch) -> dict[str, float]:
-    """The planted-mode metrics of spec section 4 for a predictor's label log-probabilities,
-    means over the batch's rows.
+    """The planted-mode metrics (``docs/envs/ICL-PriorityGraph-v0.md``) for a predictor's label
+    log-probabilities, means over the batch's rows.
 
     ``log_probs``: (B, K) (or (B, T, K), read at the last position) natural-log probabilities
     of the label, renormalised here with ``log_softmax`` (so logits are accepted; ``-inf``

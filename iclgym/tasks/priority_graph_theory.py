@@ -1,22 +1,22 @@
 """Theory of token-priority graphs (Li, Huang, Ildiz, Rawat, Oymak 2024, *Mechanics of Next Token
 Prediction with Self-Attention*, arXiv 2403.08081): the paper-mode dataset, the empirical
 token-priority graph (Oracle A), the Graph-SVM ``W^svm``, the finite component ``W^fin``, the
-implicit-bias limit (Oracle B) and the paper-mode metrics. The contract is
-``shared/specs/priority-graph.md``; section numbers below refer to it.
+implicit-bias limit (Oracle B) and the paper-mode metrics. The env page is
+``docs/envs/ICL-PriorityGraph-v0.md``; the reproduction is ``docs/results/priority-graph.md``.
 
-Conventions (spec sections 2 and 5):
+Conventions (those of the paper's reference code, ``yixiao-huang/next-token-prediction``):
 
 - Vocabulary [K] = {0 .. K-1}; a sample is a context X of T token ids and a label y. The last
   token ``x_bar = X[T - 1] = k`` is the **query**; it is part of the attended context and may be
-  the label (pitfall 2).
+  the label.
 - Fixed embeddings E (K, d): token j is the vector ``E[j]``. The model's score of position t is
   ``a_t = x_t^T W x_bar`` with W (d, d) the weight of a bias-free ``torch.nn.Linear(d, d)``
-  (pitfall 5). In embedding space ``beta[k, j] = E[j]^T W E[k]`` is the score of token j under
-  query k: ``beta = (E W E^T)^T``.
-- TPG: one directed graph G^(k) per query k on the nodes [K]; each sample with query k adds an
-  edge **from the label y to every other token j of X** (pitfall 1). Priority is reachability
-  (``i`` has priority over or equal to ``j`` when j is reachable from i), never SCC ids
-  (pitfall 10).
+  (PyTorch's convention). In embedding space ``beta[k, j] = E[j]^T W E[k]`` is the score of token j
+  under query k: ``beta = (E W E^T)^T``.
+- TPG: one directed graph G^(k) per query k on the nodes [K]; each sample with query k adds an edge
+  **from the label y to every other token j of X** (not the reverse). Priority is reachability
+  (``i`` has priority over or equal to ``j`` when j is reachable from i), never SCC ids (Tarjan's
+  ids come in reverse topological order).
 
 Everything here is numpy float64 / int64 (the paper's sizes are tiny: K <= 64, d <= 64);
 strongly connected components and reachability come from ``scipy.sparse.csgraph``, the
@@ -34,14 +34,14 @@ from scipy.sparse.csgraph import connected_components, shortest_path
 from iclgym.validation import as_int, invalid
 
 EMBEDDINGS = ("random", "ortho", "equi-corr")
-"""Paper-mode embedding choices (spec section 2.1)."""
+"""Paper-mode embedding choices (the reference code's ``choice``)."""
 
 
 # ------------------------------------------------------------------ paper-mode dataset
 def paper_embeddings(
     num_tokens: int, d: int, embedding: str = "random", seed: int = 0
 ) -> np.ndarray:
-    """(K, d) float64 fixed token embeddings of paper mode (spec section 2.1, ``choice``).
+    """(K, d) float64 fixed token embeddings of paper mode (the reference's ``choice``).
 
     - ``random``: i.i.d. Gaussian rows normalised to unit norm; needs ``d >= K`` (independent
       rows; ``d < K`` raises).
@@ -82,7 +82,7 @@ def paper_embeddings(
 
 @dataclass(frozen=True)
 class PaperDataset:
-    """A paper-mode training set (spec section 2.1): the fixed dataset whose TPGs, SCCs,
+    """A paper-mode training set (Li et al. 2024): the fixed dataset whose TPGs, SCCs,
     ``W^svm`` and ``W^fin`` the paper studies."""
 
     contexts: np.ndarray
@@ -137,7 +137,7 @@ def paper_dataset(
     seed: int = 0,
     max_tries: int = 10_000,
 ) -> PaperDataset:
-    """Draw the paper-mode dataset (spec section 2.1, the reference's ``data_generator`` with
+    """Draw the paper-mode dataset (Li et al. 2024, the reference's ``data_generator`` with
     ``next_data`` rejection).
 
     - Embeddings: :func:`paper_embeddings` (``num_tokens``, ``d``, ``embedding``, ``seed``).
@@ -207,8 +207,8 @@ def _check_samples(contexts: object, labels: object, num_tokens: int) -> tuple:
 
 @dataclass(frozen=True)
 class EmpiricalTPG:
-    """The empirical token-priority graphs of a training set and Oracle A (spec sections 2.1
-    and 3).
+    """The empirical token-priority graphs of a training set and Oracle A (its prediction
+    from the graphs, ``docs/envs/ICL-PriorityGraph-v0.md``).
 
     Fit with :meth:`fit`. For every query k, ``adjacency[k, i, j]`` is the edge i -> j of
     G^(k) (label i, other context token j), ``scc[k, i]`` the strongly connected component id
@@ -243,8 +243,9 @@ class EmpiricalTPG:
     @classmethod
     def fit(cls, contexts: object, labels: object, num_tokens: int) -> EmpiricalTPG:
         """TPGs of ``contexts`` (n, T) int and ``labels`` (n,) int over ``num_tokens`` K ids:
-        each sample with query k = contexts[i, -1] adds the edges y -> j for every other token
-        j of its context (spec pitfall 1). Raises ``ValueError`` for bad shapes or ids."""
+        each sample with query k = contexts[i, -1] adds the edges y -> j for every other token j of
+        its context (the reference code's orientation). Raises ``ValueError`` for bad shapes or
+        ids."""
         k_tokens = as_int("num_tokens", num_tokens, 1)
         x, y = _check_samples(contexts, labels, k_tokens)
         adj = np.zeros((k_tokens, k_tokens, k_tokens), dtype=bool)
@@ -277,7 +278,7 @@ class EmpiricalTPG:
         when some j of X has ``reach[k, j, i]`` and not ``reach[k, i, j]``); ``ambiguous``
         (B,) bool: the undominated tokens span more than one SCC (incomparable SCCs, or tokens
         unseen under query k, which are isolated and never dominated). Otherwise ``top`` is
-        S* (spec section 3, Oracle A steps 3-4)."""
+        S*."""
         x = _check_contexts(contexts, self.num_tokens)
         b = x.shape[0]
         present = np.zeros((b, self.num_tokens), dtype=bool)
@@ -292,13 +293,13 @@ class EmpiricalTPG:
         return top, lo != hi
 
     def predict(self, contexts: object, beta: np.ndarray | None = None) -> tuple:
-        """Oracle A (spec section 3): ``(probs, ambiguous)`` for ``contexts`` (B, T) int.
+        """Oracle A: ``(probs, ambiguous)`` for ``contexts`` (B, T) int.
 
         ``probs`` (B, K) float64: ``p(j) ∝ n_X(j) exp(beta[k, j])`` on the top set of
         :meth:`top_sets` and 0 elsewhere, with k the query and n_X(j) the count of j in X
-        (pitfall 3); ``beta`` (K, K) defaults to 0 (count-weighted uniform), else e.g.
+        (multiplicities count); ``beta`` (K, K) defaults to 0 (count-weighted uniform), else e.g.
         :func:`token_scores` of ``W^fin``. ``ambiguous`` (B,) bool flags contexts whose
-        undominated tokens span several SCCs: Oracle A is undefined there (pitfall 4) and the
+        undominated tokens span several SCCs: Oracle A is undefined there and the
         documented fallback is the same formula over all undominated tokens (use Oracle B,
         :func:`implicit_bias_probs`, for the model's limit). Raises ``ValueError`` for bad ids
         or a ``beta`` of the wrong shape.
@@ -321,13 +322,13 @@ class EmpiricalTPG:
 
 def token_scores(w: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
     """(K, K) float64 ``beta[k, j] = E[j]^T W E[k]``: the score of token j under query k for
-    the model's W (d, d) (spec section 5, ``a_t = x_t^T W x_bar``)."""
+    the model's W (d, d) (Li et al. 2024's score ``a_t = x_t^T W x_bar``)."""
     e = np.asarray(embeddings, dtype=np.float64)
     return (e @ np.asarray(w, dtype=np.float64) @ e.T).T
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
-    """``<A, B>_F / (||A|| ||B||)`` (spec section 4); NaN when either is 0."""
+    """``<A, B>_F / (||A|| ||B||)`` (Li et al. 2024's correlation); NaN when either is 0."""
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return float("nan")
@@ -339,7 +340,7 @@ def attention_weights(
     w: np.ndarray, contexts: np.ndarray, embeddings: np.ndarray, mask: np.ndarray | None = None
 ) -> np.ndarray:
     """(n, T) float64 softmax over the (kept) positions of ``a_t = E[x_t]^T W E[x_bar]``, the
-    query ``x_bar`` = the context's last token even where ``mask`` drops it (pitfall 6); 0 at
+    query ``x_bar`` = the context's last token even where ``mask`` drops it (as the reference); 0 at
     dropped positions."""
     e = np.asarray(embeddings, dtype=np.float64)
     x = np.asarray(contexts)
@@ -359,7 +360,7 @@ def attention_nll(
     mask: np.ndarray | None = None,
     normalizer: int | None = None,
 ) -> tuple[float, np.ndarray]:
-    """The paper's log-loss of the ``iden`` head and its gradient in W (spec section 5):
+    """The paper's log-loss of the ``iden`` head and its gradient in W (Li et al. 2024):
     ``sum_i [logsumexp_t a_t - logsumexp_{t: x_t = y} a_t] / normalizer`` (= ``-log p_hat_y``
     with eps = 0; convex in W), over the positions of ``mask`` (n, T) bool if given (the
     reduced dataset), ``normalizer`` defaulting to n. Returns ``(loss, grad (d, d))``:
@@ -391,7 +392,7 @@ def attention_nll(
 def normalized_gd(
     grad_fn, w0: np.ndarray, lr: float, steps: int, record: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Full-batch normalised GD (spec section 5): ``W <- W - lr G / ||G||_F`` with ``G =
+    """Full-batch normalised GD (Li et al. 2024): ``W <- W - lr G / ||G||_F`` with ``G =
     grad_fn(W)`` (a step with G = 0 leaves W). Returns the last iterate and the iterates at the
     steps in ``record`` (step 0 = ``w0``)."""
     w = np.array(w0, dtype=np.float64)
@@ -410,7 +411,7 @@ def normalized_gd(
 # ------------------------------------------------------------------ Graph-SVM
 def _orthonormal_rows(a: np.ndarray) -> np.ndarray:
     """Orthonormal basis (r, m) of the row space of ``a`` by SVD (duplicates and redundant rows
-    allowed: pitfalls 7 and 8)."""
+    allowed)."""
     if a.shape[0] == 0:
         return np.zeros((0, a.shape[1]))
     _, sv, vt = np.linalg.svd(a, full_matrices=False)
@@ -429,7 +430,7 @@ def _null_space(a: np.ndarray, m: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class GraphSVM:
-    """The Graph-SVM solution (spec section 5) with its constraints and dual certificate."""
+    """The Graph-SVM solution (Li et al. 2024) with its constraints and dual certificate."""
 
     w: np.ndarray
     """(d, d) W^svm = argmin ||W||_F subject to the constraints."""
@@ -466,7 +467,7 @@ def svm_constraints(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Graph-SVM's rows ``vec((E[y] - E[j]) E[k]^T)`` (so ``row . vec(W) = (e_y - e_j)^T W
     e_k``) for every sample (query k, label y) and every token j != y of its context (once per
-    distinct j): ``(eq, ineq)``, the same-SCC pairs and the others (spec section 5)."""
+    distinct j): ``(eq, ineq)``, the same-SCC pairs and the others (Li et al. 2024)."""
     return _pair_constraints(_sample_pairs(contexts, labels), embeddings, tpg)
 
 
@@ -499,11 +500,11 @@ def graph_svm(
     embeddings: np.ndarray,
     tpg: EmpiricalTPG | None = None,
 ) -> GraphSVM:
-    """W^svm of a training set (spec section 5): ``min ||W||_F`` s.t. ``(e_y - e_j)^T W e_k =
-    0`` when y and j share an SCC of G^(k) and ``>= 1`` otherwise, over every sample and other
+    """W^svm of a training set (Li et al. 2024's Graph-SVM): ``min ||W||_F`` s.t. ``(e_y - e_j)^T W
+    e_k = 0`` when y and j share an SCC of G^(k) and ``>= 1`` otherwise, over every sample and other
     token j of its context, with e the embedding vectors ``E[id]``.
 
-    The redundant equalities are eliminated by the null space N of their rows (SVD; pitfall 8),
+    The redundant equalities are eliminated by the null space N of their rows (SVD),
     ``vec(W) = N z``; the inequality QP ``min ||z||`` s.t. ``G z >= 1`` (``G = A_in N``) is a
     least-distance program, solved exactly by non-negative least squares (Lawson and Hanson,
     *Solving Least Squares Problems*, ch. 23: ``u = argmin_{u >= 0} ||[G^T; 1^T] u - e_last||``,
@@ -525,7 +526,7 @@ def local_graph_svm(
     select: float = 1e-2,
     ignore_low: float = 9e-3,
 ) -> tuple[GraphSVM, EmpiricalTPG]:
-    """The local Graph-SVM of a trained model (spec section 5, "Local SVM", the reference's
+    """The local Graph-SVM of a trained model ("Local SVM", the reference code's
     local-convergence runs): ``(svm, local_tpg)``.
 
     ``token_attention`` (n, K): each sample's attention summed per token id at the trained W.
@@ -565,9 +566,9 @@ def token_attention(w: np.ndarray, contexts: np.ndarray, embeddings: np.ndarray)
 # ------------------------------------------------------------------ finite component
 @dataclass(frozen=True)
 class ReducedData:
-    """The reduced dataset (spec section 5): samples whose label's SCC holds another token of
-    the context, restricted to the positions of that SCC; the query stays the original last
-    token (pitfall 6)."""
+    """The reduced dataset (Li et al. 2024's finite component): samples whose label's SCC holds
+    another token of the context, restricted to the positions of that SCC; the query stays the
+    original last token, as in the reference code."""
 
     index: np.ndarray
     """(m,) int64 indices of the kept samples in the full dataset."""
@@ -593,7 +594,7 @@ def reduced_dataset(contexts: np.ndarray, labels: np.ndarray, tpg: EmpiricalTPG)
 
 def finite_subspace(tpg: EmpiricalTPG, embeddings: np.ndarray) -> np.ndarray:
     """(r, d, d) orthonormal basis of ``S_fin = span{(e_i - e_j) e_k^T : i, j in one SCC of
-    G^(k)}`` (spec section 5), by SVD of the generators (duplicates: pitfall 7)."""
+    G^(k)}`` (Li et al. 2024), by SVD of the generators (they hold duplicates)."""
     e = np.asarray(embeddings, dtype=np.float64)
     d = e.shape[1]
     gens = []
@@ -618,7 +619,7 @@ def finite_component(
     reduced: ReducedData, embeddings: np.ndarray, basis: np.ndarray, n: int
 ) -> tuple[np.ndarray, float]:
     """``(W^fin, optimum)``: the minimiser over S_fin (``basis`` (r, d, d)) of the reduced
-    log-loss summed over the reduced samples and divided by the full ``n`` (spec section 5), by
+    log-loss summed over the reduced samples and divided by the full ``n`` (Li et al. 2024), by
     L-BFGS-B (``scipy.optimize.minimize``, gradient tolerance 1e-12) from 0, and the loss
     there. W^fin = 0 and optimum 0 when S_fin or the reduced data is empty; W^fin is 0 when the
     reduced data is symmetric. Raises ``ValueError`` if the minimiser does not converge (an
@@ -659,7 +660,7 @@ def implicit_bias_probs(
     num_tokens: int,
     tol: float = 1e-6,
 ) -> np.ndarray:
-    """Oracle B (spec section 3): (B, K) float64 the limit of the model along
+    """Oracle B (the implicit-bias limit): (B, K) float64 the limit of the model along
     ``W^fin + R W^svm``, R -> inf: keep the positions whose ``x_t^T W^svm x_bar`` is within
     ``tol * ||W^svm||`` of the context's maximum, softmax ``x_t^T W^fin x_bar`` over them and
     sum per token."""
@@ -676,7 +677,7 @@ def implicit_bias_probs(
 # ------------------------------------------------------------------ the whole theory
 @dataclass(frozen=True)
 class PaperTheory:
-    """Everything the paper's theory predicts for a training set (spec sections 3-5): build with
+    """Everything the paper's theory predicts for a training set (Li et al. 2024): build with
     :meth:`fit`, score a trained W with :meth:`metrics`."""
 
     contexts: np.ndarray
@@ -694,7 +695,7 @@ class PaperTheory:
     """(d, d) W^fin."""
     reduced_optimum: float
     """The reduced log-loss at W^fin (normalised by the full n): the plateau of the training
-    loss (spec section 6: 2 ln 2 / 6 in one cyclic trial)."""
+    loss (2 ln 2 / 6 in one cyclic trial of the reference notebooks)."""
 
     @classmethod
     def fit(cls, contexts: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> PaperTheory:
@@ -727,9 +728,9 @@ class PaperTheory:
         return attention_nll(w, self.contexts, self.labels, self.embeddings)[0]
 
     def reduced_run(self, lr: float, steps: int, record: np.ndarray | None = None) -> tuple:
-        """The separate reduced-data run of spec section 4: normalised GD from W = 0 on the
-        reduced log-loss (normalised by the full n) with the gradient projected on S_fin (the
-        iterates stay there); returns :func:`normalized_gd`'s ``(last, recorded)``."""
+        """The separate reduced-data run of Li et al. 2024's norm-difference metric: normalised GD
+        from W = 0 on the reduced log-loss (normalised by the full n) with the gradient projected on
+        S_fin (the iterates stay there); returns :func:`normalized_gd`'s ``(last, recorded)``."""
         red, e, b = self.reduced, self.embeddings, self.basis
         d = e.shape[1]
         if red.index.size == 0:
@@ -744,17 +745,17 @@ class PaperTheory:
 
     def decomposition(self, w: np.ndarray) -> tuple[float, float]:
         """``(R, corr)``: the least-squares scalar R of ``W ~ W^fin + R W^svm / ||W^svm||`` and
-        ``corr(W, W^fin + R W^svm / ||W^svm||)`` (spec section 5)."""
+        ``corr(W, W^fin + R W^svm / ||W^svm||)`` (Li et al. 2024's decomposition)."""
         unit = self.w_svm / np.linalg.norm(self.w_svm)
         r = float(np.sum((np.asarray(w) - self.w_fin) * unit))
         return r, corr(w, self.w_fin + r * unit)
 
     def metrics(self, w: np.ndarray, w_fin_tau: np.ndarray | None = None) -> dict[str, float]:
-        """The paper-mode metrics of a model's W (d, d) on the training set (spec section 4):
+        """The paper-mode metrics of a model's W (d, d) on the training set (Li et al. 2024):
 
         - ``corr_svm``: corr(W, W^svm); ``corr_decomp`` and ``R``: :meth:`decomposition`;
           ``R_raw = R / ||W^svm||``, the coefficient of the unnormalised W^svm (the scale of
-          the reference code's fitted R, 9.19 and 7.67 in spec section 6);
+          the reference notebooks' fitted R, 9.19 and 7.67 in two cyclic trials);
         - ``proj_corr``: corr(W^svm, W - Pi_{S_fin} W);
         - ``norm_diff``: ``||Pi_{S_fin} W - W^fin(tau)||_F`` when the reduced run's iterate
           ``w_fin_tau`` is given (NaN otherwise); ``fin_diff``: ``||Pi_{S_fin} W - W^fin||``;

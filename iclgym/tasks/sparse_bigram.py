@@ -1,7 +1,8 @@
 """Sparse contextual bigrams (Ren, Wang, Lee 2024, *Learning and Transferring Sparse Contextual
 Bigrams with Linear Transformers*, NeurIPS 2024, arXiv 2410.23438).
 
-Conventions (``shared/specs/sparse-contextual-bigram.md`` section 2, the contract):
+Conventions (the env page is ``docs/envs/ICL-SparseContextualBigram-v0.md``; the paper publishes
+no code, so the sampling order and the P and q families are iclgym's reconstruction):
 
 - ``P`` (:attr:`SparseContextualBigramTask.transition`, (N, N)) is **column-stochastic**:
   ``P[:, j]`` is the next-token law given the source token j; ``mu`` (:attr:`~SparseContextual
@@ -23,7 +24,7 @@ position (:attr:`~SparseContextualBigramTask.first_scored_position` = T). Source
 0-based (``params["src_pos"]`` in 0 .. T - 1). ``true_probs`` is ``mu`` at the context positions
 (the next context token is a fresh ``mu`` draw) and ``P[:, x_s]`` at the query (the law given
 the latent source); the oracle knows (P, attn) and predicts ``P X q^(k)`` (Bayes over the
-latent source position; ``mu`` at the context positions). The spec's ``(tokens, target,
+latent source position; ``mu`` at the context positions). A sampler's ``(tokens, target,
 src_pos, bayes_probs)`` are ``batch.tokens``, ``batch.targets[:, -1]``,
 ``batch.params["src_pos"]`` and :meth:`~SparseContextualBigramTask.bayes_probs`.
 
@@ -34,11 +35,11 @@ query, one for the source position, one for the output). Each word w in [0, 2**6
 probability 0 is never drawn), and so are the input tokens of a non-uniform ``mu``; a uniform
 ``mu`` (``perm_mixture``) gives token ``floor(u N)`` with u = (w >> 10) / 2**53 in [0, 1), an
 integer multiply-shift (the top log2 N bits of w for a power-of-two N; uniform up to 2**-53
-otherwise). The law is the spec's ``torch.multinomial`` draws; the rows are independent shares
+otherwise). The law is that of ``torch.multinomial`` draws; the rows are independent shares
 of the stream, so draws compose across batch sizes
 (:attr:`~SparseContextualBigramTask.sample_composes`).
 
-**Closed forms** (spec section 3): with ``D = diag(mu)`` and
+**Closed forms** (exact under i.i.d. ``mu`` tokens): with ``D = diag(mu)`` and
 ``M(u, v) = (u.v)(D - mu mu^T) + (1^T u)(1^T v) mu mu^T = E[X u v^T X^T]``, the Bayes MSE against
 the one-hot output is ``1 - sum_k mu_k tr(P M(q_k, q_k) P^T)`` and the excess MSE of a linear
 model ``f(X) = V X a_k`` over the Bayes predictor is
@@ -66,7 +67,7 @@ from iclgym.validation import as_float, as_int, check_memory, check_sequence_mem
 P_FAMILIES = ("perm_mixture", "dirichlet", "custom")
 Q_WEIGHTS = ("uniform", "dirichlet")
 STOCHASTIC_TOL = 1e-6
-"""Tolerance of the column sums of a custom ``transition`` or ``attn`` (spec section 2)."""
+"""Tolerance of the column sums of a custom ``transition`` or ``attn``."""
 TASK_STREAM, TRANSFER_STREAM = 7, 8
 """Seed streams of ``task_seed`` (``numpy.random.SeedSequence(task_seed, spawn_key=(stream,
 part))``): :data:`TASK_STREAM` draws the task's P (part 0) and attn (part 1),
@@ -79,7 +80,8 @@ product fits in int64), by inverse CDF above."""
 LOG_FLOOR = 1e-30
 """Log-probabilities are floored at log(1e-30) where a law is exactly 0."""
 OUTPUT_FLOOR = 1e-6
-"""Clip of a linear model's output before it is read as a distribution (spec sections 4, 7)."""
+"""Clip of a linear model's output before it is read as a distribution (its CE is reported
+raw and clipped)."""
 
 
 def _matrix(name: str, value: object, shape: tuple[int, int]) -> np.ndarray:
@@ -139,7 +141,8 @@ def project_simplex(x: Tensor, dim: int = 0) -> Tensor:
 
 @dataclass(frozen=True)
 class SparseContextualBigramSpec(TaskSpec):
-    """Parameters of a sparse-contextual-bigram task (``sparse-contextual-bigram.md`` section 2).
+    """Parameters of a sparse-contextual-bigram task (the Arguments of
+    ``docs/envs/ICL-SparseContextualBigram-v0.md``).
 
     Attributes:
         vocab_size: N >= 2 tokens.
@@ -156,7 +159,7 @@ class SparseContextualBigramSpec(TaskSpec):
             (``(1 - q_floor) Dir(q_alpha 1_Q) + q_floor / Q``).
         q_alpha: concentration of the Dirichlet weights, > 0.
         q_floor: rho in (0, 1] for Dirichlet weights (0 is refused: the l1 prox would prune
-            the tiny weights, spec section 7); any value in [0, 1] is accepted (and unused)
+            the tiny weights); any value in [0, 1] is accepted (and unused)
             with uniform weights.
         task_seed: int >= 0; P and attn depend on it only (stream :data:`TASK_STREAM`).
         transition: the custom P, N x N nested sequences (or an array), non-negative,
@@ -211,7 +214,7 @@ class SparseContextualBigramSpec(TaskSpec):
                 "q_floor",
                 self.q_floor,
                 "a float in (0, 1] with q_weights='dirichlet' (tiny Dirichlet weights are "
-                "pruned by the l1 prox; spec section 7)",
+                "pruned by the l1 prox)",
             )
         put("task_seed", as_int("task_seed", self.task_seed, 0))
         check_memory("vocab_size", n, 48.0 * n * n, f"the {n}x{n} transition tables")
@@ -316,7 +319,7 @@ def draw_attn(spec: SparseContextualBigramSpec, rng: np.random.Generator) -> np.
 def transition_correlation(
     first: np.ndarray, second: np.ndarray, mu: np.ndarray | None = None
 ) -> float:
-    """corr(P, P~) = <P_bar, P~_bar>_mu / (||P_bar||_mu ||P~_bar||_mu) (spec section 2) of two
+    """corr(P, P~) = <P_bar, P~_bar>_mu / (||P_bar||_mu ||P~_bar||_mu) of two
     column-stochastic (N, N) matrices, where ``X_bar = X - mu 1^T`` and ``<X, Y>_mu = sum_j mu_j
     <X[:, j], Y[:, j]>`` weights the source columns by ``mu`` (default: the stationary law of
     ``first``; with uniform ``mu`` this is the plain Frobenius cosine)."""
@@ -337,7 +340,7 @@ class SparseContextualBigramTask(Task):
     name = "sparse_contextual_bigram"
     spec: SparseContextualBigramSpec
     probability_reward = "squared"
-    """The paper's loss ``1/2 ||e_{x_o} - f||^2`` as the env reward (spec section 8)."""
+    """The paper's loss ``1/2 ||e_{x_o} - f||^2`` as the env reward (Ren, Wang, Lee 2024)."""
 
     def __init__(self, spec: SparseContextualBigramSpec | None = None, **kwargs: object) -> None:
         if spec is not None and kwargs:
@@ -507,7 +510,7 @@ class SparseContextualBigramTask(Task):
 
     def bayes_probs(self, tokens: Tensor) -> Tensor:
         """(B, N) float64 Bayes next-token law at the query, ``P X q^(k)`` with k the query
-        token, for ``tokens`` (B, T + 1) int64 (spec section 3: optimal for MSE against the
+        token, for ``tokens`` (B, T + 1) int64 (optimal for MSE against the
         one-hot output, for cross-entropy and for accuracy)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
             raise ValueError(
@@ -563,7 +566,7 @@ class SparseContextualBigramTask(Task):
         return step
 
     def episode_info(self, batch: Batch) -> dict[str, object]:
-        """Per-episode env info (spec section 8, diagnostics only, given after the step):
+        """Per-episode env info (diagnostics only, given after the step):
         ``query_token`` (B,) and the latent ``src_pos`` (B,) (0-based), numpy int64."""
         return {
             "query_token": batch.tokens[:, -1].cpu().numpy().copy(),
@@ -598,7 +601,7 @@ class SparseContextualBigramTask(Task):
 
     def strategy_parameters(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(V (N, N), A (T, N)) float64 of a linear predictor ``f(X) = V X a_k``: ``uniform``
-        (V = 11^T / N), ``unigram`` (V = mu 1^T, A = 1/T: the init of spec section 5),
+        (V = 11^T / N), ``unigram`` (V = mu 1^T, A = 1/T: the ``scb_ppg`` init),
         ``uniform_attention`` (V = P, A = 1/T) or ``bayes`` (V = P, A = attn)."""
         n, t = self.vocab_size, self.spec.seq_len
         flat = np.full((t, n), 1.0 / t)
@@ -640,8 +643,8 @@ class SparseContextualBigramTask(Task):
 
     def population_excess_mse(self, value: Any, attention: Any) -> float:
         """Exact population excess MSE of the linear model ``f(X) = V X a_k`` over the Bayes
-        predictor, ``E ||P X q_k - V X a_k||^2`` averaged over the query k ~ mu (spec section
-        3, no Monte-Carlo noise); ``value`` V (N, N) and ``attention`` A (T, N), numpy arrays
+        predictor, ``E ||P X q_k - V X a_k||^2`` averaged over the query k ~ mu (closed
+        form, no Monte-Carlo noise); ``value`` V (N, N) and ``attention`` A (T, N), numpy arrays
         or tensors (read in float64). The MSE is ``||e_{x_o} - f||^2`` summed over the
         vocabulary (not halved). Raises ``ValueError`` for wrong shapes or non-finite
         entries."""
@@ -666,8 +669,9 @@ class SparseContextualBigramTask(Task):
         return self.population_excess_mse(*self.strategy_parameters("unigram"))
 
     def parameter_metrics(self, value: Any, attention: Any) -> dict[str, float]:
-        """Scale-free metrics of a linear model (V, A) against (P, attn) (spec section 4); all
-        are 1.0 at the uniform init except the alphas and correlation (0) and the recall:
+        """Scale-free metrics of a linear model (V, A) against (P, attn)
+        (``docs/envs/ICL-SparseContextualBigram-v0.md``); all are 1.0 at the uniform init except the
+        alphas and correlation (0) and the recall:
 
         - ``excess_mse`` (:meth:`population_excess_mse`), ``excess_mse_rel`` = excess /
           :attr:`initial_excess`;
@@ -762,7 +766,7 @@ def make_transfer_pair(
     share_attn: bool = False,
 ) -> TransferPair:
     """An upstream task (``spec``) and a downstream task whose P~ has correlation ``rho`` with
-    P (spec sections 2 and 8, [design]).
+    P (an iclgym design; the paper's transfer pairs were not recovered).
 
     ``P~ = c P_ref + (1 - c) P_ind`` with ``P_ind`` an independent draw from the same family
     (stream :data:`TRANSFER_STREAM` of ``task_seed``; for a custom P, a ``dirichlet`` draw)
@@ -771,7 +775,7 @@ def make_transfer_pair(
     anti-correlated ``(11^T - P) / (N - 1)``, whose centred part is ``-P_bar / (N - 1)`` for
     uniform ``mu``. Every mixture of stochastic matrices is stochastic, and for doubly
     stochastic P (``perm_mixture``) all three share the uniform ``mu``. The realised ``rho`` is
-    reported (:attr:`TransferPair.rho`); the spec's approximate rule ``c = rho / (rho +
+    reported (:attr:`TransferPair.rho`); the approximate rule ``c = rho / (rho +
     sqrt(1 - rho^2))`` (c = 0.5 for rho = 0.707) gave 0.65 - 0.76 across task seeds.
 
     ``share_attn=False`` (default) draws a fresh attention matrix for the downstream task;

@@ -1,4 +1,4 @@
-"""The oracle ladder of sparse contextual bigrams (``sparse-contextual-bigram.md`` section 3):
+"""The oracle ladder of sparse contextual bigrams (an iclgym design, derived from the task):
 what a learner can know from n training samples, separating statistical from optimisation
 difficulty.
 
@@ -19,9 +19,9 @@ Each estimate (P_hat, attn_hat) is a linear model ``V = P_hat, A = attn_hat``, s
 the exact closed form :meth:`~iclgym.tasks.sparse_bigram.SparseContextualBigramTask.
 population_excess_mse` (no evaluation noise): :func:`oracle_ladder` reports
 :meth:`~iclgym.tasks.sparse_bigram.SparseContextualBigramTask.parameter_metrics` per rung.
-Spec [measured] (N=8, T=128, Q=2, 60 joint-EM iterations): 20k samples excess/initial 0.0013,
-dist_P 0.026, dist_Q 0.023; 100k samples 0.0003, 0.013, 0.010; EM plateaus (excess/initial
-> 0.99) for its first 10 iterations.
+Measured (N=8, T=128, Q=2, 60 joint-EM iterations, a numpy reference): 20k samples excess/initial
+0.0013, dist_P 0.026, dist_Q 0.023; 100k samples 0.0003, 0.013, 0.010; EM plateaus (excess/initial >
+0.99) for its first 10 iterations.
 
 All estimators take ``tokens`` (n, T + 1) int64 (context and query) and ``outputs`` (n,) int64
 (x_o), e.g. ``batch.tokens`` and ``batch.targets[:, -1]`` of a training batch, and compute in
@@ -157,7 +157,7 @@ def em(
     track: bool = False,
     callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> EMResult:
-    """Full-batch EM for the latent source position (spec section 3).
+    """Full-batch EM for the latent source position.
 
     E-step ``r_{i,t} ∝ q^(k_i)_t P[o_i, x_{i,t}]``; M-steps ``P[:, j] ∝ sum_i sum_t r_{i,t}
     1[x_{i,t} = j] e_{o_i}`` and ``q^(k)_t ∝ sum_{i: k_i = k} r_{i,t}``. A given ``transition``

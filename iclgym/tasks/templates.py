@@ -7,12 +7,13 @@ deterministic function of the template: a real number (regression), a class id
 (classification) or a token (``"multiclass"``: a wildcard, whose substituted symbol is the
 label, or a regular token). Train, validation and test use disjoint alphabets, so the test
 split measures generalisation to symbols never seen in training
-(``shared/specs/symbol-templates.md``).
+(``docs/envs/ICL-SymbolTemplate-v0.md``).
 
-**Vocabulary** (spec section 2): wildcards | regular tokens (the declared ones, then one token
-per regression value or class, then the QUERY token) | the symbol pool: train alphabet |
-validation alphabet | test alphabet, contiguous by default or placed by ``alphabet_offsets``
-(disjoint, gaps allowed). Wildcard ids are reserved and never appear in data.
+**Vocabulary** (after the reference code's, ``eboix/relational-reasoning``): wildcards | regular
+tokens (the declared ones, then one token per regression value or class, then the QUERY token) | the
+symbol pool: train alphabet | validation alphabet | test alphabet, contiguous by default or placed
+by ``alphabet_offsets`` (disjoint, gaps allowed). Wildcard ids are reserved and never appear in
+data.
 
 **Batch mapping.** A sequence is the template string followed by QUERY, ``T = L + 1`` tokens;
 position ``t < T - 1`` predicts the next template token (context, ``loss_mask`` False) and the
@@ -147,9 +148,10 @@ PRESETS: Mapping[str, Preset] = {
     "aabb_abab": Preset(("AABB", "ABAB"), ("A", "B"), (1.0, -1.0)),
     **{f"majority{k}": _majority(k) for k in (2, 4, 6, 8)},
     **{f"counting{k}": _counting(k) for k in (5, 7)},
-    # Copy: "A B" -> A, the first of two distinct symbols (a design choice, spec section 2).
+    # Copy: "A B" -> A, the first of two distinct symbols (iclgym's choice; the paper's is
+    # not published).
     "copy": Preset(("AB",), ("A", "B"), (None,), ("A",)),
-    # Variable binding (spec section 2): "a = +1 ; print ( a )" -> +1 (real) and
+    # Variable binding (Boix-Adserà et al. 2024): "a = +1 ; print ( a )" -> +1 (real) and
     # "a = q ; print ( a )" -> q (symbolic). Regression and classification use the two
     # real-valued templates; "multiclass" adds the symbolic one, whose label is the symbol q
     # (the real ones are labelled by their regular tokens "+1" / "-1").
@@ -169,7 +171,7 @@ RANDOM_RANGES: Mapping[str, tuple[int, int]] = {
     "random_wildcards": (2, 7),
     "random_regular": (0, 2),
 }
-"""Valid ranges (inclusive) of the ``random`` preset's parameters (spec section 2)."""
+"""Valid ranges (inclusive) of the ``random`` preset's parameters (Boix-Adserà et al. 2024)."""
 
 
 def num_patterns(length: int, wildcards: int, regular: int) -> int:
@@ -225,7 +227,7 @@ def random_preset(
 
 @dataclass(frozen=True)
 class SymbolTemplateSpec(TaskSpec):
-    """Parameters of a template task (``symbol-templates.md`` section 2).
+    """Parameters of a template task (``docs/envs/ICL-SymbolTemplate-v0.md``, Arguments).
 
     Attributes:
         preset: a key of :data:`PRESETS` (``same_different``, ``aba_abb``, ``aabb_abab``,

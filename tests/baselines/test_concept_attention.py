@@ -1,8 +1,8 @@
-"""The reference transformer of multi-concept prompts (``shared/specs/multi-concept.md``
-section 5): the output against a plain loop of the formulas, the logistic-loss identity of its
-logits, the attention over the demonstrations only, the fixed signs rho, the init scale and its
-pitfall (section 7), SGD at lr 0.5 learning an in-context rule, the correct attention weight
-(section 4), the factory, the name and the ``bu2024`` recipe."""
+"""The reference transformer of multi-concept prompts (``baselines.concept_attention``, a
+reconstruction after Bu et al. 2024): the output against a plain loop of the formulas, the
+logistic-loss identity of its logits, the attention over the demonstrations only, the fixed signs
+rho, the init scale and its pitfall, SGD at lr 0.5 learning an in-context rule, the correct
+attention weight (a diagnostic), the factory, the name and the ``bu2024`` recipe."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def logistic_and_error(model, tokens, features, y):
 
 @pytest.mark.parametrize("t", [2, 5, 17, 65])
 def test_output_is_the_formula_at_the_query_for_any_length(t):
-    """Spec section 5 by a plain loop (float64), for the lengths of the ood_length splits
+    """The documented formulas by a plain loop (float64), for the lengths of the ood_length splits
     (L = 4..64) and L = 1: s_l = <W_K e_l, W_Q e_q> over the L demonstrations, a = softmax(s),
     o = sum_l a_l W_V e_l, f = (1/sqrt(m)) sum_r rho_r ReLU(<w_r, o>); logits [-f/2, f/2] at
     the last position and 0 before it."""
@@ -132,7 +132,7 @@ def test_rho_is_a_fixed_buffer_and_the_rest_trains():
 
 
 def test_init_is_normal_with_variance_one_over_d_or_the_given_std():
-    """Spec section 5: W_Q, W_K, W_V, w ~ N(0, 1/D)."""
+    """The init: W_Q, W_K, W_V, w ~ N(0, 1/D)."""
     torch.manual_seed(4)
     d = 96  # the C0 width d + d_y
     model = make_model(2, 17, feature_dim=d, width=32)
@@ -147,11 +147,11 @@ def test_init_is_normal_with_variance_one_over_d_or_the_given_std():
 
 
 def test_sgd_at_lr_half_learns_an_in_context_rule_and_the_small_init_does_not_move():
-    """Spec section 5's optimiser (plain SGD, lr 0.5, batch 64) on :func:`toy_prompts`: from
+    """The reference optimiser (plain SGD, lr 0.5, batch 64) on :func:`toy_prompts`: from
     the N(0, 1/D) init the logistic loss falls from about ln 2 to < 0.1 and the 0-1 error to
     < 0.02 in 200 steps (measured: 0.014 and 0.003), through the attention (the correct
-    attention weight rises above 0.95); from init std 0.01 the loss stays at ln 2 (spec section
-    7: "at 0.01 it does not train")."""
+    attention weight rises above 0.95); from init std 0.01 the loss stays at ln 2 (at
+    0.01 it does not train)."""
     test = toy_prompts(2000, 8, torch.Generator().manual_seed(99))
     concept = torch.zeros(2000, dtype=torch.long)
     params = {"task_concept": concept, "semantic_sign": test[2][..., None]}  # K = 1: eps = s
@@ -238,8 +238,8 @@ def test_factory_needs_features_and_a_binary_vocabulary():
 
 
 def test_bu2024_recipe_is_the_spec_protocol():
-    """Spec section 5: plain SGD lr 0.5 (no momentum, no decay), batch 64, a fresh batch every
-    step, constant lr, 2000 steps, cross-entropy (= the logistic loss), m = 32."""
+    """The ``bu2024`` recipe: plain SGD lr 0.5 (no momentum, no decay), batch 64, a fresh batch
+    every step, constant lr, 2000 steps, cross-entropy (= the logistic loss), m = 32."""
     recipe = RECIPES["bu2024"]
     assert recipe.env_id == "ICL-MultiConcept-v0"
     entry = MODELS[recipe.model]

@@ -20,7 +20,7 @@ from iclgym.registry import make_task
 @pytest.mark.parametrize("state_len", [1, 3])
 def test_transition_embedding_is_a_linear_map_of_the_one_hot_window(state_len):
     """Element t = W [onehot(x_{t-m}); ...; onehot(x_t)] + b with PAD id V before the start:
-    the spec section 5 input layer ([s, a, s', r] through one Linear; a and r dropped)."""
+    DPT's input layer (Lee et al. 2023: [s, a, s', r] through one Linear; a and r dropped)."""
     torch.manual_seed(0)
     v, m, d = 5, state_len, 7
     emb = TransitionEmbedding(v, m, d)

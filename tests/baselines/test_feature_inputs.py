@@ -1,7 +1,7 @@
 """The generic baselines (transformer, MLP, LSTM) on a task with continuous features: the
 harness passes ``feature_dim`` to their factories, they are called ``model(tokens,
 features)``, the contract's causality probe (which edits features too) passes, and each
-learns multi-concept prompts (spec ``multi-concept.md`` section 5: the generic harness
+learns multi-concept prompts (docs/envs/ICL-MultiConcept-v0.md: the generic harness
 baseline) well above chance through the one trainer."""
 
 from __future__ import annotations

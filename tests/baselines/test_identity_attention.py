@@ -54,8 +54,8 @@ def test_identity_scalars_start_at_zero_and_leave_the_function_unchanged():
 
 
 def reference_attention(attn, x, causal):
-    """The spec's formulas written out per head: logits s <q_i, k_j> + c_KQ a_h <x_i, x_j>,
-    output W_O concat_h(A_h v) + c_VO sum_h b_h A_h x."""
+    """Boix-Adserà et al. 2024's formulas (its reference code) written out per head: logits s <q_i,
+    k_j> + c_KQ a_h <x_i, x_j>, output W_O concat_h(A_h v) + c_VO sum_h b_h A_h x."""
     _B, T, d = x.shape
     H, e = attn.n_heads, attn.head_dim
     wq, wk, wv = attn.qkv.weight.split(d)

@@ -1,5 +1,5 @@
 """The one-layer linear (and softmax) transformer of sparse contextual bigrams: output against a
-plain loop, the init of spec section 5, the squared loss and its gradients against the spec's
+plain loop, the documented init, the squared loss and its gradients against the
 formulas, the model contract and the task's metrics hook."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_forward_is_the_raw_output_at_the_query_and_the_predictor_clips_it():
 
 
 def test_init_predicts_mu_and_the_attention_gradient_has_no_positional_signal():
-    """Spec section 5: V's columns are mu, A = 1/T; the output is mu for every input, and the
+    """The init: V's columns are mu, A = 1/T; the output is mu for every input, and the
     attention gradient is the same at every position t (column k gets
     (1/B) sum_{i: k_i = k} mu^T (mu - e_{y_i}), zero in expectation, and a uniform column stays
     uniform after renormalisation): no signal on where to attend. V's gradient is not 0."""
@@ -97,7 +97,7 @@ def test_init_predicts_mu_and_the_attention_gradient_has_no_positional_signal():
 
 def test_squared_loss_gradients_are_the_spec_formulas():
     """G_V = mean_i r_i h_i^T and G_A[t, k] = (1/B) sum_{i: k_i = k} (V^T r_i)[x_{i,t}] with
-    h_i = X_i a_{k_i} and r_i = V h_i - e_{y_i} (spec section 5)."""
+    h_i = X_i a_{k_i} and r_i = V h_i - e_{y_i}."""
     model = random_model()
     b = batch(64)
     y = b.targets[:, -1]

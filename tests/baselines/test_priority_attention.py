@@ -1,6 +1,6 @@
 """The paper's one-layer attention model of token-priority graphs (``baselines.priority_attention``)
 and normalised GD (``iclgym.harness.optimizers.normalized_gd``): the formulas of
-shared/specs/priority-graph.md section 5 against the numpy theory module, the model contract
+Li et al. 2024 (and its reference code) against the numpy theory module, the model contract
 (shapes, causality through the harness's own probe), and the optimiser's step length."""
 
 from __future__ import annotations

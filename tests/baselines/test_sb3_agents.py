@@ -1,4 +1,4 @@
-"""SB3 agents scored by the harness (``baselines.sb3_agents``; spec dpt-gym-sb3.md section 8):
+"""SB3 agents scored by the harness (``baselines.sb3_agents``; ``docs/envs/clients.md``):
 trained through ``make_vec_env`` and saved with their record, read back as predictors whose
 next-token law is the policy's action distribution on the observation the env would show,
 through ``iclgym eval --predictor sb3:RUN`` and ``dpt:RUN``."""

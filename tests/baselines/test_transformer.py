@@ -32,7 +32,7 @@ def perturbed_after(tokens: torch.Tensor, start: int, vocab: int) -> torch.Tenso
 
 @pytest.mark.parametrize(("k", "expected"), [(2, 5440), (3, 5472)])
 def test_reference_parameter_count(k, expected):
-    # shared/specs/markov-chain.md section 5: 5,440 (k=2) and 5,472 (k=3).
+    # the official code's model (Edelman et al. 2024): 5,440 (k=2) and 5,472 (k=3).
     assert make(vocab_size=k).num_parameters() == expected
 
 
@@ -50,7 +50,7 @@ def test_parameter_count_of_variants():
 @pytest.mark.parametrize(("positional", "mlp"), list(itertools.product(POSITIONAL, [False, True])))
 def test_causal_for_every_positional_scheme(positional, mlp):
     # Editing tokens >= 60 must leave the logits of positions < 60 unchanged
-    # (shared/specs/markov-chain.md sections 5 and 7.7), on both attention paths.
+    # (the official min_model once was not), on both attention paths.
     model = make(positional=positional, mlp=mlp, n_heads=2).eval()
     tokens = torch.randint(0, 3, (4, 100), generator=torch.Generator().manual_seed(1))
     edited = perturbed_after(tokens, 60, 3)

@@ -1,9 +1,9 @@
-"""DPT sanity (``shared/specs/dpt-gym-sb3.md`` section 6) on ICL-MarkovChain-v0 (k = 3, T = 100,
+"""DPT sanity (``docs/recipes.md``, lee2023) on ICL-MarkovChain-v0 (k = 3, T = 100,
 the Edelman et al. setting): the streaming DPT of the ``lee2023`` recipe, 300 steps, seed 0,
 through the one trainer, scored on 2048 test sequences.
 
 - soft labels (the recipe): it beats the unigram reference (KL_last < 0.169) and meets the
-  next-token transformer's bound (KL_last <= 0.065; spec markov-chain.md), and it fits
+  next-token transformer's bound (KL_last <= 0.065; docs/results/markov-chain.md), and it fits
   (excess loss over the Bayes oracle < 0.01 nats/token).
 - hard labels (faithful DPT's a* = argmax of the true law): its argmax accuracy is within
   0.01 of the Bayes 0-1 accuracy, yet its log-loss is far from Bayes (excess > 10x the soft
@@ -32,8 +32,8 @@ from iclgym.registry import make_task
 pytestmark = [pytest.mark.repro, pytest.mark.usefixtures("one_thread_timed")]
 
 RECIPE = RECIPES["lee2023"]
-UNIGRAM_KL_LAST = 0.169  # spec dpt-gym-sb3.md section 6 (markov-chain.md: the unigram plateau)
-TRANSFORMER_KL_LAST = 0.065  # the next-token transformer's bound (markov-chain.md section 6)
+UNIGRAM_KL_LAST = 0.169  # the unigram reference (docs/results/markov-chain.md)
+TRANSFORMER_KL_LAST = 0.065  # the next-token transformer's bound (T3 of the same page)
 
 
 def _run(tmp_path, labels):

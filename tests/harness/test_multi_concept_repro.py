@@ -1,5 +1,5 @@
 """Seeded reproduction of multi-concept prompts (after Bu et al. 2024), the CI share of
-``shared/specs/multi-concept.md`` section 6; the full table (fixed and random mapping, seeds
+``docs/results/multi-concept.md``; the full table (fixed and random mapping, seeds
 0/1/2, every OOD split) is ``docs/scripts/multi_concept_ood.py`` and
 ``docs/results/multi-concept.md``.
 
@@ -7,7 +7,7 @@ Each test trains the reference transformer (``baselines.concept_attention``) wit
 ``bu2024`` recipe (plain SGD lr 0.5, batch 64, fresh prompts every step) through the one
 trainer, and asserts the whole relation, the fit included:
 
-Seeds 0, 1 and 2 each (spec section 6):
+Seeds 0, 1 and 2 each:
 
 - fixed mapping, 1000 steps: test 0-1 error <= 0.01 and within 0.01 of the Bayes
   oracle's, test loss < 0.05 x the initial loss, the last training batch's loss < 0.05 (it
@@ -18,7 +18,7 @@ Seeds 0, 1 and 2 each (spec section 6):
   stays > 0.9.
 - held-out concepts (fixed mapping, ``heldout_concepts=2``, 1000 steps): it fits the
   training concepts (test 0-1 <= 0.01) but does not transfer to the 2 unseen task concepts
-  (accuracy < 0.7, spec: 0.52), where the oracle and ridge (dictionary-free) stay >= 0.99.
+  (accuracy < 0.7, reference: 0.52), where the oracle and ridge (dictionary-free) stay >= 0.99.
 
 Seconds per test are printed (``pytest -m repro -s``), never asserted: about 8, 12 and 7 s per
 seed on the project's 2-core CPU, one thread.
@@ -32,7 +32,7 @@ from docs_scripts import load_script, one_thread_timed  # noqa: F401 (the fixtur
 pytestmark = [pytest.mark.repro, pytest.mark.usefixtures("one_thread_timed")]
 
 ood = load_script("multi_concept_ood")
-SEEDS = (0, 1, 2)  # spec section 6: random seeds 0/1/2
+SEEDS = (0, 1, 2)  # random seeds 0/1/2, as the reference
 
 
 def _report(name, run, acc):

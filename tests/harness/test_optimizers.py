@@ -1,5 +1,5 @@
 """The optimisers of the trainer's import-path hook: the preconditioned proximal gradient step
-against the spec's steps written plainly, its constraints, ablations, schedule and state, the
+against its documented steps written plainly, its constraints, ablations, schedule and state, the
 factories through the trainer, and the SGD factory."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ N, T = 5, 7
 
 
 def reference_step(v, a, g_v, g_a, *, eta, lam, mu, precond="mu", renorm=True):
-    """Spec section 5, steps 3-6, one by one (numpy)."""
+    """The documented steps (``ProximalGradient``), one by one (numpy)."""
     scale = N * np.asarray(mu) if precond == "mu" else np.ones(N)
     g = g_v - g_v.sum(0, keepdims=True) / N
     g = g / scale[None, :]

@@ -1,5 +1,5 @@
 """Seeded reproduction of token-priority graphs (Li, Huang, Ildiz, Rawat, Oymak 2024), the
-targets of ``shared/specs/priority-graph.md`` section 6, through the one trainer
+targets of ``docs/results/priority-graph.md``, through the one trainer
 (``docs/scripts/priority_graph_trials.py`` calls :func:`iclgym.harness.train` with the
 ``li2024`` recipe's configuration; its table and curves are ``docs/results/priority-graph.md``).
 

@@ -1,12 +1,12 @@
 """Seeded reproduction of sparse contextual bigrams (Ren, Wang, Lee 2024), the CI share of
-``shared/specs/sparse-contextual-bigram.md`` section 6; the full grid (3 task seeds for A and
+``docs/results/sparse-contextual-bigram.md``; the full grid (3 task seeds for A and
 D, 2 for B, 4 for the control) is ``docs/scripts/sparse_bigram_grid.py`` and its table
 ``docs/results/sparse-contextual-bigram.md``.
 
 Each test asserts the whole relation, the fit included:
 
 - A (task seed 0): scb_ppg (eta 0.3, lambda 0.01) fits (excess/initial < 0.01 by step 300,
-  no plateau) and beats the best of SGD lr 0.1 / 0.3 / 1.0 (lr 0.1, as in the spec): dist_Q
+  no plateau) and beats the best of SGD lr 0.1 / 0.3 / 1.0 (lr 0.1, as in the reference): dist_Q
   <= 0.06 and <= 0.5x SGD's, dist_P <= 0.06, excess <= 0.8x SGD's; SGD at lr 0.1 plateaus
   (excess/initial > 0.9 at step 300) and fits by step 1200 (< 0.01).
 - B (task seed 0, T=512, rho 0.707, fresh attn): finetuning from the pretrained V reaches
@@ -16,7 +16,7 @@ Each test asserts the whole relation, the fit included:
 - Negative control (task seed 0, T=128, B=64, rho = -0.12): the pretraining fits, finetuning
   never escapes in 3000 steps (excess/initial stays > 0.9, attention far from the truth).
 - C: the Bayes MSE and a random linear model's excess, closed form vs 200k Monte-Carlo
-  samples (within 4 standard errors); joint EM on 20k samples within 3x the spec's numbers.
+  samples (within 4 standard errors); joint EM on 20k samples within 3x the reference numbers.
 - D: the softmax variant (SGD lr_V 0.3, lr_W 30, B=256) reaches recall@Q >= 0.9 and dist_P <=
   0.2 within 3000 steps and fits (excess/initial < 0.05).
 
@@ -110,7 +110,7 @@ def test_c_bayes_closed_form_and_joint_em():
     joint = next(r.metrics for r in rungs if r.rung == "neither")
     print(f"joint EM 20k: {joint}")
     assert rungs[0].metrics["excess_mse"] == pytest.approx(0, abs=1e-12)
-    # spec [measured]: 0.0013, 0.026, 0.023
+    # reference (measured on its own instance): 0.0013, 0.026, 0.023
     assert joint["excess_mse_rel"] <= 3 * 0.0013
     assert joint["dist_P"] <= 3 * 0.026 and joint["dist_Q"] <= 3 * 0.023
     assert joint["support_recall"] == 1.0

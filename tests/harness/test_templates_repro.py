@@ -1,7 +1,7 @@
 """Seeded reproduction of the unseen-symbol results of Boix-Adserà et al. (ICLR 2024), through
 the one trainer and the ``boix2023`` recipes.
 
-Targets from ``shared/specs/symbol-templates.md`` section 6, on ABA vs ABB (regression, +-1
+Targets from ``docs/results/symbol-templates.md``, on ABA vs ABB (regression, +-1
 labels, 1,000 test strings over the unseen test alphabet), with the paper protocol of the
 recipes: a fixed training set of n strings over n symbols, Adam lr 1e-3 without weight decay,
 batch min(n, 1024), 1000 epochs, one torch thread per run. Each test asserts the whole relation
@@ -11,13 +11,13 @@ batch min(n, 1024), 1000 epochs, one torch thread per run. Each test asserts the
   (MSE < 0.01) but stays at chance on unseen symbols (MSE >= 0.8, accuracy 0.5 +- 0.05) at
   n = 64 and 256.
 - T3-fast (``boix2023``): D = 128, 2 layers, 4 heads x 32, MLP 256, n = 512: with the a_h
-  identity term the transformer reaches test MSE <= 0.2 and accuracy >= 0.95, the vanilla one
-  fits its training set (MSE < 0.01) yet stays at test MSE >= 0.4. Seed spread is large (spec
-  section 6), so the test thresholds apply to the median over seeds 0, 1, 2 (seed s: model
-  init, batch order and training set).
+  identity term the transformer reaches test MSE <= 0.2 and accuracy >= 0.95, the vanilla one fits
+  its training set (MSE < 0.01) yet stays at test MSE >= 0.4. Seed spread is large (as in the
+  reference measurements), so the test thresholds apply to the median over seeds 0, 1, 2 (seed s:
+  model init, batch order and training set).
 - T5 (``boix2023-copy``, ``ICL-SymbolCopy-v0``: "A B" -> A, next-token label over all V ids,
-  tied unembedding, heads of width 64, MLP 2D; spec section 6, inverse scaling): every model
-  copies all its training strings; the vanilla transformer's test error grows with the width D
+  tied unembedding, heads of width 64, MLP 2D; Boix-Adserà et al. 2024's inverse scaling): every
+  model copies all its training strings; the vanilla transformer's test error grows with the width D
   at fixed n (n = 256: D = 64 vs 256), and with the b_h identity term at c_VO = 100 the error
   is <= 0.1 at n = 64 for D = 64 and 256 (``docs/results/symbol-templates.md``, T5
   calibration).

@@ -255,7 +255,7 @@ def test_each_training_loss_is_its_formula_on_the_predicted_law():
 
 
 def test_soft_labels_are_the_expected_sampled_loss_and_hard_labels_the_argmax():
-    """TrainConfig.labels (spec dpt-gym-sb3.md section 3): soft labels train each loss's
+    """TrainConfig.labels (the DPT label switch, docs/harness.md): soft labels train each loss's
     expectation under the true law pi (cross_entropy sum_y pi_y (-log p_y), lsq2 sum_y pi_y
     (1 - p_y)^2; squared 1/2 ||p - pi||^2, whose gradient is the expectation's); a value
     model trains towards the law's mean value; hard labels are argmax pi, the lowest token on

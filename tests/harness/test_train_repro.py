@@ -1,8 +1,8 @@
 """Seeded reproduction of the statistical-induction-head phase transition (Edelman et al. 2024),
 through the one trainer and the ``edelman2024`` recipe.
 
-Setting and targets from ``shared/specs/markov-chain.md`` section 6: k=3, T=100, Dirichlet(1),
-stationary init; the section 5 model (2 layers, attention-only, relative positions, width 16,
+Setting and targets from ``docs/results/markov-chain.md``: k=3, T=100, Dirichlet(1),
+stationary init; the official code's model (2 layers, attention-only, relative positions, width 16,
 1 head, dropout 0.1); AdamW lr 5e-4, betas (0.9, 0.95), weight decay 0.1; batch 64, 2000 steps;
 evaluation in eval mode on 1024 held-out sequences at the last token. Each run trains on one
 CPU thread for about a minute (``pytest -m repro``); T4 adds two seeds to the T2/T3 run. Wall
@@ -23,7 +23,7 @@ from iclgym.registry import make_task
 pytestmark = pytest.mark.repro
 
 RECIPE = RECIPES["edelman2024"]
-# shared/specs/markov-chain.md section 6 (measured with the official code).
+# docs/results/markov-chain.md (reference values measured with the official code).
 UNIGRAM_PLATEAU_KL = 0.167  # T2: KL_last at 300 steps; measured 0.163
 UNIGRAM_TOLERANCE = 0.03
 BIGRAM_KL_BOUND = 0.065  # T3: KL_last at 2000 steps (<= 2.5x Bayes); measured 0.050-0.052

@@ -286,7 +286,7 @@ def test_oracle_is_exact_bayes_under_uniform_init():
         assert report.excess_loss >= -4 * report.excess_loss_se, (name, report.excess_loss)
 
 
-# Monte-Carlo references from shared/specs/markov-chain.md section 6 (20,000 sequences, Dir(1),
+# Monte-Carlo references of docs/results/markov-chain.md (20,000 sequences, Dir(1),
 # stationary init): KL_last and CE_all of each strategy at T = 100.
 REFERENCE = {
     2: {

@@ -1,7 +1,7 @@
-"""Multi-concept prompts (``shared/specs/multi-concept.md``): spec validation, batch layout,
+"""Multi-concept prompts (``docs/envs/ICL-MultiConcept-v0.md``): spec validation, batch layout,
 the world's geometry, the sampler's law, the exact posterior against a brute-force
-enumeration of the full Gaussian likelihood, calibration, the section 3 analytic accuracies,
-the section 6 accuracy bands, and the named OOD splits."""
+enumeration of the full Gaussian likelihood, calibration, the analytic accuracies,
+the reference accuracy bands (``docs/results/multi-concept.md``), and the named OOD splits."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_same_seed_same_prompts_and_streams_differ():
 
 
 def test_world_geometry():
-    """Spec section 2: orthonormal directions, the norms, <mu+, mu-> = alpha^2 - beta^2 within
+    """Orthonormal directions, the norms, <mu+, mu-> = alpha^2 - beta^2 within
     a concept, orthogonality across concepts; the world depends on world_seed only."""
     spec = MultiConceptSpec()
     w = make_world(spec)
@@ -119,7 +119,8 @@ def test_world_geometry():
     mu_p, mu_m = w.a + w.b, w.a - w.b
     np.testing.assert_allclose((mu_p * mu_m).sum(1), spec.alpha**2 - spec.beta**2)
     cos = (mu_p * mu_m).sum(1) / (np.linalg.norm(mu_p, axis=1) * np.linalg.norm(mu_m, axis=1))
-    np.testing.assert_allclose(cos, 0.51 / 1.49)  # spec section 2: ~0.34 under C0
+    # cos = (alpha^2 - beta^2) / (alpha^2 + beta^2): ~0.34 under C0
+    np.testing.assert_allclose(cos, 0.51 / 1.49)
     same = make_world(MultiConceptSpec(sigma=0.3, mapping="random", label_noise=0.1))
     assert np.array_equal(same.a, w.a) and np.array_equal(same.d, w.d)
     other = make_world(MultiConceptSpec(world_seed=1))
@@ -305,11 +306,11 @@ def test_no_strategy_beats_the_oracle():
         assert r.accuracy <= oracle.accuracy + 3 * math.sqrt(0.25 / 4000), name
 
 
-# --------------------------------------------------------- analytic accuracies (section 3)
+# --------------------------------------------------------- analytic accuracies
 @pytest.mark.parametrize(
     ("extra", "reference"),
     [
-        ({"sigma": 0.35}, 0.9772),  # spec section 3: 1 - Phi(-2), measured 0.9770
+        ({"sigma": 0.35}, 0.9772),  # 1 - Phi(-2); the reference measured 0.9770
         ({"sigma": 0.5}, 0.9192),  # 1 - Phi(-1.4), measured 0.9202
         ({"sigma": 0.35, "label_noise": 0.1, "mapping": "random"}, None),
         ({"sigma": 0.35, "coef_jitter": 0.5, "mapping": "switched"}, None),
@@ -334,7 +335,7 @@ def test_oracle_accuracy_matches_the_analytic_bayes_error(extra, reference):
 )  # fmt: skip
 def test_no_context_accuracy(extra):
     """The query alone, dictionary known: 0.75 at C0 (E max(n, 3 - n) / 3, n ~ Bin(3, 1/2)),
-    not the spec's 0.667 (one active concept's sign, picked at random)."""
+    not (s + 2) / (2 (s + 1)) = 0.667 (one active concept's sign, picked at random)."""
     task = MultiConceptTask(**extra)
     analytic = task.no_context_accuracy()
     if not extra:
@@ -346,7 +347,7 @@ def test_no_context_accuracy(extra):
 
 
 def test_section_6_accuracy_bands_at_c0():
-    """Spec section 6 (C0, L = 16, N = 4000, fixed mapping)."""
+    """The reference accuracy bands (C0, L = 16, N = 4000, fixed mapping)."""
     task = MultiConceptTask()
     held = HeldOut(task, split="test", seed=0, num_sequences=4000, batch_size=1000)
     acc = {name: evaluate(StrategyPredictor(task, name), held).accuracy for name in task.strategies}

@@ -1,7 +1,7 @@
 """Token-priority graphs, planted and paper mode: spec validation, the planted instance, Oracle C
-against a plain reference, the sampler's law against Oracle C, the special cases of spec 2.2,
+against a plain reference, the sampler's law against Oracle C, the planted special cases,
 multiplicity weighting, distinct and deterministic modes, seeding, the planted metrics on
-hand-computed examples, the strategies and the env id (``shared/specs/priority-graph.md``)."""
+hand-computed examples, the strategies and the env id (``docs/envs/ICL-PriorityGraph-v0.md``)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def draw(task, n, split="train", seed=0):
 
 
 def reference_law(tokens, level, beta):
-    """Oracle C written plainly, one context at a time (spec section 3)."""
+    """Oracle C written plainly, one context at a time."""
     out, tops = [], []
     for row in np.asarray(tokens).tolist():
         k = row[-1]
@@ -211,7 +211,7 @@ def test_oracle_c_matches_a_plain_reference(k, t, s_max, sigma, distinct, seed):
 
 
 def test_multiplicity_weighting_on_a_hand_built_context():
-    """Spec pitfall 3: p(j) ∝ n_X(j) exp(beta[k, j]) on S*."""
+    """Multiplicities count: p(j) ∝ n_X(j) exp(beta[k, j]) on S*."""
     level = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0]])  # query 2 ranks token 0 above
     beta = torch.zeros(3, 3, dtype=torch.float64)
     beta[1, 0] = math.log(0.5)
@@ -452,7 +452,7 @@ def test_planted_metrics_edge_cases_and_errors():
 
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_s_max_defaults_to_three_capped_at_the_vocabulary(k):
-    """K = 2 works without naming s_max (the spec's default 3 is capped at K); in paper mode
+    """K = 2 works without naming s_max (the default 3 is capped at K); in paper mode
     s_max is unused and stays None unless given."""
     assert PriorityGraphTask(num_tokens=k).spec.s_max == min(3, k)
     env = gym.make("ICL-PriorityGraph-v0", num_tokens=k)
@@ -545,7 +545,7 @@ def test_paper_mode_prefix_law_and_acyclic_oracle_a():
     ctx = torch.tensor(task.paper_data.contexts)
     first = torch.bincount(ctx[:, 1][ctx[:, 0] == batch.tokens[0, 0]], minlength=8).double()
     torch.testing.assert_close(law[0, 0].double(), first / first.sum())
-    # acyclic: hard retrieval alone fixes every training label (spec 2.1)
+    # acyclic: hard retrieval alone fixes every training label (Li et al. 2024)
     a = task.strategies["oracle_a"](batch)[:, -1].exp()
     assert torch.equal(a.argmax(1), batch.targets[:, -1]) and (a.max(1).values == 1).all()
     m = planted_metrics(task.oracle(batch), batch)

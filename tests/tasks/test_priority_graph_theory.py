@@ -1,7 +1,7 @@
 """Token-priority-graph theory (``iclgym.tasks.priority_graph_theory``): the paper-mode dataset,
 the empirical TPG (Oracle A), the Graph-SVM, the finite component and Oracle B, against hand
-examples, plain reference code written here and the spec's laws (shared/specs/priority-graph.md
-sections 2, 3 and 5)."""
+examples, plain reference code written here and the laws of Li et al. 2024 (arXiv 2403.08081)
+and its reference code."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sparse contextual bigrams: spec validation, task parameters, sampler law and fast path vs a
 plain reference, oracle and closed forms vs Monte Carlo, transfer pairs, the oracle ladder,
-and the env id (``shared/specs/sparse-contextual-bigram.md``)."""
+and the env id (``docs/envs/ICL-SparseContextualBigram-v0.md``)."""
 
 from __future__ import annotations
 
@@ -238,7 +238,7 @@ def test_custom_transition_and_attn_are_used_and_renormalised():
 # -------------------------------------------------------------------------- sampler
 def reference_sample(task, batch_size, generator):
     """The sampler written plainly: the same T + 3 words per row, read one by one with the
-    inverse CDF of the spec's sampling order."""
+    inverse CDF of the documented sampling order."""
     t, n = task.context_len, task.vocab_size
     words = torch.empty((batch_size, t + 3), dtype=torch.int64).random_(generator=generator)
     u = (((words >> 10) + 1).double() * 2.0**-53).tolist()
@@ -287,7 +287,7 @@ def test_fast_sampler_equals_the_plain_reference(kwargs):
 
 def test_sampled_law_matches_the_parameters():
     """Token frequencies ~ mu, source positions given k ~ q^(k), outputs given x_s ~ P[:, x_s],
-    and the output marginal ~ mu (spec section 2), within 5 standard errors."""
+    and the output marginal ~ mu, within 5 standard errors."""
     task = SparseContextualBigramTask(
         vocab_size=4, seq_len=5, n_support=3, p_family="dirichlet", q_weights="dirichlet"
     )
@@ -446,9 +446,9 @@ def linear_output_fast(v, a, tokens):
     ],
 )
 def test_closed_forms_match_monte_carlo(kwargs):
-    """Spec section 3 (reproduction C): the Bayes MSE and the excess of a random linear model
-    against 200k Monte-Carlo examples, within 4 standard errors; the always-mu predictor's
-    MSE is 1 - ||mu||^2."""
+    """Reproduction C (``docs/results/sparse-contextual-bigram.md``): the Bayes MSE and the excess
+    of a random linear model against 200k Monte-Carlo examples, within 4 standard errors; the
+    always-mu predictor's MSE is 1 - ||mu||^2."""
     task = SparseContextualBigramTask(**kwargs)
     rng = np.random.default_rng(0)
     n, t = task.vocab_size, task.context_len
@@ -618,7 +618,7 @@ def test_ladder_estimators_converge_to_the_truth_as_samples_grow():
 
 
 def test_joint_em_plateaus_then_finds_both():
-    """Spec section 3: joint EM from uniform P and attn stays at excess/initial > 0.99 for its
+    """Joint EM from uniform P and attn stays at excess/initial > 0.99 for its
     first 10 iterations, then recovers P and attn."""
     task = SparseContextualBigramTask(vocab_size=8, seq_len=128, n_support=2, task_seed=0)
     batch = draw(task, 20_000, seed=100)
@@ -691,7 +691,7 @@ def test_env_episode_is_one_step_at_the_query():
     dist = gym.make("ICL-SparseContextualBigram-v0", seq_len=16, action="distribution")
     dist.reset(seed=0)
     _, reward, *_ = dist.step(np.full(8, 0.125, np.float32))
-    assert reward == pytest.approx(-((7 / 8) ** 2) - 7 / 64)  # -||e_y - f||^2 (spec section 8)
+    assert reward == pytest.approx(-((7 / 8) ** 2) - 7 / 64)  # -||e_y - f||^2 (the paper's loss)
     logprob = gym.make(
         "ICL-SparseContextualBigram-v0", seq_len=16, action="distribution", reward="logprob"
     )

@@ -304,6 +304,8 @@ def _cmd_eval(args: EvalArgs) -> int:
     first = reports[0]
     print(f"{args.env_id}  split={args.split} seed={args.seed} sequences={args.num_sequences}")
     print(f"  {task.spec}")
+    for note in task.notes:
+        print(f"  {note}")
     print(f"  oracle: {first['oracle']}, Monte-Carlo error {first['oracle_mc_error']:.2g} nats")
     head = (
         f"{'predictor':16s} {'CE':>8s} {'excess':>8s} {'+-se':>7s} {'KL':>8s} "
@@ -315,9 +317,11 @@ def _cmd_eval(args: EvalArgs) -> int:
     def num(value: float | None, width: int, digits: int = 4) -> str:
         return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
+    privileged = [r["predictor"] for r in reports if r["predictor"] in task.privileged_strategies]
     for r in reports:
+        shown = r["predictor"] + "*" * (r["predictor"] in privileged)
         print(
-            f"{r['predictor']:16s} {num(r['cross_entropy'], 8)} {num(r['excess_loss'], 8)} "
+            f"{shown:16s} {num(r['cross_entropy'], 8)} {num(r['excess_loss'], 8)} "
             f"{num(r['excess_loss_se'], 7)} {num(r['kl'], 8)} {num(r['kl_last'], 8)} "
             f"{r['accuracy']:6.3f} {r['oracle_accuracy']:6.3f}"
             + (f" {num(r['mse'], 7)}" if values else "")
@@ -327,6 +331,12 @@ def _cmd_eval(args: EvalArgs) -> int:
         f"oracle CE {first['oracle_cross_entropy']:.4f}, "
         f"entropy of the true rows H {first['entropy']:.4f} (nats/token)"
     )
+    if privileged:
+        print(
+            f"* {', '.join(privileged)}: reads each sequence's hidden parameters, not just its "
+            "context, so it beats the Bayes oracle (negative excess loss): a reference, not a "
+            "competitor"
+        )
     return 0
 
 

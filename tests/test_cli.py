@@ -45,6 +45,11 @@ def test_eval_json_is_always_a_list_and_the_table(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "oracle" in out and "unigram" in out and "Monte-Carlo error" in out
+    # What confuses a newcomer is said on the screen where it confuses.
+    assert "order=2 is the n-gram order" in out and "a first-order chain" in out
+    true_row = next(line for line in out.splitlines() if line.startswith("true*"))
+    assert float(true_row.split()[2]) < 0  # its excess loss, explained by the footnote:
+    assert "* true: reads each sequence's hidden parameters" in out
 
 
 def test_eval_reports_mse_for_real_valued_labels(capsys):

@@ -264,6 +264,17 @@ class Task(ABC):
     def strategies(self) -> Mapping[str, Strategy]:
         """Named reference predictors, ordered from least to most informed."""
 
+    privileged_strategies: ClassVar[frozenset[str]] = frozenset()
+    """Strategies that read a sequence's hidden parameters (e.g. its true transition table), not
+    only its context: references below the oracle, whose excess loss over it is negative
+    (``iclgym eval`` marks them)."""
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Lines a reader needs beside this spec, where a parameter's convention is not the one
+        its name suggests (printed under the spec by ``iclgym eval``). Default none."""
+        return ()
+
     probability_reward: ClassVar[str] = "logprob"
     """The envs' default reward for probability actions (``reward=`` of
     :class:`iclgym.envs.ICLEnv`): ``"logprob"`` (log q of the next token) or ``"squared"``

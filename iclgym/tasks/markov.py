@@ -166,6 +166,7 @@ class MarkovChainTask(Task):
 
     name = "markov_chain"
     spec: MarkovChainSpec
+    privileged_strategies = frozenset({"true"})
 
     oracle_samples: int | None = None
     """Monte-Carlo samples (per sequence, all replicates together) of the oracle where it has no
@@ -477,6 +478,15 @@ class MarkovChainTask(Task):
     def oracle_estimate(self, batch: Batch) -> OracleEstimate:
         """:meth:`oracle` with its Monte-Carlo replicates (None for closed forms)."""
         return markov_bayes.bayes_oracle(self, batch.tokens, self.oracle_samples)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        n = self.spec.order
+        reads = {1: "no previous token: i.i.d. tokens", 2: "the last token: a first-order chain"}
+        return (
+            f"order={n} is the n-gram order: the next token depends on "
+            + reads.get(n, f"the last {n - 1} tokens: an order-{n - 1} chain"),
+        )
 
     @property
     def oracle_name(self) -> str:

@@ -340,6 +340,7 @@ class SparseContextualBigramTask(Task):
     name = "sparse_contextual_bigram"
     spec: SparseContextualBigramSpec
     probability_reward = "squared"
+    privileged_strategies = frozenset({"true"})
     """The paper's loss ``1/2 ||e_{x_o} - f||^2`` as the env reward (Ren, Wang, Lee 2024)."""
 
     def __init__(self, spec: SparseContextualBigramSpec | None = None, **kwargs: object) -> None:

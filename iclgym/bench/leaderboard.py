@@ -71,7 +71,8 @@ class BoardRow:
     """One (model, config hash) of the leaderboard.
 
     Attributes:
-        rank: 1-based, by IQM (highest first; ties by model name, then config hash).
+        rank: 1-based: models scored on more entries first (an IQM over fewer entries is not
+            comparable), then by IQM (highest first; ties by model name, then config hash).
         model, config_hash: the stored model name and config hash.
         parameters: the largest parameter count over the model's entries.
         parameters_range: (smallest, largest) parameter count over its entries.
@@ -116,8 +117,9 @@ def leaderboard_table(
     entries: Sequence[str] | None = None,
 ) -> list[BoardRow]:
     """One :class:`BoardRow` per (model, config hash) stored under ``suite_version``, ranked by
-    IQM. ``entries`` (the columns) defaults to :data:`SUITE`'s names when ``suite_version`` is
-    the current one, followed by any other stored entry name in order of first appearance.
+    coverage, then IQM. ``entries`` (the columns) defaults to :data:`SUITE`'s names when
+    ``suite_version`` is the current one, followed by any other stored entry name in order of
+    first appearance.
     ``FileNotFoundError`` when there is no store at ``store_path``."""
     if not Path(store_path).is_file():
         raise FileNotFoundError(f"no results store at {store_path}")
@@ -133,7 +135,7 @@ def leaderboard_table(
         if row["entry"] in names:
             groups.setdefault((row["model"], row["config_hash"]), []).append(row)
     unranked = [_board_row(key, group, names, suite_version) for key, group in groups.items()]
-    unranked.sort(key=lambda r: (-r.iqm, r.model, r.config_hash))
+    unranked.sort(key=lambda r: (-r.coverage, -r.iqm, r.model, r.config_hash))
     return [replace(r, rank=i + 1) for i, r in enumerate(unranked)]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,32 +22,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from iclgym.browser import find_chrome, headless_chrome  # noqa: F401 (the site tests use both)
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROME_ARGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-)
-"""Headless, offline Chromium flags."""
-
-
-def find_chrome() -> tuple[str, str] | None:
-    """(chromium, chromedriver) executables, or ``None`` when either is missing."""
-    browser = next(
-        (p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))),
-        "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None,
-    )
-    driver = shutil.which("chromedriver") or (
-        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
-    )
-    return (browser, driver) if browser and driver else None
 
 
 def build_site(out: Path) -> subprocess.CompletedProcess:
@@ -97,31 +74,6 @@ def serve(site: Path, timeout: float = 15.0) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def headless_chrome(profile: Path, window: tuple[int, int] = (1400, 900)) -> Iterator[Any]:
-    """A selenium WebDriver on headless Chromium with a fresh profile in ``profile``; the
-    driver is given explicitly, so Selenium Manager never runs (no network)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    found = find_chrome()
-    if found is None:
-        raise RuntimeError("chromium and chromedriver are needed (e.g. /usr/bin/chromium)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = found[0]
-    for arg in (
-        *CHROME_ARGS,
-        f"--user-data-dir={profile}",
-        f"--window-size={window[0]},{window[1]}",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(found[1]), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def screenshot(site: Path, out: Path, window: tuple[int, int] = (1280, 800)) -> Path:

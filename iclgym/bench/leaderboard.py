@@ -24,22 +24,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from iclgym.bench.run import summarize
 from iclgym.bench.store import ResultsStore
 from iclgym.bench.suite import SUITE, SUITE_VERSION
-
-if TYPE_CHECKING:
-    from selenium.webdriver.chrome.webdriver import WebDriver
+from iclgym.browser import headless_chrome
 
 SIZE_CLASSES: tuple[tuple[int, str], ...] = ((100_000, "XS"), (1_000_000, "S"), (10_000_000, "M"))
 """(exclusive upper bound, class) in increasing order; a count at or above the last is ``L``."""
@@ -501,53 +497,6 @@ def _html_row(r: BoardRow, columns: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------- browser
-
-
-def find_chrome() -> tuple[str, str] | None:
-    """(browser, chromedriver) executables on PATH, or ``None`` when either is missing."""
-    browser = next(
-        (p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))),
-        None,
-    )
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-CHROME_ARGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-)
-"""Headless, offline-friendly Chromium flags."""
-
-
-@contextmanager
-def headless_chrome(user_data_dir: str | Path, window: tuple[int, int] = (1400, 900)
-                    ) -> Iterator[WebDriver]:  # fmt: skip
-    """A headless Chromium WebDriver (selenium, a dev dependency) with a fresh profile in
-    ``user_data_dir``, its driver given explicitly so Selenium Manager never runs (no
-    network); quit on exit. ``RuntimeError`` when Chromium or chromedriver is missing."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    found = find_chrome()
-    if found is None:
-        raise RuntimeError("chromium (or google-chrome) and chromedriver must be on PATH")
-    options = webdriver.ChromeOptions()
-    options.binary_location = found[0]
-    for arg in (*CHROME_ARGS, f"--user-data-dir={user_data_dir}",
-                f"--window-size={window[0]},{window[1]}"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(found[1]), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400) -> Path:

@@ -13,8 +13,6 @@ import pytest
 
 from iclgym.bench import SUITE, SUITE_VERSION, ResultRow, ResultsStore
 from iclgym.bench.leaderboard import (
-    find_chrome,
-    headless_chrome,
     leaderboard_table,
     render_html,
     render_markdown,
@@ -22,6 +20,7 @@ from iclgym.bench.leaderboard import (
     size_class,
 )
 from iclgym.bench.run import summarize
+from iclgym.browser import find_chrome, headless_chrome
 
 ENTRIES = [e.name for e in SUITE[:3]]
 FLOOR = np.array([0.5, 1.0, 1.5, 2.0, 0.8, 1.2])

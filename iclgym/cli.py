@@ -127,7 +127,7 @@ class BenchArgs:
     store: str = "results/iclgym.db"
     """The SQLite results store (created if absent)."""
     entries: tuple[str, ...] = ()
-    """Suite entries to run (default: all)."""
+    """Suite entries to run (empty: all)."""
     device: str = "cpu"
     """Torch device of the training runs."""
     backend: Literal["local", "ray"] = "local"
@@ -435,15 +435,20 @@ def _cmd_bench(args: BenchArgs) -> int:
     name = (
         args.model + "".join(f" {a}" for a in args.model_arg) + (" --quick" if args.quick else "")
     )
-    summary = run_bench(
-        BenchModel(name, factory, model_args),
-        args.store,
-        quick=args.quick,
-        entries=entries,
-        device=args.device,
-        progress=sys.stderr.isatty(),
-        backend=_backend(args, args.device),
-    )
+    try:
+        summary = run_bench(
+            BenchModel(name, factory, model_args),
+            args.store,
+            quick=args.quick,
+            entries=entries,
+            device=args.device,
+            progress=sys.stderr.isatty(),
+            backend=_backend(args, args.device),
+        )
+    except KeyboardInterrupt:  # the trainer saved the run's checkpoint; the bench restarts it
+        raise KeyboardInterrupt(
+            "stored rows are kept: rerun the same iclgym bench command to continue"
+        ) from None
     print(format_summary(summary, name))
     print(f"rows in {args.store}")
     return 1 if summary["failed"] else 0
@@ -480,7 +485,7 @@ def _cmd_leaderboard(args: LeaderboardArgs) -> int:
     page = render_html(rows, out / "leaderboard.html")
     (out / "leaderboard.md").write_text(render_markdown(rows) + "\n")
     print(render_markdown(rows))
-    print(f"wrote {page} and {out / 'leaderboard.md'} ({len(rows)} models)")
+    print(f"wrote {page} and {out / 'leaderboard.md'} ({len(rows)} model configurations)")
     if args.screenshot:
         print(f"wrote {screenshot(page, args.screenshot)}")
     return 0

@@ -11,10 +11,15 @@ sequences, evaluation seed 0).
 oracle (nats/token) and the floor the best context-free predictor
 (:class:`iclgym.harness.MarginalPredictor`: the next token's marginal law at each position, read
 without the context, estimated on the scored split's own stream from seed 1, the held-out set
-being seed 0): 0 = no better than ignoring the context, 1 = the oracle. It is a ratio of
-means, so it is resampled, not averaged: the interval is a percentile bootstrap (2000
-resamples) over seeds and, within each resampled seed, over sequences (the model's and the
-floor's excess on the same resampled sequences). The aggregate over entries is the
+being seed 0): 0 = no better than a context-free predictor that knows the scored split's
+marginal law (on a held-out split, e.g. unseen symbols, that is more than the training data
+tell: the uniform law can score far below 0 there), 1 = the oracle; it is unbounded below.
+The suite's entries all have a floor excess far from 0 (the smallest is 0.16 nats); a floor
+below 1e-9 nats makes the score NaN rather than a division blow-up. It is a ratio of means, so
+it is resampled, not averaged: the interval is a percentile bootstrap (2000 resamples) over
+seeds and sequences, crossed as they are (every seed is scored on the same sequences: one
+resample draws seeds and one set of sequence indices for all of them; the model's and the
+floor's excess on the same sequences). The aggregate over entries is the
 interquartile mean of the entry scores (rliable's IQM, Agarwal et al. 2021), with the same
 bootstrap run jointly over every entry.
 """
@@ -109,10 +114,10 @@ def git_commit() -> str:
 
 
 def run_folder(store: str | Path, model: BenchModel, quick: bool) -> Path:
-    """The folder of ``model``'s runs beside ``store``: ``runs/<model>-<config hash>/``, one
-    ``<entry>/seed<S>/checkpoint.pt`` per row and the submission :func:`write_bundle`."""
+    """The folder of ``model``'s runs beside ``store``: ``runs/<suite>/<model>-<config hash>/``,
+    one ``<entry>/seed<S>/checkpoint.pt`` per row and the submission :func:`write_bundle`."""
     slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", model.name).strip("_") or "model"
-    return Path(store).parent / "runs" / f"{slug}-{model.config_hash(quick)}"
+    return Path(store).parent / "runs" / SUITE_VERSION / f"{slug}-{model.config_hash(quick)}"
 
 
 def run_bench(
@@ -132,6 +137,8 @@ def run_bench(
         model's rows, with ``"failed"``: the runs that raised (entry and seed -> error; the others
     are stored). The runs go to ``backend`` (default: this process, in order; Ray tasks with
         ``Backend("ray")``), the rows are written here as each finishes."""
+    if entries:  # a bad factory or argument fails here, once, before any run
+        build_model(model.factory, entries[0].task(), seed=0, **model.args)
     config_hash = model.config_hash(quick)
     commit = git_commit()
     folder = run_folder(store, model, quick)
@@ -268,7 +275,7 @@ def score_model(
         "accuracy": report.accuracy,
         "accuracy_se": report.accuracy_se,
         "oracle_accuracy": report.oracle_accuracy,
-        "score": 1.0 - report.excess_loss / float(np.mean(floor)),
+        "score": _normalised(report.excess_loss, float(np.mean(floor))),
         "sequence_excess": list(report.sequence_excess),
         "floor_sequence_excess": [float(v) for v in floor],
     }
@@ -317,23 +324,33 @@ def _run_one(
     )
 
 
+def _normalised(excess: float, floor: float) -> float:
+    """``1 - excess / floor``, NaN for a floor below 1e-9 nats (no context to use)."""
+    return 1.0 - excess / floor if floor > 1e-9 else float("nan")
+
+
 def _entry_scores(rows: Sequence[Mapping[str, Any]], rng: np.random.Generator | None) -> float:
     """1 - mean model excess / mean floor excess over the rows' seeds and sequences; with
-    ``rng``, on one bootstrap resample (seeds, then sequences within each seed)."""
-    picked = rows if rng is None else [rows[i] for i in rng.integers(len(rows), size=len(rows))]
+    ``rng``, on one bootstrap resample. Seeds and sequences are crossed (every seed is scored
+    on the same held-out sequences), so one resample draws seeds and one set of sequence
+    indices shared by every drawn seed, which keeps the test set's own variance in the
+    interval."""
+    if rng is None:
+        picked, idx = rows, slice(None)
+    else:
+        picked = [rows[i] for i in rng.integers(len(rows), size=len(rows))]
+        n = len(rows[0]["scores"]["sequence_excess"])
+        idx = rng.integers(n, size=n)
     model_sum = floor_sum = 0.0
     for row in picked:
-        m = np.asarray(row["scores"]["sequence_excess"])
-        f = np.asarray(row["scores"]["floor_sequence_excess"])
-        idx = slice(None) if rng is None else rng.integers(len(m), size=len(m))
-        model_sum += m[idx].mean()
-        floor_sum += f[idx].mean()
-    return 1.0 - model_sum / floor_sum
+        model_sum += np.asarray(row["scores"]["sequence_excess"])[idx].mean()
+        floor_sum += np.asarray(row["scores"]["floor_sequence_excess"])[idx].mean()
+    return _normalised(model_sum, floor_sum)
 
 
 def _iqm(values: Sequence[float]) -> float:
-    """Interquartile mean: the mean of the middle 50% (scipy's trim_mean at 0.25, written out
-    for 10-ish values: sort, drop floor(n / 4) from each end)."""
+    """Interquartile mean (rliable's IQM, scipy's ``trim_mean(values, 0.25)``): sort, drop
+    floor(n / 4) values from each end, average the rest (the middle 6 of 10 entries)."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     cut = len(v) // 4
     return float(v[cut : len(v) - cut].mean())

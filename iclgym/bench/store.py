@@ -72,16 +72,21 @@ COLUMNS = tuple(f.name for f in fields(ResultRow))
 
 class ResultsStore:
     """The SQLite results store at ``path`` (created with its schema on first use; WAL mode,
-    ``synchronous=FULL``). Usable as a context manager (closes the connection)."""
+    ``synchronous=FULL``). Usable as a context manager (closes the connection). Raises
+    ``ValueError`` for a file that is not an SQLite database."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.connection = sqlite3.connect(self.path, timeout=30.0)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA synchronous=FULL")
-        with self.connection:
-            self.connection.execute(SCHEMA)
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=FULL")
+            with self.connection:
+                self.connection.execute(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            self.connection.close()
+            raise ValueError(f"{str(self.path)!r} is not an iclgym results store: {err}") from None
 
     def add(self, row: ResultRow) -> int:
         """Insert ``row`` in one transaction; returns its id. Raises ``ValueError`` when a row

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from iclgym.bench.run import (
     BUNDLE_FORMAT,
     PREDICTOR_PREFIX,
@@ -31,7 +33,7 @@ from iclgym.bench.run import (
 from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
 from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
 from iclgym.harness import resolve_predictor
-from iclgym.harness.model import load_model
+from iclgym.harness.model import load_model, num_parameters
 from iclgym.harness.predictors import PredictorKind
 
 TOLERANCE = {"excess_loss": 1e-4, "accuracy": 1e-4, "score": 1e-3}
@@ -51,6 +53,36 @@ class Verdict:
     row_id: int | None = None
 
 
+def check_claim(claim: Any) -> None:
+    """Raise ``ValueError`` naming the field when ``claim`` is not a mapping with every store
+    column of the right type (``scores`` a mapping holding the per-sequence arrays)."""
+    if not isinstance(claim, Mapping):
+        raise ValueError(f"a claim must be a JSON object, got {type(claim).__name__}")
+    missing = [c for c in COLUMNS if c not in claim]
+    if missing:
+        raise ValueError(f"claim misses the fields {missing}")
+    types = {"seed": int, "parameters": int, "train_flops": (int, float), "wall_s": (int, float)}
+    for name, kind in types.items():
+        if not isinstance(claim[name], kind) or isinstance(claim[name], bool):
+            raise ValueError(f"claim field {name}={claim[name]!r} has the wrong type")
+    for name in ("suite_version", "entry", "model", "config_hash", "fingerprint", "checkpoint"):
+        if not isinstance(claim[name], str):
+            raise ValueError(f"claim field {name}={claim[name]!r} is not a string")
+    scores = claim["scores"]
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"claim scores must be a JSON object, got {type(scores).__name__}")
+    for name in ("sequence_excess", "floor_sequence_excess"):
+        if not isinstance(scores.get(name), list):
+            raise ValueError(f"claim scores miss the per-sequence array {name!r}")
+
+
+def _differs(claimed: Any, value: float, tol: float) -> bool:
+    """True unless ``claimed`` is a finite number within ``tol`` of ``value`` (NaN differs)."""
+    if not isinstance(claimed, (int, float)) or isinstance(claimed, bool):
+        return True
+    return not abs(float(claimed) - value) <= tol
+
+
 def verify_claim(
     claim: Mapping[str, Any],
     base: Path,
@@ -60,30 +92,46 @@ def verify_claim(
 ) -> Verdict:
     """Check one claim (a mapping with the store's columns; ``checkpoint`` relative to
     ``base``, or ``predictor:TEXT`` rebuilt with the predictor ``kinds``) by re-evaluating it
-    on its entry's scored set (the entry looked up by name in ``suite``)."""
-    entry_name, seed = str(claim.get("entry")), int(claim.get("seed", -1))
+    on its entry's scored set (the entry looked up by name in ``suite``): the summary scores,
+    both per-sequence excess arrays (what the leaderboard's scores and intervals are computed
+    from) and the parameter count must match. A ``predictor:TEXT`` claim must be named
+    ``TEXT`` and claim no parameters and no training. Note that loading a checkpoint imports
+    and calls the model factory it names: verify only bundles whose code you trust."""
+    known = claim if isinstance(claim, Mapping) else {}
+    entry_name, seed = str(known.get("entry")), known.get("seed", -1)
 
     def reject(reason: str, **recomputed: float) -> Verdict:
-        return Verdict(entry_name, seed, False, reason, recomputed, claim.get("id"))
+        return Verdict(entry_name, seed, False, reason, recomputed, known.get("id"))
 
-    if claim.get("suite_version") != SUITE_VERSION:
+    try:
+        check_claim(claim)
+    except ValueError as err:
+        return reject(f"malformed claim: {err}")
+    if claim["suite_version"] != SUITE_VERSION:
         return reject(
-            f"suite version {claim.get('suite_version')!r} is not the installed suite "
-            f"{SUITE_VERSION!r}"
+            f"suite version {claim['suite_version']!r} is not the installed suite {SUITE_VERSION!r}"
         )
     entries = {e.name: e for e in suite}
     if entry_name not in entries:
         return reject(f"entry {entry_name!r} is not in {SUITE_VERSION}")
     entry = entries[entry_name]
-    if claim.get("fingerprint") != fingerprint(entry):
-        return reject(f"data fingerprint {claim.get('fingerprint')!r} is not {entry_name}'s")
-    if not claim.get("checkpoint"):
+    if claim["fingerprint"] != fingerprint(entry):
+        return reject(f"data fingerprint {claim['fingerprint']!r} is not {entry_name}'s")
+    if not claim["checkpoint"]:
         return reject("no checkpoint was kept for this result")
-    checkpoint = str(claim["checkpoint"])
+    checkpoint = claim["checkpoint"]
+    predictor = checkpoint.startswith(PREDICTOR_PREFIX)
+    if predictor:
+        text = checkpoint.removeprefix(PREDICTOR_PREFIX)
+        if claim["model"] != text or claim["parameters"] != 0 or claim["train_flops"] != 0:
+            return reject(
+                f"a {checkpoint!r} result must be named {text!r} with 0 parameters and 0 "
+                f"training FLOPs (got {claim['model']!r}, {claim['parameters']}, "
+                f"{claim['train_flops']})"
+            )
     try:
         held = held_out(entry, device)
-        if checkpoint.startswith(PREDICTOR_PREFIX):
-            text = checkpoint.removeprefix(PREDICTOR_PREFIX)
+        if predictor:
             net = resolve_predictor(text, held.task, kinds, device=device)
         else:
             net = load_model(base / checkpoint, held.task, device)
@@ -91,12 +139,23 @@ def verify_claim(
         return reject(f"checkpoint does not load: {err}")
     scores = score_model(net, held, floor_excess(entry, held))
     recomputed = {k: float(scores[k]) for k in TOLERANCE}
-    claimed = claim.get("scores", {})
-    bad = []
-    for key, tol in TOLERANCE.items():
-        value = claimed.get(key)
-        if not isinstance(value, (int, float)) or abs(value - recomputed[key]) > tol:
-            bad.append(f"{key} claimed {value!r}, recomputed {recomputed[key]:.6g}")
+    claimed = claim["scores"]
+    bad = [
+        f"{key} claimed {claimed.get(key)!r}, recomputed {recomputed[key]:.6g}"
+        for key, tol in TOLERANCE.items()
+        if _differs(claimed.get(key), recomputed[key], tol)
+    ]
+    for key in ("sequence_excess", "floor_sequence_excess"):
+        mine, theirs = np.asarray(scores[key], dtype=np.float64), claimed[key]
+        try:
+            gap = float(np.max(np.abs(np.asarray(theirs, dtype=np.float64) - mine)))
+        except (TypeError, ValueError):  # wrong length or not numbers
+            gap = float("nan")
+        if not gap <= TOLERANCE["excess_loss"]:
+            bad.append(f"{key} differs from the recomputed one (max gap {gap:.3g})")
+    params = 0 if predictor else num_parameters(net)
+    if claim["parameters"] != params:
+        bad.append(f"parameters claimed {claim['parameters']}, the checkpoint has {params}")
     if bad:
         return reject("scores differ beyond tolerance: " + "; ".join(bad), **recomputed)
     return Verdict(entry_name, seed, True, "", recomputed, claim.get("id"))
@@ -110,7 +169,9 @@ def verify_result(
     kinds: Mapping[str, PredictorKind] | None = None,
 ) -> Verdict:
     """Verify stored row ``row_id`` and, when it holds, set its ``verified`` flag. Raises
-    ``ValueError`` when the store has no such row."""
+    ``ValueError`` when there is no store at ``store`` or it has no such row."""
+    if not Path(store).is_file():
+        raise ValueError(f"no results store at {store}")
     with ResultsStore(store) as results:
         rows = results.rows(id=row_id)
         if not rows:
@@ -129,8 +190,10 @@ def verify_bundle(
     kinds: Mapping[str, PredictorKind] | None = None,
 ) -> list[Verdict]:
     """Verify every claim of a submission bundle (``bundle.json`` or its folder). When all
-    hold and ``store`` is given, the claims are added to it marked verified (claims already
-    stored are only marked). Raises ``ValueError`` for a file that is not a bundle."""
+    hold and ``store`` is given, the claims are added to it marked verified; a claim whose key
+    is already stored marks that row only if the stored row is the claim itself (otherwise
+    the stored row is verified on its own first). Raises ``ValueError`` for a file that is not
+    a bundle."""
     path = Path(path)
     if path.is_dir():
         path = path / "bundle.json"
@@ -141,11 +204,11 @@ def verify_bundle(
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{str(path)!r} is not an {BUNDLE_FORMAT} bundle")
     claims = bundle.get("results", [])
-    if not claims:
-        raise ValueError(f"bundle {str(path)!r} holds no results")
+    if not isinstance(claims, list) or not claims:
+        raise ValueError(f"bundle {str(path)!r} holds no list of results")
     verdicts = []
     for claim in claims:
-        if bundle.get("suite_version") != SUITE_VERSION:
+        if isinstance(claim, Mapping) and bundle.get("suite_version") != SUITE_VERSION:
             claim = {**claim, "suite_version": bundle.get("suite_version")}
         verdicts.append(verify_claim(claim, path.parent, device, suite, kinds))
     if store is not None and all(v.ok for v in verdicts):
@@ -158,8 +221,13 @@ def verify_bundle(
                     row["checkpoint"] = _relative(absolute, results.path.parent)
                 key = {k: row[k] for k in ("suite_version", "entry", "model", "config_hash")}
                 existing = results.rows(**key, seed=row["seed"])
-                row_id = existing[0]["id"] if existing else results.add(ResultRow(**row))
-                results.mark_verified(row_id)
+                if not existing:
+                    results.mark_verified(results.add(ResultRow(**row)))
+                    continue
+                stored = existing[0]
+                same = all(stored[k] == row[k] for k in COLUMNS)
+                if same or verify_claim(stored, results.path.parent, device, suite, kinds).ok:
+                    results.mark_verified(stored["id"])
     return verdicts
 
 

@@ -49,8 +49,12 @@ class Backend:
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
             raise ValueError(f"backend={self.kind!r} is invalid: expected one of {BACKENDS}")
-        if self.address and self.kind != "ray":
-            raise ValueError("an address needs the ray backend (--backend ray)")
+        if self.kind != "ray" and (self.address or self.workers is not None):
+            raise ValueError("an address or a worker count needs the ray backend (--backend ray)")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
+            raise ValueError(f"workers={self.workers!r} is invalid: expected an int >= 1")
+        if self.address and self.workers is not None:
+            raise ValueError("workers sets the size of a local Ray: not with an address")
 
 
 class TrialsFailed(RuntimeError):
@@ -96,6 +100,22 @@ def run_trials(
         _run_on_ray(fn, trials, on_result, backend, bar)
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ``ValueError`` when a ``HOST:PORT`` or ``ray://HOST:PORT`` address does not accept
+    a TCP connection within ``timeout`` seconds (Ray itself retries for minutes);
+    ``auto`` and other forms are left to Ray."""
+    import socket
+
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"no Ray cluster answers at {address!r}: {err}") from None
+
+
 def _run_on_ray(fn, trials, on_result, backend: Backend, bar) -> None:
     try:
         import ray
@@ -106,6 +126,7 @@ def _run_on_ray(fn, trials, on_result, backend: Backend, bar) -> None:
     started = not ray.is_initialized()
     if started:
         if backend.address:
+            _check_reachable(backend.address)
             ray.init(address=backend.address, log_to_driver=False)
         else:  # workers import this checkout (and test modules) as the caller does
             path = os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -193,7 +193,7 @@ def test_cli_leaderboard_and_export(bench, tmp_path, capsys):
     assert main(["leaderboard", "--store", str(store), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     html, md = (out / "leaderboard.html").read_text(), (out / "leaderboard.md").read_text()
-    assert MODEL.name in html and MODEL.name in md and "1 models" in printed
+    assert MODEL.name in html and MODEL.name in md and "1 model configurations" in printed
     assert f"{summary['iqm']:.2f}" in md
     assert main(["leaderboard", "--store", str(tmp_path / "none.db")]) == 2
     assert "none.db" in capsys.readouterr().err
@@ -223,3 +223,97 @@ def test_runs_a_model_cannot_do_are_reported_and_the_rest_stored(tmp_path):
     assert all("reads future tokens" in e for e in summary["failed"].values())
     assert set(summary["entries"]) == {"multi-concept/switched", "priority-graph/planted"}
     assert "FAILED markov/bigram seed 0" in format_summary(summary, "mlp")
+
+
+def _forge(bundle, i, **changes):
+    claim = bundle["results"][i]
+    for key, value in changes.items():
+        if key in claim["scores"]:
+            claim["scores"][key] = value
+        else:
+            claim[key] = value
+    return claim
+
+
+def test_forgeries_the_leaderboard_would_show_are_rejected(bench, tmp_path):
+    folder, bundle = _bundle(bench, tmp_path)
+    n = len(bundle["results"][0]["scores"]["sequence_excess"])
+    _forge(bundle, 0, sequence_excess=[0.0] * n)  # the board's score reads these arrays
+    _forge(bundle, 1, parameters=1)  # a smaller size class
+    _forge(bundle, 2, score=float("nan"))  # NaN is never within tolerance
+    _forge(bundle, 3, model="oracle-in-disguise", checkpoint="predictor:oracle", parameters=0,
+           train_flops=0.0)  # fmt: skip
+    store = tmp_path / "store.db"
+    verdicts = verify_bundle(_write(folder, bundle), store, suite=TINY)
+    reasons = [v.reason for v in verdicts]
+    assert not any(v.ok for v in verdicts) and not store.exists()
+    assert "sequence_excess differs" in reasons[0]
+    assert "parameters claimed 1" in reasons[1]
+    assert "score claimed nan" in reasons[2]
+    assert "must be named 'oracle'" in reasons[3]
+
+
+def test_malformed_claims_are_rejected_with_the_field(bench, tmp_path):
+    folder, bundle = _bundle(bench, tmp_path)
+    bundle["results"][0]["scores"] = [1, 2]
+    del bundle["results"][1]["wall_s"]
+    bundle["results"][2]["seed"] = "abc"
+    bundle["results"][3] = "not a claim"
+    reasons = [v.reason for v in verify_bundle(_write(folder, bundle), suite=TINY)]
+    assert "scores must be a JSON object" in reasons[0]
+    assert "misses the fields ['wall_s']" in reasons[1]
+    assert "seed='abc' has the wrong type" in reasons[2]
+    assert "must be a JSON object, got str" in reasons[3]
+    with pytest.raises(ValueError, match="holds no list of results"):
+        verify_bundle(_write(folder, {"format": "iclgym-bundle-1", "results": {"a": 1}}))
+    bad_store = tmp_path / "text.db"
+    bad_store.write_text("not sqlite " * 100)
+    with pytest.raises(ValueError, match="is not an iclgym results store"):
+        verify_result(bad_store, 1)
+    with pytest.raises(ValueError, match="no results store"):
+        verify_result(tmp_path / "absent.db", 1)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_a_bundle_does_not_vouch_for_an_edited_stored_row(bench, tmp_path):
+    import sqlite3
+
+    folder, _ = _bundle(bench, tmp_path)
+    store = tmp_path / "board.db"
+    assert all(v.ok for v in verify_bundle(folder, store, suite=TINY))
+    with ResultsStore(store) as results:  # forge row 2 in place, clear its flag
+        row = results.rows(id=2)[0]
+        forged = {**row["scores"], "score": 0.99, "sequence_excess": [0.0] * 48}
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE results SET scores = ?, verified = 0 WHERE id = 2",
+                   (json.dumps(forged),))  # fmt: skip
+    assert all(v.ok for v in verify_bundle(folder, store, suite=TINY))  # the genuine claims
+    assert not ResultsStore(store).rows(id=2)[0]["verified"]  # but not the forged row
+
+
+def test_bad_model_arguments_fail_once_before_any_run(tmp_path, capsys):
+    with pytest.raises(ValueError, match="does not take the arguments"):
+        run_bench(replace(MODEL, args={"no_such_arg": 1}), tmp_path / "x.db", quick=True,
+                  entries=TINY, progress=False)  # fmt: skip
+    assert not (tmp_path / "x.db").exists()
+    argv = ["bench", "--model", "lstm", "--model-arg", "no_such_arg=1", "--quick", "--store",
+            str(tmp_path / "y.db"), "--entries", "priority-graph/planted"]  # fmt: skip
+    assert main(argv) == 2 and "does not take the arguments" in capsys.readouterr().err
+
+
+def test_the_interval_keeps_the_test_sets_variance():
+    """Seeds share the held-out sequences: two identical seeds give the one seed's interval
+    (a bootstrap that resampled sequences per seed would halve its variance)."""
+    rng = np.random.default_rng(0)
+    excess = list(rng.exponential(0.2, size=200))
+    row = {"entry": "e", "seed": 0, "parameters": 1, "wall_s": 1.0,
+           "scores": {"sequence_excess": excess, "floor_sequence_excess": [1.0] * 200,
+                      "excess_loss": float(np.mean(excess)), "accuracy": 0.5}}  # fmt: skip
+    one = summarize([row], ["e"])["entries"]["e"]["ci"]
+    two = summarize([row, {**row, "seed": 1}], ["e"])["entries"]["e"]["ci"]
+    assert (two[1] - two[0]) == pytest.approx(one[1] - one[0], rel=0.15)
+
+
+def test_run_folders_are_per_suite_version(bench):
+    store, _ = bench
+    assert run_folder(store, MODEL, True).parent.name == "iclgym-suite-v0"

@@ -108,6 +108,25 @@ def test_run_trials_reports_failures_after_the_others_and_checks_its_backend():
         Backend("dask")
     with pytest.raises(ValueError, match="needs the ray backend"):
         Backend("local", address="auto")
+    with pytest.raises(ValueError, match="needs the ray backend"):
+        Backend("local", workers=4)
+    with pytest.raises(ValueError, match="workers=0 is invalid"):
+        Backend("ray", workers=0)
+
+
+def test_an_address_nobody_answers_fails_at_once():
+    import socket
+
+    from iclgym.harness.backends import _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match="no Ray cluster answers"):
+        _check_reachable(f"127.0.0.1:{port}", timeout=2.0)
+    with pytest.raises(ValueError, match="no Ray cluster answers"):
+        _check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
+    _check_reachable("auto")  # left to Ray
 
 
 def _half(x: int) -> float:

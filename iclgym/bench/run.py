@@ -26,6 +26,7 @@ bootstrap run jointly over every entry.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from iclgym.harness import (
 from iclgym.harness.backends import Backend, TrialsFailed, run_trials
 from iclgym.harness.model import ModelPredictor, load_model, num_parameters
 from iclgym.harness.predictors import Predictor, PredictorKind
-from iclgym.harness.train import TrainConfig
+from iclgym.harness.train import TrainConfig, torch_threads
 from iclgym.tasks.base import resolve_split
 
 BENCH_TRAIN = TrainConfig(
@@ -71,6 +72,21 @@ BENCH_TRAIN = TrainConfig(
     eval_batch_size=128,
 )
 """The bench's training protocol; ``steps`` and ``seed`` are set per entry and seed."""
+
+
+def bench_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with :data:`BENCH_TRAIN`'s torch thread count (1): the floors, scoring and
+    verification too, not only training, since torch's default of one thread per core stalls
+    on a busy 2-core machine (OpenMP barriers; see ``iclgym speed``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch_threads(BENCH_TRAIN.threads):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 BUNDLE_FORMAT = "iclgym-bundle-1"
 """The format tag of a submission bundle's ``bundle.json``."""
 BOOTSTRAP = 2000
@@ -180,6 +196,7 @@ PREDICTOR_PREFIX = "predictor:"
 ``ngram:2``, ...) rather than a trained module: verification rebuilds it from the name."""
 
 
+@bench_threads
 def run_predictor_bench(
     text: str,
     store: str | Path,
@@ -281,6 +298,7 @@ def score_model(
     }
 
 
+@bench_threads
 def _run_one(
     model: BenchModel,
     entry: SuiteEntry,

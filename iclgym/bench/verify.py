@@ -26,6 +26,7 @@ import numpy as np
 from iclgym.bench.run import (
     BUNDLE_FORMAT,
     PREDICTOR_PREFIX,
+    bench_threads,
     floor_excess,
     held_out,
     score_model,
@@ -83,6 +84,7 @@ def _differs(claimed: Any, value: float, tol: float) -> bool:
     return not abs(float(claimed) - value) <= tol
 
 
+@bench_threads
 def verify_claim(
     claim: Mapping[str, Any],
     base: Path,

@@ -317,3 +317,31 @@ def test_the_interval_keeps_the_test_sets_variance():
 def test_run_folders_are_per_suite_version(bench):
     store, _ = bench
     assert run_folder(store, MODEL, True).parent.name == "iclgym-suite-v0"
+
+
+def test_scoring_runs_on_the_bench_thread_count(tmp_path):
+    import torch
+
+    from iclgym.bench.run import BENCH_TRAIN, run_predictor_bench
+
+    seen = []
+
+    class Probe:  # the uniform law, noting the thread count it is called under
+        name = "probe"
+
+        def __init__(self, task):
+            self.task = task
+
+        def predict(self, batch):
+            seen.append(torch.get_num_threads())
+            return torch.log_softmax(torch.zeros(batch.true_probs.shape), -1)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_predictor_bench("probe:x", tmp_path / "p.db", {"probe": lambda _, task: Probe(task)},
+                            entries=TINY[:1], progress=False)  # fmt: skip
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {BENCH_TRAIN.threads} == {1}

@@ -175,9 +175,9 @@ def run_bench(
             print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {store}")
 
         def record(i: int, row: ResultRow) -> None:
-            checkpoint = (outs[i] / "checkpoint.pt").relative_to(results.path.parent)
+            checkpoint = relative_path(outs[i] / "checkpoint.pt", results.path.parent)
             results.add(replace(row, config_hash=config_hash, git_commit=commit,
-                                checkpoint=checkpoint.as_posix()))  # fmt: skip
+                                checkpoint=checkpoint))  # fmt: skip
 
         failed: dict[str, str] = {}
         try:
@@ -236,6 +236,12 @@ def run_predictor_bench(
     return summarize(rows, [e.name for e in entries])
 
 
+def relative_path(path: Path, base: Path) -> str:
+    """``path`` relative to the folder ``base`` (both resolved), with ``/`` separators: how
+    the store and a bundle record checkpoints."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
 def write_bundle(
     rows: Sequence[Mapping[str, Any]], model: BenchModel, store: str | Path, folder: Path
 ) -> Path:
@@ -248,7 +254,7 @@ def write_bundle(
         claim = {k: row[k] for k in COLUMNS}
         if claim["checkpoint"] and not claim["checkpoint"].startswith(PREDICTOR_PREFIX):
             path = (base / claim["checkpoint"]).resolve()
-            claim["checkpoint"] = Path(os.path.relpath(path, folder.resolve())).as_posix()
+            claim["checkpoint"] = relative_path(path, folder)
         results.append(claim)
     bundle = {
         "format": BUNDLE_FORMAT,

@@ -15,7 +15,6 @@ loss's standard error on 1024 sequences is about 1e-3 nats).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from iclgym.bench.run import (
     bench_threads,
     floor_excess,
     held_out,
+    relative_path,
     score_model,
 )
 from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
@@ -219,8 +219,8 @@ def verify_bundle(
                 row = {k: claim[k] for k in COLUMNS}
                 if row["checkpoint"] and not row["checkpoint"].startswith(PREDICTOR_PREFIX):
                     # re-anchor the checkpoint path at the store's folder
-                    absolute = (path.parent / row["checkpoint"]).resolve()
-                    row["checkpoint"] = _relative(absolute, results.path.parent)
+                    absolute = path.parent / row["checkpoint"]
+                    row["checkpoint"] = relative_path(absolute, results.path.parent)
                 key = {k: row[k] for k in ("suite_version", "entry", "model", "config_hash")}
                 existing = results.rows(**key, seed=row["seed"])
                 if not existing:
@@ -231,10 +231,6 @@ def verify_bundle(
                 if same or verify_claim(stored, results.path.parent, device, suite, kinds).ok:
                     results.mark_verified(stored["id"])
     return verdicts
-
-
-def _relative(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path, base.resolve())).as_posix()
 
 
 def format_verdicts(verdicts: list[Verdict]) -> str:

@@ -107,6 +107,9 @@ class SpeedArgs:
     """Runs per benchmark (the best counts)."""
     num_envs: int = 4096
     """Envs of the native vector env benchmark."""
+    official: str = ""
+    """A checkout of EzraEdelman/Evolution-of-Statistical-Induction-Heads: its generator is
+    measured side by side with the sampler grid (never bundled with iclgym)."""
 
 
 @dataclass(frozen=True)
@@ -405,9 +408,16 @@ def _cmd_speed(args: SpeedArgs) -> int:
     as_float("seconds", args.seconds, 0.0, low_open=True)
     as_int("repeats", args.repeats, 1)
     as_int("num_envs", args.num_envs, 1)
-    from iclgym.speed import format_table, run
+    from iclgym.speed import format_table, load_average, run
 
-    print(format_table(run(seconds=args.seconds, repeats=args.repeats, num_envs=args.num_envs)))
+    load = load_average()
+    rows = run(
+        seconds=args.seconds,
+        repeats=args.repeats,
+        num_envs=args.num_envs,
+        official=args.official or None,
+    )
+    print(format_table(rows, load_before=load))
     return 0
 
 

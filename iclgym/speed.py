@@ -1,29 +1,44 @@
 """Throughput benchmark behind ``iclgym speed``: sampler, oracle and every env, with targets.
 
 Throughputs are the best of several runs (env benchmarks interleaved round-robin with
-CartPole's), the usual way to read throughput on a shared machine. Targets (issue 2, on the
-project's 2-core CPU): the sampler at k=3, T=256, B=4096 with stationary init >= 40 M
-tokens/s (the public reference generator makes ~6.6 M); the closed-form oracle (the add-alpha
-posterior, exact Bayes under ``init="uniform"``) on such a batch >= 20 M tokens/s. The exact
-oracle under the stationary start is a Monte-Carlo estimate (``docs/oracles.md``): an info row
-with no target (issue 8 made the oracle exact; the issue-2 target was set for add-alpha).
-Issue 8 section 5: every registered id, single env ``step`` through ``gym.make`` at least
-CartPole-v1's, and its native vector env at ``num_envs`` envs at least CartPole's native vector
-env, measured in the same run (one row each). Sampler and oracle rows are measured at 1 and 2 torch
-threads side by side (:data:`BATCH_THREADS`), the env rows at 1 (:data:`ENV_THREADS`), and the
-previous thread count is restored. Info rows without targets (issues 10 and 11): the
-sparse-contextual-bigram sampler at T=128, B=4096 (tokens/s, counting the T + 1 = 129 input
-tokens of a sequence), the token-priority-graph planted sampler and its closed-form Oracle C
-(``bayes_probs``, the label's law) at the registry default K=8, T=6, B=4096 (sequences/s: one
-scored label per sequence). A row whose target is not met prints ``NO``; a budget too short to
-measure throughput (``seconds`` < 0.1) is refused.
+CartPole's, their spread over the runs printed), the usual way to read throughput on a shared
+machine. Targets (issue 15, on the project's 2-core CPU, one torch thread):
+
+* the Markov-chain sampler in every cell of k in {3, 10, 100} x order in {2, 3} at B = 64
+  (T = 101) and B = 4,096 (T = 256) at least :data:`OFFICIAL_RATIO` times the official ICL-MC
+  generator (``datasets.ngrams.__getitems__`` of EzraEdelman/Evolution-of-Statistical-Induction-
+  Heads), measured in the same run when its checkout is passed as ``official`` (never bundled:
+  without it the rows print iclgym's rate and no verdict); k = 100, order 3 is left out (its
+  10,000 lifted states exceed the stationary start's limit, and the official code's dense
+  (B, 10^4, 10^4) power iteration does not fit in memory);
+* k = 3, first order, B = 4,096, T = 256 at least :data:`RANDOM_FRACTION` of the rate at which
+  torch writes as many random int64 (``torch.empty(B, T).random_``), measured alongside;
+* the closed-form oracle (exact Bayes under ``init="uniform"``) at k = 3, B = 4,096, T = 256
+  at least :data:`ORACLE_TARGET` positions/s, and its peak memory at most
+  :data:`ORACLE_BYTES_TARGET` bytes per position (its (B, T, 3) float32 output is 12);
+* every registered id: single env ``step`` through ``gym.make`` and its native vector env at
+  ``num_envs`` envs at least CartPole-v1's (issue 15 asks 2x: the ``ratio`` column).
+
+Sampler and oracle rows of the other families are info rows. The Markov grid runs at one torch
+thread (:data:`GRID_THREADS`), the k = 3 sampler and oracle rows at 1 and 2 threads side by
+side (:data:`BATCH_THREADS`), the env rows at 1 (:data:`ENV_THREADS`); the previous thread
+count is restored. The table's footer prints the thread counts and the load average before and
+after. A row whose target is not met prints ``NO``; a budget too short to measure throughput
+(``seconds`` < 0.1) is refused.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -37,12 +52,19 @@ from iclgym.tasks.priority_graph import PriorityGraphTask
 from iclgym.tasks.sparse_bigram import SparseContextualBigramTask
 from iclgym.validation import as_float, as_int, invalid
 
-SAMPLER_TARGET = 40e6  # tokens/s, issue 2
-ORACLE_TARGET = 20e6  # tokens/s, issue 2
+OFFICIAL_RATIO = 10.0  # iclgym / official tokens/s in every grid cell, issue 15
+RANDOM_FRACTION = 0.5  # of torch's random_ int64 write rate at k = 3, issue 15
+ORACLE_TARGET = 20e6  # positions/s, closed-form oracle at k = 3, B = 4096, T = 256, issue 15
+ORACLE_BYTES_TARGET = 16.0  # peak bytes per position at k = 3: the float32 output (12) + 4
+GRID = ((3, 2), (3, 3), (10, 2), (10, 3), (100, 2))
+"""(num_states, order) cells of the side-by-side sampler table (issue 15)."""
+GRID_SHAPES = ((64, 101), (4096, 256))
+"""(B, T) of every grid cell: the official code's default batch and length, and a large batch."""
+GRID_THREADS = 1
 BATCH_THREADS = (1, 2)
-"""Torch threads of the sampler and oracle rows, side by side: large batches gain from the
-second core when it is idle (the closed-form oracle 10.8 M vs 21.2 M tok/s on a quiet 2-core
-machine), and lose to OpenMP barrier stalls when it is not."""
+"""Torch threads of the k = 3 sampler and oracle rows, side by side: a second thread helps
+torch's elementwise work when the second core is idle and stalls at OpenMP barriers when it
+is not; the compiled kernels run on one thread either way."""
 ENV_THREADS = 1
 """Torch threads of the env rows (every iclgym command's default): the envs step in Python on
 one core while a worker thread prepares blocks on the other; a second OpenMP thread spin-waits
@@ -55,17 +77,27 @@ BASELINE = "CartPole-v1"
 
 @dataclass(frozen=True)
 class Row:
+    """One benchmark: ``value`` (the best run) in ``unit``, the target it must reach (None:
+    an info row) and, for repeated runs, the (slowest, fastest) run."""
+
     name: str
     value: float
     unit: str
     target: float | None
     target_text: str
+    spread: tuple[float, float] | None = None
+    at_most: bool = False
+    """The target is a ceiling (memory), not a floor (throughput)."""
 
     @property
     def ok(self) -> bool | None:
-        """None without a target; else whether a positive throughput reached it (a row that
+        """None without a target; else whether a positive value reached it (a row that
         measured nothing fails)."""
-        return None if self.target is None else bool(self.value > 0 and self.value >= self.target)
+        if self.target is None:
+            return None
+        if self.at_most:
+            return bool(0 < self.value <= self.target)
+        return bool(self.value > 0 and self.value >= self.target)
 
 
 def _best_rate(fn: Callable[[], object], items: int, repeats: int, budget: float) -> float:
@@ -97,15 +129,34 @@ def vector_steps_per_second(env: gym.vector.VectorEnv, seconds: float) -> float:
     return steps / elapsed
 
 
-def _best_round_robin(measures: dict[str, Callable[[], float]], repeats: int, bar) -> dict:
-    """Best of ``repeats`` runs of each benchmark, run round-robin (a, b, c, a, b, c, ...) so
-    that all see the same machine; the best run is the one least disturbed by others."""
-    best = dict.fromkeys(measures, 0.0)
+def _round_robin(measures: dict[str, Callable[[], float]], repeats: int, bar) -> dict:
+    """Every run of each benchmark, run round-robin (a, b, c, a, b, c, ...) so that all see
+    the same machine; the best run is the one least disturbed by others."""
+    runs: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(repeats):
         for name, measure in measures.items():
-            best[name] = max(best[name], measure())
+            runs[name].append(measure())
             bar.update(1)
-    return best
+    return runs
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the previous count restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (``os.getloadavg``), or ``n/a``."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # not on this platform
+        return "n/a"
 
 
 def run(
@@ -114,12 +165,15 @@ def run(
     num_envs: int = 4096,
     progress: bool = True,
     env_ids: Sequence[str] | None = None,
+    official: str | Path | None = None,
 ) -> list[Row]:
     """Measure every row of the table; each env run lasts ``seconds``, best of ``repeats``.
 
-    ``env_ids`` defaults to every registered id (:func:`iclgym.list_envs`). Raises
-    ``ValueError`` for ``seconds`` < :data:`MIN_SECONDS` (or not finite), ``repeats`` < 1,
-    ``num_envs`` < 1 and unknown ids, before measuring anything.
+    ``env_ids`` defaults to every registered id (:func:`iclgym.list_envs`); ``official`` is a
+    checkout of EzraEdelman/Evolution-of-Statistical-Induction-Heads (its ``datasets.py``
+    and ``utils.py``), measured side by side with the sampler grid. Raises ``ValueError`` for
+    ``seconds`` < :data:`MIN_SECONDS` (or not finite), ``repeats`` < 1, ``num_envs`` < 1,
+    unknown ids and an ``official`` folder without ``datasets.py``, before measuring anything.
     """
     import iclgym
 
@@ -130,34 +184,153 @@ def run(
     for env_id in ids:
         if env_id not in iclgym.list_envs():
             raise invalid("env_ids", env_id, f"registered iclgym ids {iclgym.list_envs()}")
+    reference = None if official is None else official_generator(official)
 
     rows: list[Row] = []
-    total = 3 * len(BATCH_THREADS) + 2 * repeats * (1 + len(ids))
+    total = len(GRID) * len(GRID_SHAPES) + 2 + 3 * len(BATCH_THREADS) + 2 * repeats * (1 + len(ids))
     bar = tqdm(total=total, desc="iclgym speed", disable=not progress)
-    before = torch.get_num_threads()
     try:
+        with torch_threads(GRID_THREADS):
+            rows.extend(grid_rows(seconds * repeats, repeats, reference, bar))
+            rows.extend(_memory_rows(bar))
         for threads in BATCH_THREADS:
-            torch.set_num_threads(threads)
-            rows.extend(_batch_rows(seconds * repeats, repeats, f" [{threads} thr]", bar))
-        torch.set_num_threads(ENV_THREADS)
-        rows.extend(_env_rows(ids, seconds, repeats, num_envs, bar))
+            with torch_threads(threads):
+                rows.extend(_batch_rows(seconds * repeats, repeats, f" [{threads} thr]", bar))
+        with torch_threads(ENV_THREADS):
+            rows.extend(_env_rows(ids, seconds, repeats, num_envs, bar))
     finally:
-        torch.set_num_threads(before)
         bar.close()
     return rows
 
 
+def official_generator(path: str | Path) -> Callable[[int, int, int, int], Callable[[], object]]:
+    """``make(k, order, batch, seq_len)`` returning a call of the official ICL-MC generator
+    (``ngrams("train", order, length=seq_len + 1, num_symbols=k).__getitems__``, which draws
+    ``batch`` sequences of ``seq_len`` inputs) from a checkout at ``path``. Raises
+    ``ValueError`` when ``path/datasets.py`` is missing."""
+    folder = Path(path)
+    if not (folder / "datasets.py").is_file():
+        raise invalid("official", str(path), "a checkout holding datasets.py and utils.py")
+    saved = sys.modules.pop("utils", None)
+    sys.path.insert(0, str(folder))
+    try:  # datasets.py imports its sibling utils.py by that generic name
+        spec = importlib.util.spec_from_file_location("_iclmc_datasets", folder / "datasets.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("utils", None)
+        if saved is not None:
+            sys.modules["utils"] = saved
+
+    def make(k: int, order: int, batch: int, seq_len: int) -> Callable[[], object]:
+        dataset = module.ngrams("train", order, length=seq_len + 1, num_symbols=k)
+        indices = list(range(batch))
+        return lambda: dataset.__getitems__(indices)
+
+    return make
+
+
+def grid_rows(budget: float, repeats: int, reference, bar) -> list[Row]:
+    """The Markov-chain sampler in every :data:`GRID` x :data:`GRID_SHAPES` cell (tokens/s,
+    ``B * T`` per call), with the official generator's rate in the same run when ``reference``
+    (:func:`official_generator`) is given; then the k = 3 row against ``random_``."""
+    rows = []
+    for k, order in GRID:
+        for batch, seq_len in GRID_SHAPES:
+            task = MarkovChainTask(num_states=k, order=order, seq_len=seq_len)
+            call = partial(task.sample, batch, generator=task.generator(0))
+            items = batch * seq_len
+            ours = _best_rate(call, items, repeats, budget)
+            name = f"sampler k={k} order={order} B={batch} T={seq_len}"
+            if reference is None:
+                rows.append(Row(name, ours, "tok/s", None, "pass --official"))
+            else:
+                theirs = _best_rate(reference(k, order, batch, seq_len), items, repeats, budget)
+                rows.append(Row(f"  official {name[8:]}", theirs, "tok/s", None, "reference"))
+                text = f">= {OFFICIAL_RATIO:g}x: {ours / theirs:.1f}x"
+                rows.append(Row(name, ours, "tok/s", OFFICIAL_RATIO * theirs, text))
+            bar.update(1)
+    batch, seq_len = 4096, 256
+    buffer = torch.empty(batch, seq_len, dtype=torch.int64)
+    task = MarkovChainTask(num_states=3, seq_len=seq_len)
+    gen = task.generator(0)
+    writes = _best_rate(lambda: buffer.random_(generator=gen), batch * seq_len, 10 * repeats, 1)
+    rows.append(Row("  torch random_ int64 B=4096 T=256", writes, "tok/s", None, "reference"))
+    ours = _best_rate(lambda: task.sample(batch, generator=gen), batch * seq_len, 10 * repeats, 1)
+    text = f">= {RANDOM_FRACTION:g} random_"
+    rows.append(
+        Row("sampler k=3 order=2 B=4096 T=256", ours, "tok/s", RANDOM_FRACTION * writes, text)
+    )
+    bar.update(1)
+    return rows
+
+
+def peak_bytes_per_position(kind: str, k: int, batch: int, seq_len: int) -> float:
+    """Peak resident memory (bytes per position, above the memory held before the call) of
+    one ``kind`` call, ``"oracle"`` (the closed-form oracle on a batch) or ``"sampler"``, on a
+    ``MarkovChainTask(num_states=k, seq_len=seq_len, init="uniform")`` batch of ``batch``
+    sequences. Measured in a fresh Python process (Linux: ``/proc/self/clear_refs`` resets the
+    peak, ``VmHWM`` reads it; glibc maps every allocation above 64 KiB, so freed memory is not
+    reused unseen). NaN where ``/proc`` is missing."""
+    if not Path("/proc/self/clear_refs").exists():
+        return float("nan")
+    code = f"import iclgym.speed as s; print(s._peak({kind!r}, {k}, {batch}, {seq_len}))"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def _peak(kind: str, k: int, batch: int, seq_len: int) -> float:
+    torch.set_num_threads(1)
+    task = MarkovChainTask(num_states=k, seq_len=seq_len, init="uniform")
+    gen = task.generator(0)
+    data = task.sample(batch, generator=gen)
+    task.oracle(task.sample(2, generator=gen))  # compiles the kernels before the measurement
+    call = (
+        (lambda: task.oracle(data))
+        if kind == "oracle"
+        else (lambda: task.sample(batch, generator=gen))
+    )
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak (VmHWM) starts again from the current resident set
+    before = _status_kib("VmRSS")
+    result = call()
+    peak = _status_kib("VmHWM")
+    del result
+    return (peak - before) * 1024 / (batch * seq_len)
+
+
+def _memory_rows(bar) -> list[Row]:
+    rows = []
+    value = peak_bytes_per_position("oracle", 3, 4096, 256)
+    text = f"<= {ORACLE_BYTES_TARGET:g}"
+    rows.append(
+        Row("oracle peak k=3 B=4096 T=256", value, "B/pos", ORACLE_BYTES_TARGET, text, at_most=True)
+    )
+    value = peak_bytes_per_position("sampler", 3, 4096, 256)
+    rows.append(Row("sampler peak k=3 B=4096 T=256", value, "B/pos", None, "info"))
+    bar.update(1)
+    return rows
+
+
 def _batch_rows(budget: float, repeats: int, suffix: str, bar) -> list[Row]:
-    """The sampler and oracle rows at the current torch thread count (names end ``suffix``)."""
+    """The k = 3 sampler and oracle rows and the other families' info rows at the current
+    torch thread count (names end ``suffix``)."""
     rows = []
     task = MarkovChainTask(num_states=3, seq_len=256, init="stationary")
     gen = task.generator(0)
     batch = task.sample(4096, generator=gen)
     rate = _best_rate(lambda: task.sample(4096, generator=gen), 4096 * 256, 10 * repeats, budget)
-    rows.append(Row(f"sampler k=3 T=256 B=4096{suffix}", rate, "tok/s", SAMPLER_TARGET, ">= 40M"))
-    small = MarkovChainTask(num_states=3, seq_len=100)
-    rate = _best_rate(lambda: small.sample(64, generator=gen), 64 * 100, 50 * repeats, budget)
-    rows.append(Row(f"sampler k=3 T=100 B=64{suffix}", rate, "tok/s", None, "ref 0.8M"))
+    rows.append(Row(f"sampler k=3 T=256 B=4096{suffix}", rate, "tok/s", None, "info"))
     rate = _best_rate(lambda: task.sample(4096, generator=gen).true_probs, 4096 * 256, 10, budget)
     rows.append(Row(f"sampler + true_probs T=256 B=4096{suffix}", rate, "tok/s", None, "info"))
     bar.update(1)
@@ -165,10 +338,10 @@ def _batch_rows(budget: float, repeats: int, suffix: str, bar) -> list[Row]:
     uniform_batch = closed.sample(4096, generator=gen)
     rate = _best_rate(lambda: closed.oracle(uniform_batch), 4096 * 256, 10 * repeats, budget)
     name = f"oracle (closed form) k=3 T=256 B=4096{suffix}"
-    rows.append(Row(name, rate, "tok/s", ORACLE_TARGET, ">= 20M"))
+    rows.append(Row(name, rate, "pos/s", ORACLE_TARGET, f">= {ORACLE_TARGET / 1e6:g}M"))
     rate = _best_rate(lambda: task.oracle(batch), 4096 * 256, 1, budget)
     name = f"oracle (stationary, Monte Carlo) B=4096{suffix}"
-    rows.append(Row(name, rate, "tok/s", None, "info"))
+    rows.append(Row(name, rate, "pos/s", None, "info"))
     bar.update(1)
     scb = SparseContextualBigramTask(seq_len=128)
     rate = _best_rate(lambda: scb.sample(4096, generator=gen), 4096 * 129, 10 * repeats, budget)
@@ -212,27 +385,54 @@ def _env_rows(ids: list[str], seconds: float, repeats: int, num_envs: int, bar) 
         return measure
 
     for measure, label in ((single, "gym.make step"), (vector, f"vector x{num_envs}")):
-        best = _best_round_robin({i: measure(i) for i in (BASELINE, *ids)}, repeats, bar)
-        cart = best.pop(BASELINE)
-        rows.append(Row(f"{BASELINE} {label}", cart, "steps/s", None, "baseline"))
+        runs = _round_robin({i: measure(i) for i in (BASELINE, *ids)}, repeats, bar)
+        cart = runs.pop(BASELINE)
+        rows.append(Row(f"{BASELINE} {label}", max(cart), "steps/s", None, "baseline", _span(cart)))
         rows.extend(
-            Row(f"{env_id} {label}", value, "steps/s", cart, ">= CartPole")
-            for env_id, value in best.items()
+            Row(
+                f"{env_id} {label}",
+                max(values),
+                "steps/s",
+                max(cart),
+                f">= CartPole: {max(values) / max(cart):.2f}x",
+                _span(values),
+            )
+            for env_id, values in runs.items()
         )
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    """The rows as a text table (``NO`` marks a missed target), with the thread count."""
+def _span(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
+
+
+def _number(value: float, unit: str) -> str:
+    if value != value:  # NaN: not measured here
+        return "n/a"
+    scale, prefix = next(
+        ((f, p) for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if value >= f), (1.0, "")
+    )
+    return f"{value / scale:.2f} {prefix}{unit}"
+
+
+def format_table(rows: list[Row], load_before: str | None = None) -> str:
+    """The rows as a text table (``NO`` marks a missed target; ``spread``: slowest and fastest
+    run), with the thread counts and the load average."""
     width = max(44, *(len(r.name) for r in rows))
-    lines = [f"{'benchmark':{width}s} {'value':>16s}  {'target':12s} ok", "-" * (width + 34)]
+    lines = [
+        f"{'benchmark':{width}s} {'value':>16s}  {'spread (min-max)':21s} {'target':20s} ok",
+        "-" * (width + 64),
+    ]
     for r in rows:
         mark = {True: "yes", False: "NO", None: ""}[r.ok]
-        scale, prefix = (1e6, "M") if r.value >= 1e6 else (1e3, "k")
-        value = f"{r.value / scale:.2f} {prefix}{r.unit}"
-        lines.append(f"{r.name:{width}s} {value:>16s}  {r.target_text:12s} {mark}")
+        spread = "" if r.spread is None else "-".join(_number(v, "").strip() for v in r.spread)
+        value = _number(r.value, r.unit)
+        lines.append(f"{r.name:{width}s} {value:>16s}  {spread:21s} {r.target_text:20s} {mark}")
     lines.append(
-        f"torch {torch.__version__}, gymnasium {gym.__version__}; [n thr]: torch threads of a "
-        f"batch row; env rows at {ENV_THREADS} thread"
+        f"torch {torch.__version__}, gymnasium {gym.__version__}; torch threads: grid "
+        f"{GRID_THREADS}, [n thr] rows n, env rows {ENV_THREADS} (default now "
+        f"{torch.get_num_threads()}); load average "
+        + (f"before {load_before}, " if load_before else "")
+        + f"after {load_average()} ({os.cpu_count()} cores)"
     )
     return "\n".join(lines)

@@ -131,6 +131,15 @@ def in_context_counts(tokens: Tensor, vocab_size: int, order: int) -> tuple[Tens
     return counts, totals
 
 
+def _float32_alpha(alpha: float | Tensor, vocab_size: int) -> bool:
+    """Whether :func:`dirichlet_log_predictive` computes with ``alpha`` in float32."""
+    if isinstance(alpha, Tensor):
+        small, large = alpha.min().item(), alpha.max().item()
+    else:
+        small = large = float(alpha)
+    return small >= 1e-30 and large * vocab_size <= 1e30
+
+
 def dirichlet_log_predictive(counts: Tensor, totals: Tensor, alpha: float | Tensor) -> Tensor:
     """Log posterior predictive ``log (N_j + a_j) / (N + sum a)`` of a Dirichlet(a) row.
 
@@ -139,11 +148,7 @@ def dirichlet_log_predictive(counts: Tensor, totals: Tensor, alpha: float | Tens
     ``N_j + a_j`` neither underflows to 0 nor overflows, so every value is finite for every
     alpha in :data:`ALPHA_RANGE`.
     """
-    if isinstance(alpha, Tensor):
-        small, large = alpha.min().item(), alpha.max().item()
-    else:
-        small = large = float(alpha)
-    if small >= 1e-30 and large * counts.shape[-1] <= 1e30:
+    if _float32_alpha(alpha, counts.shape[-1]):
         if isinstance(alpha, Tensor):
             alpha = alpha.to(counts)
             total_alpha = alpha.sum()
@@ -160,8 +165,17 @@ def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | 
     """Add-``alpha`` in-context ``order``-gram log-probabilities (B, T, V).
 
     ``order = 0`` is the uniform predictor. With the true order and the prior's ``alpha`` this is
-    the exact Bayes posterior predictive of a chain with i.i.d. Dirichlet rows.
+    the exact Bayes posterior predictive of a chain with i.i.d. Dirichlet rows. On CPU the
+    compiled :func:`iclgym.tasks.kernels.ngram_log_probs` computes the same values.
     """
+    from iclgym.tasks import kernels
+
     if order == 0:
         return torch.full((*tokens.shape, vocab_size), -math.log(vocab_size), device=tokens.device)
+    if (
+        kernels.available(tokens.device)
+        and _float32_alpha(alpha, vocab_size)
+        and vocab_size**order <= kernels.NGRAM_MAX_CELLS
+    ):  # one pass, O(B T V) memory
+        return kernels.ngram_log_probs(tokens, vocab_size, order, alpha)
     return dirichlet_log_predictive(*in_context_counts(tokens, vocab_size, order), alpha)

@@ -11,7 +11,10 @@ in float64 (``log Gamma(a) = log Gamma(a + 1) + log(U) / a``), so no concentrati
 stationary law of the first context is the GTH elimination of those log-tables
 (:mod:`iclgym.tasks.stationary`, subtraction-free). Tokens are inverse-CDF draws with uniforms
 in (0, 1] against cumulative rows that are exactly 1 from their last positive entry on, so a
-token of probability 0 in the stored table is never drawn.
+token of probability 0 in the stored table is never drawn. On the CPU the thresholds, the
+stationary solve and the walk run as compiled kernels (:mod:`iclgym.tasks.kernels`) on the same
+random numbers: the torch code here is the reference and the CUDA path, and a seed gives the
+same tokens on either (tested). Speeds: ``docs/speed.md``.
 
 **Oracle.** :meth:`MarkovChainTask.oracle` is the exact Bayes predictive for every prior and
 init (:mod:`iclgym.tasks.markov_bayes`): a closed form where one exists, otherwise an
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iclgym.tasks import markov_bayes
+from iclgym.tasks import kernels, markov_bayes
 from iclgym.tasks.base import Batch, OracleEstimate, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.estimators import check_alpha, context_index, ngram_log_probs
 from iclgym.tasks.stationary import lifted_transition, stationary_from_log
@@ -147,11 +150,13 @@ def inverse_cdf_thresholds(probs: Tensor) -> Tensor:
     sums, set to exactly 1 from the last positive entry on. With ``u`` uniform in (0, 1] the
     draw ``(u > thresholds).sum(-1)`` picks token j iff ``cdf[j-1] < u <= cdf[j]``, an empty
     interval whenever ``probs[j] == 0`` (also for the last tokens, where a rounded cumulative
-    sum below 1 would otherwise leave room)."""
+    sum below 1 would otherwise leave room). Sums rounded above 1 are clamped to 1 (no draw
+    changes, as ``u <= 1``), so the thresholds are nondecreasing: a binary search finds the
+    same token as the count."""
     m = probs.shape[-1]
     index = torch.arange(m, device=probs.device)
     last = torch.where(probs > 0, index, 0).amax(-1, keepdim=True)
-    cdf = torch.where(index >= last, 1.0, probs.cumsum(-1))
+    cdf = torch.where(index >= last, 1.0, probs.cumsum(-1).clamp_max_(1.0))
     return cdf[..., :-1].contiguous()
 
 
@@ -267,12 +272,13 @@ class MarkovChainTask(Task):
         for a reducible table (its stationary law is not unique)."""
         return stationary_from_log(tables.double().log())
 
-    def _initial_law(self, log_tables: Tensor) -> Tensor:
-        """(B, S) float64 law of the first context (stationary or uniform)."""
+    def _initial_law(self, log_tables: Tensor, probs: Tensor | None = None) -> Tensor:
+        """(B, S) float64 law of the first context (stationary or uniform); ``probs`` is
+        ``log_tables.exp()`` when the caller has it."""
         batch, states, _ = log_tables.shape
         if self.spec.init == "uniform":
             return log_tables.new_full((batch, states), 1.0 / states)
-        return stationary_from_log(log_tables)
+        return stationary_from_log(log_tables, probs)
 
     def _init_conditionals(self, law: Tensor, first_state: Tensor) -> Tensor:
         """True next-token laws (B, n-2, k) at the positions inside the initial context."""
@@ -337,46 +343,7 @@ class MarkovChainTask(Task):
         """:meth:`_walk` for order >= 3 with every state's next *token* packed in one int32
         (``S * bits <= 31``; the successor field of :meth:`_walk` would need int64 there):
         field s holds the token drawn from state s, and the loop forms the successor
-        ``(state % (S / k)) * k + token``. On CPU the packing and the loop run in numpy
-        (int32 shifts of booleans: 1.5x faster than torch's conversions at k = 3, order 3,
-        B = 4096); elsewhere in torch. The same states either way (tested)."""
-        if cdf.device.type == "cpu":
-            return MarkovChainTask._walk_tokens_numpy(cdf, start, u, bits)
-        return MarkovChainTask._walk_tokens_torch(cdf, start, u, bits)
-
-    @staticmethod
-    def _walk_tokens_numpy(
-        cdf: Tensor, start: Tensor, u: Tensor, bits: int, tokens: bool = False
-    ) -> Tensor:
-        """The numpy walk of :meth:`_walk_tokens`: the states (steps + 1, B) int64, or with
-        ``tokens=True`` the tokens drawn (steps, B) uint8 (what :meth:`sample` writes: no
-        remainder of the states, and a transposition of bytes)."""
-        _, states, km1 = cdf.shape
-        k, mask = km1 + 1, 2**bits - 1
-        keep = states // k
-        thresholds = cdf.permute(1, 2, 0).contiguous().numpy()  # (S, k-1, B)
-        un = u.numpy()
-        packed = np.zeros(un.shape, dtype=np.int32)
-        above, token = np.empty(un.shape, dtype=np.bool_), np.empty(un.shape, dtype=np.uint8)
-        for s in range(states):  # the token from state s: thresholds below u, in bytes
-            np.greater(un, thresholds[s, 0], out=above)
-            token[...] = above
-            for j in range(1, km1):
-                np.greater(un, thresholds[s, j], out=above)
-                token += above
-            packed |= np.left_shift(token, bits * s, dtype=np.int32)
-        state = start.numpy().astype(np.int32)
-        out = [] if tokens else [state]  # the tokens drawn, or the states visited
-        for row in packed:
-            token = (row >> (state * bits)) & mask
-            state = (state % keep) * k + token
-            out.append(token if tokens else state)
-        if tokens:
-            return torch.from_numpy(np.stack(out).astype(np.uint8))
-        return torch.from_numpy(np.stack(out)).long()
-
-    @staticmethod
-    def _walk_tokens_torch(cdf: Tensor, start: Tensor, u: Tensor, bits: int) -> Tensor:
+        ``(state % (S / k)) * k + token``. The same states as the lifted-state walk (tested)."""
         _, states, km1 = cdf.shape
         k, mask = km1 + 1, 2**bits - 1
         keep = states // k
@@ -405,33 +372,39 @@ class MarkovChainTask(Task):
         spec = self.spec
         k, n, t = spec.num_states, spec.order, spec.seq_len
         log_tables = self.log_tables(batch_size, generator, device)
-        tables = log_tables.exp().float()  # the stored table: the walk and true_probs use it
-        cdf = inverse_cdf_thresholds(tables)
+        probs = log_tables.exp()
+        tables = probs.float()  # the stored table: the walk and true_probs use it
+        fast = kernels.available(device)  # compiled CPU kernels: the same draws (tested)
+        cdf = kernels.inverse_cdf_thresholds(tables) if fast else inverse_cdf_thresholds(tables)
         if n == 1:  # i.i.d. tokens: no time loop
             u = open_uniform((batch_size, t + 1, 1), generator, device)
             seq = (u > cdf).sum(-1)
             law = tables.new_ones(batch_size, 1)
         else:
-            law64 = self._initial_law(log_tables)
+            law64 = self._initial_law(log_tables, probs)
             u0 = open_uniform((batch_size, 1), generator, device, torch.float64)
             first = (u0 > inverse_cdf_thresholds(law64)).sum(-1)
             law = law64.float()
-            u = open_uniform((t + 2 - n, batch_size), generator, device)
             seq = torch.empty(batch_size, t + 1, dtype=torch.int64, device=device)
             digits = k ** torch.arange(n - 2, -1, -1, device=device)
             seq[:, : n - 1] = first.unsqueeze(1) // digits % k
-            if device.type == "cpu" and _token_packed(spec.num_contexts, k):  # k <= 3: bytes
-                drawn = self._walk_tokens_numpy(cdf, first, u, (k - 1).bit_length(), True)
-                seq[:, n - 1 :] = drawn.T.contiguous()  # (steps, B) bytes: transposed, widened
-            else:
-                states = self._walk(cdf, first, u)
-                seq[:, n - 1 :] = states[1:].T if n == 2 else states[1:].T % k
+            if fast:  # the same draws as open_uniform, 1 - u in the kernel
+                u = torch.rand((t + 2 - n, batch_size), generator=generator, device=device)
+                kernels.walk(cdf, first, u, seq)
+                return self._batch(seq, tables, law)
+            u = open_uniform((t + 2 - n, batch_size), generator, device)
+            states = self._walk(cdf, first, u)
+            seq[:, n - 1 :] = states[1:].T if n == 2 else states[1:].T % k
+        return self._batch(seq, tables, law)
+
+    def _batch(self, seq: Tensor, tables: Tensor, law: Tensor) -> Batch:
+        batch_size, t = seq.shape[0], self.spec.seq_len
         return Batch(
             tokens=seq[:, :t],
             targets=seq[:, 1:],
-            loss_mask=torch.ones(batch_size, t, dtype=torch.bool, device=device),
+            loss_mask=torch.ones(batch_size, t, dtype=torch.bool, device=seq.device),
             params={"transition": tables, "initial_law": law},
-            vocab_size=k,
+            vocab_size=self.spec.num_states,
             true_probs_fn=self.true_probs,
         )
 

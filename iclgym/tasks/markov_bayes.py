@@ -177,8 +177,8 @@ def _closed_form(task, tokens: Tensor) -> Tensor:
     spec = task.spec
     if spec.order == 1 or spec.prior == "unigram":
         return _unigram(task, tokens)
-    if spec.prior == "dirichlet":  # uniform init
-        return task.addalpha(tokens).double()
+    if spec.prior == "dirichlet":  # uniform init: float32 already (no float64 round trip)
+        return task.addalpha(tokens)
     return _switch_k2(tokens)
 
 

@@ -112,11 +112,19 @@ UNDERFLOW_LOG = -700.0
 normal double); :func:`stationary_from_log` switches to log space there."""
 
 
-def stationary_from_log(log_tables: Tensor) -> Tensor:
+def stationary_from_log(log_tables: Tensor, probs: Tensor | None = None) -> Tensor:
     """Stationary law (..., S) float64 of the lifted chain of log-probability tables
     (..., S, k) (one row per context): linear-space GTH when every entry is representable in
-    float64, log-space GTH otherwise."""
-    smallest = torch.where(torch.isfinite(log_tables), log_tables, 0.0).amin()
+    float64 (on CPU batches (B, S, k) the compiled :func:`iclgym.tasks.kernels.gth_stationary`),
+    log-space GTH otherwise. ``probs``: ``log_tables.exp()`` when the caller has it."""
+    from iclgym.tasks import kernels
+
+    smallest = log_tables.amin()
+    if not bool(torch.isfinite(smallest)):  # -inf: impossible transitions; the finite minimum
+        smallest = torch.where(torch.isfinite(log_tables), log_tables, 0.0).amin()
     if smallest.item() > UNDERFLOW_LOG:
-        return gth_stationary(lifted_transition(log_tables.exp()))
+        probs = log_tables.exp() if probs is None else probs
+        if kernels.available(log_tables.device) and log_tables.dim() == 3:
+            return kernels.gth_stationary(probs)
+        return gth_stationary(lifted_transition(probs))
     return log_gth_stationary(lifted_log_transition(log_tables)).exp()

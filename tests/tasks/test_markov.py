@@ -146,10 +146,12 @@ def test_fast_walk_equals_reference_walk(k, order):
 
 @pytest.mark.parametrize(("k", "order"), [(3, 3), (2, 4), (3, 4), (2, 5)])
 def test_sampler_token_walk_draws_the_same_sequences_as_the_state_walk(k, order, monkeypatch):
-    """sample() on CPU writes the token-packed walk's tokens directly; with that path switched
+    """The torch sampler takes the token-packed walk where it fits; with that path switched
     off it takes the lifted-state walk: the same generator gives the same sequences."""
     import iclgym.tasks.markov as markov
+    from iclgym.tasks import kernels
 
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the torch walks (CUDA's path)
     task = MarkovChainTask(num_states=k, order=order, seq_len=30)
     fast = task.sample(64, generator=task.generator(5))
     monkeypatch.setattr(markov, "_token_packed", lambda states, k: False)

@@ -207,7 +207,9 @@ def official_generator(path: str | Path) -> Callable[[int, int, int, int], Calla
     """``make(k, order, batch, seq_len)`` returning a call of the official ICL-MC generator
     (``ngrams("train", order, length=seq_len + 1, num_symbols=k).__getitems__``, which draws
     ``batch`` sequences of ``seq_len`` inputs) from a checkout at ``path``. Raises
-    ``ValueError`` when ``path/datasets.py`` is missing."""
+    ``ValueError`` when ``path/datasets.py`` is missing; a call raises ``RuntimeError`` where
+    the official code calls ``exit()`` (its power iteration unconverged after 100 steps, seen
+    at k = 3, order 5)."""
     folder = Path(path)
     if not (folder / "datasets.py").is_file():
         raise invalid("official", str(path), "a checkout holding datasets.py and utils.py")
@@ -226,7 +228,17 @@ def official_generator(path: str | Path) -> Callable[[int, int, int, int], Calla
     def make(k: int, order: int, batch: int, seq_len: int) -> Callable[[], object]:
         dataset = module.ngrams("train", order, length=seq_len + 1, num_symbols=k)
         indices = list(range(batch))
-        return lambda: dataset.__getitems__(indices)
+
+        def call() -> object:
+            try:
+                return dataset.__getitems__(indices)
+            except SystemExit as stop:  # its power iteration exits after 100 steps unconverged
+                raise RuntimeError(
+                    f"the official generator stopped (k={k}, order={order}): its stationary "
+                    "power iteration did not converge"
+                ) from stop
+
+        return call
 
     return make
 

@@ -54,3 +54,13 @@ def test_the_table_prints_spread_threads_and_load():
     text = format_table(rows, load_before="0.10 0.20 0.30")
     assert "2.00 Msteps/s  1.50 M-2.00 M" in text and text.splitlines()[2].endswith("yes")
     assert "load average before 0.10 0.20 0.30" in text and "torch threads" in text
+
+
+def test_an_official_exit_becomes_an_error_not_the_end_of_the_benchmark(tmp_path: Path):
+    """The official code calls exit() when its power iteration does not converge."""
+    (tmp_path / "datasets.py").write_text(
+        "class ngrams:\n    def __init__(self, *a, **k):\n        pass\n"
+        "    def __getitems__(self, indices):\n        exit()\n"
+    )
+    with pytest.raises(RuntimeError, match="did not converge"):
+        official_generator(tmp_path)(3, 5, 8, 10)()

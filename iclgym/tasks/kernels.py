@@ -220,3 +220,43 @@ def ngram_log_probs(tokens: Tensor, vocab_size: int, order: int, alpha: float | 
     index = tokens.numpy()  # strided views (a batch's tokens) are read in place: no copy
     _ngram(index, vocab_size, order, log_num.numpy(), log_den.numpy(), out.numpy())
     return out
+
+
+@njit(cache=True, nogil=True)
+def _online_step(
+    t, order, tokens, rows, counts, tables, alpha, true_out, oracle_out
+):  # pragma: no cover - compiled
+    batch, k = true_out.shape
+    for b in range(batch):
+        if t >= order - 1:  # reveal observation x_t after the context of t - 1
+            counts[rows[t - 1, b] if t > 0 else rows[0, b], tokens[t, b]] += 1.0
+        col = rows[t, b]
+        total = np.float32(0.0)
+        for j in range(k):  # float32, summed in token order: numpy's reduction over axis 0
+            c = counts[col, j] + alpha[j]
+            oracle_out[b, j] = c
+            total += c
+        for j in range(k):
+            oracle_out[b, j] /= total
+            true_out[b, j] = tables[col, j]
+
+
+def online_step(
+    t: int,
+    order: int,
+    tokens: np.ndarray,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    tables: np.ndarray,
+    alpha: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step of :meth:`iclgym.tasks.markov.MarkovChainTask.online` for Dirichlet rows
+    (t >= order - 2): reveal ``x_t`` into the running ``counts`` (B * S, k) float32, then the
+    true row and the add-alpha predictive of the context column ``rows[t]`` (T, B), each
+    (B, k) float32, C-contiguous. ``tables`` (B * S, k) float32, ``alpha`` (k,) float32. The
+    same values as the numpy step (tested)."""
+    batch, k = rows.shape[1], tables.shape[1]
+    true_out = np.empty((batch, k), dtype=np.float32)
+    oracle_out = np.empty((batch, k), dtype=np.float32)
+    _online_step(t, order, tokens, rows, counts, tables, alpha, true_out, oracle_out)
+    return true_out, oracle_out

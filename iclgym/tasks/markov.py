@@ -485,7 +485,8 @@ class MarkovChainTask(Task):
         For Dirichlet rows it computes up front every position's context column and the count
         cell each step reveals (vectorised over positions), then keeps running transition
         counts; a step reveals one observation (one scatter-add), reads the table row and the
-        count row of the new context (two gathers) and normalises. Equals
+        count row of the new context (two gathers) and normalises; on CPU tensors a step is one
+        compiled pass (:func:`iclgym.tasks.kernels.online_step`, the same values). Equals
         :attr:`Batch.true_probs` and :meth:`addalpha` position by position (tested).
         """
         if self.spec.prior != "dirichlet":
@@ -513,10 +514,26 @@ class MarkovChainTask(Task):
         for j in range(1, n - 1):
             ctx[j:] += tokens[:-j] * k**j
         rows = ctx + offset
+        state = {"t": 0}
+        if kernels.ENABLED and batch.tokens.device.type == "cpu":  # one compiled pass per step
+            row_tables = np.ascontiguousarray(
+                tables.T
+            )  # (B * S, k): a sequence's row is contiguous
+            row_counts = np.zeros((cols, k), dtype=np.float32)
+            alpha_row = np.ascontiguousarray(alpha[:, 0])
+
+            def compiled(t: int) -> tuple[np.ndarray, np.ndarray]:
+                if t != state["t"]:
+                    raise ValueError(f"online positions must be visited in order, got {t}")
+                state["t"] = t + 1
+                if t < n - 2:
+                    return init[:, t], uniform
+                return kernels.online_step(t, n, tokens, rows, row_counts, row_tables, alpha_row)
+
+            return compiled
         cells = tokens * cols
         cells[0] += offset
         cells[1:] += rows[:-1]
-        state = {"t": 0}
 
         def step(t: int) -> tuple[np.ndarray, np.ndarray]:
             if t != state["t"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -156,3 +157,19 @@ def test_ngram_kernel_equals_the_sort_based_estimator_bit_for_bit(k, order, seq,
     reference = dirichlet_log_predictive(*in_context_counts(tokens, k, order), alpha)
     assert torch.equal(kernels.ngram_log_probs(tokens, k, order, alpha), reference)
     assert torch.equal(ngram_log_probs(tokens, k, order, alpha), reference)
+
+
+@pytest.mark.parametrize(
+    ("k", "order", "alpha"), [(3, 2, 1.0), (2, 3, 0.5), (3, 1, 1.0), (4, 4, (0.2, 1.0, 2.0, 0.7))]
+)
+def test_online_step_kernel_equals_the_numpy_step_bit_for_bit(k, order, alpha, monkeypatch):
+    task = MarkovChainTask(num_states=k, order=order, alpha=alpha, seq_len=30)
+    batch = task.sample(16, generator=task.generator(8))
+    fast = task.online(batch)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = task.online(batch)
+    for t in range(30):
+        (true_a, oracle_a), (true_b, oracle_b) = fast(t), slow(t)
+        assert np.array_equal(true_a, true_b) and np.array_equal(oracle_a, oracle_b)
+    with pytest.raises(ValueError, match="in order"):
+        fast(3)

@@ -19,11 +19,12 @@ machine. Targets (issue 15, on the project's 2-core CPU, one torch thread):
 * every registered id: single env ``step`` through ``gym.make`` and its native vector env at
   ``num_envs`` envs at least CartPole-v1's (issue 15 asks 2x: the ``ratio`` column).
 
-Sampler and oracle rows of the other families are info rows. The Markov grid runs at one torch
-thread (:data:`GRID_THREADS`), the k = 3 sampler and oracle rows at 1 and 2 threads side by
-side (:data:`BATCH_THREADS`), the env rows at 1 (:data:`ENV_THREADS`); the previous thread
-count is restored. The table's footer prints the thread counts and the load average before and
-after. A row whose target is not met prints ``NO``; a budget too short to measure throughput
+Sampler and oracle rows of the other families are info rows. The Markov grid runs at iclgym's
+default (:data:`GRID_THREADS` torch thread), the k = 3 sampler and oracle rows and the other
+families' rows at 1 and 2 torch threads side by side with iclgym's per-call thread scoping off
+(:data:`BATCH_THREADS`), the env rows at 1 (:data:`ENV_THREADS`); the previous thread count is
+restored. The table's footer prints the thread counts and the load average before and after.
+A row whose target is not met prints ``NO``; a budget too short to measure throughput
 (``seconds`` < 0.1) is refused.
 """
 
@@ -46,6 +47,7 @@ import torch
 from gymnasium.utils.performance import benchmark_step
 from tqdm.auto import tqdm
 
+from iclgym.tasks import base
 from iclgym.tasks.markov import MarkovChainTask
 from iclgym.tasks.multi_concept import MultiConceptTask
 from iclgym.tasks.priority_graph import PriorityGraphTask
@@ -62,9 +64,10 @@ GRID_SHAPES = ((64, 101), (4096, 256))
 """(B, T) of every grid cell: the official code's default batch and length, and a large batch."""
 GRID_THREADS = 1
 BATCH_THREADS = (1, 2)
-"""Torch threads of the k = 3 sampler and oracle rows, side by side: a second thread helps
+"""Torch threads of the k = 3 sampler and oracle rows and the other families' rows, side by
+side, with :data:`iclgym.tasks.base.THREADS` off (torch's count as set): a second thread helps
 torch's elementwise work when the second core is idle and stalls at OpenMP barriers when it
-is not; the compiled kernels run on one thread either way."""
+is not; the compiled kernels run on one thread either way. The grid runs at iclgym's default."""
 ENV_THREADS = 1
 """Torch threads of the env rows (every iclgym command's default): the envs step in Python on
 one core while a worker thread prepares blocks on the other; a second OpenMP thread spin-waits
@@ -151,6 +154,17 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def task_threads(threads: int | None) -> Iterator[None]:
+    """:data:`iclgym.tasks.base.THREADS` set to ``threads`` inside the block, then restored."""
+    before = base.THREADS
+    base.THREADS = threads
+    try:
+        yield
+    finally:
+        base.THREADS = before
+
+
 def load_average() -> str:
     """The machine's 1, 5 and 15 minute load averages (``os.getloadavg``), or ``n/a``."""
     try:
@@ -193,8 +207,8 @@ def run(
         with torch_threads(GRID_THREADS):
             rows.extend(grid_rows(seconds * repeats, repeats, reference, bar))
             rows.extend(_memory_rows(bar))
-        for threads in BATCH_THREADS:
-            with torch_threads(threads):
+        for threads in BATCH_THREADS:  # torch's count unscoped: what iclgym's default avoids
+            with torch_threads(threads), task_threads(None):
                 rows.extend(_batch_rows(seconds * repeats, repeats, f" [{threads} thr]", bar))
         with torch_threads(ENV_THREADS):
             rows.extend(_env_rows(ids, seconds, repeats, num_envs, bar))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from functools import cached_property
+from functools import cached_property, wraps
 from typing import Any, ClassVar
 
 import numpy as np
@@ -186,11 +186,49 @@ class TaskSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
+THREADS: int | None = 1
+"""Torch intra-op threads of every task's ``sample``, ``oracle`` and ``oracle_estimate`` call on
+the calling thread (torch's previous count restored after; None: torch's own setting). One by
+default: the samplers and oracles are compiled kernels and elementwise work on batches, and on a
+busy 2-core machine torch's default of one thread per core stalls at every OpenMP barrier (the
+Markov sampler at k = 3, B = 4,096, T = 256: 113 M tokens/s at one thread, 35 M at two next to
+one busy core, 7 M next to two; ``docs/speed.md``)."""
+
+
+def _scoped_threads(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run with :data:`THREADS` torch threads (OpenMP's count is per calling thread,
+    so concurrent callers, e.g. the envs' block workers, do not see each other's)."""
+
+    @wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        if THREADS is None or before == THREADS:
+            return method(*args, **kwargs)
+        torch.set_num_threads(THREADS)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    run.__scoped_threads__ = True  # type: ignore[attr-defined]
+    return run
+
+
 class Task(ABC):
-    """A task family instance: spec, sampler, oracle and reference strategies."""
+    """A task family instance: spec, sampler, oracle and reference strategies.
+
+    Every subclass's ``sample``, ``oracle`` and ``oracle_estimate`` run with :data:`THREADS`
+    torch threads (wrapped when the subclass is defined)."""
 
     name: ClassVar[str]
     """Short family name used by the registry (e.g. ``"markov_chain"``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("sample", "oracle", "oracle_estimate"):
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "__scoped_threads__", False):
+                setattr(cls, name, _scoped_threads(method))
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec

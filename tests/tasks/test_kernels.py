@@ -173,3 +173,35 @@ def test_online_step_kernel_equals_the_numpy_step_bit_for_bit(k, order, alpha, m
         assert np.array_equal(true_a, true_b) and np.array_equal(oracle_a, oracle_b)
     with pytest.raises(ValueError, match="in order"):
         fast(3)
+
+
+def test_samplers_and_oracles_run_on_the_library_thread_count(monkeypatch):
+    """Every Task subclass's sample/oracle runs with iclgym.tasks.base.THREADS torch threads
+    on the calling thread, whatever torch's own count, which is restored after."""
+    import threading
+
+    from iclgym.tasks import base
+
+    seen: list[int] = []
+
+    class Probe(MarkovChainTask):
+        def sample(self, batch_size, *, generator, device=None):
+            seen.append(torch.get_num_threads())
+            return super().sample(batch_size, generator=generator, device=device)
+
+    task = Probe(num_states=3, seq_len=10)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        task.sample(4, generator=task.generator(0))
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        monkeypatch.setattr(base, "THREADS", None)
+        task.sample(4, generator=task.generator(0))
+        assert seen[-1] == 2
+        monkeypatch.setattr(base, "THREADS", 1)
+        worker = threading.Thread(target=lambda: task.sample(4, generator=task.generator(0)))
+        worker.start()
+        worker.join()
+        assert seen[-1] == 1 and torch.get_num_threads() == 2  # the caller's count untouched
+    finally:
+        torch.set_num_threads(before)

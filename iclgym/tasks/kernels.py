@@ -1,11 +1,15 @@
-"""Compiled CPU kernels of the Markov-chain sampler (numba): the walk and the stationary solve.
+"""Compiled CPU kernels (numba) of the Markov-chain sampler (inverse-CDF thresholds, the walk,
+the GTH stationary solve), the add-alpha n-gram oracle and the Markov env's online step.
 
-The vectorised torch code in :mod:`iclgym.tasks.markov` and :mod:`iclgym.tasks.stationary` is
-the reference (and the CUDA path); these kernels do the same arithmetic one sequence at a time
-on CPU tensors, where a time loop of torch operations pays its per-operation overhead
-``seq_len`` times and a batch-last elimination streams ``S**2 * B`` floats through memory per
-eliminated state. They consume the same random numbers as the torch code, so a seed gives the
-same tokens either way (``tests/tasks/test_kernels.py``). iclgym compiles its own kernels here
+The vectorised torch and numpy code in :mod:`iclgym.tasks.markov`,
+:mod:`iclgym.tasks.stationary` and :mod:`iclgym.tasks.estimators` is the reference (and the
+CUDA path); these kernels do the same arithmetic one sequence at a time on CPU tensors, where a
+time loop of torch operations pays its per-operation overhead ``seq_len`` times, a batch-last
+elimination streams ``S**2 * B`` floats through memory per eliminated state and a sort-based
+count holds about 94 bytes per position. They consume the same random numbers as the torch
+code, so a seed gives the same tokens either way, and the thresholds, n-gram log-probabilities
+and online laws are equal bit for bit (``tests/tasks/test_kernels.py``; speeds in
+``docs/speed.md``). iclgym compiles its own kernels here
 (rather than calling a library) because they are the ICL core: no library walks a batch of
 Markov chains by inverse CDF or solves batched stationary laws without subtraction.
 

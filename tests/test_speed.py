@@ -10,7 +10,7 @@ import pytest
 from iclgym import speed
 from iclgym.speed import Row, format_table, official_generator, peak_bytes_per_position
 
-FAKE_DATASETS = '''
+FAKE_DATASETS = """
 from utils import draw
 
 class ngrams:
@@ -19,7 +19,7 @@ class ngrams:
 
     def __getitems__(self, indices):
         return draw(len(indices), self.shape)
-'''
+"""
 FAKE_UTILS = "def draw(batch, shape):\n    return (batch, *shape)\n"
 
 

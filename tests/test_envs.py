@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import iclgym
+from iclgym.argmax import first_argmax_rows
 from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv, first_argmax
 
 
@@ -198,6 +199,23 @@ def test_ansi_render():
 def test_first_argmax_matches_numpy_including_ties(p):
     np.testing.assert_array_equal(first_argmax(p), p.argmax(-1))
     np.testing.assert_array_equal(first_argmax(np.asfortranarray(p)), p.argmax(-1))
+
+
+@pytest.mark.parametrize("v", [2, 3, 8, 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_first_argmax_matches_the_column_loop_with_ties_and_nan(v, dtype):
+    """The kernel against the numpy column loop it replaced (first index on ties; a NaN stops
+    later columns from winning)."""
+    rng = np.random.default_rng(v)
+    p = rng.integers(0, 4, (3000, v)).astype(dtype)
+    p[rng.random(p.shape) < 0.05] = np.nan
+    best = (p[..., 1] > p[..., 0]).astype(np.int64)
+    top = np.maximum(p[..., 0], p[..., 1])
+    for j in range(2, v):
+        best[p[..., j] > top] = j
+        top = np.maximum(top, p[..., j])
+    np.testing.assert_array_equal(first_argmax_rows(p), best)
+    np.testing.assert_array_equal(first_argmax(p.reshape(30, 100, v)), best.reshape(30, 100))
 
 
 TEMPLATE_IDS = ["ICL-SymbolTemplate-v0", "ICL-SameDifferent-v0", "ICL-SymbolCopy-v0"]

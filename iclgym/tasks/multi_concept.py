@@ -671,9 +671,10 @@ class MultiConceptTask(Task):
         p = self.sample_prompts(batch_size, generator=generator, device=device)
         B, L = p["demo_y"].shape
         s = self.spec
-        features = torch.zeros(B, L + 1, s.d + s.d_y, device=p["words"].device)
-        features[..., : s.d] = p["words"]
+        features = torch.empty(B, L + 1, s.d + s.d_y, device=p["words"].device)
+        features[..., : s.d] = p["words"]  # every entry written once (no zero fill first)
         features[:, :L, s.d :] = p["demo_u"]
+        features[:, L, s.d :] = 0.0
         tokens = torch.zeros(B, L + 1, dtype=torch.int64, device=features.device)
         tokens[:, :L] = (p["demo_y"] + 1) // 2
         targets = torch.cat([tokens[:, 1:], (p["query_y"][:, None] + 1) // 2], 1)

@@ -34,7 +34,8 @@ token given the prefix) and the label's law at T - 1. ``params`` holds ``top_mas
 the training set are the label's SCC among the context's tokens) and ``oracle_probs`` (B, K)
 float64 (the label's law: Oracle C, or the dataset law in paper mode).
 
-**Sampling** (vectorised, no loop over the batch). Every row reads its own
+**Sampling** (vectorised torch; on the CPU one compiled pass over the rows for planted contexts
+with repeats, :func:`planted_draw`, the same numbers). Every row reads its own
 words of the generator (T + 1 64-bit words, K + 1 with ``distinct=True``, one in paper mode), so
 drawing B1 then B2 rows gives the rows of one draw of B1 + B2
 (:attr:`PriorityGraphTask.sample_composes`). A word w in [0, 2**63) gives the token ``floor(u
@@ -55,6 +56,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
@@ -279,6 +281,85 @@ def _open_unit(words: Tensor) -> Tensor:
     return ((words >> 10) + 1).double().mul_(2.0**-53)
 
 
+@njit(cache=True, nogil=True)
+def _planted_draw(  # pragma: no cover - compiled
+    words, shift, level, exp_beta, deterministic, tokens, targets, probs, top
+):
+    b, t = tokens.shape
+    k = level.shape[0]
+    row = np.empty(t, dtype=np.int64)
+    weights = np.empty(k)
+    for r in range(b):
+        for p in range(t):
+            w = words[r, p]
+            row[p] = w >> shift if shift > 0 else ((w >> 10) * k) >> 53
+        query = row[t - 1]
+        high = -1
+        for p in range(t):
+            high = max(high, level[query, row[p]])
+        weights[:] = 0.0
+        for p in range(t):  # branch-free; equal addends per token, so any order sums alike
+            j = row[p]
+            weights[j] += exp_beta[query, j] * (level[query, j] == high)
+        for p in range(t - 1):
+            tokens[r, p] = row[p]
+            targets[r, p] = row[p + 1]
+        tokens[r, t - 1] = query
+        total = 0.0
+        for j in range(k):
+            top[r, j] = weights[j] > 0
+            total += weights[j]
+        label = 0
+        if deterministic:  # the first argmax, a point mass
+            for j in range(1, k):
+                if weights[j] > weights[label]:
+                    label = j
+            for j in range(k):
+                probs[r, j] = 0.0
+            probs[r, label] = 1.0
+        else:  # inverse CDF: the tokens whose cumulative weight is below u * total
+            x = np.float64((words[r, t] >> 10) + 1) * 2.0**-53 * total
+            acc = 0.0
+            for j in range(k):
+                acc += weights[j]
+                label += acc < x
+                probs[r, j] = weights[j] / total
+        targets[r, t - 1] = label
+
+
+def planted_draw(
+    words: Tensor, k: int, level: Tensor, beta: Tensor, deterministic: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The planted sampler's ``(tokens, targets, oracle_probs, top_mask)`` from its words (B,
+    T + 1) int64 on the CPU in one pass, the same numbers bit for bit as the torch code of
+    :meth:`PriorityGraphTask.sample` (``tests/tasks/test_priority_graph.py``), which makes
+    ~20 passes over the batch; None where that code takes a path this kernel lacks (K >=
+    :data:`UNIFORM_MULTIPLY_MAX`, or a beta spread whose ``exp`` underflows)."""
+    if words.device.type != "cpu" or k >= UNIFORM_MULTIPLY_MAX:
+        return None
+    exp_beta = (beta - beta.amax(1, keepdim=True)).exp()
+    if not bool((exp_beta > 0).all()):
+        return None
+    b, t = words.shape[0], words.shape[1] - 1
+    tokens = torch.empty(b, t, dtype=torch.int64)
+    targets = torch.empty(b, t, dtype=torch.int64)
+    probs = torch.empty(b, k, dtype=torch.float64)
+    top = torch.empty(b, k, dtype=torch.bool)
+    shift = 64 - k.bit_length() if k & (k - 1) == 0 else 0
+    _planted_draw(
+        words.numpy(),
+        shift,
+        level.numpy(),
+        exp_beta.numpy(),
+        deterministic,
+        tokens.numpy(),
+        targets.numpy(),
+        probs.numpy(),
+        top.numpy(),
+    )
+    return tokens, targets, probs, top
+
+
 class PriorityGraphTask(Task):
     """Sampler, oracle, strategies and metrics of :class:`PriorityGraphSpec`.
 
@@ -397,22 +478,12 @@ class PriorityGraphTask(Task):
             width = (k if s.distinct else t) + 1
             words = torch.empty((batch_size, width), dtype=torch.int64, device=gen_device)
             words.random_(generator=generator)  # uniform on [0, 2**63)
-            if s.distinct:
-                tokens = words[:, :k].argsort(1)[:, :t]
-            else:
-                tokens = _uniform_index(words[:, :t], k)
-            weights, top = planted_weights(tokens, tab["level"], tab["beta"])
-            cdf = weights.cumsum(1)
-            total = cdf[:, -1:]
-            if s.deterministic:
-                label = first_argmax(weights)
-                probs = torch.zeros_like(weights).scatter_(1, label[:, None], 1.0)
-            else:
-                # j with cdf[j - 1] < u total <= cdf[j]: never a token of weight 0 (u in (0, 1])
-                label = (cdf < _open_unit(words[:, -1:]) * total).sum(1)
-                probs = weights / total
-            params["top_mask"] = top
-            params["oracle_probs"] = probs
+            drawn = None
+            if not s.distinct:  # the compiled pass, else the torch reference
+                drawn = planted_draw(words, k, tab["level"], tab["beta"], s.deterministic)
+            if drawn is None:
+                drawn = self._planted_torch(words, tab)
+            tokens, targets, params["oracle_probs"], params["top_mask"] = drawn
         else:
             words = torch.empty((batch_size, 1), dtype=torch.int64, device=gen_device)
             words.random_(generator=generator)
@@ -422,7 +493,7 @@ class PriorityGraphTask(Task):
             params["oracle_probs"] = tab["law"][tab["group"][index]]
             params["sample_index"] = index
             params["top_mask"] = tab["top"][index]
-        targets = torch.cat([tokens[:, 1:], label[:, None]], 1)
+            targets = torch.cat([tokens[:, 1:], label[:, None]], 1)
         mask = torch.zeros(batch_size, t, dtype=torch.bool, device=device)
         mask[:, t - 1] = True
         return Batch(
@@ -433,6 +504,26 @@ class PriorityGraphTask(Task):
             vocab_size=k,
             true_probs_fn=self.true_probs,
         )
+
+    def _planted_torch(
+        self, words: Tensor, tab: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Planted ``(tokens, targets, oracle_probs, top_mask)`` from the words (B, width) in
+        torch (any device; the reference of :func:`planted_draw`)."""
+        s = self.spec
+        k, t = s.num_tokens, s.context_len
+        tokens = words[:, :k].argsort(1)[:, :t] if s.distinct else _uniform_index(words[:, :t], k)
+        weights, top = planted_weights(tokens, tab["level"], tab["beta"])
+        cdf = weights.cumsum(1)
+        total = cdf[:, -1:]
+        if s.deterministic:
+            label = first_argmax(weights)
+            probs = torch.zeros_like(weights).scatter_(1, label[:, None], 1.0)
+        else:
+            # j with cdf[j - 1] < u total <= cdf[j]: never a token of weight 0 (u in (0, 1])
+            label = (cdf < _open_unit(words[:, -1:]) * total).sum(1)
+            probs = weights / total
+        return tokens, torch.cat([tokens[:, 1:], label[:, None]], 1), probs, top
 
     def _context_law(self, tokens: Tensor) -> Tensor:
         """(B, T - 1, K) float32 law of the next context token x_{t+1} given x_0 .. x_t, at t =

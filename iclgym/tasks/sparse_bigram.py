@@ -29,7 +29,8 @@ src_pos, bayes_probs)`` are ``batch.tokens``, ``batch.targets[:, -1]``,
 ``batch.params["src_pos"]`` and :meth:`~SparseContextualBigramTask.bayes_probs`.
 
 **Sampling.** Every row takes T + 3 64-bit words from the generator (one per context token and
-query, one for the source position, one for the output). Each word w in [0, 2**63) gives a
+query, one for the source position, one for the output); on the CPU one compiled pass turns
+them into the batch, the numbers of the torch code bit for bit. Each word w in [0, 2**63) gives a
 53-bit uniform: the source position and the output are inverse-CDF draws with u = ((w >> 10) +
 1) / 2**53 in (0, 1] (:func:`~iclgym.tasks.markov.inverse_cdf_thresholds`: a token of
 probability 0 is never drawn), and so are the input tokens of a non-uniform ``mu``; a uniform
@@ -57,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
@@ -333,6 +335,63 @@ def transition_correlation(
     return inner(a, b) / math.sqrt(inner(a, a) * inner(b, b))
 
 
+@njit(cache=True, nogil=True)
+def _lower_bound(thresholds, u):  # pragma: no cover - compiled
+    """``torch.searchsorted`` (left) of ``u`` in a row of thresholds: its binary search."""
+    lo, hi = 0, thresholds.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if thresholds[mid] < u:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _draw(  # pragma: no cover - compiled
+    words, shift, mu_cdf, support, w_cdf, p_cdf, tokens, targets, src
+):
+    b, width = tokens.shape
+    n = p_cdf.shape[0]
+    last = width - 1
+    for r in range(b):
+        for p in range(width):
+            w = words[r, p]
+            if shift > 0:
+                token = w >> shift
+            elif shift == 0:
+                token = ((w >> 10) * n) >> 53
+            else:
+                token = _lower_bound(mu_cdf, np.float64((w >> 10) + 1) * 2.0**-53)
+            tokens[r, p] = token
+            if p > 0:
+                targets[r, p - 1] = token
+        k = tokens[r, last]
+        u = np.float64((words[r, width] >> 10) + 1) * 2.0**-53
+        position = support[k, _lower_bound(w_cdf[k], u)]
+        src[r] = position
+        u = np.float64((words[r, width + 1] >> 10) + 1) * 2.0**-53
+        targets[r, last] = _lower_bound(p_cdf[tokens[r, position]], u)
+
+
+@njit(cache=True, nogil=True)
+def _laws(tokens, src, support, weights, columns, true, oracle):  # pragma: no cover - compiled
+    b, last = tokens.shape[0], tokens.shape[1] - 1
+    n, q = columns.shape[0], support.shape[1]
+    for r in range(b):
+        k = tokens[r, last]
+        source = tokens[r, src[r]]
+        first = tokens[r, support[k, 0]]
+        for j in range(n):
+            true[r, j] = columns[source, j]
+            oracle[r, j] = weights[k, 0] * columns[first, j]
+        for i in range(1, q):  # float32 products and sums in the numpy reference's order
+            token = tokens[r, support[k, i]]
+            for j in range(n):
+                oracle[r, j] += weights[k, i] * columns[token, j]
+
+
 class SparseContextualBigramTask(Task):
     """Sampler, Bayes oracle, closed-form population quantities and metrics of
     :class:`SparseContextualBigramSpec`."""
@@ -469,7 +528,52 @@ class SparseContextualBigramTask(Task):
         tab = self._tables(generator.device)
         words = torch.empty((batch_size, t + 3), dtype=torch.int64, device=generator.device)
         words.random_(generator=generator)  # uniform on [0, 2**63)
-        n = self.vocab_size
+        if generator.device.type == "cpu":
+            tokens, targets, src = self._draw(words, tab)
+        else:
+            tokens, targets, src = self._draw_torch(words, tab)
+        mask = torch.zeros(batch_size, t + 1, dtype=torch.bool, device=device)
+        mask[:, t] = True
+        return Batch(
+            tokens=tokens.to(device),
+            targets=targets.to(device),
+            loss_mask=mask,
+            params={"src_pos": src.to(device)},
+            vocab_size=self.vocab_size,
+            true_probs_fn=self.true_probs,
+        )
+
+    def _draw(self, words: Tensor, tab: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tokens, targets, src_pos)`` from the CPU words (B, T + 3) in one compiled pass,
+        the numbers of :meth:`_draw_torch` bit for bit (``tests/tasks/test_sparse_bigram.py``)
+        at a fraction of its passes over the (B, T + 1) tokens."""
+        n, (b, width) = self.vocab_size, words.shape
+        tokens = torch.empty(b, width - 2, dtype=torch.int64)
+        targets = torch.empty(b, width - 2, dtype=torch.int64)
+        src = torch.empty(b, dtype=torch.int64)
+        if not (self._uniform_mu and n < UNIFORM_MULTIPLY_MAX):
+            shift = -1  # inverse CDF of mu
+        else:  # the top log2(N) bits for a power of two, else the multiply-shift
+            shift = 64 - n.bit_length() if n & (n - 1) == 0 else 0
+        _draw(
+            words.numpy(),
+            shift,
+            tab["mu_cdf"].numpy(),
+            tab["support"].numpy(),
+            tab["w_cdf"].numpy(),
+            tab["p_cdf"].numpy(),
+            tokens.numpy(),
+            targets.numpy(),
+            src.numpy(),
+        )
+        return tokens, targets, src
+
+    def _draw_torch(
+        self, words: Tensor, tab: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tokens, targets, src_pos)`` from the words (B, T + 3) in torch (any device; the
+        reference of :meth:`_draw`)."""
+        n, t = self.vocab_size, self.spec.seq_len
         if self._uniform_mu and n < UNIFORM_MULTIPLY_MAX:
             # floor(u N) with the 53-bit u = (w >> 10) / 2**53 in [0, 1), in integers; for a
             # power of two N the same number is the top log2(N) bits of w
@@ -486,17 +590,7 @@ class SparseContextualBigramTask(Task):
         src = tab["support"][k].gather(1, slot)  # (B, 1)
         source = tokens.gather(1, src)[:, 0]
         target = torch.searchsorted(tab["p_cdf"][source], u[:, 1:].contiguous())
-        targets = torch.cat([tokens[:, 1:], target], 1)
-        mask = torch.zeros(batch_size, t + 1, dtype=torch.bool, device=device)
-        mask[:, t] = True
-        return Batch(
-            tokens=tokens.to(device),
-            targets=targets.to(device),
-            loss_mask=mask,
-            params={"src_pos": src[:, 0].to(device)},
-            vocab_size=self.vocab_size,
-            true_probs_fn=self.true_probs,
-        )
+        return tokens, torch.cat([tokens[:, 1:], target], 1), src[:, 0]
 
     def true_probs(self, batch: Batch) -> Tensor:
         """(B, T + 1, N) float32: ``mu`` at the context positions, ``P[:, x_s]`` at the query."""
@@ -545,18 +639,13 @@ class SparseContextualBigramTask(Task):
 
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """The laws at the query position T only: ``(true, oracle)``, (B, N) float32 numpy,
-        ``P[:, x_s]`` and ``P X q^(k)``; O(B (Q + 1) N) numpy work. Raises ``ValueError`` at
-        any other position."""
+        ``P[:, x_s]`` and ``P X q^(k)`` (float32 sums over the support in order); O(B (Q + 1)
+        N) work in one compiled pass. Raises ``ValueError`` at any other position."""
         tokens = batch.tokens.cpu().numpy()
         src = batch.params["src_pos"].cpu().numpy()
-        rows = np.arange(tokens.shape[0])
-        true = self._columns32[tokens[rows, src]]
-        k = tokens[:, -1]
-        sources = np.take_along_axis(tokens, self._support[k], 1)  # (B, Q)
-        w = self._weights32[k]
-        oracle = w[:, 0, None] * self._columns32[sources[:, 0]]
-        for j in range(1, sources.shape[1]):
-            oracle += w[:, j, None] * self._columns32[sources[:, j]]
+        true = np.empty((tokens.shape[0], self.vocab_size), dtype=np.float32)
+        oracle = np.empty_like(true)
+        _laws(tokens, src, self._support, self._weights32, self._columns32, true, oracle)
         last = self.spec.seq_len
 
         def step(t: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from iclgym.tasks.priority_graph import (
     PriorityGraphSpec,
     PriorityGraphTask,
     first_argmax,
+    planted_draw,
     planted_instance,
     planted_law,
     planted_metrics,
@@ -369,6 +370,38 @@ def test_oracle_a_recovers_a_deterministic_planted_order():
 def test_first_argmax_prefers_the_smallest_index():
     x = torch.tensor([[1.0, 3.0, 3.0], [-math.inf, -math.inf, 0.0], [2.0, 2.0, 2.0]])
     assert first_argmax(x).tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # K = 8: the top bits of each word
+        {"num_tokens": 5, "context_len": 9},  # the multiply-shift
+        {"num_tokens": 13, "context_len": 3, "sigma_beta": 3.0},
+        {"deterministic": True},
+        {"s_max": 1},
+        {"sigma_beta": 0.0},
+        {"num_tokens": 2, "context_len": 1},
+    ],
+)
+def test_compiled_planted_draw_matches_the_torch_reference_bit_for_bit(kwargs):
+    task = PriorityGraphTask(**kwargs)
+    words = torch.empty(4000, task.seq_len + 1, dtype=torch.int64)
+    words.random_(generator=task.generator(1))
+    tab = task._tables(torch.device("cpu"))
+    got = planted_draw(words, task.vocab_size, tab["level"], tab["beta"], task.spec.deterministic)
+    for a, b in zip(got, task._planted_torch(words, tab), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_planted_draw_leaves_an_underflowing_beta_spread_to_torch():
+    words = torch.zeros(2, 4, dtype=torch.int64)
+    beta = torch.zeros(3, 3, dtype=torch.float64)
+    beta[2] = torch.tensor([-800.0, -800.0, 100.0])
+    assert planted_draw(words, 3, torch.zeros(3, 3, dtype=torch.int64), beta, False) is None
+    task = PriorityGraphTask(sigma_beta=400.0, num_tokens=4, context_len=5)
+    batch = draw(task, 64)  # the torch path: the law is still normalised
+    torch.testing.assert_close(batch.params["oracle_probs"].sum(1), torch.ones(64).double())
 
 
 # ------------------------------------------------------------------------- seeding

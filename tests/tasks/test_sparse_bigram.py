@@ -147,6 +147,38 @@ def test_family_is_registered_and_the_registry_builds_it():
         make_task("ICL-SparseContextualBigram-v0", num_states=3)
 
 
+# ------------------------------------------------------------------ compiled kernels
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"vocab_size": 8, "seq_len": 128, "n_support": 2},  # the top bits of each word
+        {"vocab_size": 6, "seq_len": 10, "n_support": 1},  # the multiply-shift
+        {"vocab_size": 5, "seq_len": 20, "n_support": 3, "p_family": "dirichlet"},  # mu's CDF
+        {"vocab_size": 3, "seq_len": 7, "n_support": 4, "q_weights": "dirichlet"},
+    ],
+)
+def test_compiled_draw_and_laws_match_the_torch_and_numpy_reference(kwargs):
+    """The CPU sampler's kernel against its torch reference, and the online laws' kernel
+    against the float32 numpy computation it replaced, bit for bit."""
+    task = SparseContextualBigramTask(**kwargs)
+    words = torch.empty(3000, task.spec.seq_len + 3, dtype=torch.int64)
+    words.random_(generator=task.generator(1))
+    tab = task._tables(torch.device("cpu"))
+    for a, b in zip(task._draw(words, tab), task._draw_torch(words, tab), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    batch = task.sample(3000, generator=task.generator(2))
+    true, oracle = task.online(batch)(task.spec.seq_len)
+    tokens, src = batch.tokens.numpy(), batch.params["src_pos"].numpy()
+    columns, k = task._columns32, tokens[:, -1]
+    sources = np.take_along_axis(tokens, task.support[k], 1)
+    w = task._weights32[k]
+    want = w[:, 0, None] * columns[sources[:, 0]]
+    for j in range(1, sources.shape[1]):
+        want += w[:, j, None] * columns[sources[:, j]]
+    np.testing.assert_array_equal(true, columns[tokens[np.arange(len(src)), src]])
+    np.testing.assert_array_equal(oracle, want)
+
+
 # ------------------------------------------------------------------ task parameters
 @pytest.mark.parametrize("family", ["perm_mixture", "dirichlet"])
 def test_task_parameters_are_a_function_of_task_seed_only(family):

@@ -17,6 +17,9 @@ TASKS = [
     ("ICL-NGram-v0", {"num_states": 2}),
     ("ICL-SymbolTemplate-v0", {"preset": "majority4"}),
     ("ICL-SymbolCopy-v0", {}),
+    ("ICL-SparseContextualBigram-v0", {}),  # the torch sampler (CPU: a compiled pass)
+    ("ICL-PriorityGraph-v0", {}),
+    ("ICL-MultiConcept-v0", {}),
 ]
 
 

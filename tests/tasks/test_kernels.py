@@ -67,6 +67,9 @@ PINNED_STREAMS = [
 ]
 
 
+@pytest.mark.skipif(
+    not torch.__version__.startswith("2.13."), reason="pinned with torch 2.13's generators"
+)
 @pytest.mark.parametrize(("kwargs", "digest"), PINNED_STREAMS)
 def test_a_seed_draws_the_data_of_earlier_releases(kwargs, digest):
     task = MarkovChainTask(**kwargs)

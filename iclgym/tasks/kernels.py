@@ -25,7 +25,9 @@ from numba import njit
 from torch import Tensor
 
 ENABLED = True
-"""Use the compiled kernels for CPU tensors (tests turn this off to run the torch reference)."""
+"""Use the compiled kernels for CPU tensors: these and the other families' compiled samplers
+(sparse contextual bigrams, planted priority graphs); tests turn it off to run the torch
+reference."""
 
 COUNT_MAX = 64
 """Thresholds per row up to which the walk counts every comparison (branch-free, 2.7x faster

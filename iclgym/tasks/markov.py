@@ -499,11 +499,7 @@ class MarkovChainTask(Task):
         narrow = torch.uint8 if k <= 256 else torch.int32
         index = np.int32 if k * cols < 2**31 else np.int64
         tokens = batch.tokens.to(narrow).T.contiguous().cpu().numpy().astype(index)
-        # token-major layouts (k, B * S): numpy reduces and gathers fast along the long axis
-        tables = batch.params["transition"].reshape(cols, k).T.contiguous().cpu().numpy()
-        counts = np.zeros((k, cols), dtype=np.float32)
-        flat_counts = counts.reshape(-1)
-        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))[:, None]
+        alpha = np.broadcast_to(np.asarray(self.spec.alpha, dtype=np.float32), (k,))
         offset = np.arange(size, dtype=index) * states
         uniform = np.full((size, k), 1.0 / k, dtype=np.float32)
         init = self._first_context_laws(batch).cpu().numpy() if n > 2 else None
@@ -515,12 +511,10 @@ class MarkovChainTask(Task):
             ctx[j:] += tokens[:-j] * k**j
         rows = ctx + offset
         state = {"t": 0}
-        if kernels.ENABLED and batch.tokens.device.type == "cpu":  # one compiled pass per step
-            row_tables = np.ascontiguousarray(
-                tables.T
-            )  # (B * S, k): a sequence's row is contiguous
-            row_counts = np.zeros((cols, k), dtype=np.float32)
-            alpha_row = np.ascontiguousarray(alpha[:, 0])
+        if kernels.available(batch.tokens.device):  # one compiled pass per step
+            row_tables = batch.params["transition"].reshape(cols, k).contiguous().numpy()
+            row_counts = np.zeros((cols, k), dtype=np.float32)  # a sequence's rows contiguous
+            row_alpha = np.ascontiguousarray(alpha)
 
             def compiled(t: int) -> tuple[np.ndarray, np.ndarray]:
                 if t != state["t"]:
@@ -528,9 +522,14 @@ class MarkovChainTask(Task):
                 state["t"] = t + 1
                 if t < n - 2:
                     return init[:, t], uniform
-                return kernels.online_step(t, n, tokens, rows, row_counts, row_tables, alpha_row)
+                return kernels.online_step(t, n, tokens, rows, row_counts, row_tables, row_alpha)
 
             return compiled
+        # token-major layouts (k, B * S): numpy reduces and gathers fast along the long axis
+        tables = batch.params["transition"].reshape(cols, k).T.contiguous().cpu().numpy()
+        counts = np.zeros((k, cols), dtype=np.float32)
+        flat_counts = counts.reshape(-1)
+        alpha = alpha[:, None]
         cells = tokens * cols
         cells[0] += offset
         cells[1:] += rows[:-1]

@@ -59,6 +59,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from iclgym.tasks import kernels
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.priority_graph_theory import (
     EMBEDDINGS,
@@ -335,7 +336,7 @@ def planted_draw(
     :meth:`PriorityGraphTask.sample` (``tests/tasks/test_priority_graph.py``), which makes
     ~20 passes over the batch; None where that code takes a path this kernel lacks (K >=
     :data:`UNIFORM_MULTIPLY_MAX`, or a beta spread whose ``exp`` underflows)."""
-    if words.device.type != "cpu" or k >= UNIFORM_MULTIPLY_MAX:
+    if not kernels.available(words.device) or k >= UNIFORM_MULTIPLY_MAX:
         return None
     exp_beta = (beta - beta.amax(1, keepdim=True)).exp()
     if not bool((exp_beta > 0).all()):

@@ -61,6 +61,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from iclgym.tasks import kernels
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.markov import inverse_cdf_thresholds
 from iclgym.tasks.stationary import gth_stationary
@@ -528,7 +529,7 @@ class SparseContextualBigramTask(Task):
         tab = self._tables(generator.device)
         words = torch.empty((batch_size, t + 3), dtype=torch.int64, device=generator.device)
         words.random_(generator=generator)  # uniform on [0, 2**63)
-        if generator.device.type == "cpu":
+        if kernels.available(generator.device):
             tokens, targets, src = self._draw(words, tab)
         else:
             tokens, targets, src = self._draw_torch(words, tab)

@@ -208,3 +208,21 @@ def test_samplers_and_oracles_run_on_the_library_thread_count(monkeypatch):
         assert seen[-1] == 1 and torch.get_num_threads() == 2  # the caller's count untouched
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [("ICL-SparseContextualBigram-v0", {}), ("ICL-PriorityGraph-v0", {"context_len": 9})],
+)
+def test_one_switch_turns_every_compiled_sampler_off_and_the_data_stay(env_id, kwargs, monkeypatch):
+    """kernels.ENABLED also routes the other families' compiled samplers to their torch code
+    (the CUDA path): the same generator gives the same batch either way."""
+    from iclgym.registry import make_task
+
+    task = make_task(env_id, **kwargs)
+    fast = task.sample(64, generator=task.generator(2))
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = task.sample(64, generator=task.generator(2))
+    assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.targets, slow.targets)
+    for key, value in fast.params.items():
+        assert torch.equal(value, slow.params[key]), key

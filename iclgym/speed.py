@@ -48,6 +48,7 @@ from gymnasium.utils.performance import benchmark_step
 from tqdm.auto import tqdm
 
 from iclgym.tasks import base
+from iclgym.tasks.base import torch_threads
 from iclgym.tasks.markov import MarkovChainTask
 from iclgym.tasks.multi_concept import MultiConceptTask
 from iclgym.tasks.priority_graph import PriorityGraphTask
@@ -141,17 +142,6 @@ def _round_robin(measures: dict[str, Callable[[], float]], repeats: int, bar) ->
             runs[name].append(measure())
             bar.update(1)
     return runs
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, the previous count restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

@@ -88,7 +88,7 @@ from iclgym.harness.model import (
 from iclgym.harness.phases import phase_report
 from iclgym.harness.plots import plot_metrics, plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
-from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed
+from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed, torch_threads
 from iclgym.validation import as_float, as_int
 
 CHECKPOINT, LOG, SUMMARY, PLOT, METRICS_PLOT, LOCK = (
@@ -689,18 +689,6 @@ def run_lock(folder: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block (0 = unchanged), restored after."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _normalise(obj: Any) -> Any:

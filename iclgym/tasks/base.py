@@ -8,7 +8,8 @@ seeded sampler of :class:`Batch` es, a Bayes-optimal ``oracle`` and named refere
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, wraps
 from typing import Any, ClassVar
@@ -195,20 +196,26 @@ Markov sampler at k = 3, B = 4,096, T = 256: 113 M tokens/s at one thread, 35 M 
 one busy core, 7 M next to two; ``docs/speed.md``)."""
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (0 = unchanged), restored after
+    (OpenMP's count is per calling thread: concurrent callers do not see each other's)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _scoped_threads(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` run with :data:`THREADS` torch threads (OpenMP's count is per calling thread,
-    so concurrent callers, e.g. the envs' block workers, do not see each other's)."""
+    """``method`` run with :data:`THREADS` torch threads (:func:`torch_threads`)."""
 
     @wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
-        before = torch.get_num_threads()
-        if THREADS is None or before == THREADS:
+        with torch_threads(THREADS or 0):
             return method(*args, **kwargs)
-        torch.set_num_threads(THREADS)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
     run.__scoped_threads__ = True  # type: ignore[attr-defined]
     return run

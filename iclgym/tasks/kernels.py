@@ -26,8 +26,8 @@ from torch import Tensor
 
 ENABLED = True
 """Use the compiled kernels for CPU tensors: these and the other families' compiled samplers
-(sparse contextual bigrams, planted priority graphs); tests turn it off to run the torch
-reference."""
+(sparse contextual bigrams, planted priority graphs, symbol templates); tests turn it off to
+run the torch reference."""
 
 COUNT_MAX = 64
 """Thresholds per row up to which the walk counts every comparison (branch-free, 2.7x faster

@@ -212,7 +212,16 @@ def test_samplers_and_oracles_run_on_the_library_thread_count(monkeypatch):
 
 @pytest.mark.parametrize(
     ("env_id", "kwargs"),
-    [("ICL-SparseContextualBigram-v0", {}), ("ICL-PriorityGraph-v0", {"context_len": 9})],
+    [
+        ("ICL-SparseContextualBigram-v0", {}),
+        ("ICL-PriorityGraph-v0", {"context_len": 9}),
+        ("ICL-SymbolTemplate-v0", {}),
+        ("ICL-SameDifferent-v0", {}),
+        ("ICL-SymbolCopy-v0", {}),
+        # a template cdf (not uniform digits), class labels, a random preset's many slots
+        ("ICL-SymbolTemplate-v0", {"template_probs": (0.2, 0.8), "label_type": "multiclass"}),
+        ("ICL-SymbolTemplate-v0", {"preset": "random", "random_num_templates": 12}),
+    ],
 )
 def test_one_switch_turns_every_compiled_sampler_off_and_the_data_stay(env_id, kwargs, monkeypatch):
     """kernels.ENABLED also routes the other families' compiled samplers to their torch code

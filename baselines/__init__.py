@@ -40,6 +40,7 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
         "priority_attention": ModelEntry("baselines.priority_attention:make_model", {}, None),
         "concept_attention": ModelEntry("baselines.concept_attention:make_model", {}, "width"),
         "dpt": ModelEntry("baselines.dpt:make_model", {}, "d_model"),
+        "dpt_faithful": ModelEntry("baselines.dpt:make_faithful_model", {}, "d_model"),
     }
 )
 """``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
@@ -51,7 +52,9 @@ combined W over fixed embeddings, ``iden`` or ``gen`` head.
 one softmax attention read at the query and a ReLU MLP of width m with fixed output signs; it
 needs a task with continuous features.
 ``dpt``: the streaming decision-pretrained transformer (Lee et al. 2023) over transitions
-(s_{t-1} -> x_t), trained with the label switch ``--labels soft|hard|sampled``."""
+(s_{t-1} -> x_t), trained with the label switch ``--labels soft|hard|sampled``.
+``dpt_faithful``: the original's input, the query first, one query per sequence and its label
+at every prefix (``--model-arg shuffle=true`` permutes Markov-chain contexts)."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType(
     {

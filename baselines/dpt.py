@@ -27,8 +27,23 @@ input format).
 15172df): plain torch blocks (:mod:`baselines.transformer`) instead of Hugging Face GPT-2 (no
 ``transformers`` dependency); the head count is a real parameter (the original hard-codes 1
 and ignores ``--head``); the faithful variant (query first, one query per sequence, the label
-repeated at every prefix) is not built here: under the model contract every position is a
-next-token prediction, which is the streaming form.
+repeated at every prefix) is :class:`DPTModel` below.
+
+**Faithful DPT** (:class:`DPTModel`, ``iclgym train --model dpt_faithful``): the original's
+input, one query first and then the context transitions. For the query state s_q (the last
+``state_len`` tokens up to x_q) the model reads [query; E_0, ..., E_H], the query element
+embedding s_q through the state slots of the same Linear (its s' slot zero, as the original
+zeroes the query's action, next-state and reward slots) and E_i the transition that ends at
+x_i; the output after E_0 .. E_j is its law of x_{q+1} from the prefix D_j. Training
+(:meth:`DPTModel.training_loss`, the trainer's optional hook): one query per sequence, drawn
+uniformly among the scored positions, and the query's label (the trainer's switch: soft, hard
+or sampled) at every prefix j = 0 .. q, as the original repeats a* at positions 1 .. H.
+Prediction (the model contract, ``forward``): for every position q, the query s_q after its
+whole context D_q (test time reads the last position only), one pass per query, so
+scoring costs about T / 2 times the streaming model's. ``shuffle=True`` permutes each
+training context before its prefixes are read (the original's ``--shuffle``), allowed only
+where the transitions are exchangeable given the task (:func:`check_shuffle`): never for
+ordered windows.
 """
 
 from __future__ import annotations
@@ -41,8 +56,13 @@ from torch import Tensor, nn
 
 from baselines.transformer import Transformer, TransformerConfig
 from iclgym.harness.model import ModelPredictor, load_predictor
+from iclgym.harness.train import Targets, loss_of_output
 from iclgym.tasks.base import Task
+from iclgym.tasks.markov import MarkovChainTask
 from iclgym.validation import as_int
+
+QUERY_CHUNK_ELEMENTS = 2**22
+"""Elements x d_model a scoring pass of :class:`DPTModel` holds per chunk of queries."""
 
 
 class TransitionEmbedding(nn.Module):
@@ -83,6 +103,168 @@ class StreamingDPT(Transformer):
         self.state_len = state_len
 
 
+def check_shuffle(task: Task, state_len: int) -> None:
+    """Raise ``ValueError`` unless shuffling the transitions (state of ``state_len`` tokens ->
+    next token) of ``task``'s sequences keeps every label's Bayes law: the task must be a
+    Markov chain (any prior: its likelihood, so the posterior of the table, depends on the
+    transitions through their counts only) whose state holds the chain's whole memory
+    (``state_len >= order - 1``). Truncated windows, and every family whose context is ordered
+    (templates, bigram and priority contexts, prompts), keep their order (Lee et al. 2023
+    refuse to shuffle adaptively collected data for the same reason)."""
+    if not isinstance(task, MarkovChainTask):
+        raise ValueError(
+            f"shuffle=True is invalid for a {task.name} task: its context is ordered, so "
+            "permuting transitions changes what they tell (only Markov-chain transitions are "
+            "exchangeable given the task)"
+        )
+    memory = task.spec.order - 1
+    if state_len < memory:
+        raise ValueError(
+            f"shuffle=True is invalid with state_len={state_len}: an order-{task.spec.order} "
+            f"chain's state is its last {memory} tokens, so a shorter state is a truncated "
+            "window whose transitions are not exchangeable"
+        )
+
+
+class DPTModel(Transformer):
+    """The faithful DPT (module docstring): query first, then the context transitions, the
+    label at every prefix. ``forward(tokens)`` (B, T) int64 -> (B, T, V) logits, position q
+    the query s_q after its whole context (causal: it reads ``tokens[:, : q + 1]`` only);
+    :meth:`training_loss` is the one-query-per-sequence objective the trainer calls instead
+    of the loss of ``forward``. ``shuffle``: permute each training context (check the task
+    with :func:`check_shuffle`, which :meth:`check_task` runs before training)."""
+
+    def __init__(self, config: TransformerConfig, state_len: int = 1, shuffle: bool = False):
+        super().__init__(config, TransitionEmbedding(config.vocab_size, state_len, config.d_model))
+        self.state_len, self.shuffle = state_len, bool(shuffle)
+
+    def check_task(self, task: Task) -> None:
+        """The trainer's optional pre-training check: :func:`check_shuffle` when shuffling."""
+        if self.shuffle:
+            check_shuffle(task, self.state_len)
+
+    def elements(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(queries, context)``, both (B, T, d_model): the query element of every state s_q
+        and the context element E_t of every transition (PAD states before the start)."""
+        embed, m = self.embed, self.state_len
+        pad = tokens.new_full((tokens.shape[0], m), self.config.vocab_size)
+        padded = torch.cat([pad, tokens], 1)
+        window = padded.unfold(1, m + 1, 1) + embed.offsets  # (B, T, m + 1)
+        lookups = embed.table(window)  # (B, T, m + 1, d)
+        context = lookups.sum(2) + embed.bias
+        # s_q = x_{q-m+1} .. x_q sits in the state slots of transition q + 1's window
+        state = padded.unfold(1, m, 1)[:, 1:] + embed.offsets[:m]  # (B, T, m)
+        queries = embed.table(state).sum(2) + embed.bias
+        return queries, context
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Logits (N, L, V) of element sequences ``x`` (N, L, d_model): learned positions,
+        the causal blocks, the final LayerNorm and the head."""
+        if x.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"{x.shape[1]} elements exceed max_len={self.config.max_len} (seq_len + 1)"
+            )
+        x = self.drop(x + self.pos_embed.weight[: x.shape[1]])
+        for block in self.blocks:
+            x, _ = block(x, False)
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, tokens: Tensor, features: Tensor | None = None) -> Tensor:
+        """(B, T, V) logits: position q is the query s_q read after [s_q; E_0 .. E_q], one
+        pass per query, in chunks of queries of about :data:`QUERY_CHUNK_ELEMENTS` elements x
+        d_model."""
+        if features is not None:
+            raise ValueError("the faithful DPT reads tokens only (no feature tasks)")
+        queries, context = self.elements(tokens)
+        b, t, d = context.shape
+        out = []
+        chunk = max(1, QUERY_CHUNK_ELEMENTS // max(1, b * (t + 1) * d))
+        for lo in range(0, t, chunk):
+            hi = min(t, lo + chunk)  # queries lo .. hi - 1 need elements up to hi
+            x = torch.cat(
+                [
+                    queries[:, lo:hi, None],
+                    context[:, None, :hi].expand(b, hi - lo, hi, d),
+                ],
+                2,
+            ).reshape(b * (hi - lo), hi + 1, d)
+            logits = self.decode(x).view(b, hi - lo, hi + 1, -1)
+            q = torch.arange(lo, hi, device=tokens.device)
+            out.append(logits[:, q - lo, q + 1])  # after E_0 .. E_q
+        return torch.cat(out, 1)
+
+    def training_loss(self, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
+        """The faithful objective (the trainer's optional hook, :mod:`iclgym.harness.model`):
+        per sequence one query q, uniform over its scored positions (the global torch random
+        state, which the trainer seeds and checkpoints), and the label of q at every prefix
+        j = 0 .. q, the loss the mean over all (sequence, prefix) pairs; with ``shuffle`` the
+        context E_0 .. E_q is permuted first (uniformly, per sequence)."""
+        tokens = inputs[0]
+        if len(inputs) > 1:
+            raise ValueError("the faithful DPT reads tokens only (no feature tasks)")
+        b, t = tokens.shape
+        device = tokens.device
+        index = torch.full((b, t), -1, dtype=torch.long, device=device)
+        index[targets.rows, targets.cols] = torch.arange(targets.rows.numel(), device=device)
+        keys = torch.rand(b, t, device=device).masked_fill(index < 0, -1.0)
+        query = keys.argmax(1)  # uniform among each row's scored positions
+        rows = torch.arange(b, device=device)[index[torch.arange(b, device=device), query] >= 0]
+        query = query[rows]
+        label = index[rows, query]  # each query's label in the scored list
+        queries, context = self.elements(tokens[rows])
+        length = int(query.max()) + 1
+        context = context[:, :length]
+        if self.shuffle:  # a random order of E_0 .. E_q; later elements stay after them
+            position = torch.arange(length, device=device, dtype=torch.float32)
+            keys = torch.rand(len(rows), length, device=device)
+            keys = torch.where(position[None] > query[:, None], 2.0 + position[None], keys)
+            order = keys.argsort(1)
+            context = context.gather(1, order[:, :, None].expand_as(context))
+        own = queries[torch.arange(len(rows), device=device), query]
+        x = torch.cat([own[:, None], context], 1)
+        logits = self.decode(x)  # (R, length + 1, V)
+        prefix = torch.arange(length, device=device)[None] <= query[:, None]
+        r, j = prefix.nonzero(as_tuple=True)
+        repeated = label[r]
+        selected = Targets(
+            rows=r,
+            cols=j + 1,
+            tokens=targets.tokens[repeated],
+            output=targets.output,
+            loss=targets.loss,
+            probs=None if targets.probs is None else targets.probs[repeated],
+        )
+        return loss_of_output(logits, selected)
+
+
+def make_faithful_model(
+    vocab_size: int,
+    seq_len: int,
+    state_len: int = 1,
+    d_model: int = 32,
+    n_layers: int = 3,
+    n_heads: int = 1,
+    dropout: float = 0.0,
+    shuffle: bool = False,
+) -> DPTModel:
+    """The faithful DPT's factory (``iclgym train --model dpt_faithful``): the streaming
+    model's defaults (the original's ``--embd 32 --layer 3``, one real head, dropout 0, GELU
+    MLP, learned positions over ``seq_len + 1`` elements); ``state_len`` tokens per state;
+    ``shuffle`` the original's ``--shuffle``. Raises ``ValueError`` for invalid sizes."""
+    config = TransformerConfig(
+        vocab_size=vocab_size,
+        max_len=seq_len + 1,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        mlp=True,
+        activation="gelu",
+        dropout=dropout,
+        positional="learned",
+    )
+    return DPTModel(config, as_int("state_len", state_len, 1), shuffle)
+
+
 def make_model(
     vocab_size: int,
     seq_len: int,
@@ -115,12 +297,13 @@ def make_model(
 
 def from_text(text: str, task: Task) -> ModelPredictor:
     """``RUN`` (the part after ``dpt:`` on the command line): the checkpoint of a run folder
-    of ``iclgym train --model dpt`` (or ``--recipe lee2023``), named ``dpt:RUN``. Raises
+    of ``iclgym train --model dpt`` or ``dpt_faithful`` (or ``--recipe lee2023``), named
+    ``dpt:RUN``. Raises
     ``ValueError`` when the checkpoint holds another model."""
     predictor = load_predictor(text, task)
-    if not isinstance(predictor.model, StreamingDPT):
+    if not isinstance(predictor.model, StreamingDPT | DPTModel):
         raise ValueError(
-            f"dpt:{text} holds a {type(predictor.model).__name__}, not a streaming DPT: use "
+            f"dpt:{text} holds a {type(predictor.model).__name__}, not a DPT: use "
             f"--predictor checkpoint:{text}"
         )
     predictor.name = f"dpt:{text}"

@@ -52,6 +52,15 @@ does.
 - ``num_parameters() -> int`` (default: the number of parameter elements);
 - ``decay_parameters() -> (decayed, not_decayed)``: the weight-decay split (default: the
   weights of ``nn.Linear`` layers are decayed, everything else, embeddings included, is not);
+- ``training_loss(inputs, targets) -> Tensor``: the scalar the trainer minimises instead of
+  the loss of ``forward(*inputs)`` at the scored positions (``inputs`` = ``batch.inputs``,
+  ``targets`` the :class:`~iclgym.harness.train.Targets` of the label switch), for a model
+  whose training examples are not its predictions (the faithful DPT: one query per
+  sequence, its label at every prefix, :class:`baselines.dpt.DPTModel`); ``forward`` still
+  defines what is scored. Not with ``--seeds`` (the vectorised copies train ``forward``'s
+  loss: refused);
+- ``check_task(task)``: raise ``ValueError`` when the model cannot train on ``task`` (run by
+  :func:`check_model`, before any training; e.g. a DPT that shuffles an ordered context);
 - ``input_embedding() -> Tensor | None``: the input table with the token axis first (V, ...);
   in the finite data regime the rows of tokens absent from the training set must come out of
   training bit-identical (Boix-Adserà et al. 2024's unseen-symbol test; decoupled weight decay
@@ -301,8 +310,11 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
     positions.
 
     Runs in eval mode under a forked random state, so it changes neither the model's mode nor
-    any random stream.
+    any random stream. A model's optional ``check_task(task)`` hook runs first.
     """
+    check_task = getattr(model, "check_task", None)
+    if check_task is not None:
+        check_task(task)
     gen = task.generator(0, "validation", device)
     batch = task.sample(PROBE_SEQUENCES, generator=gen, device=device)
     tokens, features = batch.tokens, batch.features

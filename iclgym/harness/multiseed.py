@@ -268,8 +268,8 @@ def train_seeds(
     label), ``switch_step`` the median of the seeds that switched (``switch_steps``: every
     seed's), ``runs`` every seed's own summary. Raises ``ValueError`` before any training for a
     template without a factory, ``config.seed`` set with seeds, a custom optimiser factory, a
-    model that cannot be vectorised, and everything :func:`~iclgym.harness.train.train`
-    refuses.
+    model that cannot be vectorised or that has its own ``training_loss``, and everything
+    :func:`~iclgym.harness.train.train` refuses.
     """
     seeds = tuple(run.seeds)
     start = time.perf_counter()
@@ -277,6 +277,11 @@ def train_seeds(
         raise ValueError(
             f"seed={config.seed} and seeds={format_seeds(seeds)} are exclusive: give the "
             "training seeds with seeds (--seeds) only"
+        )
+    if getattr(template, "training_loss", None) is not None:
+        raise ValueError(
+            f"seeds cannot train a {type(template).__name__}: its training_loss hook is not "
+            "vectorised over copies; train one seed per run"
         )
     info = factory_info(template)
     if not info or not info.get("factory"):

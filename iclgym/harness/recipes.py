@@ -10,7 +10,7 @@ where its numbers come from. ``docs/recipes.md`` lists them with their commands.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -335,6 +335,26 @@ LEE2023 = Recipe(
 )
 """Lee et al. 2023: streaming DPT with soft labels on in-context Markov chains."""
 
+LEE2023_FAITHFUL = Recipe(
+    name="lee2023-faithful",
+    env_id=LEE2023.env_id,
+    spec=LEE2023.spec,
+    model="dpt_faithful",
+    model_args=LEE2023.model_args,
+    train=replace(LEE2023.train, steps=1000, eval_every=250, eval_sequences=256),
+    source=(
+        "Lee et al. 2023's own input format on the lee2023 setting: the faithful DPT "
+        "(baselines.dpt.DPTModel): the query state first, then the context transitions, one "
+        "query per sequence with its label (soft: the true law of the next token) at every "
+        "prefix, as the original repeats a* at positions 1..H; the same model sizes and "
+        "optimiser as lee2023, 1000 steps (one label per sequence instead of T: it needs more "
+        "steps than the streaming DPT to reach the sanity target), evaluation every 250 steps "
+        "on 256 validation sequences (scoring reads every query after its whole context, about "
+        "T/2 streaming passes)."
+    ),
+)
+"""Lee et al. 2023: the faithful (query-first) DPT with soft labels on the same chains."""
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType(
     {
         r.name: r
@@ -347,6 +367,7 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType(
             LI2024,
             BU2024,
             LEE2023,
+            LEE2023_FAITHFUL,
         )
     }
 )

@@ -468,7 +468,12 @@ def loss_of_output(output: Tensor, targets: Targets) -> Tensor:
 
 def model_loss(model: nn.Module, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
     """:func:`loss_of_output` of ``model(*inputs)`` (``inputs`` = ``batch.inputs``: the
-    tokens, and the features of a task that has them)."""
+    tokens, and the features of a task that has them), or the model's own
+    ``training_loss(inputs, targets)`` where it defines one (the optional hook of
+    :mod:`iclgym.harness.model`)."""
+    custom = getattr(model, "training_loss", None)
+    if custom is not None:
+        return custom(inputs, targets)
     return loss_of_output(model(*inputs), targets)
 
 

@@ -104,3 +104,139 @@ def test_dpt_agent_acts_in_the_env_loop_as_the_model_predicts():
     assert (a.act(vobs) == b.act(vobs)).all()
     with pytest.raises(ValueError, match="mode="):
         DPTAgent(model, "thompson")
+
+
+# ------------------------------------------------------------------------ the faithful DPT
+def _faithful(task, **kwargs):
+    from baselines.dpt import DPTModel
+
+    model = build_model("baselines.dpt:make_faithful_model", task, seed=0, **kwargs)
+    assert isinstance(model, DPTModel)
+    return model
+
+
+def _plain_pass(model, tokens, q, order=None):
+    """Logits (B, q + 2, V) of [query s_q; E_0 .. E_q] written out plainly: the query as the
+    state slots of the one-hot Linear (its s' slot zero), E_i the window x_{i-m} .. x_i."""
+    v, m = model.config.vocab_size, model.state_len
+    table, bias = model.embed.table.weight, model.embed.bias
+    padded = torch.cat([torch.full((tokens.shape[0], m), v), tokens], 1)
+    onehot = F.one_hot(padded, v + 1).float()  # (B, m + T, V + 1)
+    slots = table.view(m + 1, v + 1, -1)
+    context = [sum(onehot[:, i + j] @ slots[j] for j in range(m + 1)) + bias for i in range(q + 1)]
+    query = sum(onehot[:, q + 1 + j] @ slots[j] for j in range(m)) + bias
+    if order is not None:
+        context = [context[i] for i in order]
+    return model.decode(torch.stack([query, *context], 1))
+
+
+@pytest.mark.parametrize("state_len", [1, 2])
+def test_faithful_dpt_reads_each_query_after_its_whole_context(state_len):
+    """forward's position q = the pass [s_q; E_0 .. E_q] read at its last element (Lee et al.
+    2023: the query first, test time reads the last position), for every q; causal."""
+    task = make_task("ICL-NGram-v0", seq_len=14)  # order 3: a state of 2 tokens is the chain's
+    model = _faithful(task, state_len=state_len).eval()
+    check_model(model, task)  # shapes and causality
+    tokens = task.sample(3, generator=task.generator(1)).tokens
+    with torch.no_grad():
+        out = model(tokens)
+        for q in range(14):
+            torch.testing.assert_close(out[:, q], _plain_pass(model, tokens, q)[:, -1])
+
+
+def test_faithful_dpt_trains_one_query_with_its_label_at_every_prefix():
+    """training_loss with one scored position q per row (so the query is forced): the mean of
+    the soft-label cross-entropies of the passes' outputs after E_0 .. E_j, j = 0 .. q, all
+    against the law of x_{q+1} (the original repeats a* at every prefix)."""
+    from iclgym.harness.train import Targets, training_labels
+
+    task = make_task("ICL-MarkovChain-v0", seq_len=10)
+    model = _faithful(task)
+    batch = task.sample(4, generator=task.generator(2))
+    targets, _, laws = training_labels(batch, "soft")
+    queries = [3, 0, 9, 6]
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[torch.arange(4), torch.tensor(queries)] = True
+    loss = model.training_loss((batch.tokens,), Targets.select(targets, mask, laws=laws))
+    terms = []
+    for b, q in enumerate(queries):
+        logits = _plain_pass(model, batch.tokens[b : b + 1], q)[0, 1:]  # prefixes j = 0 .. q
+        terms.append(-(laws[b, q] * logits.log_softmax(-1)).sum(-1))
+    torch.testing.assert_close(loss, torch.cat(terms).mean())
+
+
+def test_shuffled_contexts_are_permutations_of_the_query_s_own_past(monkeypatch):
+    """shuffle=True: each prefix read for query q holds transitions from E_0 .. E_q only (a
+    permutation of them, never a later one), and differs from the ordered context."""
+    task = make_task("ICL-MarkovChain-v0", seq_len=12)
+    model = _faithful(task, shuffle=True)
+    batch = task.sample(6, generator=task.generator(3))
+    seen = {}
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda x: seen.setdefault("x", x) is x and decode(x))
+    from iclgym.harness.train import Targets
+
+    queries = torch.tensor([11, 5, 8, 2, 11, 7])
+    mask = torch.zeros(6, 12, dtype=torch.bool)
+    mask[torch.arange(6), queries] = True
+    torch.manual_seed(0)
+    model.training_loss((batch.tokens,), Targets.select(batch.targets, mask))
+    _, context = model.elements(batch.tokens)
+    x = seen["x"]
+    moved = 0
+    for b, q in enumerate(queries.tolist()):
+        got, own = x[b, 1 : q + 2], context[b, : q + 1]
+        match = (got[:, None] - own[None]).abs().sum(-1) < 1e-6  # (q + 1, q + 1)
+        assert match.any(1).all() and match.any(0).all()  # the same elements, in some order
+        moved += int(not torch.equal(got, own))
+    assert moved >= 4
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs", "state_len", "ok"),
+    [
+        ("ICL-MarkovChain-v0", {}, 1, True),  # first-order: the state is the last token
+        ("ICL-NGram-v0", {}, 2, True),  # order 3: two tokens hold the chain's memory
+        ("ICL-NGram-v0", {}, 1, False),  # a truncated window: ordered
+        ("ICL-MarkovChain-v0", {"prior": "unigram"}, 1, True),  # counts suffice for any prior
+        ("ICL-SymbolTemplate-v0", {}, 1, False),
+        ("ICL-SparseContextualBigram-v0", {}, 1, False),
+        ("ICL-PriorityGraph-v0", {}, 1, False),
+    ],
+)
+def test_shuffling_is_refused_wherever_the_context_is_ordered(env_id, kwargs, state_len, ok):
+    """The rule of spec section 3 (shuffle only exchangeable transitions, never ordered
+    windows), checked before training by the model's check_task hook."""
+    from baselines.dpt import check_shuffle
+
+    task = make_task(env_id, **kwargs)
+    model = _faithful(task, shuffle=True, state_len=state_len)
+    if ok:
+        check_shuffle(task, state_len)
+        check_model(model, task)
+    else:
+        with pytest.raises(ValueError, match="shuffle=True is invalid"):
+            check_model(model, task)
+    check_model(_faithful(task, state_len=state_len), task)  # unshuffled: always allowed
+
+
+def test_faithful_dpt_trains_from_the_command_line_and_refuses_seeds(tmp_path, capsys):
+    out = tmp_path / "faithful"
+    main(["train", "ICL-MarkovChain-v0", "--model", "dpt_faithful", "--labels", "hard",
+          "--set", "seq_len=16", "--steps", "3", "--eval-every", "0", "--eval-sequences",
+          "16", "--out", str(out)])  # fmt: skip
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["type"] == "eval"][-1]["step"] == 3
+    main(["eval", "ICL-MarkovChain-v0", "--set", "seq_len=16", "--predictor", f"dpt:{out}",
+          "--num-sequences", "16"])  # fmt: skip
+    assert f"dpt:{out}" in capsys.readouterr().out
+    rc = main(["train", "ICL-SymbolCopy-v0", "--model", "dpt_faithful", "--model-arg",
+               "shuffle=true", "--steps", "1", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert rc != 0
+    assert "shuffle=True is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    from iclgym.harness import RunOptions, TrainConfig, train
+
+    task = make_task("ICL-MarkovChain-v0", seq_len=16)
+    with pytest.raises(ValueError, match="training_loss"):
+        train(_faithful(task), task, TrainConfig(steps=1), RunOptions(seeds=(0, 1)))

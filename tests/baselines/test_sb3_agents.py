@@ -106,7 +106,7 @@ def test_command_lines_train_and_score_sb3_and_dpt(tmp_path, capsys):
     iclgym_main(["train", "ICL-MarkovChain-v0", "--set", "seq_len=12", "--steps", "1",
                  "--eval-every", "0", "--eval-sequences", "16", "--out", str(other)])  # fmt: skip
     capsys.readouterr()
-    for bad, message in ((other, "not a streaming DPT"), (agent, "does not exist")):
+    for bad, message in ((other, "not a DPT"), (agent, "does not exist")):
         status = iclgym_main(["eval", "ICL-MarkovChain-v0", "--set", "seq_len=12",
                               "--predictor", f"dpt:{bad}"])  # fmt: skip
         assert status == 2 and message in capsys.readouterr().err

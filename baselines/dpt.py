@@ -59,7 +59,7 @@ from iclgym.harness.model import ModelPredictor, load_predictor
 from iclgym.harness.train import Targets, loss_of_output
 from iclgym.tasks.base import Task
 from iclgym.tasks.markov import MarkovChainTask
-from iclgym.validation import as_int
+from iclgym.validation import as_bool, as_int
 
 QUERY_CHUNK_ELEMENTS = 2**22
 """Elements x d_model a scoring pass of :class:`DPTModel` holds per chunk of queries."""
@@ -136,7 +136,7 @@ class DPTModel(Transformer):
 
     def __init__(self, config: TransformerConfig, state_len: int = 1, shuffle: bool = False):
         super().__init__(config, TransitionEmbedding(config.vocab_size, state_len, config.d_model))
-        self.state_len, self.shuffle = state_len, bool(shuffle)
+        self.state_len, self.shuffle = state_len, as_bool("shuffle", shuffle)
 
     def check_task(self, task: Task) -> None:
         """The trainer's optional pre-training check: :func:`check_shuffle` when shuffling."""
@@ -157,9 +157,10 @@ class DPTModel(Transformer):
         queries = embed.table(state).sum(2) + embed.bias
         return queries, context
 
-    def decode(self, x: Tensor) -> Tensor:
-        """Logits (N, L, V) of element sequences ``x`` (N, L, d_model): learned positions,
-        the causal blocks, the final LayerNorm and the head."""
+    def hidden(self, x: Tensor) -> Tensor:
+        """The last block's output (N, L, d_model) for element sequences ``x`` (N, L,
+        d_model): learned positions, then the causal blocks. Raises ``ValueError`` for L >
+        ``max_len``."""
         if x.shape[1] > self.config.max_len:
             raise ValueError(
                 f"{x.shape[1]} elements exceed max_len={self.config.max_len} (seq_len + 1)"
@@ -167,7 +168,23 @@ class DPTModel(Transformer):
         x = self.drop(x + self.pos_embed.weight[: x.shape[1]])
         for block in self.blocks:
             x, _ = block(x, False)
-        return self.lm_head(self.ln_f(x))
+        return x
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Logits (N, L, V) of element sequences ``x`` (N, L, d_model): :meth:`hidden`, the
+        final LayerNorm and the head."""
+        return self.lm_head(self.ln_f(self.hidden(x)))
+
+    def query_logits(self, tokens: Tensor, query: Tensor) -> Tensor:
+        """(B, V) logits of one query per row, ``query`` (B,) int64 positions: row b's
+        s_q read after E_0 .. E_q, q = ``query[b]``; one pass of max(query) + 2 elements (the
+        causal mask keeps each row's later elements out of its answer). What an agent acting
+        at one position needs, at ~T / 2 times less work than :meth:`forward`."""
+        queries, context = self.elements(tokens)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        length = int(query.max()) + 1
+        x = torch.cat([queries[rows, query][:, None], context[:, :length]], 1)
+        return self.lm_head(self.ln_f(self.hidden(x)[rows, query + 1]))
 
     def forward(self, tokens: Tensor, features: Tensor | None = None) -> Tensor:
         """(B, T, V) logits: position q is the query s_q read after [s_q; E_0 .. E_q], one
@@ -188,9 +205,9 @@ class DPTModel(Transformer):
                 ],
                 2,
             ).reshape(b * (hi - lo), hi + 1, d)
-            logits = self.decode(x).view(b, hi - lo, hi + 1, -1)
+            h = self.hidden(x).view(b, hi - lo, hi + 1, d)
             q = torch.arange(lo, hi, device=tokens.device)
-            out.append(logits[:, q - lo, q + 1])  # after E_0 .. E_q
+            out.append(self.lm_head(self.ln_f(h[:, q - lo, q + 1])))  # after E_0 .. E_q
         return torch.cat(out, 1)
 
     def training_loss(self, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
@@ -246,11 +263,19 @@ def make_faithful_model(
     n_heads: int = 1,
     dropout: float = 0.0,
     shuffle: bool = False,
+    feature_dim: int = 0,
 ) -> DPTModel:
     """The faithful DPT's factory (``iclgym train --model dpt_faithful``): the streaming
     model's defaults (the original's ``--embd 32 --layer 3``, one real head, dropout 0, GELU
     MLP, learned positions over ``seq_len + 1`` elements); ``state_len`` tokens per state;
-    ``shuffle`` the original's ``--shuffle``. Raises ``ValueError`` for invalid sizes."""
+    ``shuffle`` the original's ``--shuffle``. Raises ``ValueError`` for invalid sizes, a
+    ``shuffle`` that is not a bool, and a feature task (``feature_dim`` > 0: its transitions
+    are tokens only)."""
+    if as_int("feature_dim", feature_dim, 0):
+        raise ValueError(
+            f"feature_dim={feature_dim} is invalid: the faithful DPT reads tokens only "
+            "(a feature task needs --model dpt)"
+        )
     config = TransformerConfig(
         vocab_size=vocab_size,
         max_len=seq_len + 1,
@@ -311,15 +336,19 @@ def from_text(text: str, task: Task) -> ModelPredictor:
 
 
 class DPTAgent:
-    """A trained streaming DPT acting in an iclgym env's step loop (DPT's online
-    deployment): from the ``observation="context"`` observation (tokens x_0 .. x_t then PAD,
-    as an array (T + 1,) or a batch (N, T + 1) of a vector env; a Dict with ``"tokens"`` and
-    ``"features"`` for a feature task) it reads the model's law at t and returns the action
-    of ``mode``: ``"greedy"`` (argmax, the first token on ties), ``"sample"`` (a draw from
-    softmax(logits / temperature), seeded by ``seed``) or ``"distribution"`` (that law, for
-    ``action="distribution"`` envs). With full-information feedback the revealed prefix is the
-    same offline and online, so this is both deployments. Raises ``ValueError`` for another
-    mode, a temperature <= 0, or an observation without revealed tokens."""
+    """A trained DPT (:class:`StreamingDPT` or the faithful :class:`DPTModel`) acting in an
+    iclgym env's step loop (DPT's online deployment): from the ``observation="context"``
+    observation (tokens x_0 .. x_t then PAD, as an array (T + 1,) or a batch (N, T + 1) of a
+    vector env; a Dict with ``"tokens"`` and ``"features"`` for a feature task) it reads the
+    model's law at t and returns the action of ``mode``: ``"greedy"`` (argmax, the first
+    token on ties), ``"sample"`` (a draw from softmax(logits / temperature), seeded by
+    ``seed``) or ``"distribution"`` (that law, for ``action="distribution"`` envs). The
+    faithful model answers only each row's query (:meth:`DPTModel.query_logits`). A final
+    observation (all T + 1 tokens revealed; under next-step autoreset the env ignores its
+    action) is read up to x_{T-1}, the last position the model predicts from. With
+    full-information feedback the revealed prefix is the same offline and online, so this is
+    both deployments. Raises ``ValueError`` for another mode, a temperature <= 0, or an
+    observation without revealed tokens."""
 
     MODES = ("greedy", "sample", "distribution")
 
@@ -345,7 +374,9 @@ class DPTAgent:
         revealed = (tokens != self.vocab_size).sum(1)  # PAD = V after the revealed prefix
         if (revealed == 0).any():
             raise ValueError("the observation reveals no token: use observation='context'")
-        t = int(revealed.max()) - 1
+        faithful = isinstance(self.model, DPTModel)
+        position = (revealed - 1).clamp_max(self.model.config.max_len - 1 - faithful)
+        t = int(position.max())
         inputs = [tokens[:, : t + 1].clamp_max(self.vocab_size - 1)]
         if features is not None:
             f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
@@ -353,11 +384,12 @@ class DPTAgent:
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(*inputs).float()
+            if faithful:
+                logits = self.model.query_logits(inputs[0], position).float()
+            else:  # each row's last revealed position
+                logits = self.model(*inputs).float()[torch.arange(len(position)), position]
         finally:
             self.model.train(was_training)
-        rows = torch.arange(tokens.shape[0])
-        logits = logits[rows, revealed - 1]  # each row's last revealed position
         if self.mode == "greedy":
             action = logits.argmax(-1).numpy()
         elif self.mode == "sample":

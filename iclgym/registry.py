@@ -6,7 +6,6 @@ gets string entry points and loads ``iclgym.envs`` on the first ``gym.make``.
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,7 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from iclgym.validation import is_int
+from iclgym.validation import is_int, parse_value
 
 ENTRY_POINT = "iclgym.envs:ICLEnv"
 VECTOR_ENTRY_POINT = "iclgym.envs:ICLVectorEnv"
@@ -224,17 +223,14 @@ def make_task(env_id: str, **overrides: Any):
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Spec overrides from ``KEY=VALUE`` strings (``--set`` on the command line); values are
-    Python literals when they parse (``5``, ``0.5``, ``(1, 2)``), else strings."""
+    """Spec overrides from ``KEY=VALUE`` strings (``--set`` on the command line), each value
+    read by :func:`iclgym.validation.parse_value`."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects KEY=VALUE (e.g. num_states=2), got {item!r}")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
+        out[key] = parse_value(raw)
     return out
 
 

@@ -8,6 +8,7 @@ literal and the spaces built from it hold plain ints.
 
 from __future__ import annotations
 
+import ast
 import math
 from numbers import Real
 
@@ -44,6 +45,26 @@ def as_int(name: str, value: object, low: int | None = None, high: int | None = 
             valid = "an int"
         raise invalid(name, value, valid)
     return int(value)
+
+
+def as_bool(name: str, value: object) -> bool:
+    """``value`` as a Python bool: a Python or numpy bool only (never the truthiness of a
+    string such as ``"false"``, or of an int)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise invalid(name, value, "a bool")
+    return bool(value)
+
+
+def parse_value(raw: str) -> object:
+    """A command-line ``KEY=VALUE`` value: a bool for ``true`` / ``false`` in any case (the
+    shell spelling), else the Python literal when ``raw`` parses as one (``5``, ``0.5``,
+    ``(1, 2)``, ``False``), else the string itself."""
+    if raw.strip().lower() in ("true", "false"):
+        return raw.strip().lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
 def is_real(value: object) -> bool:

@@ -10,7 +10,7 @@ import gymnasium as gym
 import pytest
 
 import iclgym
-from iclgym.registry import register_iclgym_envs
+from iclgym.registry import make_task, register_iclgym_envs
 
 
 def test_ids_registered_with_entry_points():
@@ -90,3 +90,25 @@ def test_unknown_spec_keys_are_refused_with_the_valid_keys():
     from iclgym.registry import spec_keys
 
     assert "train_alphabet_size" in spec_keys("ICL-SymbolTemplate-v0")
+
+
+def test_command_line_values_read_true_and_false_as_bools_and_specs_refuse_strings():
+    """``--set`` and ``--model-arg`` share one value reader: the shell's ``true`` / ``false``
+    (any case) are bools, literals parse, anything else stays a string; a bool field given a
+    string is refused, never read by its truthiness (``bool("false")`` is True)."""
+    from iclgym.harness.train import parse_assignments
+    from iclgym.registry import parse_overrides
+
+    raw = ["a=false", "b=TRUE", "c=False", "d=3", "e=(1, 2)", "f=dirichlet", "g=0.5"]
+    expected = {"a": False, "b": True, "c": False, "d": 3, "e": (1, 2), "f": "dirichlet", "g": 0.5}
+    for parsed in (parse_overrides(raw), parse_assignments(raw, "--model-arg")):
+        assert parsed == expected and all(type(parsed[k]) is type(v) for k, v in expected.items())
+    task = make_task("ICL-PriorityGraph-v0", **parse_overrides(["deterministic=false"]))
+    assert task.spec.deterministic is False
+    for env_id, field in [
+        ("ICL-PriorityGraph-v0", "deterministic"),
+        ("ICL-MarkovChain-v0", "approx_sinkhorn"),
+        ("ICL-MultiConcept-v0", "cross_pairing"),
+    ]:
+        with pytest.raises(ValueError, match=f"{field}='false' is invalid: expected a bool"):
+            make_task(env_id, **{field: "false"})

@@ -8,6 +8,7 @@ from iclgym.harness.model import (
     ModelPredictor,
     build_model,
     check_model,
+    check_training,
     load_model,
     load_predictor,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "check_model",
+    "check_training",
     "evaluate",
     "get_recipe",
     "load_model",

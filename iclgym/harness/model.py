@@ -60,7 +60,8 @@ does.
   defines what is scored. Not with ``--seeds`` (the vectorised copies train ``forward``'s
   loss: refused);
 - ``check_task(task)``: raise ``ValueError`` when the model cannot train on ``task`` (run by
-  :func:`check_model`, before any training; e.g. a DPT that shuffles an ordered context);
+  :func:`check_training`, before any training, never when a trained model is scored; e.g. a
+  DPT that shuffles an ordered context);
 - ``input_embedding() -> Tensor | None``: the input table with the token axis first (V, ...);
   in the finite data regime the rows of tokens absent from the training set must come out of
   training bit-identical (Boix-Adserà et al. 2024's unseen-symbol test; decoupled weight decay
@@ -300,6 +301,15 @@ def scores_several_positions(task: Task, device: torch.device | str = "cpu") -> 
     return bool((batch.loss_mask.sum(1) > 1).any())
 
 
+def check_training(model: nn.Module, task: Task) -> None:
+    """Run the model's optional ``check_task(task)`` hook (the contract above), which raises
+    ``ValueError`` when the model cannot be trained on ``task``; the trainer calls it before
+    any training, scoring never does."""
+    check_task = getattr(model, "check_task", None)
+    if check_task is not None:
+        check_task(task)
+
+
 @torch.no_grad()
 def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu") -> ModelCheck:
     """Check ``model`` (already on ``device``) against the contract on ``task`` and return what
@@ -310,11 +320,10 @@ def check_model(model: nn.Module, task: Task, device: torch.device | str = "cpu"
     positions.
 
     Runs in eval mode under a forked random state, so it changes neither the model's mode nor
-    any random stream. A model's optional ``check_task(task)`` hook runs first.
+    any random stream. A model's ``check_task`` hook is a training check
+    (:func:`check_training`), not run here: a trained model may be scored on any task its
+    outputs fit.
     """
-    check_task = getattr(model, "check_task", None)
-    if check_task is not None:
-        check_task(task)
     gen = task.generator(0, "validation", device)
     batch = task.sample(PROBE_SEQUENCES, generator=gen, device=device)
     tokens, features = batch.tokens, batch.features

@@ -64,6 +64,7 @@ from iclgym.harness.model import (
     SEEDS_CHECKPOINT_FORMAT,
     build_model,
     check_model,
+    check_training,
     factory_info,
     input_embedding,
     num_parameters,
@@ -302,6 +303,7 @@ def train_seeds(
             )
             for s in seeds
         ]
+        check_training(models[0], task)
         checked = check_model(models[0], task, device)
         check_loss(config.loss, checked.output)
         metric_keys = check_model_metrics(task, models[0])

@@ -51,7 +51,6 @@ process, vectorised over the copies (:mod:`iclgym.harness.multiseed`): copy S is
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import math
@@ -77,6 +76,7 @@ from iclgym.harness.model import (
     ModelPredictor,
     check_device,
     check_model,
+    check_training,
     decay_parameters,
     factory_info,
     import_object,
@@ -89,7 +89,7 @@ from iclgym.harness.phases import phase_report
 from iclgym.harness.plots import plot_metrics, plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed, torch_threads
-from iclgym.validation import as_float, as_int
+from iclgym.validation import as_float, as_int, parse_value
 
 CHECKPOINT, LOG, SUMMARY, PLOT, METRICS_PLOT, LOCK = (
     "checkpoint.pt",
@@ -334,17 +334,14 @@ def format_seeds(seeds: tuple[int, ...]) -> str:
 
 
 def parse_assignments(items: tuple[str, ...] | list[str], name: str) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as a dict; values are Python literals when they parse, else strings.
+    """``KEY=VALUE`` strings as a dict, each value read by :func:`iclgym.validation.parse_value`.
     ``ValueError`` naming ``name`` and the item for a string without ``=``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = str(item).partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"{name} expects KEY=VALUE items (e.g. depth=2), got {item!r}")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
+        out[key] = parse_value(raw)
     return out
 
 
@@ -1059,6 +1056,7 @@ def train(
     with torch_threads(config.threads):
         # 1. Everything that can be wrong is checked before the run folder is touched.
         model.to(device=device, dtype=dtype)
+        check_training(model, task)
         checked = check_model(model, task, device)
         check_loss(config.loss, checked.output)
         metric_keys = check_model_metrics(task, model)

@@ -38,7 +38,7 @@ from iclgym.tasks import kernels, markov_bayes
 from iclgym.tasks.base import Batch, OracleEstimate, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.estimators import check_alpha, context_index, ngram_log_probs
 from iclgym.tasks.stationary import lifted_transition, stationary_from_log
-from iclgym.validation import as_float, as_int, check_sequence_memory, invalid
+from iclgym.validation import as_bool, as_float, as_int, check_sequence_memory, invalid
 
 PRIORS = ("dirichlet", "doubly_stochastic", "unigram", "mixture")
 INITS = ("stationary", "uniform")
@@ -103,9 +103,7 @@ class MarkovChainSpec(TaskSpec):
             raise invalid("prior", self.prior, f"one of {PRIORS}")
         put("mix_p", as_float("mix_p", self.mix_p, 0.0, 1.0))
         for name in ("approx_sinkhorn", "allow_large_table"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise invalid(name, getattr(self, name), "a bool")
-            put(name, bool(getattr(self, name)))
+            put(name, as_bool(name, getattr(self, name)))
         if self.prior in ("doubly_stochastic", "mixture"):
             if n != 2:
                 raise invalid("order", n, f"2 for prior={self.prior!r} (square tables)")

@@ -98,6 +98,7 @@ from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.markov import inverse_cdf_thresholds, open_uniform
 from iclgym.validation import (
     BLOCK_SEQUENCES,
+    as_bool,
     as_float,
     as_int,
     check_memory,
@@ -233,9 +234,7 @@ class MultiConceptSpec(TaskSpec):
         put("label_noise", as_float("label_noise", self.label_noise, 0.0, 0.5, high_open=True))
         put("coef_jitter", as_float("coef_jitter", self.coef_jitter, 0.0, 1.0, high_open=True))
         put("heldout_concepts", as_int("heldout_concepts", self.heldout_concepts, 0, k - 1))
-        if not isinstance(self.cross_pairing, (bool, np.bool_)):
-            raise invalid("cross_pairing", self.cross_pairing, "a bool")
-        put("cross_pairing", bool(self.cross_pairing))
+        put("cross_pairing", as_bool("cross_pairing", self.cross_pairing))
         r = as_int("label_extra_concepts", self.label_extra_concepts, 0, k - 1)
         put("label_extra_concepts", r)
         put("world_seed", as_int("world_seed", self.world_seed, 0))

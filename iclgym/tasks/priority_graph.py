@@ -68,7 +68,14 @@ from iclgym.tasks.priority_graph_theory import (
     PaperTheory,
     paper_dataset,
 )
-from iclgym.validation import as_float, as_int, check_memory, check_sequence_memory, invalid
+from iclgym.validation import (
+    as_bool,
+    as_float,
+    as_int,
+    check_memory,
+    check_sequence_memory,
+    invalid,
+)
 
 MODES = ("planted", "paper")
 DEFAULT_S_MAX = 3
@@ -87,12 +94,6 @@ UNIFORM_MULTIPLY_MAX = 1024
 fits in int64), above it in float64."""
 LOG_FLOOR = 1e-30
 """Log-probabilities are floored at log(1e-30) where a law is exactly 0."""
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise invalid(name, value, "a bool")
-    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class PriorityGraphSpec(TaskSpec):
             put("s_max", as_int("s_max", self.s_max, 1, k))
         put("sigma_beta", as_float("sigma_beta", self.sigma_beta, 0.0))
         for flag in ("distinct", "deterministic", "cyclic"):
-            put(flag, _flag(flag, getattr(self, flag)))
+            put(flag, as_bool(flag, getattr(self, flag)))
         if self.distinct and t > k:
             raise invalid(
                 "context_len", t, f"an int in [1, {k}] with distinct=True (T <= num_tokens)"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse.csgraph import connected_components, shortest_path
 
-from iclgym.validation import as_int, invalid
+from iclgym.validation import as_bool, as_int, invalid
 
 EMBEDDINGS = ("random", "ortho", "equi-corr")
 """Paper-mode embedding choices (the reference code's ``choice``)."""
@@ -160,8 +160,7 @@ def paper_dataset(
     t = as_int("context_len", context_len, 1)
     k = as_int("num_tokens", num_tokens, 2)
     max_tries = as_int("max_tries", max_tries, 1)
-    if not isinstance(cyclic, (bool, np.bool_)):
-        raise invalid("cyclic", cyclic, "a bool")
+    cyclic = as_bool("cyclic", cyclic)
     emb = paper_embeddings(k, d, embedding, seed)
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
     for tries in range(1, max_tries + 1):

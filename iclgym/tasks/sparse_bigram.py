@@ -65,7 +65,14 @@ from iclgym.tasks import kernels
 from iclgym.tasks.base import Batch, Strategy, Task, TaskSpec, check_batch_size
 from iclgym.tasks.markov import inverse_cdf_thresholds
 from iclgym.tasks.stationary import gth_stationary
-from iclgym.validation import as_float, as_int, check_memory, check_sequence_memory, invalid
+from iclgym.validation import (
+    as_bool,
+    as_float,
+    as_int,
+    check_memory,
+    check_sequence_memory,
+    invalid,
+)
 
 P_FAMILIES = ("perm_mixture", "dirichlet", "custom")
 Q_WEIGHTS = ("uniform", "dirichlet")
@@ -879,8 +886,7 @@ def make_transfer_pair(
     if not isinstance(spec, SparseContextualBigramSpec):
         spec = SparseContextualBigramSpec(**spec)
     target = as_float("rho", rho, -1.0, 1.0, low_open=True, high_open=True)
-    if not isinstance(share_attn, (bool, np.bool_)):
-        raise invalid("share_attn", share_attn, "a bool")
+    share_attn = as_bool("share_attn", share_attn)
     upstream = SparseContextualBigramTask(spec)
     p, mu = upstream.transition, upstream.stationary
     family = spec

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from baselines.dpt import StreamingDPT, TransitionEmbedding, make_model
 from iclgym.cli import main
-from iclgym.harness import RECIPES, build_model, check_model
+from iclgym.harness import RECIPES, build_model, check_model, check_training
 from iclgym.registry import make_task
 
 
@@ -206,18 +206,20 @@ def test_shuffled_contexts_are_permutations_of_the_query_s_own_past(monkeypatch)
 )
 def test_shuffling_is_refused_wherever_the_context_is_ordered(env_id, kwargs, state_len, ok):
     """The rule of spec section 3 (shuffle only exchangeable transitions, never ordered
-    windows), checked before training by the model's check_task hook."""
+    windows), checked before training by the model's check_task hook (check_training); the
+    scoring check (check_model) never refuses a trained model for how it was trained."""
     from baselines.dpt import check_shuffle
 
     task = make_task(env_id, **kwargs)
     model = _faithful(task, shuffle=True, state_len=state_len)
+    check_model(model, task)
     if ok:
         check_shuffle(task, state_len)
-        check_model(model, task)
+        check_training(model, task)
     else:
         with pytest.raises(ValueError, match="shuffle=True is invalid"):
-            check_model(model, task)
-    check_model(_faithful(task, state_len=state_len), task)  # unshuffled: always allowed
+            check_training(model, task)
+    check_training(_faithful(task, state_len=state_len), task)  # unshuffled: always allowed
 
 
 def test_faithful_dpt_trains_from_the_command_line_and_refuses_seeds(tmp_path, capsys):
@@ -235,8 +237,82 @@ def test_faithful_dpt_trains_from_the_command_line_and_refuses_seeds(tmp_path, c
     assert rc != 0
     assert "shuffle=True is invalid" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # the shell's "false" is False (not the truthiness of a string): ordered tasks train
+    main(["train", "ICL-SymbolCopy-v0", "--model", "dpt_faithful", "--model-arg",
+          "shuffle=false", "--steps", "1", "--eval-every", "0", "--eval-sequences", "8",
+          "--out", str(tmp_path / "copy")])  # fmt: skip
+    assert (tmp_path / "copy" / "metrics.jsonl").exists()
+    # a shuffle-trained first-order model is scored on an order-3 chain (where it could not
+    # have trained shuffled): scoring never runs the training check
+    shuffled = tmp_path / "shuffled"
+    main(["train", "ICL-MarkovChain-v0", "--model", "dpt_faithful", "--model-arg",
+          "shuffle=True", "--set", "seq_len=16", "--steps", "1", "--eval-every", "0",
+          "--eval-sequences", "8", "--out", str(shuffled)])  # fmt: skip
+    capsys.readouterr()
+    rc = main(["eval", "ICL-NGram-v0", "--set", "seq_len=16",
+               "--predictor", f"dpt:{shuffled}", "--num-sequences", "16"])  # fmt: skip
+    assert rc in (0, None) and f"dpt:{shuffled}" in capsys.readouterr().out
     from iclgym.harness import RunOptions, TrainConfig, train
 
     task = make_task("ICL-MarkovChain-v0", seq_len=16)
     with pytest.raises(ValueError, match="training_loss"):
         train(_faithful(task), task, TrainConfig(steps=1), RunOptions(seeds=(0, 1)))
+
+
+def test_faithful_dpt_refuses_non_bool_shuffle_and_feature_tasks():
+    task = make_task("ICL-MarkovChain-v0", seq_len=16)
+    for bad in ("false", 1, None):
+        with pytest.raises(ValueError, match="shuffle="):
+            _faithful(task, shuffle=bad)
+    with pytest.raises(ValueError, match="reads tokens only"):
+        build_model("baselines.dpt:make_faithful_model", make_task("ICL-MultiConcept-v0"))
+
+
+def test_query_logits_and_forward_read_each_query_alike():
+    """One query per row (different positions per row, as in a vector env) equals forward
+    at those positions; forward's chunked passes equal one unchunked pass."""
+    import baselines.dpt as dpt
+
+    task = make_task("ICL-MarkovChain-v0", num_states=3, seq_len=12)
+    model = _faithful(task).eval()
+    tokens = task.sample(5, generator=task.generator(2)).tokens
+    query = torch.tensor([0, 11, 4, 7, 11])
+    with torch.no_grad():
+        full = model(tokens)
+        torch.testing.assert_close(model.query_logits(tokens, query), full[torch.arange(5), query])
+        old = dpt.QUERY_CHUNK_ELEMENTS
+        try:
+            dpt.QUERY_CHUNK_ELEMENTS = 1  # one query per chunk
+            torch.testing.assert_close(model(tokens), full)
+        finally:
+            dpt.QUERY_CHUNK_ELEMENTS = old
+
+
+@pytest.mark.parametrize("factory", ["make_model", "make_faithful_model"])
+def test_dpt_agent_steps_a_vector_env_through_its_episode_ends(factory):
+    """Under next-step autoreset a vector env hands the agent each episode's final
+    observation (all T + 1 tokens revealed); the agent acts on it (the env ignores that
+    action) and on every other step acts as the model predicts at the last revealed token."""
+    import numpy as np
+
+    from baselines.dpt import DPTAgent
+    from iclgym.envs import ICLVectorEnv
+
+    task = make_task("ICL-MarkovChain-v0", num_states=3, seq_len=6)
+    model = build_model(f"baselines.dpt:{factory}", task, seed=1).eval()
+    agent = DPTAgent(model, "greedy")
+    env = ICLVectorEnv(3, "ICL-MarkovChain-v0", num_states=3, seq_len=6, observation="context")
+    obs, _ = env.reset(seed=0)
+    ends = 0
+    for _ in range(15):  # two whole episodes and more
+        actions = agent.act(obs)
+        assert actions.shape == (3,)
+        for r in range(3):
+            t = int((obs[r] != 3).sum()) - 1
+            if t < 6:
+                x = torch.as_tensor(obs[r : r + 1, : t + 1].astype(np.int64))
+                with torch.no_grad():
+                    assert actions[r] == int(model(x)[0, t].argmax())
+        ends += int((obs != 3).all(1).sum())
+        obs, _, _, _, _ = env.step(actions)
+    assert ends >= 3

@@ -254,6 +254,30 @@ class DPTModel(Transformer):
         return loss_of_output(logits, selected)
 
 
+def gpt2_config(
+    vocab_size: int,
+    max_len: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    dropout: float,
+    feature_dim: int = 0,
+) -> TransformerConfig:
+    """Both DPTs' blocks: GPT-2's (GELU MLP 4x, learned positions over ``max_len``)."""
+    return TransformerConfig(
+        vocab_size=vocab_size,
+        max_len=max_len,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        mlp=True,
+        activation="gelu",
+        dropout=dropout,
+        positional="learned",
+        feature_dim=feature_dim,
+    )
+
+
 def make_faithful_model(
     vocab_size: int,
     seq_len: int,
@@ -276,17 +300,7 @@ def make_faithful_model(
             f"feature_dim={feature_dim} is invalid: the faithful DPT reads tokens only "
             "(a feature task needs --model dpt)"
         )
-    config = TransformerConfig(
-        vocab_size=vocab_size,
-        max_len=seq_len + 1,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        mlp=True,
-        activation="gelu",
-        dropout=dropout,
-        positional="learned",
-    )
+    config = gpt2_config(vocab_size, seq_len + 1, d_model, n_layers, n_heads, dropout)
     return DPTModel(config, as_int("state_len", state_len, 1), shuffle)
 
 
@@ -305,18 +319,7 @@ def make_model(
     parameter here), dropout 0, GPT-2 blocks (GELU MLP 4x, learned positions over
     ``seq_len``). ``state_len``: tokens per state (n - 1 for an order-n chain). Raises
     ``ValueError`` for invalid sizes."""
-    config = TransformerConfig(
-        vocab_size=vocab_size,
-        max_len=seq_len,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        mlp=True,
-        activation="gelu",
-        dropout=dropout,
-        positional="learned",
-        feature_dim=feature_dim,
-    )
+    config = gpt2_config(vocab_size, seq_len, d_model, n_layers, n_heads, dropout, feature_dim)
     return StreamingDPT(config, state_len)
 
 

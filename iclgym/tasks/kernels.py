@@ -44,6 +44,15 @@ def available(device: torch.device) -> bool:
     return ENABLED and device.type == "cpu"
 
 
+@njit(cache=True, nogil=True, inline="always")
+def uniform_index(w, shift, n):  # pragma: no cover - compiled
+    """floor(u n), u = (w >> 10) / 2**53, of one 63-bit random word ``w``, as the torch
+    samplers compute it: its top bits where n is a power of two (``shift`` = 64 -
+    n.bit_length() > 0), else the multiply-shift (``shift`` = 0; n < 1024, so the 53-bit
+    product fits in int64)."""
+    return w >> shift if shift > 0 else ((w >> 10) * n) >> 53
+
+
 @njit(cache=True, nogil=True)
 def _walk(cdf, first, u, keep, out):  # pragma: no cover - compiled
     batch, _, km1 = cdf.shape

@@ -293,13 +293,11 @@ def _planted_draw(  # pragma: no cover - compiled
     weights = np.zeros(k)  # each row's last pass zeroes it again
     cdf = np.empty(k)
     for r in range(b):  # few fused passes per row (fewer, longer passes measured faster)
-        w = words[r, t - 1]
-        query = w >> shift if shift > 0 else ((w >> 10) * k) >> 53
+        query = kernels.uniform_index(words[r, t - 1], shift, k)
         lq, eq = level[query], exp_beta[query]
         high = -1
         for p in range(t):
-            w = words[r, p]
-            row[p] = seq[r, p] = j = w >> shift if shift > 0 else ((w >> 10) * k) >> 53
+            row[p] = seq[r, p] = j = kernels.uniform_index(words[r, p], shift, k)
             high = max(high, lq[j])
         for p in range(t):  # branch-free; equal addends per token, so any order sums alike
             j = row[p]

@@ -366,10 +366,8 @@ def _draw(  # pragma: no cover - compiled
     for r in range(b):
         for p in range(width):
             w = words[r, p]
-            if shift > 0:
-                token = w >> shift
-            elif shift == 0:
-                token = ((w >> 10) * n) >> 53
+            if shift >= 0:
+                token = kernels.uniform_index(w, shift, n)
             else:
                 token = _lower_bound(mu_cdf, np.float64((w >> 10) + 1) * 2.0**-53)
             tokens[r, p] = token

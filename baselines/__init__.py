@@ -41,6 +41,7 @@ MODELS: Mapping[str, ModelEntry] = MappingProxyType(
         "concept_attention": ModelEntry("baselines.concept_attention:make_model", {}, "width"),
         "dpt": ModelEntry("baselines.dpt:make_model", {}, "d_model"),
         "dpt_faithful": ModelEntry("baselines.dpt:make_faithful_model", {}, "d_model"),
+        "dpt_bandit": ModelEntry("baselines.dpt:make_bandit_model", {}, "d_model"),
     }
 )
 """``transformer+kq`` / ``+vo``: the identity scalars of Boix-Adserà et al. 2024.
@@ -54,7 +55,9 @@ needs a task with continuous features.
 ``dpt``: the streaming decision-pretrained transformer (Lee et al. 2023) over transitions
 (s_{t-1} -> x_t), trained with the label switch ``--labels soft|hard|sampled``.
 ``dpt_faithful``: the original's input, the query first, one query per sequence and its label
-at every prefix (``--model-arg shuffle=true`` permutes Markov-chain contexts)."""
+at every prefix (``--model-arg shuffle=true`` permutes Markov-chain contexts).
+``dpt_bandit``: the streaming DPT trained on bandit feedback (random behaviour policies hide
+every mispredicted token), for ``iclgym regret`` under :class:`iclgym.wrappers.BanditFeedback`."""
 
 PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType(
     {
@@ -66,3 +69,7 @@ PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType(
 """``ngram:ORDER[:ALPHA]``: the in-context n-gram (order 0 = uniform). ``dpt:RUN``: a streaming
 DPT run folder of ``iclgym train --model dpt`` (its checkpoint). ``sb3:RUN``: an SB3 agent
 folder of ``python -m baselines.sb3_agents`` (:func:`baselines.sb3_agents.train_agent`)."""
+
+AGENT_KINDS: Mapping[str, str] = MappingProxyType({"dpt": "baselines.dpt:agent_from_text"})
+"""``iclgym regret --agent KIND:ARGS`` prefixes: ``dpt:RUN[:greedy|:sample]``, a DPT run folder
+acting in the env's step loop (:class:`baselines.dpt.DPTAgent`)."""

@@ -103,6 +103,61 @@ class StreamingDPT(Transformer):
         self.state_len = state_len
 
 
+class BanditDPT(StreamingDPT):
+    """The streaming DPT trained for bandit feedback (:class:`iclgym.wrappers.BanditFeedback`:
+    the next token is shown only after a correct prediction, else the id ``HIDDEN = V + 1``).
+    ``forward(tokens)`` takes (B, T) int64 ids in [0, V) or ``HIDDEN`` (the wrapper's
+    observations; PAD = V, after the revealed prefix, is never read by a causal position) and
+    returns (B, T, V) logits; each hidden token is one more input id of every transition slot.
+
+    Training (:meth:`training_loss`, the trainer's optional hook): each sequence gets a
+    behaviour policy, a Dirichlet(1) action law mixed with a point mass on one uniformly drawn
+    token at a weight uniform in [0, 1] (Lee et al. 2023 pretrain their bandit DPT on contexts
+    collected by random behaviour policies; this Dirichlet-and-point-mass mixture is iclgym's
+    reading of the original code's collection, chosen so that reveal rates range from rare to
+    nearly every token, covering what a trained greedy agent later sees); its actions a_t pick which
+    tokens stay hidden (x_{t+1} is shown iff a_t = x_{t+1}; x_0 always), and every scored
+    position t is trained on the trainer's label (soft: the true law of x_{t+1}). The soft
+    label's population minimiser is the posterior predictive given the feedback the behaviour
+    policy produced, so deployed greedily it is a Bayes-greedy bandit agent up to the shift
+    between behaviour and deployed policies (the pretraining data's coverage, as in DPT).
+    Draws use the global torch random state (seeded and checkpointed by the trainer)."""
+
+    def __init__(self, config: TransformerConfig, state_len: int = 1) -> None:
+        hidden_too = TransitionEmbedding(config.vocab_size + 1, state_len, config.d_model)
+        Transformer.__init__(self, config, hidden_too)  # one more input id than StreamingDPT
+        self.state_len = state_len
+
+    def forward(self, tokens: Tensor, features: Tensor | None = None, **kwargs: Any) -> Any:
+        if features is not None:
+            raise ValueError("the bandit DPT reads tokens only (no feature tasks)")
+        v = self.config.vocab_size  # embedding ids: tokens, V = HIDDEN, V + 1 = start PAD
+        return super().forward(tokens.masked_fill(tokens == v + 1, v), **kwargs)
+
+    def feedback(self, tokens: Tensor) -> Tensor:
+        """(B, T) int64: ``tokens`` as a behaviour policy (class docstring) would see them under
+        bandit feedback, hidden tokens as ``HIDDEN = V + 1``."""
+        b, t = tokens.shape
+        v = self.config.vocab_size
+        device = tokens.device
+        law = torch._standard_gamma(torch.ones(b, v, device=device))
+        law = law / law.sum(1, keepdim=True)
+        weight = torch.rand(b, 1, device=device)
+        point = torch.randint(v, (b,), device=device)
+        law = (1 - weight) * law + weight * nn.functional.one_hot(point, v)
+        actions = torch.multinomial(law, max(t - 1, 1), replacement=True)[:, : t - 1]
+        shown = tokens.clone()
+        shown[:, 1:] = shown[:, 1:].masked_fill(actions != tokens[:, 1:], v + 1)
+        return shown
+
+    def training_loss(self, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
+        """The loss of ``forward`` on the behaviour policy's feedback (class docstring) at the
+        scored positions, against the trainer's labels."""
+        if len(inputs) > 1:
+            raise ValueError("the bandit DPT reads tokens only (no feature tasks)")
+        return loss_of_output(self(self.feedback(inputs[0])), targets)
+
+
 def check_shuffle(task: Task, state_len: int) -> None:
     """Raise ``ValueError`` unless shuffling the transitions (state of ``state_len`` tokens ->
     next token) of ``task``'s sequences keeps every label's Bayes law: the task must be a
@@ -304,6 +359,25 @@ def make_faithful_model(
     return DPTModel(config, as_int("state_len", state_len, 1), shuffle)
 
 
+def make_bandit_model(
+    vocab_size: int,
+    seq_len: int,
+    state_len: int = 1,
+    d_model: int = 32,
+    n_layers: int = 3,
+    n_heads: int = 1,
+    dropout: float = 0.0,
+    feature_dim: int = 0,
+) -> BanditDPT:
+    """The bandit DPT's factory (``iclgym train --model dpt_bandit``, the ``lee2023-bandit``
+    recipe): the streaming model's defaults and blocks, one more input id (HIDDEN). Raises
+    ``ValueError`` for invalid sizes and for a feature task (its feedback is tokens only)."""
+    if as_int("feature_dim", feature_dim, 0):
+        raise ValueError(f"feature_dim={feature_dim} is invalid: the bandit DPT reads tokens only")
+    config = gpt2_config(vocab_size, seq_len, d_model, n_layers, n_heads, dropout)
+    return BanditDPT(config, as_int("state_len", state_len, 1))
+
+
 def make_model(
     vocab_size: int,
     seq_len: int,
@@ -350,8 +424,11 @@ class DPTAgent:
     observation (all T + 1 tokens revealed; under next-step autoreset the env ignores its
     action) is read up to x_{T-1}, the last position the model predicts from. With
     full-information feedback the revealed prefix is the same offline and online, so this is
-    both deployments. Raises ``ValueError`` for another mode, a temperature <= 0, or an
-    observation without revealed tokens."""
+    both deployments. Under bandit feedback (:class:`iclgym.wrappers.BanditFeedback`) the
+    observation shows HIDDEN = V + 1 after each miss: a :class:`BanditDPT` reads it, and that
+    prefix depends on the agent's own actions (online deployment proper). Raises
+    ``ValueError`` for another mode, a temperature <= 0, an observation without revealed
+    tokens, or hidden tokens shown to a DPT trained with full information."""
 
     MODES = ("greedy", "sample", "distribution")
 
@@ -380,7 +457,17 @@ class DPTAgent:
         faithful = isinstance(self.model, DPTModel)
         position = (revealed - 1).clamp_max(self.model.config.max_len - 1 - faithful)
         t = int(position.max())
-        inputs = [tokens[:, : t + 1].clamp_max(self.vocab_size - 1)]
+        window = tokens[:, : t + 1]
+        if isinstance(self.model, BanditDPT):
+            inputs = [window]  # HIDDEN = V + 1 is one of its input ids
+        elif (window == self.vocab_size + 1).any():
+            raise ValueError(
+                f"the observation shows HIDDEN = {self.vocab_size + 1} (bandit feedback): a DPT "
+                "trained with full information cannot read hidden tokens; train one with "
+                "--model dpt_bandit"
+            )
+        else:
+            inputs = [window.clamp_max(self.vocab_size - 1)]
         if features is not None:
             f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
             inputs.append((f[None] if single else f)[:, : t + 1])
@@ -401,3 +488,14 @@ class DPTAgent:
         else:
             action = (logits / self.temperature).softmax(-1).numpy().astype(np.float32)
         return action[0] if single else action
+
+
+def agent_from_text(text: str, task: Task, seed: int = 0) -> DPTAgent:
+    """``RUN[:greedy|:sample]`` (the part after ``dpt:`` of ``iclgym regret --agent``): a
+    :class:`DPTAgent` of the DPT checkpoint in the run folder RUN, acting greedily (the
+    default) or by sampling its law (seeded by ``seed``). Raises ``ValueError`` as
+    :func:`from_text`."""
+    run, _, mode = text.rpartition(":")
+    if mode not in ("greedy", "sample") or not run:
+        run, mode = text, "greedy"
+    return DPTAgent(from_text(run, task).model, mode=mode, seed=seed)

@@ -1,4 +1,4 @@
-"""The ``iclgym`` command: list, describe, eval, train, sweep, speed, bench, verify,
+"""The ``iclgym`` command: list, describe, eval, regret, train, sweep, speed, bench, verify,
 leaderboard, export.
 
 Each subcommand's options are a dataclass parsed by ``tyro`` (the config is the command line,
@@ -36,6 +36,7 @@ COMMANDS = {
     "list": "list the registered env ids",
     "describe": "describe one env id",
     "eval": "score predictors against the Bayes oracle",
+    "regret": "score agents online under bandit feedback by cumulative regret",
     "train": "train any model on any env id with the one trainer (--recipe NAME for a paper's)",
     "sweep": "train a model x width x n x seed grid; table and plot of the test error",
     "speed": "throughput benchmark with the project's targets",
@@ -95,6 +96,29 @@ class EvalArgs:
     """Print the reports as a JSON list (one entry per predictor)."""
     curves: tyro.conf.FlagCreatePairsOff[bool] = False
     """Include the per-position curves in the JSON."""
+
+
+@dataclass(frozen=True)
+class RegretArgs:
+    """Score agents online under bandit feedback (iclgym.wrappers.BanditFeedback: the next
+    token shown only after a correct prediction) by their cumulative pseudo-regret per
+    episode, on the same episodes, next to the full-information Bayes oracle (a lower bound)."""
+
+    env_id: EnvId
+    """Registered env id (action='token'), e.g. ICL-MarkovChain-v0."""
+    agent: Repeated = ()
+    """uniform | revealed_bigram | dpt:RUN[:greedy|:sample] (a DPT run folder, e.g. of
+    --recipe lee2023-bandit); repeatable (default: uniform and revealed_bigram)."""
+    set: Repeated = ()
+    """Spec override KEY=VALUE, repeatable."""
+    episodes: int = 256
+    """Episodes scored (env seeds seed .. seed + episodes - 1)."""
+    num_envs: int = 64
+    """Episodes stepped together (one batched agent call per step)."""
+    seed: int = 0
+    """Seed of the first episode and of sampling agents."""
+    json: tyro.conf.FlagCreatePairsOff[bool] = False
+    """Print the reports as a JSON list."""
 
 
 @dataclass(frozen=True)
@@ -394,6 +418,54 @@ def _cmd_sweep(args: Any) -> int:
     return 0
 
 
+def _cmd_regret(args: RegretArgs) -> int:
+    from baselines import AGENT_KINDS
+    from iclgym.harness import regret
+    from iclgym.harness.model import import_object
+
+    spec = parse_overrides(args.set)
+    task = make_task(args.env_id, **spec)
+    names = list(args.agent) or ["uniform", "revealed_bigram"]
+    policies = []
+    for name in names:
+        kind, _, rest = name.partition(":")
+        if name == "uniform":
+            policies.append(regret.uniform_policy(task.vocab_size, args.seed))
+        elif name == "revealed_bigram":
+            policies.append(regret.revealed_bigram_policy(task.vocab_size))
+        elif kind in AGENT_KINDS and rest:
+            policies.append(import_object(AGENT_KINDS[kind])(rest, task, seed=args.seed).act)
+        else:
+            kinds = ", ".join(f"{k}:ARGS" for k in AGENT_KINDS)
+            raise UsageError(
+                f"agent={name!r} is invalid: expected uniform, revealed_bigram or {kinds}"
+            )
+    common = {"spec": spec, "num_episodes": args.episodes, "num_envs": args.num_envs}
+    reports = [regret.full_information_regret(args.env_id, seed=args.seed, **common)]
+    for name, policy in zip(names, policies, strict=True):
+        report = regret.bandit_regret(args.env_id, policy, name=name, seed=args.seed, **common)
+        reports.append(report)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+        return 0
+    print(f"{args.env_id}  bandit feedback, episodes={args.episodes} seed={args.seed}")
+    print(f"  {task.spec}")
+    head = f"{'agent':34s} {'regret':>8s} {'+-se':>6s} {'acc':>6s} {'+-se':>6s}"
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        print(
+            f"{r.agent:34s} {r.regret:8.3f} {r.regret_se:6.3f} {r.accuracy:6.3f} "
+            f"{r.accuracy_se:6.3f}"
+        )
+    print(
+        "regret: cumulative pseudo-regret per episode, sum_t max p - p(a_t) under the true "
+        "law; the full-information oracle sees every token (no bandit agent's expected "
+        "regret is below it)"
+    )
+    return 0
+
+
 def _backend(args: Any, device: str) -> Any:
     """The trials' :class:`~iclgym.harness.backends.Backend`: one GPU per trial off the CPU."""
     from iclgym.harness.backends import Backend
@@ -605,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_describe(_parse(DescribeArgs, prog, rest))
         if command == "eval":
             return _cmd_eval(_parse(EvalArgs, prog, rest))
+        if command == "regret":
+            return _cmd_regret(_parse(RegretArgs, prog, rest))
         if command == "speed":
             return _cmd_speed(_parse(SpeedArgs, prog, rest))
         if command == "bench":

@@ -1,4 +1,5 @@
-"""Scoring and training: evaluate, predictors, the model contract, the one trainer, recipes.
+"""Scoring and training: evaluate, predictors, the model contract, the one trainer, recipes,
+and online scoring under bandit feedback (regret).
 
 Importing this package imports torch (``iclgym`` itself does not).
 """
@@ -20,6 +21,7 @@ from iclgym.harness.predictors import (
     resolve_predictor,
 )
 from iclgym.harness.recipes import RECIPES, Recipe, get_recipe
+from iclgym.harness.regret import RegretReport, bandit_regret, full_information_regret
 from iclgym.harness.train import RunOptions, TrainConfig, train
 
 __all__ = [
@@ -30,14 +32,17 @@ __all__ = [
     "OraclePredictor",
     "Predictor",
     "Recipe",
+    "RegretReport",
     "Report",
     "RunOptions",
     "StrategyPredictor",
     "TrainConfig",
+    "bandit_regret",
     "build_model",
     "check_model",
     "check_training",
     "evaluate",
+    "full_information_regret",
     "get_recipe",
     "load_model",
     "load_predictor",

@@ -302,6 +302,10 @@ BU2024 = Recipe(
 )
 """After Bu et al. 2024: the two-layer transformer learns multi-concept prompts by SGD."""
 
+STEPS_BANDIT = 1000
+"""Steps of ``lee2023-bandit``: feedback hides most tokens, so it needs more than lee2023's 300
+(measured: docs/results/baselines.md, Bandit feedback)."""
+
 LEE2023 = Recipe(
     name="lee2023",
     env_id="ICL-MarkovChain-v0",
@@ -355,6 +359,24 @@ LEE2023_FAITHFUL = Recipe(
 )
 """Lee et al. 2023: the faithful (query-first) DPT with soft labels on the same chains."""
 
+LEE2023_BANDIT = Recipe(
+    name="lee2023-bandit",
+    env_id=LEE2023.env_id,
+    spec=LEE2023.spec,
+    model="dpt_bandit",
+    model_args=LEE2023.model_args,
+    train=replace(LEE2023.train, steps=STEPS_BANDIT, eval_every=250),
+    source=(
+        "Lee et al. 2023's bandit setting on the lee2023 chains: the streaming DPT trained on "
+        "bandit feedback (baselines.dpt.BanditDPT: each sequence's tokens hidden after the "
+        "misses of a random behaviour policy, a Dirichlet(1) action law mixed with a point "
+        "mass on one token), soft labels (the true law of the next token), the lee2023 sizes "
+        "and optimiser; deployed online under iclgym.wrappers.BanditFeedback and scored by "
+        "cumulative pseudo-regret (iclgym regret, docs/results/baselines.md)."
+    ),
+)
+"""Lee et al. 2023's bandit setting: the streaming DPT pretrained on bandit feedback."""
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType(
     {
         r.name: r
@@ -368,6 +390,7 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType(
             BU2024,
             LEE2023,
             LEE2023_FAITHFUL,
+            LEE2023_BANDIT,
         )
     }
 )

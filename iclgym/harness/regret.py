@@ -1,0 +1,225 @@
+"""Online scoring under bandit feedback: the cumulative pseudo-regret of an agent acting in an
+env wrapped by :class:`iclgym.wrappers.BanditFeedback` (DPT's bandit metric, Lee et al. 2023,
+arXiv 2306.14892, section 4.1; ``docs/envs/clients.md``, Bandit feedback).
+
+Step t's pseudo-regret is ``max_v p(v) - p(a_t)`` under the true law p of the next token (the
+wrapper's ``info["regret"]``); an episode's regret is its sum over the steps (probability units:
+expected misses beyond the clairvoyant predictor's). Every agent is scored on the same episodes
+(env seeds ``seed + i``), so differences between agents are paired. Two references come with
+it: ``uniform`` (a uniformly random token; its regret is the no-information level) and
+:func:`full_information_regret`, the Bayes oracle acting greedily on the *whole* history: every
+bandit agent sees a function of that history and its own actions, so no agent's expected regret
+is below it (a lower bound, not a bandit agent). Exact per-step laws, not sampling, decide the
+regret, so its only noise is the episodes'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from iclgym.envs import first_argmax
+from iclgym.wrappers import BanditFeedback
+
+Policy = Callable[[Any], np.ndarray]
+"""A batch of N observations (stacked: an (N, ...) array, or a dict of them) -> N actions."""
+
+
+@dataclass(frozen=True)
+class RegretReport:
+    """One agent's bandit score over ``episodes`` episodes: ``regret`` the mean cumulative
+    pseudo-regret per episode and ``regret_se`` its standard error (over episodes);
+    ``accuracy`` the mean reward per step (realised; the full-information reference's is
+    expected, ``p(a)``) and ``accuracy_se``; ``curve`` the mean cumulative regret after each
+    step (length: the longest episode's steps); ``episode_regrets`` each episode's cumulative
+    regret, in seed order (for paired comparisons: every agent sees the same episodes)."""
+
+    agent: str
+    episodes: int
+    regret: float
+    regret_se: float
+    accuracy: float
+    accuracy_se: float
+    curve: tuple[float, ...]
+    episode_regrets: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        row = {**self.__dict__, "curve": list(self.curve)}
+        row["episode_regrets"] = list(self.episode_regrets)
+        return row
+
+
+def _stack(observations: list[Any]) -> Any:
+    if isinstance(observations[0], Mapping):
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
+def _make(env_id: str, spec: Mapping[str, Any], bandit: bool) -> gym.Env:
+    env = gym.make(env_id, observation="context", **spec)
+    return BanditFeedback(env) if bandit else env
+
+
+def _report(name: str, regrets: list[list[float]], rewards: list[list[float]]) -> RegretReport:
+    totals = np.array([sum(r) for r in regrets])
+    per_step = np.array([np.mean(r) for r in rewards])
+    longest = max(map(len, regrets))
+    curve = np.cumsum([np.mean([r[t] for r in regrets if len(r) > t]) for t in range(longest)])
+    n = len(totals)
+    se = lambda x: float(x.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+    return RegretReport(
+        agent=name,
+        episodes=n,
+        regret=float(totals.mean()),
+        regret_se=se(totals),
+        accuracy=float(per_step.mean()),
+        accuracy_se=se(per_step),
+        curve=tuple(float(c) for c in curve),
+        episode_regrets=tuple(float(x) for x in totals),
+    )
+
+
+def _episodes(
+    env_id: str,
+    spec: Mapping[str, Any],
+    num_episodes: int,
+    num_envs: int,
+    seed: int,
+    bandit: bool,
+    step: Callable[[list[gym.Env], Any, np.ndarray], list[tuple]],
+    act: Policy,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Run ``num_episodes`` episodes, ``num_envs`` at a time, episode i seeded ``seed + i``;
+    ``step(envs, stacked observations, rows)`` steps the rows still running and returns their
+    ``(obs, regret, reward, done)``."""
+    if num_episodes < 1 or num_envs < 1:
+        raise ValueError(
+            f"num_episodes={num_episodes}, num_envs={num_envs} are invalid: expected ints >= 1"
+        )
+    envs = [_make(env_id, spec, bandit) for _ in range(min(num_envs, num_episodes))]
+    regrets: list[list[float]] = []
+    rewards: list[list[float]] = []
+    try:
+        for start in range(0, num_episodes, len(envs)):
+            group = envs[: min(len(envs), num_episodes - start)]
+            obs = [env.reset(seed=seed + start + i)[0] for i, env in enumerate(group)]
+            running = list(range(len(group)))
+            r_regret = [[] for _ in group]
+            r_reward = [[] for _ in group]
+            while running:
+                actions = act(_stack([obs[i] for i in running]))
+                out = step([group[i] for i in running], actions, np.asarray(running))
+                still = []
+                for i, (o, regret, reward, done) in zip(running, out, strict=True):
+                    obs[i] = o
+                    r_regret[i].append(regret)
+                    r_reward[i].append(reward)
+                    if not done:
+                        still.append(i)
+                running = still
+            regrets += r_regret
+            rewards += r_reward
+    finally:
+        for env in envs:
+            env.close()
+    return regrets, rewards
+
+
+def bandit_regret(
+    env_id: str,
+    act: Policy,
+    *,
+    name: str = "agent",
+    spec: Mapping[str, Any] | None = None,
+    num_episodes: int = 256,
+    num_envs: int = 64,
+    seed: int = 0,
+) -> RegretReport:
+    """Score ``act`` (a :data:`Policy` over the ``observation="context"`` observations of
+    ``BanditFeedback(gym.make(env_id, **spec))``, e.g. ``baselines.dpt.DPTAgent.act``) by its
+    cumulative pseudo-regret (module docstring) over ``num_episodes`` episodes, ``num_envs``
+    stepped together. Raises ``ValueError`` for counts < 1 and what the env or the wrapper
+    raise (an action mode other than ``"token"``)."""
+
+    def step(envs: list[gym.Env], actions: np.ndarray, rows: np.ndarray) -> list[tuple]:
+        out = []
+        for env, action in zip(envs, np.asarray(actions), strict=True):
+            o, reward, terminated, truncated, info = env.step(action)
+            out.append((o, info["regret"], reward, terminated or truncated))
+        return out
+
+    regrets, rewards = _episodes(env_id, spec or {}, num_episodes, num_envs, seed, True, step, act)
+    return _report(name, regrets, rewards)
+
+
+def uniform_policy(vocab_size: int, seed: int = 0) -> Policy:
+    """Uniformly random tokens in [0, ``vocab_size``), seeded: the no-information agent."""
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.integers(
+        vocab_size, size=len(obs["tokens"] if isinstance(obs, Mapping) else obs)
+    )
+
+
+def revealed_bigram_policy(vocab_size: int) -> Policy:
+    """The in-context bigram of what bandit feedback revealed, acting greedily: at position t
+    with x_t shown, the most frequent successor of x_t among the revealed pairs (x_j, x_{j+1})
+    (both shown); otherwise, or with no such pair, the most frequent revealed token (first
+    token on ties). A hand-made in-context bandit reference for a first-order chain; it never
+    explores, so its own hits decide what it learns."""
+    v = vocab_size
+
+    def act(obs: Any) -> np.ndarray:
+        tokens = np.asarray(obs["tokens"] if isinstance(obs, Mapping) else obs, dtype=np.int64)
+        t = (tokens != v).sum(1) - 1  # PAD = V after the revealed prefix
+        rows = np.arange(len(tokens))
+        upto = np.arange(tokens.shape[1])[None] <= t[:, None]
+        shown = np.where((tokens < v) & upto, tokens, v)  # hidden and PAD -> V
+        unigram = (np.eye(v + 1)[shown][:, :, :v]).sum(1)
+        last = shown[rows, t]
+        pairs = (shown[:, :-1] == last[:, None]) & (shown[:, 1:] < v)
+        bigram = (np.eye(v + 1)[shown[:, 1:]][:, :, :v] * pairs[:, :, None]).sum(1)
+        use = (last < v) & (bigram.sum(1) > 0)
+        return np.where(use, bigram.argmax(1), unigram.argmax(1))
+
+    return act
+
+
+def full_information_regret(
+    env_id: str,
+    *,
+    spec: Mapping[str, Any] | None = None,
+    num_episodes: int = 256,
+    num_envs: int = 64,
+    seed: int = 0,
+) -> RegretReport:
+    """The lower reference on the same episodes as :func:`bandit_regret`: the env's Bayes
+    oracle (``info["oracle_probs"]`` or ``"oracle_token"``) acting greedily (first argmax) with
+    every token revealed; step t's regret ``max p - p(a*)`` and expected reward ``p(a*)`` under
+    the true law p. Its action never changes what it sees, so the law is read after the step
+    (the env's action is ignored for it)."""
+
+    def step(envs: list[gym.Env], actions: np.ndarray, rows: np.ndarray) -> list[tuple]:
+        out = []
+        for env in envs:
+            o, _, terminated, truncated, info = env.step(0)
+            p = _law(info.get("true_probs", info.get("true_token")), env)
+            q = _law(info.get("oracle_probs", info.get("oracle_token")), env)
+            best = int(first_argmax(q[None])[0])
+            out.append((o, float(p.max() - p[best]), float(p[best]), terminated or truncated))
+        return out
+
+    regrets, rewards = _episodes(
+        env_id, spec or {}, num_episodes, num_envs, seed, False, step, lambda obs: None
+    )
+    return _report("oracle (full information)", regrets, rewards)
+
+
+def _law(law: Any, env: gym.Env) -> np.ndarray:
+    p = np.asarray(law, dtype=np.float64)
+    if p.ndim == 0:  # a point mass on one token
+        return np.eye(env.unwrapped.vocab_size)[int(p)]
+    return p

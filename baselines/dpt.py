@@ -112,11 +112,12 @@ class BanditDPT(StreamingDPT):
 
     Training (:meth:`training_loss`, the trainer's optional hook): each sequence gets a
     behaviour policy, a Dirichlet(1) action law mixed with a point mass on one uniformly drawn
-    token at a weight uniform in [0, 1] (Lee et al. 2023 pretrain their bandit DPT on contexts
-    collected by random behaviour policies; this Dirichlet-and-point-mass mixture is iclgym's
-    reading of the original code's collection, chosen so that reveal rates range from rare to
-    nearly every token, covering what a trained greedy agent later sees); its actions a_t pick which
-    tokens stay hidden (x_{t+1} is shown iff a_t = x_{t+1}; x_0 always), and every scored
+    token at a uniform random weight (the behaviour law of the original's bandit contexts,
+    ``collect_data.py`` of jon--lee/decision-pretrained-transformer: i.i.d. pulls from a
+    Dirichlet(1) policy mixed with a point mass on a random arm; reveal rates then range from
+    rare to nearly every token, covering what a trained greedy agent later sees); its actions
+    a_t pick which tokens stay hidden (x_{t+1} is shown iff a_t = x_{t+1}; x_0 always), and
+    every scored
     position t is trained on the trainer's label (soft: the true law of x_{t+1}). The soft
     label's population minimiser is the posterior predictive given the feedback the behaviour
     policy produced, so deployed greedily it is a Bayes-greedy bandit agent up to the shift

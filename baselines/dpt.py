@@ -48,6 +48,7 @@ ordered windows.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -493,10 +494,26 @@ class DPTAgent:
 
 def agent_from_text(text: str, task: Task, seed: int = 0) -> DPTAgent:
     """``RUN[:greedy|:sample]`` (the part after ``dpt:`` of ``iclgym regret --agent``): a
-    :class:`DPTAgent` of the DPT checkpoint in the run folder RUN, acting greedily (the
-    default) or by sampling its law (seeded by ``seed``). Raises ``ValueError`` as
-    :func:`from_text`."""
-    run, _, mode = text.rpartition(":")
-    if mode not in ("greedy", "sample") or not run:
-        run, mode = text, "greedy"
-    return DPTAgent(from_text(run, task).model, mode=mode, seed=seed)
+    :class:`DPTAgent` of the bandit DPT checkpoint in the run folder RUN (``iclgym train
+    --recipe lee2023-bandit``), acting greedily (the default) or by sampling its law (seeded
+    by ``seed``). A RUN that exists as written is read whole (a folder named ``x:sample``
+    too). Raises ``ValueError`` for another mode, a missing checkpoint, and a checkpoint that
+    holds anything but a :class:`BanditDPT` (a DPT trained with full information cannot read
+    the hidden tokens of bandit feedback)."""
+    run, mode = text, "greedy"
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not Path(text).exists():
+        if tail not in ("greedy", "sample"):
+            raise ValueError(
+                f"mode={tail!r} of dpt:{text} is invalid: expected greedy or sample (the env's "
+                "action is a token)"
+            )
+        run, mode = head, tail
+    model = load_predictor(run, task).model
+    if not isinstance(model, BanditDPT):
+        raise ValueError(
+            f"dpt:{run} holds a {type(model).__name__}, not a bandit DPT: under bandit feedback "
+            "the agent must read hidden tokens; train one with iclgym train --recipe "
+            "lee2023-bandit"
+        )
+    return DPTAgent(model, mode=mode, seed=seed)

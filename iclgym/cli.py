@@ -111,14 +111,18 @@ class RegretArgs:
     --recipe lee2023-bandit); repeatable (default: uniform and revealed_bigram)."""
     set: Repeated = ()
     """Spec override KEY=VALUE, repeatable."""
+    split: str = "test"
+    """Data split of the episodes (as iclgym eval: train, validation, test, or a named split)."""
     episodes: int = 256
-    """Episodes scored (env seeds seed .. seed + episodes - 1)."""
+    """Episodes scored, the same for every agent (episode i's env seed a function of
+    (seed, i): two seeds give independent episodes)."""
     num_envs: int = 64
-    """Episodes stepped together (one batched agent call per step)."""
+    """Episodes stepped together (one batched agent call per step); it also decides which of a
+    sampling agent's (uniform, :sample) random draws go to which episode."""
     seed: int = 0
-    """Seed of the first episode and of sampling agents."""
+    """Seed (>= 0) of the episodes and of sampling agents."""
     json: tyro.conf.FlagCreatePairsOff[bool] = False
-    """Print the reports as a JSON list."""
+    """Print the reports as a JSON list (one entry per agent, with env_id, split, seed, spec)."""
 
 
 @dataclass(frozen=True)
@@ -440,28 +444,41 @@ def _cmd_regret(args: RegretArgs) -> int:
             raise UsageError(
                 f"agent={name!r} is invalid: expected uniform, revealed_bigram or {kinds}"
             )
-    common = {"spec": spec, "num_episodes": args.episodes, "num_envs": args.num_envs}
+    common = {
+        "spec": spec,
+        "split": args.split,
+        "num_episodes": args.episodes,
+        "num_envs": args.num_envs,
+    }
     reports = [regret.full_information_regret(args.env_id, seed=args.seed, **common)]
     for name, policy in zip(names, policies, strict=True):
         report = regret.bandit_regret(args.env_id, policy, name=name, seed=args.seed, **common)
         reports.append(report)
     if args.json:
-        print(json.dumps([r.to_dict() for r in reports], indent=2))
+        where = {"env_id": args.env_id, "split": args.split, "seed": args.seed}
+        rows = [{**r.to_dict(), **where, "spec": str(task.spec)} for r in reports]
+        print(json.dumps(rows, indent=2))
         return 0
-    print(f"{args.env_id}  bandit feedback, episodes={args.episodes} seed={args.seed}")
+    print(
+        f"{args.env_id}  bandit feedback, split={args.split} episodes={args.episodes} "
+        f"seed={args.seed}"
+    )
     print(f"  {task.spec}")
     head = f"{'agent':34s} {'regret':>8s} {'+-se':>6s} {'acc':>6s} {'+-se':>6s}"
     print(head)
     print("-" * len(head))
+
+    def se(value: float) -> str:
+        return f"{'-':>6s}" if value != value else f"{value:6.3f}"  # NaN: one episode
+
     for r in reports:
         print(
-            f"{r.agent:34s} {r.regret:8.3f} {r.regret_se:6.3f} {r.accuracy:6.3f} "
-            f"{r.accuracy_se:6.3f}"
+            f"{r.agent:34s} {r.regret:8.3f} {se(r.regret_se)} {r.accuracy:6.3f} {se(r.accuracy_se)}"
         )
     print(
         "regret: cumulative pseudo-regret per episode, sum_t max p - p(a_t) under the true "
-        "law; the full-information oracle sees every token (no bandit agent's expected "
-        "regret is below it)"
+        "law; acc: mean reward per step (the oracle's: expected, p(a)). The full-information "
+        "oracle sees every token: no bandit agent's expected regret is below it"
     )
     return 0
 

@@ -127,7 +127,7 @@ def paired_below(a: RegretReport, b: RegretReport, se: float = 3.0) -> bool:
 def table(losses: dict[str, float], reports: dict[str, RegretReport]) -> str:
     lines = [
         f"Cumulative pseudo-regret per episode ({RECIPE.env_id}, k=3, T=100; {EPISODES} "
-        "episodes, the same for every agent; ± one standard error over episodes):",
+        "test-split episodes, the same for every agent; ± one standard error over episodes):",
         "",
         "| agent | regret | accuracy |",
         "|---|---|---|",

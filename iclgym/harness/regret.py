@@ -5,12 +5,21 @@ arXiv 2306.14892, section 4.1; ``docs/envs/clients.md``, Bandit feedback).
 Step t's pseudo-regret is ``max_v p(v) - p(a_t)`` under the true law p of the next token (the
 wrapper's ``info["regret"]``); an episode's regret is its sum over the steps (probability units:
 expected misses beyond the clairvoyant predictor's). Every agent is scored on the same episodes
-(env seeds ``seed + i``), so differences between agents are paired. Two references come with
+(:func:`episode_seeds`: episode i of ``seed`` is a function of (seed, i) only), so differences
+between agents are paired, and two seeds give independent episode sets. Two references come with
 it: ``uniform`` (a uniformly random token; its regret is the no-information level) and
 :func:`full_information_regret`, the Bayes oracle acting greedily on the *whole* history: every
 bandit agent sees a function of that history and its own actions, so no agent's expected regret
 is below it (a lower bound, not a bandit agent). Exact per-step laws, not sampling, decide the
-regret, so its only noise is the episodes'.
+regret, so its only noise is the episodes' (and a sampling agent's draws: a :data:`Policy`
+acts on a batch of ``num_envs`` episodes at a time, so which of its random numbers go to
+which episode depends on ``num_envs``; deterministic agents do not depend on it).
+
+On tasks with large vocabularies or one scored step per episode (templates) the uniform and
+revealed-bigram references sit at their trivial values (a uniform guess among ~1,800 tokens
+misses; no pairs are revealed), and the revealed bigram reads a first-order chain's structure
+only: there the informative comparison is between trained agents and the full-information
+oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import gymnasium as gym
 import numpy as np
 
 from iclgym.envs import first_argmax
+from iclgym.validation import as_int
 from iclgym.wrappers import BanditFeedback
 
 Policy = Callable[[Any], np.ndarray]
@@ -34,7 +44,8 @@ class RegretReport:
     """One agent's bandit score over ``episodes`` episodes: ``regret`` the mean cumulative
     pseudo-regret per episode and ``regret_se`` its standard error (over episodes);
     ``accuracy`` the mean reward per step (realised; the full-information reference's is
-    expected, ``p(a)``) and ``accuracy_se``; ``curve`` the mean cumulative regret after each
+    expected, ``p(a)``) and ``accuracy_se`` (standard errors are NaN for one episode; None in
+    :meth:`to_dict`, so JSON stays strict); ``curve`` the mean cumulative regret after each
     step (length: the longest episode's steps); ``episode_regrets`` each episode's cumulative
     regret, in seed order (for paired comparisons: every agent sees the same episodes)."""
 
@@ -50,7 +61,22 @@ class RegretReport:
     def to_dict(self) -> dict[str, Any]:
         row = {**self.__dict__, "curve": list(self.curve)}
         row["episode_regrets"] = list(self.episode_regrets)
+        for key in ("regret_se", "accuracy_se"):
+            if np.isnan(row[key]):
+                row[key] = None
         return row
+
+
+def episode_seeds(seed: int, num_episodes: int) -> list[int]:
+    """The env seed of each episode: episode i's is drawn from ``SeedSequence([seed, i])``,
+    a function of (seed, i) alone, so a longer run extends a shorter one and different seeds
+    give independent episodes. Raises ``ValueError`` for a seed < 0 or a count < 1."""
+    seed = as_int("seed", seed, 0)
+    num_episodes = as_int("num_episodes", num_episodes, 1)
+    return [
+        int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        for i in range(num_episodes)
+    ]
 
 
 def _stack(observations: list[Any]) -> Any:
@@ -59,8 +85,8 @@ def _stack(observations: list[Any]) -> Any:
     return np.stack(observations)
 
 
-def _make(env_id: str, spec: Mapping[str, Any], bandit: bool) -> gym.Env:
-    env = gym.make(env_id, observation="context", **spec)
+def _make(env_id: str, spec: Mapping[str, Any], split: str, bandit: bool) -> gym.Env:
+    env = gym.make(env_id, observation="context", split=split, **spec)
     return BanditFeedback(env) if bandit else env
 
 
@@ -86,6 +112,7 @@ def _report(name: str, regrets: list[list[float]], rewards: list[list[float]]) -
 def _episodes(
     env_id: str,
     spec: Mapping[str, Any],
+    split: str,
     num_episodes: int,
     num_envs: int,
     seed: int,
@@ -93,20 +120,18 @@ def _episodes(
     step: Callable[[list[gym.Env], Any, np.ndarray], list[tuple]],
     act: Policy,
 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Run ``num_episodes`` episodes, ``num_envs`` at a time, episode i seeded ``seed + i``;
-    ``step(envs, stacked observations, rows)`` steps the rows still running and returns their
-    ``(obs, regret, reward, done)``."""
-    if num_episodes < 1 or num_envs < 1:
-        raise ValueError(
-            f"num_episodes={num_episodes}, num_envs={num_envs} are invalid: expected ints >= 1"
-        )
-    envs = [_make(env_id, spec, bandit) for _ in range(min(num_envs, num_episodes))]
+    """Run ``num_episodes`` episodes of ``split``, ``num_envs`` at a time, seeded by
+    :func:`episode_seeds`; ``step(envs, stacked observations, rows)`` steps the rows still
+    running and returns their ``(obs, regret, reward, done)``."""
+    seeds = episode_seeds(seed, num_episodes)
+    num_envs = as_int("num_envs", num_envs, 1)
+    envs = [_make(env_id, spec, split, bandit) for _ in range(min(num_envs, num_episodes))]
     regrets: list[list[float]] = []
     rewards: list[list[float]] = []
     try:
         for start in range(0, num_episodes, len(envs)):
             group = envs[: min(len(envs), num_episodes - start)]
-            obs = [env.reset(seed=seed + start + i)[0] for i, env in enumerate(group)]
+            obs = [env.reset(seed=seeds[start + i])[0] for i, env in enumerate(group)]
             running = list(range(len(group)))
             r_regret = [[] for _ in group]
             r_reward = [[] for _ in group]
@@ -135,15 +160,17 @@ def bandit_regret(
     *,
     name: str = "agent",
     spec: Mapping[str, Any] | None = None,
+    split: str = "test",
     num_episodes: int = 256,
     num_envs: int = 64,
     seed: int = 0,
 ) -> RegretReport:
     """Score ``act`` (a :data:`Policy` over the ``observation="context"`` observations of
-    ``BanditFeedback(gym.make(env_id, **spec))``, e.g. ``baselines.dpt.DPTAgent.act``) by its
-    cumulative pseudo-regret (module docstring) over ``num_episodes`` episodes, ``num_envs``
-    stepped together. Raises ``ValueError`` for counts < 1 and what the env or the wrapper
-    raise (an action mode other than ``"token"``)."""
+    ``BanditFeedback(gym.make(env_id, split=split, **spec))``, e.g.
+    ``baselines.dpt.DPTAgent.act``) by its cumulative pseudo-regret (module docstring) over
+    ``num_episodes`` episodes of ``split`` (default test, as ``iclgym eval``), ``num_envs``
+    stepped together. Raises ``ValueError`` for counts < 1, a seed < 0 and what the env or
+    the wrapper raise (an unknown split, an action mode other than ``"token"``)."""
 
     def step(envs: list[gym.Env], actions: np.ndarray, rows: np.ndarray) -> list[tuple]:
         out = []
@@ -152,13 +179,16 @@ def bandit_regret(
             out.append((o, info["regret"], reward, terminated or truncated))
         return out
 
-    regrets, rewards = _episodes(env_id, spec or {}, num_episodes, num_envs, seed, True, step, act)
+    regrets, rewards = _episodes(
+        env_id, spec or {}, split, num_episodes, num_envs, seed, True, step, act
+    )
     return _report(name, regrets, rewards)
 
 
 def uniform_policy(vocab_size: int, seed: int = 0) -> Policy:
-    """Uniformly random tokens in [0, ``vocab_size``), seeded: the no-information agent."""
-    rng = np.random.default_rng(seed)
+    """Uniformly random tokens in [0, ``vocab_size``), seeded (``seed`` >= 0, else
+    ``ValueError``): the no-information agent."""
+    rng = np.random.default_rng(as_int("seed", seed, 0))
     return lambda obs: rng.integers(
         vocab_size, size=len(obs["tokens"] if isinstance(obs, Mapping) else obs)
     )
@@ -192,6 +222,7 @@ def full_information_regret(
     env_id: str,
     *,
     spec: Mapping[str, Any] | None = None,
+    split: str = "test",
     num_episodes: int = 256,
     num_envs: int = 64,
     seed: int = 0,
@@ -213,7 +244,7 @@ def full_information_regret(
         return out
 
     regrets, rewards = _episodes(
-        env_id, spec or {}, num_episodes, num_envs, seed, False, step, lambda obs: None
+        env_id, spec or {}, split, num_episodes, num_envs, seed, False, step, lambda obs: None
     )
     return _report("oracle (full information)", regrets, rewards)
 

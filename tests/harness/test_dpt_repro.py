@@ -101,9 +101,9 @@ def test_bandit_dpt_lowers_regret_under_bandit_feedback(tmp_path):
     greedily (the stream is exogenous: what sampling reveals does not pay for its misses at
     this horizon).
 
-    Measured (one thread, 87 s): loss 1.039 (uniform 1.099, counting 1.219, floor 0.817);
-    regret greedy 17.93 +- 0.94, sample 24.88, revealed bigram 20.29, uniform 29.06,
-    full-information oracle 3.64 (T = 100; 2000 steps: greedy 17.2)."""
+    Measured (one thread, 87 s; test split): loss 1.039 (uniform 1.099, counting 1.219, floor
+    0.817); regret greedy 19.01 +- 1.07, sample 25.17, revealed bigram 21.56, uniform 29.17,
+    full-information oracle 3.66 (T = 100; 2000 steps: greedy 17.63)."""
     script = load_script("bandit_regret")
     task, model = script.train_model(str(tmp_path / "bandit"))
     losses, reports = script.fit(task, model), script.regret(task, model)

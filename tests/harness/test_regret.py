@@ -5,15 +5,18 @@ bandit DPT's feedback draw and its agent, and the command line."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from baselines.dpt import BanditDPT, DPTAgent, make_bandit_model, make_model
 from iclgym.cli import main
-from iclgym.harness import build_model, check_model
+from iclgym.harness import RunOptions, TrainConfig, build_model, check_model, train
 from iclgym.harness.regret import (
     bandit_regret,
+    episode_seeds,
     full_information_regret,
     revealed_bigram_policy,
     uniform_policy,
@@ -45,6 +48,20 @@ def test_uniform_regret_matches_its_closed_form_on_the_same_episodes():
     # every agent sees the same episodes: the seeds decide them, the agent does not
     again = full_information_regret("ICL-MarkovChain-v0", spec=SPEC, num_episodes=n)
     assert again.episode_regrets == oracle.episode_regrets
+
+
+def test_episode_seeds_are_a_function_of_seed_and_index():
+    """A longer run extends a shorter one; two seeds share no episode; the split is passed
+    through (validation episodes differ from test ones); bad seeds and counts refuse."""
+    assert episode_seeds(3, 5) == episode_seeds(3, 8)[:5]
+    assert not set(episode_seeds(0, 256)) & set(episode_seeds(1, 256))
+    kwargs = {"spec": SPEC, "num_episodes": 4}
+    test = full_information_regret("ICL-MarkovChain-v0", **kwargs)
+    validation = full_information_regret("ICL-MarkovChain-v0", split="validation", **kwargs)
+    assert test.episode_regrets != validation.episode_regrets
+    for bad in ({"seed": -1}, {"num_episodes": 0}, {"num_envs": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            full_information_regret("ICL-MarkovChain-v0", **{**kwargs, **bad})
 
 
 def test_revealed_bigram_reads_only_what_was_shown():
@@ -112,13 +129,35 @@ def test_bandit_dpt_is_a_causal_model_and_an_agent_under_bandit_feedback(tmp_pat
     assert report.episodes == 8 and len(report.curve) == SPEC["seq_len"]
 
 
-def test_regret_command_prints_every_agent_and_refuses_bad_names(capsys):
+def test_regret_command_prints_every_agent_and_refuses_bad_names(capsys, tmp_path):
     argv = ["regret", "ICL-MarkovChain-v0", "--set", "seq_len=20", "--episodes", "16"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     for name in ("oracle (full information)", "uniform", "revealed_bigram"):
         assert name in out
-    assert main([*argv, "--agent", "nope"]) == 2
-    assert "agent='nope' is invalid" in capsys.readouterr().err
-    assert main([*argv, "--episodes", "0"]) == 2
-    assert "num_episodes=0" in capsys.readouterr().err
+    # one episode: standard errors are undefined, and the JSON stays strict (null, not NaN)
+    assert main([*argv[:-1], "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out, parse_constant=_refuse)
+    assert rows[0]["regret_se"] is None and rows[0]["env_id"] == "ICL-MarkovChain-v0"
+    assert [len(r["episode_regrets"]) for r in rows] == [1, 1, 1]
+    # a checkpoint that is not a bandit DPT is refused when it is loaded, whatever the luck
+    task = make_task("ICL-MarkovChain-v0", seq_len=20)
+    full = build_model("baselines.dpt:make_model", task, seed=0)
+    config = TrainConfig(steps=1, batch_size=2, eval_every=0, eval_sequences=8)
+    train(full, task, config, RunOptions(out=str(tmp_path / "full"), progress=False, plot=False))
+    bad = {
+        "nope": "agent='nope' is invalid",
+        f"dpt:{tmp_path / 'full'}": "holds a StreamingDPT, not a bandit DPT",
+        f"dpt:{tmp_path / 'full'}:bogus": "mode='bogus'",
+        f"dpt:{tmp_path / 'absent'}": "does not exist",
+    }
+    for agent, message in bad.items():
+        assert main([*argv, "--agent", agent]) == 2
+        assert message in capsys.readouterr().err
+    for flag, message in (("--episodes", "num_episodes=0"), ("--seed", "seed=-1")):
+        assert main([*argv, flag, "0" if flag == "--episodes" else "-1"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def _refuse(constant):
+    raise ValueError(f"non-strict JSON constant {constant}")

@@ -70,6 +70,11 @@ PREDICTOR_KINDS: Mapping[str, str] = MappingProxyType(
 DPT run folder of ``iclgym train --model dpt`` (its checkpoint). ``sb3:RUN``: an SB3 agent
 folder of ``python -m baselines.sb3_agents`` (:func:`baselines.sb3_agents.train_agent`)."""
 
-AGENT_KINDS: Mapping[str, str] = MappingProxyType({"dpt": "baselines.dpt:agent_from_text"})
-"""``iclgym regret --agent KIND:ARGS`` prefixes: ``dpt:RUN[:greedy|:sample]``, a DPT run folder
-acting in the env's step loop (:class:`baselines.dpt.DPTAgent`)."""
+AGENT_KINDS: Mapping[str, str] = MappingProxyType(
+    {"dpt": "baselines.dpt:agent_from_text", "sb3": "baselines.sb3_agents:agent_from_text"}
+)
+"""``iclgym regret --agent KIND:ARGS`` prefixes, agents acting in the env's step loop under
+bandit feedback: ``dpt:RUN[:greedy|:sample]``, a bandit DPT run folder
+(:class:`baselines.dpt.DPTAgent`); ``sb3:RUN[:greedy|:sample]``, a PPO or RecurrentPPO folder
+trained with ``--feedback bandit`` (:class:`baselines.sb3_agents.SB3BanditAgent`), acting on
+the observations it was trained on."""

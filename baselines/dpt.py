@@ -48,7 +48,6 @@ ordered windows.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +56,7 @@ from torch import Tensor, nn
 
 from baselines.transformer import Transformer, TransformerConfig
 from iclgym.harness.model import ModelPredictor, load_predictor
+from iclgym.harness.regret import run_and_mode
 from iclgym.harness.train import Targets, loss_of_output
 from iclgym.tasks.base import Task
 from iclgym.tasks.markov import MarkovChainTask
@@ -500,15 +500,7 @@ def agent_from_text(text: str, task: Task, seed: int = 0) -> DPTAgent:
     too). Raises ``ValueError`` for another mode, a missing checkpoint, and a checkpoint that
     holds anything but a :class:`BanditDPT` (a DPT trained with full information cannot read
     the hidden tokens of bandit feedback)."""
-    run, mode = text, "greedy"
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).exists():
-        if tail not in ("greedy", "sample"):
-            raise ValueError(
-                f"mode={tail!r} of dpt:{text} is invalid: expected greedy or sample (the env's "
-                "action is a token)"
-            )
-        run, mode = head, tail
+    run, mode = run_and_mode(text, "dpt")
     model = load_predictor(run, task).model
     if not isinstance(model, BanditDPT):
         raise ValueError(

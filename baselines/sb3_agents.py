@@ -37,8 +37,10 @@ from torch import Tensor
 
 import iclgym  # noqa: F401 (registers the ids)
 from iclgym.envs import PROB_FLOOR
+from iclgym.harness.regret import run_and_mode
 from iclgym.tasks.base import Batch, Task
 from iclgym.validation import as_float, as_int
+from iclgym.wrappers import BanditFeedback
 
 ALGORITHMS: dict[str, tuple[type, str, str]] = {
     "ppo": (PPO, "MlpPolicy", "MultiInputPolicy"),
@@ -63,6 +65,10 @@ class AgentConfig:
             for RecurrentPPO (one token per step), ``"window"`` for PPO.
         gamma: discount (0: the stream is exogenous, a contextual bandit).
         n_steps, batch_size, n_epochs, learning_rate: PPO's rollout and update settings.
+        feedback: ``"full"`` (every token shown) or ``"bandit"``: trained through
+            :class:`iclgym.wrappers.BanditFeedback` (the next token shown only after a correct
+            prediction; its observations have the extra id HIDDEN), for ``iclgym regret
+            --agent sb3:RUN``.
     Raises ``ValueError`` for an unknown algorithm or out-of-range numbers.
     """
 
@@ -77,8 +83,11 @@ class AgentConfig:
     batch_size: int = 256
     n_epochs: int = 4
     learning_rate: float = 3e-4
+    feedback: str = "full"
 
     def __post_init__(self) -> None:
+        if self.feedback not in ("full", "bandit"):
+            raise ValueError(f"feedback={self.feedback!r} is invalid: expected 'full' or 'bandit'")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo={self.algo!r} is invalid: expected one of {tuple(ALGORITHMS)}")
         for name in ("steps", "n_envs", "n_steps", "batch_size", "n_epochs"):
@@ -105,7 +114,11 @@ def train_agent(config: AgentConfig, out: str | Path, progress: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     algo, *_ = ALGORITHMS[config.algo]
     venv = make_vec_env(
-        config.env_id, n_envs=config.n_envs, seed=config.seed, env_kwargs=config.env_kwargs
+        config.env_id,
+        n_envs=config.n_envs,
+        seed=config.seed,
+        env_kwargs=config.env_kwargs,
+        wrapper_class=BanditFeedback if config.feedback == "bandit" else None,
     )
     policy = _policy_name(config, venv.observation_space)
     start = time.perf_counter()
@@ -210,6 +223,62 @@ def from_text(text: str, task: Task) -> SB3Predictor:
     return SB3Predictor(text, task)
 
 
+ENV_OPTIONS = ("observation", "window", "action", "reward")
+"""The ``gym.make`` keywords of an agent's ``env_kwargs`` that are env options, not spec
+parameters: what the agent must see and send in ``iclgym regret``."""
+
+
+class SB3BanditAgent:
+    """A PPO or RecurrentPPO agent trained under bandit feedback (``feedback="bandit"``),
+    acting in the step loop of ``iclgym regret``: :meth:`act` maps a batch of N observations
+    (the env options it was trained with, :attr:`env_options`) to N actions, greedy (the
+    policy's mode) or sampled; RecurrentPPO keeps one LSTM state per row, zeroed by
+    :meth:`begin_episodes`. Raises ``ValueError`` for an agent trained with full information
+    (its observation space has no HIDDEN id) or a task of another vocabulary or length."""
+
+    def __init__(self, run: str | Path, task: Task, mode: str = "greedy") -> None:
+        predictor = SB3Predictor(run, task)
+        if predictor.config.feedback != "bandit":
+            raise ValueError(
+                f"sb3:{run} was trained with full information: bandit feedback shows it a "
+                "HIDDEN id outside its observation space; train one with python -m "
+                "baselines.sb3_agents ID --feedback bandit"
+            )
+        self.agent, self.recurrent = predictor.agent, predictor.config.algo == "recurrent_ppo"
+        self.deterministic = mode == "greedy"
+        kwargs = predictor.config.env_kwargs
+        self.env_options = {k: kwargs[k] for k in ENV_OPTIONS if k in kwargs}
+        self.state: Any = None
+        self.starts: np.ndarray | None = None
+
+    def begin_episodes(self, n: int) -> None:
+        """A group of ``n`` fresh episodes starts: every row's recurrent state restarts."""
+        self.state, self.starts = None, np.ones(n, dtype=bool)
+
+    def act(self, observation: Any) -> np.ndarray:
+        if not self.recurrent:
+            return self.agent.predict(observation, deterministic=self.deterministic)[0]
+        action, self.state = self.agent.predict(
+            observation,
+            state=self.state,
+            episode_start=self.starts,
+            deterministic=self.deterministic,
+        )
+        self.starts = np.zeros_like(self.starts)
+        return action
+
+
+def agent_from_text(text: str, task: Task, seed: int = 0) -> SB3BanditAgent:
+    """``RUN[:greedy|:sample]`` (the part after ``sb3:`` of ``iclgym regret --agent``): the
+    bandit-trained agent in the folder RUN (:class:`SB3BanditAgent`), its policy's mode or a
+    sample from it (SB3's sampling uses torch's global random state, which this seeds with
+    ``seed``). A RUN that exists as written is read whole. Raises ``ValueError`` for another
+    mode and as :class:`SB3BanditAgent`."""
+    run, mode = run_and_mode(text, "sb3")
+    torch.manual_seed(as_int("seed", seed, 0))
+    return SB3BanditAgent(run, task, mode)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m baselines.sb3_agents ID [--algo ppo|recurrent_ppo] [--steps N] [--seed S]
     [--set KEY=VALUE ...] --out RUN``: train and save an agent (``--set`` takes spec
@@ -226,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-envs", type=int, default=AgentConfig.n_envs)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--feedback", default="full", choices=("full", "bandit"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     config = AgentConfig(
@@ -235,13 +305,18 @@ def main(argv: list[str] | None = None) -> None:
         n_envs=args.n_envs,
         seed=args.seed,
         env_kwargs=parse_assignments(args.set, "--set"),
+        feedback=args.feedback,
     )
     torch.set_num_threads(1)
     record = train_agent(config, args.out, progress=False)
+    score = (
+        f"iclgym regret {config.env_id} --agent sb3:{args.out}"
+        if config.feedback == "bandit"
+        else f"iclgym eval {config.env_id} --predictor sb3:{args.out}"
+    )
     print(
         f"{config.env_id}: {config.algo} ({record['policy']}), {record['num_timesteps']} env "
-        f"steps in {record['wall_s']:.1f} s -> {args.out}; score it with iclgym eval "
-        f"{config.env_id} --predictor sb3:{args.out}"
+        f"steps in {record['wall_s']:.1f} s -> {args.out}; score it with {score}"
     )
 
 

@@ -107,8 +107,9 @@ class RegretArgs:
     env_id: EnvId
     """Registered env id (action='token'), e.g. ICL-MarkovChain-v0."""
     agent: Repeated = ()
-    """uniform | revealed_bigram | dpt:RUN[:greedy|:sample] (a DPT run folder, e.g. of
-    --recipe lee2023-bandit); repeatable (default: uniform and revealed_bigram)."""
+    """uniform | revealed_bigram | dpt:RUN[:greedy|:sample] (a DPT run folder of --recipe
+    lee2023-bandit) | sb3:RUN[:greedy|:sample] (an SB3 agent folder trained with --feedback
+    bandit); repeatable (default: uniform and revealed_bigram)."""
     set: Repeated = ()
     """Spec override KEY=VALUE, repeatable."""
     split: str = "test"
@@ -434,11 +435,13 @@ def _cmd_regret(args: RegretArgs) -> int:
     for name in names:
         kind, _, rest = name.partition(":")
         if name == "uniform":
-            policies.append(regret.uniform_policy(task.vocab_size, args.seed))
+            policies.append((regret.uniform_policy(task.vocab_size, args.seed), {}))
         elif name == "revealed_bigram":
-            policies.append(regret.revealed_bigram_policy(task.vocab_size))
+            policies.append((regret.revealed_bigram_policy(task.vocab_size), {}))
         elif kind in AGENT_KINDS and rest:
-            policies.append(import_object(AGENT_KINDS[kind])(rest, task, seed=args.seed).act)
+            agent = import_object(AGENT_KINDS[kind])(rest, task, seed=args.seed)
+            policies.append((agent.act, getattr(agent, "env_options", {})))
+            continue
         else:
             kinds = ", ".join(f"{k}:ARGS" for k in AGENT_KINDS)
             raise UsageError(
@@ -451,7 +454,8 @@ def _cmd_regret(args: RegretArgs) -> int:
         "num_envs": args.num_envs,
     }
     reports = [regret.full_information_regret(args.env_id, seed=args.seed, **common)]
-    for name, policy in zip(names, policies, strict=True):
+    for name, (policy, options) in zip(names, policies, strict=True):
+        common["spec"] = {**spec, **options}  # the agent's env options (observation, ...)
         report = regret.bandit_regret(args.env_id, policy, name=name, seed=args.seed, **common)
         reports.append(report)
     if args.json:

@@ -2,9 +2,10 @@
 ``docs/results/baselines.md``, Bandit feedback): the ``lee2023-bandit`` recipe (the streaming
 DPT pretrained on the feedback of random behaviour policies, ``baselines.dpt.BanditDPT``),
 deployed online under ``iclgym.wrappers.BanditFeedback`` and scored by cumulative
-pseudo-regret (``iclgym.harness.regret``) on the same episodes as three references: the
-full-information Bayes oracle (a lower bound), the hand-made revealed-bigram agent and the
-uniform agent.
+pseudo-regret (``iclgym.harness.regret``) on the same episodes as SB3's PPO and RecurrentPPO
+trained in the bandit env itself (on-policy RL on the 0-1 reward, ``--feedback bandit``,
+20,480 env steps each) and three references: the full-information Bayes oracle (a lower
+bound), the hand-made revealed-bigram agent and the uniform agent.
 
 Parts:
 
@@ -13,7 +14,7 @@ Parts:
   (:func:`revealed_bigram_law`) and the clairvoyant floor E[H(p)];
 - ``regret``: each agent's mean cumulative regret per episode, accuracy and regret curve.
 
-Run (one torch thread; about 90 s on the project's 2-core CPU)::
+Run (one torch thread; about 3 minutes on the project's 2-core CPU)::
 
     python docs/scripts/bandit_regret.py --out docs/results/bandit
 
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from baselines.dpt import DPTAgent
+from baselines.sb3_agents import AgentConfig, SB3BanditAgent, train_agent
 from iclgym.harness import RECIPES, RunOptions, build_model, train
 from iclgym.harness.metrics import entropy
 from iclgym.harness.regret import (
@@ -52,6 +54,8 @@ from iclgym.tasks.base import Task
 RECIPE = RECIPES["lee2023-bandit"]
 EPISODES = 256
 FIT_SEQUENCES = 512
+SB3_STEPS = 20_480
+"""Env steps of each SB3 agent (the baseline table's budget, rounded up to whole rollouts)."""
 
 
 def train_model(out: str, seed: int = 0, steps: int | None = None) -> tuple[Task, nn.Module]:
@@ -64,6 +68,26 @@ def train_model(out: str, seed: int = 0, steps: int | None = None) -> tuple[Task
         config = replace(config, steps=steps)
     train(model, task, config, RunOptions(out=out, progress=False, plot=False))
     return task, model
+
+
+def train_sb3(out: str, task: Task, seed: int = 0) -> dict[str, SB3BanditAgent]:
+    """PPO (window observation) and RecurrentPPO (token observation) trained under bandit
+    feedback on the recipe's env, ``SB3_STEPS`` env steps each, saved under ``out``; their
+    greedy agents (PPO also sampled)."""
+    agents = {}
+    for algo in ("ppo", "recurrent_ppo"):
+        config = AgentConfig(
+            RECIPE.env_id,
+            algo=algo,
+            steps=SB3_STEPS,
+            seed=seed,
+            env_kwargs=dict(RECIPE.spec),
+            feedback="bandit",
+        )
+        train_agent(config, f"{out}/{algo}")
+        agents[algo] = SB3BanditAgent(f"{out}/{algo}", task)
+    agents["ppo sample"] = SB3BanditAgent(f"{out}/ppo", task, mode="sample")
+    return agents
 
 
 def revealed_bigram_law(shown: torch.Tensor, v: int) -> torch.Tensor:
@@ -101,19 +125,32 @@ def fit(task: Task, model: nn.Module, seed: int = 1) -> dict[str, float]:
     }
 
 
-def regret(task: Task, model: nn.Module, episodes: int = EPISODES) -> dict[str, RegretReport]:
-    """Every agent's :class:`RegretReport` on the same ``episodes`` episodes (seeds 0 ..)."""
-    kwargs = {"spec": RECIPE.spec, "num_episodes": episodes}
+def regret(
+    task: Task,
+    model: nn.Module,
+    sb3: dict[str, SB3BanditAgent],
+    episodes: int = EPISODES,
+) -> dict[str, RegretReport]:
+    """Every agent's :class:`RegretReport` on the same ``episodes`` test-split episodes."""
     v = task.vocab_size
     agents = {
-        "dpt_bandit greedy": DPTAgent(model, mode="greedy").act,
-        "dpt_bandit sample": DPTAgent(model, mode="sample").act,
-        "revealed_bigram": revealed_bigram_policy(v),
-        "uniform": uniform_policy(v),
+        "dpt_bandit greedy": (DPTAgent(model, mode="greedy").act, {}),
+        "dpt_bandit sample": (DPTAgent(model, mode="sample").act, {}),
+        **{name: (agent.act, agent.env_options) for name, agent in sb3.items()},
+        "revealed_bigram": (revealed_bigram_policy(v), {}),
+        "uniform": (uniform_policy(v), {}),
     }
-    reports = {"oracle (full information)": full_information_regret(RECIPE.env_id, **kwargs)}
-    for name, act in agents.items():
-        reports[name] = bandit_regret(RECIPE.env_id, act, name=name, **kwargs)
+    torch.manual_seed(0)  # SB3's sampled actions use torch's global random state
+    reports = {
+        "oracle (full information)": full_information_regret(
+            RECIPE.env_id, spec=RECIPE.spec, num_episodes=episodes
+        )
+    }
+    for name, (act, options) in agents.items():
+        spec = {**RECIPE.spec, **options}
+        reports[name] = bandit_regret(
+            RECIPE.env_id, act, name=name, spec=spec, num_episodes=episodes
+        )
     return reports
 
 
@@ -174,8 +211,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
-        task, model = train_model(run, seed=args.seed)
-    losses, reports = fit(task, model), regret(task, model)
+        task, model = train_model(f"{run}/dpt", seed=args.seed)
+        sb3 = train_sb3(f"{run}/sb3", task, seed=args.seed)
+        losses, reports = fit(task, model), regret(task, model, sb3)
     text = table(losses, reports)
     print(text)
     (out / "table.md").write_text(text + "\n")

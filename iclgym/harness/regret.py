@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -36,7 +37,11 @@ from iclgym.validation import as_int
 from iclgym.wrappers import BanditFeedback
 
 Policy = Callable[[Any], np.ndarray]
-"""A batch of N observations (stacked: an (N, ...) array, or a dict of them) -> N actions."""
+"""A batch of N observations (stacked: an (N, ...) array, or a dict of them) -> N actions.
+The runner always passes every episode of a group of N (a finished one shows its last
+observation; its action is ignored), so a stateful agent keeps one state per row; if the
+policy is a bound method whose object has ``begin_episodes(n)``, that is called when a group
+of n fresh episodes starts (e.g. to zero a recurrent state)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,22 @@ class RegretReport:
         return row
 
 
+def run_and_mode(text: str, kind: str) -> tuple[str, str]:
+    """``(RUN, mode)`` of an agent argument ``RUN[:greedy|:sample]`` (the part after
+    ``KIND:`` of ``iclgym regret --agent``); greedy by default, and a RUN that exists as
+    written is read whole (a folder named ``x:sample`` too). Raises ``ValueError`` for another
+    mode."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).exists():
+        return text, "greedy"
+    if tail not in ("greedy", "sample"):
+        raise ValueError(
+            f"mode={tail!r} of {kind}:{text} is invalid: expected greedy or sample (the env's "
+            "action is a token)"
+        )
+    return head, tail
+
+
 def episode_seeds(seed: int, num_episodes: int) -> list[int]:
     """The env seed of each episode: episode i's is drawn from ``SeedSequence([seed, i])``,
     a function of (seed, i) alone, so a longer run extends a shorter one and different seeds
@@ -86,7 +107,7 @@ def _stack(observations: list[Any]) -> Any:
 
 
 def _make(env_id: str, spec: Mapping[str, Any], split: str, bandit: bool) -> gym.Env:
-    env = gym.make(env_id, observation="context", split=split, **spec)
+    env = gym.make(env_id, **{"observation": "context", **spec, "split": split})
     return BanditFeedback(env) if bandit else env
 
 
@@ -117,14 +138,15 @@ def _episodes(
     num_envs: int,
     seed: int,
     bandit: bool,
-    step: Callable[[list[gym.Env], Any, np.ndarray], list[tuple]],
+    step: Callable[[list[gym.Env], Any], list[tuple]],
     act: Policy,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Run ``num_episodes`` episodes of ``split``, ``num_envs`` at a time, seeded by
-    :func:`episode_seeds`; ``step(envs, stacked observations, rows)`` steps the rows still
-    running and returns their ``(obs, regret, reward, done)``."""
+    :func:`episode_seeds`; ``step(envs, actions)`` steps the rows still running with their
+    actions and returns their ``(obs, regret, reward, done)``."""
     seeds = episode_seeds(seed, num_episodes)
     num_envs = as_int("num_envs", num_envs, 1)
+    begin = getattr(getattr(act, "__self__", None), "begin_episodes", None)
     envs = [_make(env_id, spec, split, bandit) for _ in range(min(num_envs, num_episodes))]
     regrets: list[list[float]] = []
     rewards: list[list[float]] = []
@@ -132,12 +154,16 @@ def _episodes(
         for start in range(0, num_episodes, len(envs)):
             group = envs[: min(len(envs), num_episodes - start)]
             obs = [env.reset(seed=seeds[start + i])[0] for i, env in enumerate(group)]
+            if begin is not None:
+                begin(len(group))
             running = list(range(len(group)))
             r_regret = [[] for _ in group]
             r_reward = [[] for _ in group]
             while running:
-                actions = act(_stack([obs[i] for i in running]))
-                out = step([group[i] for i in running], actions, np.asarray(running))
+                actions = act(_stack(obs))  # every row: a stateful agent keeps its rows
+                if actions is not None:
+                    actions = np.asarray(actions)[running]
+                out = step([group[i] for i in running], actions)
                 still = []
                 for i, (o, regret, reward, done) in zip(running, out, strict=True):
                     obs[i] = o
@@ -165,16 +191,17 @@ def bandit_regret(
     num_envs: int = 64,
     seed: int = 0,
 ) -> RegretReport:
-    """Score ``act`` (a :data:`Policy` over the ``observation="context"`` observations of
-    ``BanditFeedback(gym.make(env_id, split=split, **spec))``, e.g.
-    ``baselines.dpt.DPTAgent.act``) by its cumulative pseudo-regret (module docstring) over
-    ``num_episodes`` episodes of ``split`` (default test, as ``iclgym eval``), ``num_envs``
-    stepped together. Raises ``ValueError`` for counts < 1, a seed < 0 and what the env or
-    the wrapper raise (an unknown split, an action mode other than ``"token"``)."""
+    """Score ``act`` (a :data:`Policy` over the observations of ``BanditFeedback(gym.make(
+    env_id, split=split, **spec))``, ``observation="context"`` unless ``spec`` names another
+    env option, e.g. ``baselines.dpt.DPTAgent.act``) by its cumulative pseudo-regret (module
+    docstring) over ``num_episodes`` episodes of ``split`` (default test, as ``iclgym
+    eval``), ``num_envs`` stepped together; ``spec`` holds spec parameters and env options.
+    Raises ``ValueError`` for counts < 1, a seed < 0 and what the env or the wrapper raise
+    (an unknown split, an action mode other than ``"token"``)."""
 
-    def step(envs: list[gym.Env], actions: np.ndarray, rows: np.ndarray) -> list[tuple]:
+    def step(envs: list[gym.Env], actions: np.ndarray) -> list[tuple]:
         out = []
-        for env, action in zip(envs, np.asarray(actions), strict=True):
+        for env, action in zip(envs, actions, strict=True):
             o, reward, terminated, truncated, info = env.step(action)
             out.append((o, info["regret"], reward, terminated or truncated))
         return out
@@ -233,7 +260,7 @@ def full_information_regret(
     the true law p. Its action never changes what it sees, so the law is read after the step
     (the env's action is ignored for it)."""
 
-    def step(envs: list[gym.Env], actions: np.ndarray, rows: np.ndarray) -> list[tuple]:
+    def step(envs: list[gym.Env], actions: None) -> list[tuple]:
         out = []
         for env in envs:
             o, _, terminated, truncated, info = env.step(0)

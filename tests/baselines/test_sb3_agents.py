@@ -6,12 +6,19 @@ through ``iclgym eval --predictor sb3:RUN`` and ``dpt:RUN``."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from baselines.sb3_agents import AgentConfig, SB3Predictor, main, train_agent
+from baselines.sb3_agents import (
+    AgentConfig,
+    SB3BanditAgent,
+    SB3Predictor,
+    main,
+    train_agent,
+)
 from iclgym.cli import main as iclgym_main
 from iclgym.harness import evaluate
 from iclgym.harness.evaluate import HeldOut
@@ -110,3 +117,43 @@ def test_command_lines_train_and_score_sb3_and_dpt(tmp_path, capsys):
         status = iclgym_main(["eval", "ICL-MarkovChain-v0", "--set", "seq_len=12",
                               "--predictor", f"dpt:{bad}"])  # fmt: skip
         assert status == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "recurrent_ppo"])
+def test_bandit_trained_agents_act_under_bandit_feedback(tmp_path, capsys, algo):
+    """``--feedback bandit`` trains through BanditFeedback (its observation space has the
+    HIDDEN id); the agent acts in ``iclgym regret`` on the observations it was trained on,
+    greedy and sampled, over groups of unequal size (5 episodes, 3 at a time: RecurrentPPO's
+    per-row states restart with each group); a full-information agent is refused when
+    loaded."""
+    spec = {"seq_len": 12}
+    config = AgentConfig(
+        "ICL-MarkovChain-v0",
+        algo=algo,
+        steps=256,
+        n_envs=2,
+        n_steps=64,
+        batch_size=64,
+        env_kwargs=spec,
+        feedback="bandit",
+    )
+    record = train_agent(config, tmp_path / "bandit")
+    assert record["config"]["feedback"] == "bandit"
+    agent = SB3BanditAgent(tmp_path / "bandit", make_task("ICL-MarkovChain-v0", **spec))
+    space = agent.agent.observation_space  # window (PPO) or token (RecurrentPPO) ids
+    assert np.max(getattr(space, "nvec", getattr(space, "n", None))) == 3 + 2  # + PAD, HIDDEN
+    argv = ["regret", "ICL-MarkovChain-v0", "--set", "seq_len=12", "--episodes", "5"]
+    run = tmp_path / "bandit"
+    agents = ["--agent", f"sb3:{run}", "--agent", f"sb3:{run}:sample", "--num-envs", "3"]
+    assert iclgym_main([*argv, *agents, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = ["oracle (full information)", f"sb3:{run}", f"sb3:{run}:sample"]
+    assert [r["agent"] for r in rows] == names
+    assert all(len(r["episode_regrets"]) == 5 for r in rows)
+    assert all(r["regret"] >= 0 for r in rows)
+    full = replace(config, feedback="full")
+    train_agent(full, tmp_path / "full")
+    assert iclgym_main([*argv, "--agent", f"sb3:{tmp_path / 'full'}"]) == 2
+    assert "trained with full information" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="feedback='partial'"):
+        replace(config, feedback="partial")

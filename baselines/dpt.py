@@ -6,9 +6,10 @@ exogenous-token tasks (the ``lee2023`` recipe, ``docs/recipes.md``).
 table, ...); the stream x_0, x_1, ... is exogenous, so a prediction never changes the next
 token and DPT reduces to an in-context predictor trained with privileged labels. A transition
 is (s_i, a_i, r_i, s'_i) with the state s_i the last ``state_len`` tokens up to x_i (n - 1 for
-an order-n chain) and s'_i = x_{i+1}. The behaviour action and reward carry no information
-about the task beyond s'_i, so this model drops their slots (a zero ablation: legitimate, and
-cheaper).
+an order-n chain) and s'_i = x_{i+1}. With every token shown, the behaviour action and
+reward carry no information about the task beyond s'_i, so this model drops their slots (a
+zero ablation: legitimate, and cheaper). Under bandit feedback they do (a miss says x_{i+1} is
+not a_i), and :class:`BanditDPT` keeps the missed action.
 
 **Streaming DPT** (an iclgym design): a causal GPT-2-style transformer over the
 transition stream. Element t embeds the transition that ends at x_t, i.e. the one-hot codes of
@@ -106,39 +107,45 @@ class StreamingDPT(Transformer):
 
 class BanditDPT(StreamingDPT):
     """The streaming DPT trained for bandit feedback (:class:`iclgym.wrappers.BanditFeedback`:
-    the next token is shown only after a correct prediction, else the id ``HIDDEN = V + 1``).
-    ``forward(tokens)`` takes (B, T) int64 ids in [0, V) or ``HIDDEN`` (the wrapper's
-    observations; PAD = V, after the revealed prefix, is never read by a causal position) and
-    returns (B, T, V) logits; each hidden token is one more input id of every transition slot.
+    the next token is shown only after a correct prediction). A miss still tells something:
+    x_{j+1} is not the action a_j. So, as the original's bandit contexts hold each pull's
+    action and reward, its input keeps the missed action: ``forward(tokens)`` takes (B, T)
+    int64 ids, x_j in [0, V) where shown and ``V + 1 + a_{j-1}`` where hidden after the miss
+    of action a_{j-1} (:data:`MISS_OFFSET`; PAD = V, after the revealed prefix, is never read by
+    a causal position), and returns (B, T, V) logits; every transition slot has 2V + 1 ids.
+    :class:`DPTAgent` builds these ids from the wrapper's observation (HIDDEN = V + 1) and its
+    own past actions.
 
     Training (:meth:`training_loss`, the trainer's optional hook): each sequence gets a
     behaviour policy, a Dirichlet(1) action law mixed with a point mass on one uniformly drawn
-    token at a uniform random weight (the behaviour law of the original's bandit contexts,
+    token at a weight uniform on [0, 1] (after the original's bandit contexts,
     ``collect_data.py`` of jon--lee/decision-pretrained-transformer: i.i.d. pulls from a
-    Dirichlet(1) policy mixed with a point mass on a random arm; reveal rates then range from
-    rare to nearly every token, covering what a trained greedy agent later sees); its actions
-    a_t pick which tokens stay hidden (x_{t+1} is shown iff a_t = x_{t+1}; x_0 always), and
-    every scored
-    position t is trained on the trainer's label (soft: the true law of x_{t+1}). The soft
-    label's population minimiser is the posterior predictive given the feedback the behaviour
-    policy produced, so deployed greedily it is a Bayes-greedy bandit agent up to the shift
-    between behaviour and deployed policies (the pretraining data's coverage, as in DPT).
-    Draws use the global torch random state (seeded and checkpointed by the trainer)."""
+    Dirichlet(1) policy mixed with a point mass on a random arm, its weight from {0, 0.1, ...,
+    1}; reveal rates then range from rare to nearly every token). Its actions a_j pick which
+    tokens stay hidden: x_{j+1} is shown iff a_j = x_{j+1}, for the positions the env asks
+    about (j + 1 > s, the task's first scored position; x_0 .. x_s are the context every
+    episode shows). Every scored position t is trained on the trainer's label (soft: the true
+    law of x_{t+1}). With the actions in the input, the behaviour policy (independent of the
+    task) factors out of the posterior, so the soft label's population minimiser is the Bayes
+    posterior predictive of the bandit view given tokens, actions and hits, whatever policy
+    produced them; what remains between pretraining and deployment is coverage (how often the
+    greedy agent's histories occur under the behaviour policies), as in DPT. Draws use the
+    global torch random state (seeded and checkpointed by the trainer)."""
 
     def __init__(self, config: TransformerConfig, state_len: int = 1) -> None:
-        hidden_too = TransitionEmbedding(config.vocab_size + 1, state_len, config.d_model)
-        Transformer.__init__(self, config, hidden_too)  # one more input id than StreamingDPT
+        with_misses = TransitionEmbedding(2 * config.vocab_size + 1, state_len, config.d_model)
+        Transformer.__init__(self, config, with_misses)  # ids: tokens, PAD, V + 1 + a
         self.state_len = state_len
 
     def forward(self, tokens: Tensor, features: Tensor | None = None, **kwargs: Any) -> Any:
         if features is not None:
             raise ValueError("the bandit DPT reads tokens only (no feature tasks)")
-        v = self.config.vocab_size  # embedding ids: tokens, V = HIDDEN, V + 1 = start PAD
-        return super().forward(tokens.masked_fill(tokens == v + 1, v), **kwargs)
+        return super().forward(tokens, **kwargs)
 
-    def feedback(self, tokens: Tensor) -> Tensor:
-        """(B, T) int64: ``tokens`` as a behaviour policy (class docstring) would see them under
-        bandit feedback, hidden tokens as ``HIDDEN = V + 1``."""
+    def feedback(self, tokens: Tensor, first: int = 0) -> Tensor:
+        """(B, T) int64: ``tokens`` as a behaviour policy (class docstring) sees them under
+        bandit feedback, x_j for j > ``first`` replaced by ``V + 1 + a_{j-1}`` where the action
+        a_{j-1} missed it."""
         b, t = tokens.shape
         v = self.config.vocab_size
         device = tokens.device
@@ -149,15 +156,23 @@ class BanditDPT(StreamingDPT):
         law = (1 - weight) * law + weight * nn.functional.one_hot(point, v)
         actions = torch.multinomial(law, max(t - 1, 1), replacement=True)[:, : t - 1]
         shown = tokens.clone()
-        shown[:, 1:] = shown[:, 1:].masked_fill(actions != tokens[:, 1:], v + 1)
+        missed = (actions != tokens[:, 1:]) & (torch.arange(1, t, device=device) > first)
+        shown[:, 1:] = torch.where(missed, MISS_OFFSET + v + actions, tokens[:, 1:])
         return shown
 
     def training_loss(self, inputs: tuple[Tensor, ...], targets: Targets) -> Tensor:
         """The loss of ``forward`` on the behaviour policy's feedback (class docstring) at the
-        scored positions, against the trainer's labels."""
+        scored positions, against the trainer's labels; the first scored position is the
+        smallest scored column."""
         if len(inputs) > 1:
             raise ValueError("the bandit DPT reads tokens only (no feature tasks)")
-        return loss_of_output(self(self.feedback(inputs[0])), targets)
+        first = int(targets.cols.min()) if targets.cols.numel() else 0
+        return loss_of_output(self(self.feedback(inputs[0], first)), targets)
+
+
+MISS_OFFSET = 1
+"""A hidden token after the missed action a is the input id ``V + MISS_OFFSET + a`` of
+:class:`BanditDPT` (the wrapper shows every hidden token as ``V + 1``)."""
 
 
 def check_shuffle(task: Task, state_len: int) -> None:
@@ -427,8 +442,10 @@ class DPTAgent:
     action) is read up to x_{T-1}, the last position the model predicts from. With
     full-information feedback the revealed prefix is the same offline and online, so this is
     both deployments. Under bandit feedback (:class:`iclgym.wrappers.BanditFeedback`) the
-    observation shows HIDDEN = V + 1 after each miss: a :class:`BanditDPT` reads it, and that
-    prefix depends on the agent's own actions (online deployment proper). Raises
+    observation shows HIDDEN = V + 1 after each miss and the prefix depends on the agent's own
+    actions (online deployment proper): with a :class:`BanditDPT` the agent remembers its
+    actions per row (a row's episode restarts when its position goes back, or at
+    :meth:`begin_episodes`) and gives the model each miss with the action that missed. Raises
     ``ValueError`` for another mode, a temperature <= 0, an observation without revealed
     tokens, or hidden tokens shown to a DPT trained with full information."""
 
@@ -444,6 +461,8 @@ class DPTAgent:
         self.model, self.mode, self.temperature = model, mode, float(temperature)
         self.generator = torch.Generator().manual_seed(seed)
         self.vocab_size = model.config.vocab_size
+        self._actions: Tensor | None = None  # (rows, max_len + 1) this agent's past actions
+        self._last: Tensor | None = None
 
     @torch.no_grad()
     def act(self, observation: Any) -> Any:
@@ -460,8 +479,9 @@ class DPTAgent:
         position = (revealed - 1).clamp_max(self.model.config.max_len - 1 - faithful)
         t = int(position.max())
         window = tokens[:, : t + 1]
-        if isinstance(self.model, BanditDPT):
-            inputs = [window]  # HIDDEN = V + 1 is one of its input ids
+        bandit = isinstance(self.model, BanditDPT)
+        if bandit:
+            inputs = [self._with_misses(window, position)]
         elif (window == self.vocab_size + 1).any():
             raise ValueError(
                 f"the observation shows HIDDEN = {self.vocab_size + 1} (bandit feedback): a DPT "
@@ -489,7 +509,36 @@ class DPTAgent:
             action = torch.multinomial(probs, 1, generator=self.generator)[:, 0].numpy()
         else:
             action = (logits / self.temperature).softmax(-1).numpy().astype(np.float32)
+        if bandit:  # remembered: the id of a token this action misses
+            self._actions[torch.arange(len(position)), position] = torch.as_tensor(action)
+            self._last = position
         return action[0] if single else action
+
+    def begin_episodes(self, n: int) -> None:
+        """``n`` fresh episodes start (one per row): forget the actions remembered for the
+        bandit DPT. Optional: a row whose position goes back starts a new episode anyway."""
+        self._actions = torch.full((n, self.model.config.max_len + 1), -1, dtype=torch.long)
+        self._last = torch.full((n,), -1, dtype=torch.long)
+
+    def _with_misses(self, window: Tensor, position: Tensor) -> Tensor:
+        """The bandit DPT's input ids: each HIDDEN = V + 1 at position j becomes
+        ``V + 1 + a_{j-1}``, this agent's action at j - 1 in the row's episode."""
+        n, v = window.shape[0], self.vocab_size
+        if self._actions is None or self._actions.shape[0] != n:
+            self.begin_episodes(n)
+        restart = position < self._last  # the row's position went back: a new episode
+        self._actions[restart] = -1
+        rows, cols = (window == v + 1).nonzero(as_tuple=True)
+        missed = self._actions[rows, cols - 1]
+        if (missed < 0).any():
+            raise ValueError(
+                "the observation hides a token after a step this agent did not act on: under "
+                "bandit feedback the bandit DPT reads its own missed actions, so it must act at "
+                "every step of its episodes (call begin_episodes(n) before a new batch)"
+            )
+        window = window.clone()
+        window[rows, cols] = MISS_OFFSET + v + missed
+        return window
 
 
 def agent_from_text(text: str, task: Task, seed: int = 0) -> DPTAgent:

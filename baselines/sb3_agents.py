@@ -256,6 +256,11 @@ class SB3BanditAgent:
         self.state, self.starts = None, np.ones(n, dtype=bool)
 
     def act(self, observation: Any) -> np.ndarray:
+        if self.recurrent and self.starts is None:
+            first = observation
+            if isinstance(first, dict):
+                first = next(iter(first.values()))
+            self.begin_episodes(len(first))
         if not self.recurrent:
             return self.agent.predict(observation, deterministic=self.deterministic)[0]
         action, self.state = self.agent.predict(
@@ -271,11 +276,10 @@ class SB3BanditAgent:
 def agent_from_text(text: str, task: Task, seed: int = 0) -> SB3BanditAgent:
     """``RUN[:greedy|:sample]`` (the part after ``sb3:`` of ``iclgym regret --agent``): the
     bandit-trained agent in the folder RUN (:class:`SB3BanditAgent`), its policy's mode or a
-    sample from it (SB3's sampling uses torch's global random state, which this seeds with
-    ``seed``). A RUN that exists as written is read whole. Raises ``ValueError`` for another
-    mode and as :class:`SB3BanditAgent`."""
+    sample from it (SB3's sampling uses torch's global random state: seed it before a run, as
+    ``iclgym regret`` does; ``seed`` is unused). A RUN that exists as written is read whole.
+    Raises ``ValueError`` for another mode and as :class:`SB3BanditAgent`."""
     run, mode = run_and_mode(text, "sb3")
-    torch.manual_seed(as_int("seed", seed, 0))
     return SB3BanditAgent(run, task, mode)
 
 

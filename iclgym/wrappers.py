@@ -94,6 +94,8 @@ class BanditFeedback(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def _mask(self, obs: Any) -> Any:
         if isinstance(obs, dict):
             return {**obs, "tokens": self._mask(obs["tokens"])}
+        if self._base.obs_mode == "features":  # the features Box alone: no token to hide
+            return obs
         if not self._hidden:
             return self._retype(obs)
         mode, t = self._base.obs_mode, self._t

@@ -95,3 +95,22 @@ def test_both_checkers_and_sb3(env_id, kwargs):
 def test_refuses_probability_actions():
     with pytest.raises(ValueError, match="action='token'"):
         BanditFeedback(gym.make("ICL-MarkovChain-v0", action="distribution"))
+
+
+def test_features_observation_passes_unchanged():
+    """``observation="features"`` (the float features Box alone): nothing to hide, and the
+    features keep their values and dtype (they were once cast to token ids, all zeros)."""
+    make = lambda: gym.make("ICL-MultiConcept-v0", observation="features")  # noqa: E731
+    plain, bandit = make(), BanditFeedback(make())
+    a, _ = plain.reset(seed=3)
+    b, _ = bandit.reset(seed=3)
+    for _ in range(3):
+        assert b.dtype == np.float32 and np.array_equal(a, b) and np.abs(b).sum() > 0
+        assert b in bandit.observation_space
+        action = plain.action_space.sample()
+        a, _, done, _, _ = plain.step(action)
+        b, _, done_b, _, _ = bandit.step(action)
+        assert done == done_b
+        if done:
+            a, _ = plain.reset()
+            b, _ = bandit.reset()

@@ -140,7 +140,6 @@ def regret(
         "revealed_bigram": (revealed_bigram_policy(v), {}),
         "uniform": (uniform_policy(v), {}),
     }
-    torch.manual_seed(0)  # SB3's sampled actions use torch's global random state
     reports = {
         "oracle (full information)": full_information_regret(
             RECIPE.env_id, spec=RECIPE.spec, num_episodes=episodes
@@ -148,6 +147,7 @@ def regret(
     }
     for name, (act, options) in agents.items():
         spec = {**RECIPE.spec, **options}
+        torch.manual_seed(0)  # SB3's sampled actions use torch's global random state
         reports[name] = bandit_regret(
             RECIPE.env_id, act, name=name, spec=spec, num_episodes=episodes
         )

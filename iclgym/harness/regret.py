@@ -8,18 +8,21 @@ expected misses beyond the clairvoyant predictor's). Every agent is scored on th
 (:func:`episode_seeds`: episode i of ``seed`` is a function of (seed, i) only), so differences
 between agents are paired, and two seeds give independent episode sets. Two references come with
 it: ``uniform`` (a uniformly random token; its regret is the no-information level) and
-:func:`full_information_regret`, the Bayes oracle acting greedily on the *whole* history: every
-bandit agent sees a function of that history and its own actions, so no agent's expected regret
-is below it (a lower bound, not a bandit agent). Exact per-step laws, not sampling, decide the
+:func:`full_information_regret`, the env's online oracle acting greedily on the *whole*
+history. Every bandit agent acts on a function of that history and its own randomness, so with
+an exact Bayes oracle no agent's expected regret is below it (a lower bound, not a bandit
+agent); where the env's online oracle approximates Bayes (its ``online_oracle`` says so: e.g.
+``ICL-MarkovChain-v0``'s default stationary start, add-alpha without the first context's
+stationary likelihood, within 0.5% of the KL; Monte-Carlo oracles of other priors) it is a
+near-bound. Exact per-step laws, not sampling, decide the
 regret, so its only noise is the episodes' (and a sampling agent's draws: a :data:`Policy`
 acts on a batch of ``num_envs`` episodes at a time, so which of its random numbers go to
 which episode depends on ``num_envs``; deterministic agents do not depend on it).
 
-On tasks with large vocabularies or one scored step per episode (templates) the uniform and
-revealed-bigram references sit at their trivial values (a uniform guess among ~1,800 tokens
-misses; no pairs are revealed), and the revealed bigram reads a first-order chain's structure
-only: there the informative comparison is between trained agents and the full-information
-oracle.
+On tasks with large vocabularies (templates, ~1,800 tokens) a uniform guess almost always
+misses, and the revealed bigram reads a first-order chain's structure only (on tasks with one
+scored step it reads the shown context's bigrams, not the task's rule): there the informative
+comparison is between trained agents and the full-information oracle.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class RegretReport:
     expected, ``p(a)``) and ``accuracy_se`` (standard errors are NaN for one episode; None in
     :meth:`to_dict`, so JSON stays strict); ``curve`` the mean cumulative regret after each
     step (length: the longest episode's steps); ``episode_regrets`` each episode's cumulative
-    regret, in seed order (for paired comparisons: every agent sees the same episodes)."""
+    regret and ``episode_accuracies`` its mean reward per step, in seed order (for paired
+    comparisons: every agent sees the same episodes)."""
 
     agent: str
     episodes: int
@@ -62,10 +66,12 @@ class RegretReport:
     accuracy_se: float
     curve: tuple[float, ...]
     episode_regrets: tuple[float, ...]
+    episode_accuracies: tuple[float, ...]
 
     def to_dict(self) -> dict[str, Any]:
         row = {**self.__dict__, "curve": list(self.curve)}
         row["episode_regrets"] = list(self.episode_regrets)
+        row["episode_accuracies"] = list(self.episode_accuracies)
         for key in ("regret_se", "accuracy_se"):
             if np.isnan(row[key]):
                 row[key] = None
@@ -127,6 +133,7 @@ def _report(name: str, regrets: list[list[float]], rewards: list[list[float]]) -
         accuracy_se=se(per_step),
         curve=tuple(float(c) for c in curve),
         episode_regrets=tuple(float(x) for x in totals),
+        episode_accuracies=tuple(float(x) for x in per_step),
     )
 
 

@@ -150,7 +150,6 @@ def test_bandit_trained_agents_act_under_bandit_feedback(tmp_path, capsys, algo)
     names = ["oracle (full information)", f"sb3:{run}", f"sb3:{run}:sample"]
     assert [r["agent"] for r in rows] == names
     assert all(len(r["episode_regrets"]) == 5 for r in rows)
-    assert all(r["regret"] >= 0 for r in rows)
     full = replace(config, feedback="full")
     train_agent(full, tmp_path / "full")
     assert iclgym_main([*argv, "--agent", f"sb3:{tmp_path / 'full'}"]) == 2

@@ -108,12 +108,15 @@ def test_navigation_link_leads_to_its_page(browser):
 
     driver, base = browser
     driver.get(base + "/")
-    links = [
-        a
-        for a in driver.find_elements(By.CSS_SELECTOR, "nav.md-nav--primary a.md-nav__link")
-        if (a.get_attribute("href") or "").rstrip("/").endswith("/oracles") and a.is_displayed()
-    ]
-    assert links, "no visible navigation link to the oracles page"
+
+    def visible_links(d):  # the sidebar lays out after the page's scripts: wait for it
+        return [
+            a
+            for a in d.find_elements(By.CSS_SELECTOR, "nav.md-nav--primary a.md-nav__link")
+            if (a.get_attribute("href") or "").rstrip("/").endswith("/oracles") and a.is_displayed()
+        ]
+
+    links = _wait(driver, visible_links, "no visible navigation link to the oracles page")
     links[0].click()
     _wait(driver, lambda d: d.current_url.rstrip("/").endswith("/oracles"), "URL did not change")
     h1 = _wait(

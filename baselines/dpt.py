@@ -387,7 +387,8 @@ def make_bandit_model(
     feature_dim: int = 0,
 ) -> BanditDPT:
     """The bandit DPT's factory (``iclgym train --model dpt_bandit``, the ``lee2023-bandit``
-    recipe): the streaming model's defaults and blocks, one more input id (HIDDEN). Raises
+    recipe): the streaming model's defaults and blocks, 2V + 1 input ids per transition slot
+    (a token, PAD, or ``V + 1 + a``: hidden after the miss of action a). Raises
     ``ValueError`` for invalid sizes and for a feature task (its feedback is tokens only)."""
     if as_int("feature_dim", feature_dim, 0):
         raise ValueError(f"feature_dim={feature_dim} is invalid: the bandit DPT reads tokens only")

@@ -22,6 +22,8 @@ detected as a state with no exit mass during elimination).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -115,16 +117,34 @@ normal double); :func:`stationary_from_log` switches to log space there."""
 def stationary_from_log(log_tables: Tensor, probs: Tensor | None = None) -> Tensor:
     """Stationary law (..., S) float64 of the lifted chain of log-probability tables
     (..., S, k) (one row per context): linear-space GTH when every entry is representable in
-    float64 (on CPU batches (B, S, k) the compiled :func:`iclgym.tasks.kernels.gth_stationary`),
-    log-space GTH otherwise. ``probs``: ``log_tables.exp()`` when the caller has it."""
-    from iclgym.tasks import kernels
-
+    float64 (:func:`_linear_stationary`), log-space GTH otherwise. ``probs``:
+    ``log_tables.exp()`` when the caller has it."""
     smallest = log_tables.amin()
     if not bool(torch.isfinite(smallest)):  # -inf: impossible transitions; the finite minimum
         smallest = torch.where(torch.isfinite(log_tables), log_tables, 0.0).amin()
     if smallest.item() > UNDERFLOW_LOG:
-        probs = log_tables.exp() if probs is None else probs
-        if kernels.available(log_tables.device) and log_tables.dim() == 3:
-            return kernels.gth_stationary(probs)
-        return gth_stationary(lifted_transition(probs))
+        return _linear_stationary(log_tables.exp() if probs is None else probs)
     return log_gth_stationary(lifted_log_transition(log_tables)).exp()
+
+
+def stationary_from_probs(probs: Tensor) -> Tensor:
+    """:func:`stationary_from_log` of probability tables ``probs`` (..., S, k): linear-space
+    GTH when every positive entry exceeds ``exp(UNDERFLOW_LOG)`` (no logarithm taken), else
+    the log-space elimination of ``probs.log()``."""
+    probs = probs.double()
+    smallest = probs.amin()
+    if smallest.item() == 0.0:  # impossible transitions: the positive minimum
+        smallest = torch.where(probs > 0, probs, 1.0).amin()
+    if smallest.item() > math.exp(UNDERFLOW_LOG):
+        return _linear_stationary(probs)
+    return stationary_from_log(probs.log())
+
+
+def _linear_stationary(probs: Tensor) -> Tensor:
+    """Linear-space GTH of float64 tables (..., S, k); on CPU batches (B, S, k) the compiled
+    :func:`iclgym.tasks.kernels.gth_stationary`."""
+    from iclgym.tasks import kernels
+
+    if kernels.available(probs.device) and probs.dim() == 3:
+        return kernels.gth_stationary(probs)
+    return gth_stationary(lifted_transition(probs))

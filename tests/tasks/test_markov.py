@@ -92,7 +92,12 @@ def test_initial_tokens_follow_the_stationary_law(k, order, monkeypatch):
     table /= table.sum(-1, keepdim=True)
     log_table = table.double().log()
     monkeypatch.setattr(
-        task, "log_tables", lambda b, gen, dev: log_table.expand(b, -1, -1).contiguous()
+        task,
+        "draw_tables",
+        lambda b, gen, dev: (
+            log_table.exp().expand(b, -1, -1).contiguous(),
+            log_table.expand(b, -1, -1).contiguous(),
+        ),
     )
     n = 40000
     batch = task.sample(n, generator=task.generator(1))
@@ -439,3 +444,19 @@ def test_numpy_integers_are_accepted_and_stored_as_ints():
     assert type(spec.seq_len) is int
     with pytest.raises(ValueError, match=r"^num_states="):
         MarkovChainSpec(num_states=True)
+
+
+@pytest.mark.parametrize(("k", "order", "batch"), [(3, 2, 20000), (10, 3, 400), (100, 2, 300)])
+def test_linear_dirichlet_tables_equal_the_log_space_draw(k, order, batch):
+    """Dirichlet(1) tables are drawn in linear space (``draw_tables``); as float32, the table
+    the sampler walks and stores, they equal the log-space draw they replaced,
+    ``exp(log E - log sum E)`` of the same Exp(1) numbers, in every entry."""
+    task = MarkovChainTask(num_states=k, order=order, seq_len=order + 1)
+    probs, log_tables = task.draw_tables(batch, torch.Generator().manual_seed(k + order), "cpu")
+    e = torch.empty(batch, k ** (order - 1), k, dtype=torch.float64)
+    e.exponential_(generator=torch.Generator().manual_seed(k + order))
+    e.clamp_min_(torch.finfo(torch.float64).tiny)
+    log_space = (e.log() - e.sum(-1, keepdim=True).log()).exp()
+    assert log_tables is None and probs.dtype == torch.float64
+    assert torch.equal(probs.float(), log_space.float())
+    assert torch.allclose(probs, log_space, rtol=1e-14, atol=0)

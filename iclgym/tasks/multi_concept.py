@@ -751,6 +751,14 @@ class MultiConceptTask(Task):
         p = s.label_noise
         same = math.log1p(-p)
         flip = math.log(p) if p > 0 else -math.inf
+
+        def noisy(kept: Tensor, flipped: Tensor) -> Tensor:
+            """log((1 - p) e^kept + p e^flipped); without noise exactly ``kept`` (what
+            logaddexp returns there, without its passes: a third of the oracle's time)."""
+            if p == 0:
+                return kept
+            return torch.logaddexp(kept + same, flipped + flip)
+
         if context:
             y = tokens[:, :L].long() * 2 - 1  # (B, L) in {-1, +1}
             u = features[:, :L, s.d :].to(torch.float64)
@@ -764,21 +772,13 @@ class MultiConceptTask(Task):
                 # P(y_l | m e) = 1 - p when e = m y_l, else p; e index 1 is e = +1
                 match = (m * y > 0).long()[..., None, None].expand(-1, -1, word.shape[2], 1)
                 w = word[:, :L]
-                demo = torch.logaddexp(
-                    w.gather(-1, match)[..., 0] + same, w.gather(-1, 1 - match)[..., 0] + flip
-                )
+                demo = noisy(w.gather(-1, match)[..., 0], w.gather(-1, 1 - match)[..., 0])
                 total = total + demo.sum(1)
             q = word[:, -1]  # (B, K, 2): e = -1, +1
             # y_q = +1 needs m e = +1 (e index 1 if m = +1), y_q = -1 the other sign
             plus = q[..., 1] if m > 0 else q[..., 0]
             minus = q[..., 0] if m > 0 else q[..., 1]
-            query = torch.stack(
-                [
-                    torch.logaddexp(minus + same, plus + flip),
-                    torch.logaddexp(plus + same, minus + flip),
-                ],
-                -1,
-            )  # (B, K, 2)
+            query = torch.stack([noisy(minus, plus), noisy(plus, minus)], -1)  # (B, K, 2)
             joint.append(torch.logsumexp(total[..., None] + query, 1) + log_pm)
         out = torch.logsumexp(torch.stack(joint), 0)
         return out - torch.logsumexp(out, -1, keepdim=True)

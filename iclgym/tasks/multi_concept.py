@@ -68,12 +68,16 @@ exact enumeration of the (support, signs) hypotheses of each word (C(K, s + 1) 2
 label token (K 2 C(K - 1, r) 2^r), each at most :data:`MAX_HYPOTHESES`; there is no closed
 form with jitter there, so ``coef_jitter > 0`` with ``"gaussian"`` is refused.
 
-**sigma = 0 or sigma_y = 0.** The likelihoods use max(sigma, :data:`SIGMA_FLOOR`): the
-posterior of the model with noise 1e-4. As sigma -> 0 the posterior converges to the
-noiseless one (a wrong hypothesis is off by at least (1 - c) min(beta, ...) >= 1e-3 in some
-projection, i.e. >= 10 floor units, so it loses >= 50 nats per word), and the float32 features
-are rounded at ~6e-8 relative, far below the floor, so the floored posterior is the sigma = 0
-posterior up to exp(-50) terms; no NaN arises.
+**sigma = 0 or sigma_y = 0.** The likelihoods use the noise max(sigma, f s) with f =
+:data:`SIGMA_FLOOR` and s the smallest contrast between two hypotheses, (1 - c) beta for words
+and delta for label tokens (:attr:`MultiConceptSpec.oracle_sigma`, ``oracle_sigma_y``): the
+posterior of the model with that noise. As sigma -> 0 the posterior converges to the noiseless
+one, and a wrong hypothesis is off by at least s = 10 floor units in some projection, so it
+loses >= 50 nats per word: the floored posterior is the sigma = 0 posterior up to exp(-50)
+terms, at every scale of the norms. The features are float32, rounded at 2^-24 of their scale
+(``(s_extra + 1)(1 + c)(alpha + beta)`` for words); the spec refuses norms whose rounding is
+not below 1/100 of max(sigma, s) (:data:`RESOLUTION`), where the data could not tell the
+hypotheses apart, and norms or noise above :data:`MAX_SCALE` (features beyond float32).
 
 The reference predictors: :meth:`~MultiConceptTask.dictionary_oracle` (the 4-step rule),
 :meth:`~MultiConceptTask.bayes_error`, :meth:`~MultiConceptTask.no_context_accuracy` and the
@@ -112,8 +116,17 @@ DICTIONARIES = ("orthogonal", "gaussian")
 WORLD_STREAM = 9
 """Seed stream of ``world_seed`` that draws the dictionary (streams 0-8 are the data splits,
 dropout, the templates' fixed set, model init, batch order and the sparse-bigram task)."""
-SIGMA_FLOOR = 1e-4
-"""The oracle's noise floor: sigma and sigma_y below it are read as it (module docstring)."""
+SIGMA_FLOOR = 0.1
+"""The oracle's noise floor as a fraction of the smallest contrast between two hypotheses:
+sigma below ``SIGMA_FLOOR (1 - c) beta`` (sigma_y below ``SIGMA_FLOOR delta``) is read as it
+(module docstring; it was an absolute 1e-4, wrong for norms near it)."""
+MAX_SCALE = 1e15
+"""Largest norm (alpha, gamma) and noise (sigma, sigma_y): a word sums at most K such terms
+and its float32 features (max ~3.4e38) and their float64 squares stay finite."""
+RESOLUTION = 0.01
+"""The float32 rounding of the features, ``2^-24 (s_extra + 1)(1 + c)(alpha + beta)`` for
+words (``2^-24 (r + 1)(gamma + delta)`` for label tokens), must be at most this fraction of
+max(sigma, smallest contrast), so that the exact posterior of the spec is that of its data."""
 LOG_FLOOR = 1e-30
 """Log-probabilities are floored at log(1e-30) where a law is exactly 0."""
 HARD_EPS = 0.01
@@ -157,10 +170,12 @@ class MultiConceptSpec(TaskSpec):
         num_concepts: K >= 2.
         s_extra: task-irrelevant concepts per word, 0 <= s_extra <= K - 1.
         num_demos: L >= 1 demonstrations per prompt (T = L + 1 positions).
-        alpha, beta: norms of a_k and b_k, alpha > beta > 0 (so <mu_k^+, mu_k^-> =
-            alpha^2 - beta^2 > 0 within a concept, V3).
-        gamma, delta: norms of c_k and d_k, gamma > delta > 0.
-        sigma, sigma_y: word and label-token noise standard deviations, finite, >= 0.
+        alpha, beta: norms of a_k and b_k, :data:`MAX_SCALE` >= alpha > beta > 0 (so
+            <mu_k^+, mu_k^-> = alpha^2 - beta^2 > 0 within a concept, V3).
+        gamma, delta: norms of c_k and d_k, :data:`MAX_SCALE` >= gamma > delta > 0.
+        sigma, sigma_y: word and label-token noise standard deviations in [0, MAX_SCALE].
+            Below 100x the float32 rounding of the features (:data:`RESOLUTION`) the
+            contrast (1 - c) beta (delta) must be above it, or the spec is refused.
         label_noise: p in [0, 0.5), the probability each label (query included) is flipped.
         coef_jitter: c in [0, 1); z ~ U[1 - c, 1 + c] per active concept (0: z = 1). Must be
             0 with ``"gaussian"`` (no exact oracle).
@@ -223,14 +238,14 @@ class MultiConceptSpec(TaskSpec):
             put("d_y", as_int("d_y", self.d_y, 1))
         put("s_extra", as_int("s_extra", self.s_extra, 0, k - 1))
         put("num_demos", as_int("num_demos", self.num_demos, 1))
-        alpha = as_float("alpha", self.alpha, 0.0, low_open=True)
+        alpha = as_float("alpha", self.alpha, 0.0, MAX_SCALE, low_open=True)
         put("alpha", alpha)
         put("beta", as_float("beta", self.beta, 0.0, alpha, low_open=True, high_open=True))
-        gamma = as_float("gamma", self.gamma, 0.0, low_open=True)
+        gamma = as_float("gamma", self.gamma, 0.0, MAX_SCALE, low_open=True)
         put("gamma", gamma)
         put("delta", as_float("delta", self.delta, 0.0, gamma, low_open=True, high_open=True))
-        put("sigma", as_float("sigma", self.sigma, 0.0))
-        put("sigma_y", as_float("sigma_y", self.sigma_y, 0.0))
+        put("sigma", as_float("sigma", self.sigma, 0.0, MAX_SCALE))
+        put("sigma_y", as_float("sigma_y", self.sigma_y, 0.0, MAX_SCALE))
         put("label_noise", as_float("label_noise", self.label_noise, 0.0, 0.5, high_open=True))
         put("coef_jitter", as_float("coef_jitter", self.coef_jitter, 0.0, 1.0, high_open=True))
         put("heldout_concepts", as_int("heldout_concepts", self.heldout_concepts, 0, k - 1))
@@ -240,6 +255,22 @@ class MultiConceptSpec(TaskSpec):
         put("world_seed", as_int("world_seed", self.world_seed, 0))
         if self.concept_probs is not None:
             put("concept_probs", _check_probs(self.concept_probs, k))
+        c = self.coef_jitter
+        word_scale = (self.s_extra + 1) * (1 + c) * (alpha + self.beta)
+        for name, noise, scale, contrast in (
+            ("sigma", self.sigma, word_scale, (1 - c) * self.beta),
+            ("sigma_y", self.sigma_y, (r + 1) * (gamma + self.delta), self.delta),
+        ):
+            rounding = 2.0**-24 * scale
+            if rounding > RESOLUTION * max(noise, contrast):
+                raise invalid(
+                    name,
+                    noise,
+                    f">= {rounding / RESOLUTION:.3g} with these norms: their float32 features "
+                    f"are rounded at {rounding:.3g}, more than {RESOLUTION:g} of the smallest "
+                    f"contrast between two hypotheses ({contrast:.3g}), so the data cannot "
+                    "resolve them (raise the contrast or the noise)",
+                )
         t, f = self.num_demos + 1, self.d + self.d_y
         check_memory(
             "num_demos",
@@ -273,6 +304,17 @@ class MultiConceptSpec(TaskSpec):
                     f"2 K C(K - 1, r) 2^r <= {MAX_HYPOTHESES} label hypotheses with "
                     f"dictionary='gaussian' (exact enumeration; got {labels})",
                 )
+
+    @property
+    def oracle_sigma(self) -> float:
+        """The word noise of the oracle's likelihoods: max(sigma, SIGMA_FLOOR (1 - c) beta)
+        (module docstring, sigma = 0)."""
+        return max(self.sigma, SIGMA_FLOOR * (1.0 - self.coef_jitter) * self.beta)
+
+    @property
+    def oracle_sigma_y(self) -> float:
+        """The label-token noise of the oracle's likelihoods: max(sigma_y, SIGMA_FLOOR delta)."""
+        return max(self.sigma_y, SIGMA_FLOOR * self.delta)
 
     @property
     def concept_law(self) -> np.ndarray:
@@ -787,14 +829,18 @@ class MultiConceptTask(Task):
         """(B, T, K, 2) float64 log A_i(k*, e) (module docstring) up to a constant shared by
         every (k*, e), e index 0 for -1 and 1 for +1; ``x`` (B, T, d) float64."""
         s = self.spec
-        sig2 = max(s.sigma, SIGMA_FLOOR) ** 2
+        sig2 = s.oracle_sigma**2
         if s.dictionary == "gaussian":
             ll = (x @ tab["word_means"].T - tab["word_sq"] / 2.0) / sig2  # (B, T, H)
             idx = tab["word_index"]  # (K, 2, H_k)
             return torch.logsumexp(ll[..., idx], -1)
         pa, pb = x @ tab["a64"].T, x @ tab["b64"].T  # (B, T, K)
         loglam = torch.stack(
-            [_log_ratio(pa, e * pb, s.alpha, s.beta, s.sigma, s.coef_jitter) for e in (-1, 1)], -1
+            [
+                _log_ratio(pa, e * pb, s.alpha, s.beta, s.oracle_sigma, s.coef_jitter)
+                for e in (-1, 1)
+            ],
+            -1,
         )
         log_big = torch.logsumexp(loglam, -1) - math.log(2.0)  # log Lambda_{i,k}
         others = leave_one_out_esp(log_big, s.s_extra)  # (B, T, K)
@@ -805,7 +851,7 @@ class MultiConceptTask(Task):
         ``u`` (B, L, d_y) float64 with its concept kappa(k*) carrying the observed label ``y``
         (B, L) in {-1, +1} and r = ``label_extra_concepts`` other concepts."""
         s = self.spec
-        sig2 = max(s.sigma_y, SIGMA_FLOOR) ** 2
+        sig2 = s.oracle_sigma_y**2
         yi = (y > 0).long()
         if s.dictionary == "gaussian":
             means = tab["label_means"]  # (K, 2, H_r, d_y)
@@ -815,10 +861,13 @@ class MultiConceptTask(Task):
             out = per.gather(-1, yi[..., None, None].expand(-1, -1, k, 1))[..., 0]
         else:
             pc, pd = u @ tab["c64"].T, u @ tab["d64"].T
-            out = _log_ratio(pc, y[..., None] * pd, s.gamma, s.delta, s.sigma_y, 0.0)
+            out = _log_ratio(pc, y[..., None] * pd, s.gamma, s.delta, s.oracle_sigma_y, 0.0)
             if s.label_extra_concepts:
                 pair = torch.stack(
-                    [_log_ratio(pc, e * pd, s.gamma, s.delta, s.sigma_y, 0.0) for e in (-1, 1)],
+                    [
+                        _log_ratio(pc, e * pd, s.gamma, s.delta, s.oracle_sigma_y, 0.0)
+                        for e in (-1, 1)
+                    ],
                     -1,
                 )
                 log_big = torch.logsumexp(pair, -1) - math.log(2.0)
@@ -1041,10 +1090,10 @@ class MultiConceptTask(Task):
 def _log_ratio(pa: Tensor, pb: Tensor, alpha: float, beta: float, sigma: float, c: float) -> Tensor:
     """log lambda: the likelihood ratio of "the concept is active with these signs" to "it is
     not", from the projections ``pa`` on a^ and ``pb`` on e b^ (float64, the sign e already
-    applied), norms ``alpha``, ``beta``, noise ``sigma`` (floored at :data:`SIGMA_FLOOR`) and
-    coefficient jitter ``c`` (module docstring: z = 1, or z ~ U[1 - c, 1 + c] in closed
-    form)."""
-    sig = max(sigma, SIGMA_FLOOR)
+    applied), norms ``alpha``, ``beta``, noise ``sigma`` > 0 (the spec's ``oracle_sigma``,
+    floored) and coefficient jitter ``c`` (module docstring: z = 1, or z ~ U[1 - c, 1 + c] in
+    closed form)."""
+    sig = sigma
     if c == 0.0:
         return (alpha * pa + beta * pb - (alpha**2 + beta**2) / 2.0) / sig**2
     n = math.sqrt(alpha**2 + beta**2)

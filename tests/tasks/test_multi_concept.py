@@ -60,6 +60,14 @@ def within_binomial(acc: float, p: float, n: int, z: float = 3.0) -> bool:
         ({"dictionary": "gaussian", "coef_jitter": 0.2}, "coef_jitter"),
         ({"cross_pairing": 1}, "cross_pairing"),
         ({"num_demos": 10**9}, "num_demos"),
+        # norms and noise whose float32 features overflow (reported: inf features, NaN laws)
+        ({"alpha": 1e39, "beta": 1e38}, "alpha"),
+        ({"gamma": 1e40, "delta": 1e39}, "gamma"),
+        ({"sigma": 1e200}, "sigma"),
+        ({"sigma_y": 1e39}, "sigma_y"),
+        # noiseless features whose float32 rounding (~2^-24 of 3 alpha) hides the contrast
+        ({"sigma": 0.0, "beta": 1e-7}, "sigma"),
+        ({"sigma_y": 0.0, "delta": 1e-8}, "sigma_y"),
     ],
 )
 def test_invalid_specs_raise_naming_the_parameter(kwargs, name):
@@ -277,6 +285,29 @@ def test_noiseless_limit_is_finite_and_exact():
     lp = task.oracle(batch)
     assert torch.isfinite(lp).all()
     assert accuracy(lp, batch) == 1.0
+
+
+@pytest.mark.parametrize(
+    "scales",
+    [
+        {"beta": 1e-4},  # reported: CE 0.127 against the dictionary rule's 0.010
+        {"alpha": 1e-3, "beta": 1e-4, "gamma": 1e-3, "delta": 1e-4},
+        {"alpha": 1e-5, "beta": 1e-6, "gamma": 1e-5, "delta": 1e-6},  # reported: chance
+        {"alpha": 1e6, "beta": 3e5, "gamma": 1e6, "delta": 3e5},
+    ],
+)
+def test_noiseless_oracle_is_exact_at_every_scale(scales):
+    """With sigma = sigma_y = 0 the noiseless posterior identifies the label at any scale of
+    the norms (the oracle's noise floor is relative to the contrast, not an absolute 1e-4):
+    accuracy 1 and a cross-entropy no strategy beats (the dictionary rule is also exact
+    here, at its HARD_EPS confidence)."""
+    task = MultiConceptTask(sigma=0.0, sigma_y=0.0, mapping="random", **scales)
+    batch = draw(task, 1000)
+    lp = task.oracle(batch)
+    assert torch.isfinite(lp).all() and accuracy(lp, batch) == 1.0
+    ce = -lp[:, -1].gather(1, batch.targets[:, -1:]).mean().item()
+    rule = -task.strategies["dictionary_oracle"](batch)[:, -1].gather(1, batch.targets[:, -1:])
+    assert ce < 1e-6 < rule.mean().item()
 
 
 def test_posterior_is_calibrated():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import json
 import os
 import re
 import sys
@@ -299,6 +298,7 @@ def _cmd_describe(args: DescribeArgs) -> int:
 
 def _cmd_eval(args: EvalArgs) -> int:
     from iclgym.harness import HeldOut, evaluate, resolve_predictor
+    from iclgym.harness.evaluate import strict_json
     from iclgym.harness.model import check_device
 
     check_device(args.device)
@@ -331,7 +331,7 @@ def _cmd_eval(args: EvalArgs) -> int:
         if not args.curves:
             for r in reports:
                 r.pop("curves")
-        print(json.dumps(reports, indent=2))
+        print(strict_json(reports, indent=2))
         return 0
     values = getattr(task, "label_values", None) is not None
     first = reports[0]
@@ -427,6 +427,7 @@ def _cmd_sweep(args: Any) -> int:
 def _cmd_regret(args: RegretArgs) -> int:
     from baselines import AGENT_KINDS
     from iclgym.harness import regret
+    from iclgym.harness.evaluate import strict_json
     from iclgym.harness.model import import_object
 
     spec = parse_overrides(args.set)
@@ -467,7 +468,7 @@ def _cmd_regret(args: RegretArgs) -> int:
     if args.json:
         where = {"env_id": args.env_id, "split": args.split, "seed": args.seed}
         rows = [{**r.to_dict(), **where, "spec": str(task.spec)} for r in reports]
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, indent=2))
         return 0
     print(
         f"{args.env_id}  bandit feedback, split={args.split} episodes={args.episodes} "

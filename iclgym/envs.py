@@ -98,7 +98,7 @@ from gymnasium.vector.utils import batch_space
 from iclgym.argmax import first_argmax_rows
 from iclgym.registry import get_entry
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
-from iclgym.tasks.base import resolve_split
+from iclgym.tasks.base import canonical_split, resolve_split
 from iclgym.validation import as_float, as_int, check_memory, format_bytes, invalid
 
 OBSERVATIONS = ("context", "token", "window", "features")
@@ -108,8 +108,6 @@ REWARDS = ("logprob", "squared")
 negated squared error ``-||e_y - q||^2`` (the Brier score; the paper loss of sparse contextual
 bigrams, Ren, Wang, Lee 2024)."""
 RENDER_MODES = ("ansi", "rgb_array")
-SPLIT_ALIASES = {"val": "validation"}
-"""Other names accepted for a split (``"val"`` for ``"validation"``)."""
 RESET_OPTIONS = ("split",)
 PROB_FLOOR = 1e-6
 DEFAULT_WINDOW = 8
@@ -137,7 +135,7 @@ PALETTE = (
 def check_split(split: Any, name: str = "split", task: Task | None = None) -> str:
     """The canonical name of a split: one of ``SPLITS`` (``"val"`` is ``"validation"``) or,
     given ``task``, one of its named splits (validated by ``task.split_task``)."""
-    canonical = SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
+    canonical = canonical_split(split)
     if canonical in SPLITS:
         return canonical
     if task is not None and isinstance(canonical, str) and task.named_splits:

@@ -52,6 +52,25 @@ def test_eval_json_is_always_a_list_and_the_table(capsys):
     assert "* true: reads each sequence's hidden parameters" in out
 
 
+def strict_loads(text: str) -> object:
+    """json.loads that refuses NaN and Infinity (not JSON: jq and JavaScript reject them)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "env_id", ["ICL-PriorityGraph-v0", "ICL-SparseContextualBigram-v0", "ICL-MultiConcept-v0"]
+)
+def test_eval_json_is_strict_with_one_sequence(env_id, capsys):
+    """One sequence has no standard error (NaN): the JSON says null, as `iclgym regret`'s."""
+    assert main(["eval", env_id, "--num-sequences", "1", "--json"]) == 0
+    reports = strict_loads(capsys.readouterr().out)
+    assert all(r["excess_loss_se"] is None and r["cross_entropy"] >= 0 for r in reports)
+
+
 def test_eval_reports_mse_for_real_valued_labels(capsys):
     args = ["eval", "ICL-SymbolTemplate-v0", "--num-sequences", "200", "--json"]
     assert main([*args, "--predictor", "oracle", "--predictor", "template_prior"]) == 0

@@ -7,6 +7,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import iclgym
 from iclgym.argmax import first_argmax_rows
+from iclgym.cli import main
 from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv, first_argmax
 
 
@@ -981,3 +983,20 @@ def test_action_probabilities_read_actions_as_the_env_scores_them():
     assert q[1, 0] > 2e-7 and np.isclose(q.sum(-1), 1).all()  # floored at 1e-6
     with pytest.raises(ValueError, match="action_probabilities"):
         ICLVectorEnv(2, "ICL-MarkovChain-v0").action_probabilities(a)
+
+
+def test_val_alias_is_accepted_wherever_a_split_is():
+    """'val' names the validation split at every entry point (reported: the env took it, the
+    task's generator, evaluate and `iclgym eval --split val` refused it)."""
+    from iclgym.harness import HeldOut
+    from iclgym.harness.train import TrainConfig
+
+    task = iclgym.make_task("ICL-SparseContextualBigram-v0")
+    a = task.sample(8, generator=task.generator(0, "val"))
+    b = task.sample(8, generator=task.generator(0, "validation"))
+    assert torch.equal(a.tokens, b.tokens) and task.generator(0, "val").split == "validation"
+    held = [HeldOut(task, split=s, seed=1, num_sequences=8) for s in ("val", "validation")]
+    assert torch.equal(held[0].parts[0].batch.tokens, held[1].parts[0].batch.tokens)
+    assert TrainConfig(eval_splits=("val", "test")).eval_splits == ("validation", "test")
+    assert main(["eval", "ICL-SparseContextualBigram-v0", "--split", "val", "--json",
+                 "--num-sequences", "8"]) == 0  # fmt: skip

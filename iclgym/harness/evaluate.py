@@ -276,7 +276,27 @@ class Report:
         return asdict(self)
 
     def to_json(self, **kwargs: object) -> str:
-        return json.dumps(self.to_dict(), **kwargs)  # type: ignore[arg-type]
+        """:func:`strict_json` of :meth:`to_dict` (NaN standard errors become null)."""
+        return strict_json(self.to_dict(), **kwargs)
+
+
+def json_safe(obj: object) -> object:
+    """``obj`` with every non-finite float (NaN, inf; Python or numpy) replaced by None,
+    through dicts, lists and tuples: what strict JSON can hold (a standard error of one
+    sequence is NaN)."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj: object, **kwargs: object) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(obj)`` with ``allow_nan=False``: valid JSON for
+    every parser (Python's default writes the non-standard ``NaN``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)  # type: ignore[arg-type]
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:

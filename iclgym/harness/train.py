@@ -88,7 +88,7 @@ from iclgym.harness.model import (
 from iclgym.harness.phases import phase_report
 from iclgym.harness.plots import plot_metrics, plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
-from iclgym.tasks.base import SPLITS, Batch, Task, stream_seed, torch_threads
+from iclgym.tasks.base import SPLITS, Batch, Task, canonical_split, stream_seed, torch_threads
 from iclgym.validation import as_float, as_int, parse_value
 
 CHECKPOINT, LOG, SUMMARY, PLOT, METRICS_PLOT, LOCK = (
@@ -251,7 +251,7 @@ class TrainConfig:
                 f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}"
                 " or an import path 'package.module:factory'"
             )
-        object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
+        object.__setattr__(self, "eval_splits", tuple(map(canonical_split, self.eval_splits)))
         if not self.eval_splits or any(
             not isinstance(s, str) or s == "train" or not s for s in self.eval_splits
         ):

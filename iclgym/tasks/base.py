@@ -20,6 +20,15 @@ from torch import Tensor
 
 SPLITS = ("train", "validation", "test")
 """Named data splits; each draws from its own seed stream (see :func:`make_generator`)."""
+SPLIT_ALIASES = {"val": "validation"}
+"""Other names of a split, accepted wherever a split is (:func:`canonical_split`)."""
+
+
+def canonical_split(split: object) -> object:
+    """``split`` with its alias resolved (``"val"`` is ``"validation"``); anything else as
+    given, for the caller to validate."""
+    return SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
+
 
 Strategy = Callable[["Batch"], Tensor]
 """A reference predictor: maps a batch to next-token log-probabilities (B, T, V)."""
@@ -129,9 +138,12 @@ def generator_split(generator: torch.Generator) -> str:
 def make_generator(seed: int, split: str = "train", device: torch.device | str = "cpu"):
     """A ``torch.Generator`` for ``(seed, split)``; splits get independent streams, so the
     train, validation and test data of one seed never coincide (see :func:`stream_seed`).
-    It is a :class:`SplitGenerator` that carries ``split``."""
+    It is a :class:`SplitGenerator` that carries ``split`` (``"val"`` is ``"validation"``)."""
+    split = canonical_split(split)
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+        raise ValueError(
+            f"split={split!r} is invalid: expected one of {SPLITS} (or 'val' for 'validation')"
+        )
     generator = SplitGenerator(device=device)
     generator.split = split
     return generator.manual_seed(stream_seed(seed, SPLITS.index(split)))
@@ -381,7 +393,9 @@ class Task(ABC):
 def resolve_split(task: Task, split: str) -> tuple[Task, str]:
     """``(task, seed-stream split)`` for ``split``: a seed-stream split of ``SPLITS`` keeps
     ``task``; a named split of ``task.named_splits`` gives its variant task on the ``"test"``
-    stream. Raises ``ValueError`` naming the valid splits for anything else."""
+    stream (``"val"`` is ``"validation"``). Raises ``ValueError`` naming the valid splits for
+    anything else."""
+    split = canonical_split(split)
     if split in SPLITS:
         return task, split
     if not isinstance(split, str):

@@ -64,6 +64,9 @@ class DescribeArgs:
 
     env_id: EnvId
     """Registered env id, e.g. ICL-NGram-v0."""
+    set: Repeated = ()
+    """Spec override KEY=VALUE, repeatable (e.g. --set heldout_concepts=2: some named splits
+    exist only for some specs)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class EvalArgs:
     """Spec override KEY=VALUE, repeatable (e.g. --set num_states=5)."""
     split: str = "test"
     """Data split scored: train, validation, test, or one of the task's named held-out splits
-    (``iclgym describe ID`` lists them, e.g. ood_length_32, ood_switched)."""
+    (``iclgym describe ID [--set ...]`` lists them, e.g. ood_length_32, ood_switched)."""
     seed: int = 0
     """Seed of the evaluated sequences."""
     num_sequences: int = 4096
@@ -292,7 +295,7 @@ def _cmd_list(args: ListArgs) -> int:
 
 
 def _cmd_describe(args: DescribeArgs) -> int:
-    print(describe(args.env_id))
+    print(describe(args.env_id, **parse_overrides(args.set)))
     return 0
 
 

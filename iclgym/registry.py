@@ -239,10 +239,13 @@ def list_envs() -> list[str]:
     return list(ENVS)
 
 
-def describe(env_id: str) -> str:
-    """A human-readable description: summary, spec, vocabulary, strategies."""
+def describe(env_id: str, **spec_kwargs: Any) -> str:
+    """A human-readable description of ``env_id`` with the spec overrides ``spec_kwargs``:
+    summary, spec, vocabulary, strategies and the named splits (some exist only for some
+    specs, e.g. ``ood_heldout_concepts`` with ``heldout_concepts > 0``). Raises ``ValueError``
+    for an unknown id or invalid overrides."""
     entry = get_entry(env_id)
-    task = make_task(env_id)
+    task = make_task(env_id, **spec_kwargs)
     lines = [
         f"{entry.env_id}: {entry.summary}",
         f"  family:      {entry.family}",

@@ -23,6 +23,17 @@ def test_list_and_describe(capsys):
     assert "trigram" in capsys.readouterr().out
 
 
+def test_describe_takes_spec_overrides(capsys):
+    """Some named splits exist only for some specs: `describe --set` lists them (reported:
+    `eval --split` pointed at describe, which had no way to show ood_heldout_concepts)."""
+    assert main(["describe", "ICL-MultiConcept-v0"]) == 0
+    assert "ood_heldout_concepts" not in capsys.readouterr().out
+    assert main(["describe", "ICL-MultiConcept-v0", "--set", "heldout_concepts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "ood_heldout_concepts" in out and "heldout_concepts=2" in out
+    assert main(["describe", "ICL-MultiConcept-v0", "--set", "heldout_concepts=9"]) == 2
+
+
 def test_list_imports_no_torch():
     code = (
         "import sys\nfrom iclgym.cli import main\nmain(['list'])\nassert 'torch' not in sys.modules"

@@ -94,6 +94,13 @@ UNIFORM_MULTIPLY_MAX = 1024
 fits in int64), above it in float64."""
 LOG_FLOOR = 1e-30
 """Log-probabilities are floored at log(1e-30) where a law is exactly 0."""
+NORMAL_BOUND = 16.0
+"""A bound on |z| of numpy's ``standard_normal`` draws: its ziggurat returns |z| < r + sqrt(2 *
+53 ln 2) ~ 12.23 (r ~ 3.654, tail draws from 53-bit uniforms), so 16 leaves a margin."""
+SIGMA_BETA_MAX = 1e306
+"""The largest ``sigma_beta``: every planted beta = sigma_beta z has |beta| < 16 sigma_beta
+(:data:`NORMAL_BOUND`), so every difference of two betas (the shifted ``beta - max beta`` of
+Oracle C) stays below 2 * 16 * 1e306 = 3.2e307, finite in float64 (max ~1.8e308)."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,9 @@ class PriorityGraphSpec(TaskSpec):
         s_max: 1 <= s_max <= K, the largest block of the planted levels (1: every token its own
             level, pure hard retrieval; K may give one block: pure soft composition); None
             (default): min(3, K), 3 where K allows it. Planted mode only.
-        sigma_beta: >= 0, finite, the scale of the planted composition weights beta (0: the
-            label is count-weighted uniform over S*).
+        sigma_beta: in [0, :data:`SIGMA_BETA_MAX` = 1e306], the scale of the planted composition
+            weights beta (0: the label is count-weighted uniform over S*); the bound keeps every
+            beta and every difference of two betas finite (|beta| < 16 sigma_beta).
         distinct: planted contexts without repeated tokens (the paper's sampling for T <= K).
         deterministic: planted labels are the argmax of Oracle C's law (smallest id on ties).
         instance_seed: int >= 0; the planted levels and betas (stream :data:`INSTANCE_STREAM`)
@@ -162,7 +170,7 @@ class PriorityGraphSpec(TaskSpec):
             put("s_max", as_int("s_max", s_max, 1, k))
         elif self.s_max is not None:  # unused in paper mode, but a bad value is still bad
             put("s_max", as_int("s_max", self.s_max, 1, k))
-        put("sigma_beta", as_float("sigma_beta", self.sigma_beta, 0.0))
+        put("sigma_beta", as_float("sigma_beta", self.sigma_beta, 0.0, SIGMA_BETA_MAX))
         for flag in ("distinct", "deterministic", "cyclic"):
             put(flag, as_bool(flag, getattr(self, flag)))
         if self.distinct and t > k:
@@ -896,6 +904,7 @@ __all__ = [
     "INSTANCE_STREAM",
     "MODES",
     "ORACLE_A_SAMPLES",
+    "SIGMA_BETA_MAX",
     "PriorityGraphSpec",
     "PriorityGraphTask",
     "first_argmax",

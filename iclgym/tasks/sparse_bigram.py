@@ -78,6 +78,12 @@ P_FAMILIES = ("perm_mixture", "dirichlet", "custom")
 Q_WEIGHTS = ("uniform", "dirichlet")
 STOCHASTIC_TOL = 1e-6
 """Tolerance of the column sums of a custom ``transition`` or ``attn``."""
+CENTRED_TOL = 1e-8
+"""A centred matrix ``X - mu 1^T`` is numerically zero (every column is ``mu``, so a
+correlation with it is undefined) when ``||X - mu 1^T||_mu <= CENTRED_TOL ||X||_mu``
+(:func:`transition_correlation`)."""
+RHO_TOL = 1e-6
+""":func:`make_transfer_pair` refuses a ``rho`` whose realised correlation differs by more."""
 TASK_STREAM, TRANSFER_STREAM = 7, 8
 """Seed streams of ``task_seed`` (``numpy.random.SeedSequence(task_seed, spawn_key=(stream,
 part))``): :data:`TASK_STREAM` draws the task's P (part 0) and attn (part 1),
@@ -163,7 +169,8 @@ class SparseContextualBigramSpec(TaskSpec):
             uniform), ``"dirichlet"`` (each column ``~ Dir(p_alpha 1_N)``; ``mu`` by GTH) or
             ``"custom"`` (``transition``).
         n_perms: M >= 1 permutations of ``perm_mixture``.
-        p_floor: f in [0, 1): ``P <- (1 - f) P + f / N`` (both drawn families).
+        p_floor: f in [0, 1): ``P <- (1 - f) P + f / N`` (both drawn families); 0 with
+            ``"custom"`` (a custom P is used as given: floor it before passing it).
         p_alpha: Dirichlet concentration of the columns of ``"dirichlet"``, > 0.
         q_weights: weights on each support, ``"uniform"`` (1/Q each) or ``"dirichlet"``
             (``(1 - q_floor) Dir(q_alpha 1_Q) + q_floor / Q``).
@@ -231,6 +238,13 @@ class SparseContextualBigramSpec(TaskSpec):
         check_memory("seq_len", t, 16.0 * t * n, f"the {t}x{n} attention tables")
         check_sequence_memory("seq_len", t, t + 1, n)
         if self.p_family == "custom":
+            if self.p_floor != 0.0:
+                raise invalid(
+                    "p_floor",
+                    self.p_floor,
+                    "0.0 with p_family='custom' (the custom transition is used as given: mix "
+                    "the floor into it before passing it)",
+                )
             if self.transition is None:
                 raise invalid("transition", None, "an NxN matrix with p_family='custom'")
             put("transition", _as_tuple(_check_transition(self.transition, n)))
@@ -332,15 +346,45 @@ def transition_correlation(
     """corr(P, P~) = <P_bar, P~_bar>_mu / (||P_bar||_mu ||P~_bar||_mu) of two
     column-stochastic (N, N) matrices, where ``X_bar = X - mu 1^T`` and ``<X, Y>_mu = sum_j mu_j
     <X[:, j], Y[:, j]>`` weights the source columns by ``mu`` (default: the stationary law of
-    ``first``; with uniform ``mu`` this is the plain Frobenius cosine)."""
+    ``first``; with uniform ``mu`` this is the plain Frobenius cosine).
+
+    Raises ``ValueError`` naming ``first`` or ``second`` when its centred part is numerically
+    zero (``||X_bar||_mu <= CENTRED_TOL ||X||_mu``, :data:`CENTRED_TOL`: every column is
+    ``mu``), where the correlation is undefined."""
     mu = stationary_law(first) if mu is None else np.asarray(mu, dtype=np.float64)
-    a = first - mu[:, None]
-    b = second - mu[:, None]
+    value = _centred_cosine(first, second, mu)
+    if math.isnan(value):
+        for name, x in (("first", first), ("second", second)):
+            if _centred_is_zero(x, mu):
+                raise invalid(
+                    name,
+                    _short(np.asarray(x).tolist()),
+                    f"a matrix with a column different from mu (||X - mu 1^T||_mu > "
+                    f"{CENTRED_TOL:g} ||X||_mu): its centred part is numerically zero, so the "
+                    "correlation is undefined",
+                )
+    return value
 
-    def inner(x: np.ndarray, y: np.ndarray) -> float:
-        return float(((x * y).sum(0) * mu).sum())
 
-    return inner(a, b) / math.sqrt(inner(a, a) * inner(b, b))
+def _inner(x: np.ndarray, y: np.ndarray, mu: np.ndarray) -> float:
+    """``<X, Y>_mu = sum_j mu_j <X[:, j], Y[:, j]>``."""
+    return float(((x * y).sum(0) * mu).sum())
+
+
+def _centred_is_zero(x: np.ndarray, mu: np.ndarray) -> bool:
+    """True when ``||x - mu 1^T||_mu <= CENTRED_TOL ||x||_mu`` (numerically zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - mu[:, None]
+    return math.sqrt(_inner(centred, centred, mu)) <= CENTRED_TOL * math.sqrt(_inner(x, x, mu))
+
+
+def _centred_cosine(first: np.ndarray, second: np.ndarray, mu: np.ndarray) -> float:
+    """:func:`transition_correlation` with ``mu`` given, NaN where it is undefined."""
+    if _centred_is_zero(first, mu) or _centred_is_zero(second, mu):
+        return math.nan
+    a = np.asarray(first, dtype=np.float64) - mu[:, None]
+    b = np.asarray(second, dtype=np.float64) - mu[:, None]
+    return _inner(a, b, mu) / math.sqrt(_inner(a, a, mu) * _inner(b, b, mu))
 
 
 @njit(cache=True, nogil=True)
@@ -853,7 +897,8 @@ class TransferPair:
     mix: float
     """c in ``P~ = c P_ref + (1 - c) P_ind``."""
     reference: str
-    """``"P"`` (rho >= corr(P, P_ind)) or ``"anti"`` (``P_ref = (11^T - P) / (N - 1)``)."""
+    """``"P"`` (rho >= corr(P, P_ind), or a rho below it reached at an interior minimum of the
+    P path) or ``"anti"`` (``P_ref = (11^T - P) / (N - 1)``)."""
 
 
 def make_transfer_pair(
@@ -869,7 +914,10 @@ def make_transfer_pair(
     and ``c`` in [0, 1] found by bisection so that the realised correlation equals ``rho``
     (to 1e-9) whenever it can: ``P_ref = P`` when ``rho`` is at least corr(P, P_ind), else the
     anti-correlated ``(11^T - P) / (N - 1)``, whose centred part is ``-P_bar / (N - 1)`` for
-    uniform ``mu``. Every mixture of stochastic matrices is stochastic, and for doubly
+    uniform ``mu`` (with a non-uniform ``mu`` the anti path's end may not reach ``rho``; then
+    the bisection runs from c = 0 to the interior minimum of the anti path, or of the P path,
+    where that reaches it: the correlation along a path has at most one interior extremum, in
+    closed form). Every mixture of stochastic matrices is stochastic, and for doubly
     stochastic P (``perm_mixture``) all three share the uniform ``mu``. The realised ``rho`` is
     reported (:attr:`TransferPair.rho`); the approximate rule ``c = rho / (rho +
     sqrt(1 - rho^2))`` (c = 0.5 for rho = 0.707) gave 0.65 - 0.76 across task seeds.
@@ -877,9 +925,16 @@ def make_transfer_pair(
     ``share_attn=False`` (default) draws a fresh attention matrix for the downstream task;
     ``True`` keeps the upstream one (a control where transfer is trivial). Both tasks keep
     ``vocab_size``, ``seq_len`` and ``n_support``; the downstream spec is a custom one
-    (``p_family="custom"``, explicit ``transition`` and ``attn``).
+    (``p_family="custom"``, explicit ``transition`` and ``attn``, ``p_floor=0``: the upstream
+    floor is already in P and P_ind).
 
-    Raises ``ValueError`` for ``rho`` outside (-1, 1), or a ``share_attn`` that is not a bool.
+    Raises ``ValueError`` for ``rho`` outside (-1, 1), a ``share_attn`` that is not a bool, an
+    upstream P whose centred part is numerically zero (every column is ``mu``: the correlation
+    is undefined, :data:`CENTRED_TOL`), or a ``rho`` this construction cannot reach: the realised
+    correlation differs from it by more than :data:`RHO_TOL` (below the anti-correlated limit,
+    or inside a gap where the mixture's centred part vanishes and the correlation jumps, e.g.
+    with ``vocab_size=2`` and a doubly stochastic P only -1 and +1 are reachable); the message
+    gives the reachable range.
     """
     if not isinstance(spec, SparseContextualBigramSpec):
         spec = SparseContextualBigramSpec(**spec)
@@ -887,39 +942,94 @@ def make_transfer_pair(
     share_attn = as_bool("share_attn", share_attn)
     upstream = SparseContextualBigramTask(spec)
     p, mu = upstream.transition, upstream.stationary
+    if _centred_is_zero(p, mu):
+        raise ValueError(
+            f"spec is invalid for a transfer pair: expected a transition P with a column "
+            f"different from its stationary law mu; this P's centred part P - mu 1^T is "
+            f"numerically zero (||P - mu 1^T||_mu <= {CENTRED_TOL:g} ||P||_mu), so corr(P, P~) "
+            "is undefined"
+        )
     family = spec
     if spec.p_family == "custom":
         family = replace(spec, p_family="dirichlet", transition=None)
     independent = draw_transition(family, _rng(spec.task_seed, TRANSFER_STREAM, 0))
-    base = transition_correlation(p, independent, mu)
-    reference, ref = "P", p
+    anti = (1.0 - p) / (spec.vocab_size - 1)
+
+    def corr(c: float, ref: np.ndarray) -> float:  # NaN where the mixture is centred-zero
+        return _centred_cosine(p, c * ref + (1.0 - c) * independent, mu)
+
+    def turn(ref: np.ndarray) -> float | None:
+        """The c in (0, 1) where corr(c, ref) has its interior extremum, if any: with n(c) =
+        <P_bar, M_bar(c)>_mu linear and q(c) = ||M_bar(c)||_mu^2 quadratic in c, the derivative
+        of n / sqrt(q) vanishes where n' q - n q' / 2 = 0, a linear equation in c."""
+        pb, v, w = p - mu[:, None], independent - mu[:, None], ref - independent
+        n0, n1 = _inner(pb, v, mu), _inner(pb, w, mu)
+        q0, q1, q2 = _inner(v, v, mu), 2.0 * _inner(v, w, mu), _inner(w, w, mu)
+        slope = 0.5 * n1 * q1 - n0 * q2
+        if slope == 0.0:
+            return None
+        c = (0.5 * n0 * q1 - n1 * q0) / slope
+        return c if 0.0 < c < 1.0 else None
+
+    base = corr(0.0, p)
+    reference, ref, end = "P", p, 1.0  # corr(0) = base and corr(end) bracket the target
     if target < base:
-        reference, ref = "anti", (1.0 - p) / (spec.vocab_size - 1)
-
-    def corr(c: float) -> float:
-        return transition_correlation(p, c * ref + (1.0 - c) * independent, mu)
-
-    lo, hi = 0.0, 1.0  # corr(lo) <= target <= corr(hi) after orienting
-    sign = 1.0 if reference == "P" else -1.0
-    if sign * (corr(1.0) - target) < 0:  # unreachable (e.g. rho below the anti limit)
+        reference, ref = "anti", anti
+        if not corr(1.0, anti) <= target:  # an interior minimum of a path may still reach it
+            for name, path in (("anti", anti), ("P", p)):
+                c = turn(path)
+                if c is not None and corr(c, path) <= target:
+                    reference, ref, end = name, path, c
+                    break
+    lo, hi = 0.0, end  # corr(lo) <= target <= corr(hi) after orienting
+    sign = 1.0 if target >= base else -1.0
+    if sign * (corr(end, ref) - target) < 0:  # unreachable (e.g. rho below the anti limit)
         lo = hi
     for _ in range(80):
         if hi - lo < 1e-12:
             break
         mid = 0.5 * (lo + hi)
-        if sign * (corr(mid) - target) < 0:
+        if sign * (corr(mid, ref) - target) < 0:
             lo = mid
         else:
             hi = mid
     mix = 0.5 * (lo + hi)
     tilde = mix * ref + (1.0 - mix) * independent
     tilde = tilde / tilde.sum(0)
+    realised = _centred_cosine(p, tilde, mu)
+    if not abs(realised - target) <= RHO_TOL:  # also NaN
+        ends = [base, corr(1.0, anti)]
+        ends += [corr(c, path) for path in (anti, p) if (c := turn(path)) is not None]
+        low = min(v for v in ends if not math.isnan(v))
+        if low - RHO_TOL <= target:  # inside the range: the correlation jumps over it
+            # the mixture's centred part is (c - c0) times a fixed matrix around its zero c0,
+            # so the correlation is constant on either side: corr(0) and corr(end)
+            gap = sorted((base, corr(end, ref)))
+            where = (
+                f", except ({gap[0]:.6g}, {gap[1]:.6g}): it jumps over that gap at c = {mix:.6g}, "
+                "where the mixture's centred part vanishes (e.g. vocab_size=2 with a doubly "
+                "stochastic P reaches only -1 and +1)"
+            )
+        else:
+            where = ""
+        raise invalid(
+            "rho",
+            rho,
+            f"a correlation reachable from this task's P within {RHO_TOL:g}: corr(P, P~) over "
+            f"the mixtures c P_ref + (1 - c) P_ind lies in [{low:.6g}, 1]{where}",
+        )
     if share_attn:
         attn = upstream.attn
     else:
         attn = draw_attn(replace(spec, attn=None), _rng(spec.task_seed, TRANSFER_STREAM, 1))
     downstream = SparseContextualBigramTask(
-        replace(spec, p_family="custom", transition=_as_tuple(tilde), attn=_as_tuple(attn))
+        replace(
+            spec,
+            p_family="custom",
+            p_floor=0.0,
+            transition=_as_tuple(tilde),
+            attn=_as_tuple(attn),
+        )
     )
     return TransferPair(
         upstream=upstream,

@@ -76,6 +76,10 @@ CUSTOM_P = ((0.5, 0.5), (0.5, 0.5))
         ({"q_weights": "dirichlet", "q_floor": 0.0}, r"q_floor=0.0 is invalid: .*\(0, 1\]"),
         ({"task_seed": -1}, r"task_seed=-1 is invalid: expected an int >= 0"),
         ({"p_family": "custom"}, r"transition=None is invalid: expected an NxN matrix"),
+        (  # the floor was accepted and silently unused with a custom P
+            {"vocab_size": 2, "p_family": "custom", "p_floor": 0.2, "transition": CUSTOM_P},
+            r"p_floor=0.2 is invalid: expected 0.0 with p_family='custom'",
+        ),
         ({"vocab_size": 2, "transition": CUSTOM_P}, r"transition=.* expected None with"),
         (
             {"vocab_size": 3, "p_family": "custom", "transition": CUSTOM_P},
@@ -612,6 +616,71 @@ def test_transfer_pair_share_attn_and_bad_arguments():
         make_transfer_pair(spec, 0.5, share_attn=1)
     custom = make_transfer_pair(pair.downstream.spec, 0.3)  # a custom upstream: dirichlet P_ind
     assert custom.rho == pytest.approx(0.3, abs=1e-6)
+
+
+def test_transfer_pair_refuses_an_undefined_correlation():
+    """A P whose columns all equal mu has a zero centred part: corr(P, P~) is 0/0 (a
+    ZeroDivisionError, or a meaningless value from rounding noise, before)."""
+    flat2 = {"p_family": "custom", "vocab_size": 2, "transition": [[0.5, 0.5], [0.5, 0.5]]}
+    col = [0.2, 0.3, 0.5]  # rank one, mu = col: the centred part is rounding noise
+    rank_one = {"p_family": "custom", "vocab_size": 3, "transition": [[c] * 3 for c in col]}
+    for spec in (flat2, rank_one):
+        with pytest.raises(ValueError, match=r"spec is invalid for a transfer pair: .*numerically"):
+            make_transfer_pair(spec, 0.5)
+    with pytest.raises(ValueError, match=r"spec is invalid for a transfer pair"):
+        make_transfer_pair({"vocab_size": 8, "p_floor": 1.0 - 1e-10}, 0.5)  # P ~ uniform
+
+
+def test_transfer_pair_refuses_an_unreachable_rho():
+    """With N = 2 a doubly stochastic P reaches only corr +-1 (0.5 gave -0.9999999 before);
+    below the anti-correlated limit of a non-uniform mu the old bisection stopped at c = 1."""
+    gap = r"rho=.* is invalid: .*reachable.*\[-1, 1\], except \(-1, 1\): it jumps"
+    for rho in (0.5, -0.5, 0.0):
+        with pytest.raises(ValueError, match=gap):
+            make_transfer_pair({"vocab_size": 2}, rho)
+    assert make_transfer_pair({"vocab_size": 2}, -0.9999999).rho == pytest.approx(-1.0)
+    spec = {"p_family": "dirichlet", "vocab_size": 4, "p_alpha": 0.3}
+    with pytest.raises(ValueError, match=r"rho=-0.99 is invalid: .* lies in \[-0.06\d*, 1\]"):
+        make_transfer_pair(spec, -0.99)
+    assert make_transfer_pair(spec, -0.06).rho == pytest.approx(-0.06, abs=1e-6)
+
+
+@pytest.mark.parametrize(("seed", "n", "rho"), [(1, 3, -0.5), (1, 3, -0.75), (0, 4, -0.45)])
+def test_transfer_pair_reaches_a_rho_at_an_interior_minimum(seed, n, rho):
+    """Dirichlet P (non-uniform mu): a rho below both corr(P, P_ind) and the anti path's end is
+    still reached at the interior minimum of the anti path (before: c = 1 and a wrong rho)."""
+    spec = SparseContextualBigramSpec(
+        p_family="dirichlet", vocab_size=n, p_alpha=1.0, seq_len=4, task_seed=seed
+    )
+    pair = make_transfer_pair(spec, rho)
+    p, mu = pair.upstream.transition, pair.upstream.stationary
+    assert pair.rho == pytest.approx(rho, abs=1e-6) and 0.0 < pair.mix < 1.0
+    assert transition_correlation(p, pair.downstream.transition, mu) == pytest.approx(rho, abs=1e-6)
+    anti = (1.0 - p) / (n - 1)
+    assert transition_correlation(p, anti, mu) > rho  # the anti path's end does not reach it
+    with pytest.raises(ValueError, match=r"rho=-0.95 is invalid: .*lies in \[-0.\d+, 1\]"):
+        make_transfer_pair(spec, -0.95)
+
+
+def test_transfer_pair_of_a_floored_p_gives_an_unfloored_custom_downstream():
+    """The upstream floor is already in P and P_ind: the custom downstream spec has p_floor=0
+    (a custom P refuses a floor) and its transition as built."""
+    pair = make_transfer_pair(SparseContextualBigramSpec(vocab_size=6, p_floor=0.2), 0.5)
+    assert pair.downstream.spec.p_floor == 0.0
+    np.testing.assert_array_equal(
+        pair.downstream.transition, np.array(pair.downstream.spec.transition)
+    )
+    assert pair.rho == pytest.approx(0.5, abs=1e-6)
+
+
+def test_transition_correlation_refuses_a_zero_centred_part():
+    task = SparseContextualBigramTask(vocab_size=3, seq_len=4)
+    p, mu = task.transition, task.stationary
+    flat = np.repeat(mu[:, None], 3, 1)
+    with pytest.raises(ValueError, match=r"second=.* is invalid: .*numerically zero.*undefined"):
+        transition_correlation(p, flat, mu)
+    with pytest.raises(ValueError, match=r"first=.* is invalid: .*numerically zero"):
+        transition_correlation(np.full((3, 3), 1 / 3), p)
 
 
 def test_correlation_is_a_cosine_of_the_centred_matrices():

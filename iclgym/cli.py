@@ -301,7 +301,7 @@ def _cmd_describe(args: DescribeArgs) -> int:
 
 def _cmd_eval(args: EvalArgs) -> int:
     from iclgym.harness import HeldOut, evaluate, resolve_predictor
-    from iclgym.harness.evaluate import strict_json
+    from iclgym.harness.evaluate import beats_oracle, strict_json
     from iclgym.harness.model import check_device
 
     check_device(args.device)
@@ -326,10 +326,19 @@ def _cmd_eval(args: EvalArgs) -> int:
     kinds = predictor_kinds()
     names = list(args.predictor) or [*task.strategies, "oracle"]
     predictors = [resolve_predictor(n, task, kinds, device=args.device) for n in names]
-    reports = []
+    reports, impossible = [], []
     for name, predictor in zip(names, predictors, strict=True):
-        row = evaluate(predictor, held_out, progress=progress).to_dict()
-        reports.append({**row, "predictor": name})
+        report = evaluate(predictor, held_out, progress=progress)
+        if beats_oracle(report) and name not in task.privileged_strategies:
+            impossible.append(name)
+        reports.append({**report.to_dict(), "predictor": name})
+    for name in impossible:  # on stderr, so that --json stays parseable
+        print(
+            f"warning: {name} beats the exact Bayes oracle beyond chance (excess < -(3 SE + "
+            "MC error + 1e-3)): no predictor of the context alone can, so it reads future "
+            "tokens (at this batch size?) or other hidden information",
+            file=sys.stderr,
+        )
     if args.json:
         if not args.curves:
             for r in reports:

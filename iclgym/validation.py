@@ -90,7 +90,9 @@ def as_float(
         v = float(value)  # type: ignore[arg-type]
         ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        # an infinite bound is open: "a finite float in (0, inf)", never "(0, inf]"
+        left = "(" if low_open or math.isinf(low) else "["
+        right = ")" if high_open or math.isinf(high) else "]"
         raise invalid(name, value, f"a finite float in {left}{low:g}, {high:g}{right}")
     return float(value)  # type: ignore[arg-type]
 

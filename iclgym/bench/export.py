@@ -341,8 +341,11 @@ def export_parquet(
     The set is the :class:`HeldOut` that ``evaluate`` draws for the same arguments (including
     ``batch_size``: some tasks' draws depend on it). Schema: the module docstring. Raises
     ``ImportError`` without pyarrow, ``ValueError`` for an unknown id, spec key or value, split,
-    or a ``num_sequences``, ``seed`` or ``batch_size`` out of range.
+    or a ``num_sequences``, ``seed`` or ``batch_size`` out of range, or an ``out`` not named
+    ``*.parquet``.
     """
+    if Path(out).suffix != ".parquet":
+        raise ValueError(f"export out={str(out)!r} must end in .parquet: the file is Parquet")
     _pyarrow()
     from iclgym.registry import get_entry, make_task
 

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 import iclgym
-from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
+from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore, check_oracle_bound
 from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
 from iclgym.harness import (
     HeldOut,
@@ -210,8 +210,10 @@ def run_predictor_bench(
     the predictor ``kinds`` the caller adds, e.g. the baselines' ``ngram``) on every entry not
     yet in ``store``: one row per entry, seed 0 (nothing is trained, so seeds do not apply),
     no parameters and no training FLOPs. Returns :func:`summarize` of its rows."""
-    config_hash = hashlib.sha256(json.dumps({"predictor": text}).encode()).hexdigest()[:16]
+    config_hash = predictor_config_hash(text)
     commit = git_commit()
+    if entries:  # a bad name fails here, before the store is created
+        resolve_predictor(text, entries[0].task(), kinds, device=device)
     with ResultsStore(store) as results:
         done = {r["entry"] for r in results.rows(model=text, config_hash=config_hash,
                                                  suite_version=SUITE_VERSION)}  # fmt: skip
@@ -222,6 +224,7 @@ def run_predictor_bench(
             held = held_out(entry, device)
             predictor = resolve_predictor(text, held.task, kinds, device=device)
             scores = score_model(predictor, held, floor_excess(entry, held))
+            check_oracle_bound(entry.name, scores)
             results.add(
                 ResultRow(
                     suite_version=SUITE_VERSION, entry=entry.name, model=text,
@@ -234,6 +237,17 @@ def run_predictor_bench(
             )  # fmt: skip
         rows = results.rows(suite_version=SUITE_VERSION, model=text, config_hash=config_hash)
     return summarize(rows, [e.name for e in entries])
+
+
+def predictor_config_hash(text: str) -> str:
+    """The config hash of the rows of the predictor ``text``: sha256 (16 hex) of its name."""
+    return hashlib.sha256(json.dumps({"predictor": text}).encode()).hexdigest()[:16]
+
+
+def train_flops(parameters: int, steps: int, seq_len: int) -> float:
+    """Training FLOPs of a bench run: 6 per parameter and token (forward + backward, Kaplan et
+    al.), ``steps`` batches of :data:`BENCH_TRAIN`'s size of ``seq_len`` tokens."""
+    return 6.0 * parameters * steps * BENCH_TRAIN.batch_size * seq_len
 
 
 def relative_path(path: Path, base: Path) -> str:
@@ -289,7 +303,7 @@ def score_model(
     """The scores stored in a row, of a trained module or a predictor: excess loss
     (nats/token) and accuracy with standard errors, the oracle's accuracy, the normalised score
     ``1 - E_model / E_floor`` and both per-sequence excess arrays (what the bootstrap
-    resamples)."""
+    resamples), and the oracle's Monte-Carlo error (:func:`check_oracle_bound` reads it)."""
     predictor = ModelPredictor(net) if isinstance(net, torch.nn.Module) else net
     report = evaluate(predictor, held, per_sequence=True)
     return {
@@ -298,6 +312,7 @@ def score_model(
         "accuracy": report.accuracy,
         "accuracy_se": report.accuracy_se,
         "oracle_accuracy": report.oracle_accuracy,
+        "oracle_mc_error": float(held.oracle_mc_error),
         "score": _normalised(report.excess_loss, float(np.mean(floor))),
         "sequence_excess": list(report.sequence_excess),
         "floor_sequence_excess": [float(v) for v in floor],
@@ -328,9 +343,9 @@ def _run_one(
     # Scored from the saved checkpoint, exactly what verification reloads.
     net = load_model(out / "checkpoint.pt", task, device)
     scores = {**score_model(net, held, floors[entry.name]), "steps": steps}
+    check_oracle_bound(entry.name, scores)
     wall = time.perf_counter() - start
     params = num_parameters(net)
-    tokens = steps * config.batch_size * task.seq_len
     return ResultRow(
         suite_version=SUITE_VERSION,
         entry=entry.name,
@@ -341,7 +356,7 @@ def _run_one(
         iclgym_version=iclgym.__version__,
         git_commit="",
         parameters=params,
-        train_flops=6.0 * params * tokens,  # forward + backward, per token (Kaplan et al.)
+        train_flops=train_flops(params, steps, task.seq_len),
         wall_s=wall,
         device=str(torch.device(device)),
         scores=scores,
@@ -391,7 +406,7 @@ def summarize(
     rng = np.random.default_rng(seed)
     boot = {name: np.empty(BOOTSTRAP) for name in by_entry}
     iqm_boot = np.empty(BOOTSTRAP)
-    for b in range(BOOTSTRAP):
+    for b in range(BOOTSTRAP if by_entry else 0):
         for name, entry_rows in by_entry.items():
             boot[name][b] = _entry_scores(entry_rows, rng)
         iqm_boot[b] = _iqm([boot[name][b] for name in by_entry])

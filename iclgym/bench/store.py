@@ -13,6 +13,7 @@ flag, which only :meth:`ResultsStore.mark_verified` sets.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -41,6 +42,28 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (suite_version, entry, model, config_hash, seed)
 )
 """
+
+
+def check_oracle_bound(entry: str, scores: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming ``entry`` when ``scores`` beat the exact Bayes oracle
+    beyond chance: excess loss < -(3 ``excess_loss_se`` + ``oracle_mc_error`` (0 when not
+    recorded) + ``ORACLE_MARGIN``, the margin of :func:`iclgym.harness.evaluate.beats_oracle`
+    for the heavy-tailed per-sequence excess). No predictor that reads only the context can, so such
+    a result reads what it should not (e.g. future tokens) and is never stored or verified."""
+    from iclgym.harness.evaluate import ORACLE_MARGIN  # one margin for eval, bench, verify
+
+    excess, se = scores.get("excess_loss"), scores.get("excess_loss_se")
+    if not isinstance(excess, (int, float)) or isinstance(excess, bool):
+        return
+    se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0
+    mc = scores.get("oracle_mc_error")
+    mc = max(float(mc), 0.0) if isinstance(mc, (int, float)) and math.isfinite(mc) else 0.0
+    if excess < -(3 * se + mc + ORACLE_MARGIN):
+        raise ValueError(
+            f"{entry}: excess loss {excess:.4g} +- {se:.2g} (SE) nats/token beats the exact "
+            f"Bayes oracle (Monte-Carlo error {mc:.2g}): the predictor reads information it "
+            "should not, e.g. future tokens"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,9 @@ class ResultsStore:
     def add(self, row: ResultRow) -> int:
         """Insert ``row`` in one transaction; returns its id. Raises ``ValueError`` when a row
         with the same (suite version, entry, model, config hash, seed) exists (rows are
-        immutable: a new config is a new config hash)."""
+        immutable: a new config is a new config hash) or when its scores beat the Bayes oracle
+        beyond chance (:func:`check_oracle_bound`)."""
+        check_oracle_bound(row.entry, row.scores)
         values = asdict(row)
         values["scores"] = json.dumps(dict(row.scores), sort_keys=True)
         placeholders = ", ".join("?" for _ in COLUMNS)

@@ -14,6 +14,7 @@ loss's standard error on 1024 sequences is about 1e-3 nats).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,19 +24,24 @@ from typing import Any
 import numpy as np
 
 from iclgym.bench.run import (
+    BENCH_TRAIN,
     BUNDLE_FORMAT,
     PREDICTOR_PREFIX,
+    BenchModel,
     bench_threads,
     floor_excess,
     held_out,
+    predictor_config_hash,
     relative_path,
     score_model,
+    train_flops,
 )
-from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore
+from iclgym.bench.store import COLUMNS, ResultRow, ResultsStore, check_oracle_bound
 from iclgym.bench.suite import SUITE, SUITE_VERSION, SuiteEntry, fingerprint
 from iclgym.harness import resolve_predictor
-from iclgym.harness.model import load_model, num_parameters
+from iclgym.harness.model import load_checkpoint, load_model, num_parameters
 from iclgym.harness.predictors import PredictorKind
+from iclgym.harness.train import parse_assignments
 
 TOLERANCE = {"excess_loss": 1e-4, "accuracy": 1e-4, "score": 1e-3}
 """Largest accepted |recomputed - claimed| per score (nats/token; fraction; normalised)."""
@@ -84,6 +90,117 @@ def _differs(claimed: Any, value: float, tol: float) -> bool:
     return not abs(float(claimed) - value) <= tol
 
 
+PROTOCOL = ("data", "batch_size", "optimizer", "lr", "betas", "weight_decay", "schedule",
+            "warmup_steps", "grad_clip", "loss", "labels", "dtype")  # fmt: skip
+"""The :data:`BENCH_TRAIN` settings a bench checkpoint's recorded run must have."""
+
+
+def model_names(models: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    """``iclgym bench --model`` names: ``models`` or the baselines' ``MODELS`` (entries with
+    ``factory`` and ``args``); empty when baselines is not importable."""
+    if models is not None:
+        return models
+    try:
+        from baselines import MODELS
+    except ImportError:
+        return {}
+    return MODELS
+
+
+def name_fits(
+    name: str,
+    factory: str,
+    args: Mapping[str, Any],
+    quick: bool,
+    models: Mapping[str, Any] | None = None,
+) -> bool:
+    """True when the bench name ``name`` (``MODEL [KEY=VALUE ...] [--quick]``, as ``iclgym
+    bench`` writes it) builds ``factory`` with ``args`` at the ``quick`` budget; ``MODEL`` is
+    a name of :func:`model_names` or the factory's import path."""
+    words = name.split(" ")
+    if (words[-1] == "--quick") != quick:
+        return False
+    words = words[:-1] if quick else words
+    known = model_names(models)
+    if words[0] in known:
+        base = (known[words[0]].factory, dict(known[words[0]].args))
+    else:
+        base = (words[0], {})
+    try:
+        named = {**base[1], **parse_assignments(words[1:], "model name")}
+    except ValueError:
+        return False
+    return base[0] == factory and json.dumps(named, sort_keys=True, default=str) == json.dumps(
+        dict(args), sort_keys=True, default=str
+    )
+
+
+def _mismatch(label: str, claimed: Any, recorded: Any) -> str:
+    return f"{label} claimed {claimed!r}, the checkpoint's run gives {recorded!r}"
+
+
+def check_provenance(
+    claim: Mapping[str, Any],
+    entry: SuiteEntry,
+    state: Mapping[str, Any],
+    seq_len: int,
+    parameters: int,
+    models: Mapping[str, Any] | None = None,
+) -> str:
+    """The first field of a model ``claim`` that its checkpoint ``state`` contradicts, as a
+    reason (``""``: none): the name against the recorded factory and arguments, the seed,
+    the step budget (``steps``, the entry's ``steps`` or, named ``--quick``, ``quick_steps``),
+    the bench training protocol, the config hash and the training FLOPs recomputed from them
+    and the checkpoint's ``parameters``."""
+    info = state.get("model_factory") or {}
+    meta = state.get("meta") or {}
+    run = meta.get("train_config") or {}
+    factory, args = info.get("factory"), info.get("args") or {}
+    quick = claim["model"].endswith(" --quick")
+    if not name_fits(claim["model"], factory, args, quick, models):
+        return (f"model {claim['model']!r} does not name the checkpoint's factory {factory!r} "
+                f"with arguments {args!r}")  # fmt: skip
+    if run.get("seed") != claim["seed"]:
+        return _mismatch("seed", claim["seed"], run.get("seed"))
+    steps = claim["scores"].get("steps")
+    if steps != state.get("step"):
+        return _mismatch("scores.steps", steps, state.get("step"))
+    budget = entry.quick_steps if quick else entry.steps
+    if steps != budget:
+        return f"scores.steps={steps!r} is not {entry.name}'s {'quick ' * quick}budget {budget}"
+    protocol = json.loads(json.dumps({k: getattr(BENCH_TRAIN, k) for k in PROTOCOL}))
+    for key, value in protocol.items():
+        if run.get(key) != value:
+            return (
+                f"the checkpoint was trained with {key}={run.get(key)!r}, not the bench's {value!r}"
+            )
+    expected = BenchModel(claim["model"], factory, args).config_hash(quick)
+    if claim["config_hash"] != expected:
+        return _mismatch("config_hash", claim["config_hash"], expected)
+    flops = train_flops(parameters, steps, seq_len)
+    if not abs(float(claim["train_flops"]) - flops) <= 1e-9 * flops:
+        return _mismatch("train_flops", claim["train_flops"], flops)
+    return ""
+
+
+def _is_predictor(name: str, task: Any, kinds: Any, device: str) -> bool:
+    """True when ``name`` resolves to a predictor (``oracle``, a strategy, ``ngram:2``)."""
+    try:
+        resolve_predictor(name, task, kinds, device=device)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def weights_hash(state: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's weights (``state["model"]``, by name)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.get("model", {}).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @bench_threads
 def verify_claim(
     claim: Mapping[str, Any],
@@ -91,14 +208,19 @@ def verify_claim(
     device: str = "cpu",
     suite: Sequence[SuiteEntry] = SUITE,
     kinds: Mapping[str, PredictorKind] | None = None,
+    models: Mapping[str, Any] | None = None,
 ) -> Verdict:
     """Check one claim (a mapping with the store's columns; ``checkpoint`` relative to
     ``base``, or ``predictor:TEXT`` rebuilt with the predictor ``kinds``) by re-evaluating it
     on its entry's scored set (the entry looked up by name in ``suite``): the summary scores,
     both per-sequence excess arrays (what the leaderboard's scores and intervals are computed
-    from) and the parameter count must match. A ``predictor:TEXT`` claim must be named
-    ``TEXT`` and claim no parameters and no training. Note that loading a checkpoint imports
-    and calls the model factory it names: verify only bundles whose code you trust."""
+    from) and the parameter count must match, and the scores must not beat the Bayes oracle
+    (:func:`check_oracle_bound`). A ``predictor:TEXT`` claim must be named ``TEXT``, seed 0,
+    with its config hash and no parameters and no training; a model claim's name, seed,
+    budget, config hash and FLOPs must be its checkpoint's (:func:`check_provenance`, with
+    the model names ``models``), and a predictor's name is no model's. Note that loading a
+    checkpoint imports and calls the model factory it names: verify only bundles whose code
+    you trust."""
     known = claim if isinstance(claim, Mapping) else {}
     entry_name, seed = str(known.get("entry")), known.get("seed", -1)
 
@@ -131,15 +253,33 @@ def verify_claim(
                 f"training FLOPs (got {claim['model']!r}, {claim['parameters']}, "
                 f"{claim['train_flops']})"
             )
+        if claim["seed"] != 0 or "steps" in claim["scores"]:
+            return reject(f"a {checkpoint!r} result has seed 0 and no steps")
+        if claim["config_hash"] != predictor_config_hash(text):
+            return reject(f"config_hash claimed {claim['config_hash']!r}, the predictor "
+                          f"{text!r} has {predictor_config_hash(text)!r}")  # fmt: skip
     try:
         held = held_out(entry, device)
         if predictor:
             net = resolve_predictor(text, held.task, kinds, device=device)
         else:
+            if _is_predictor(claim["model"], held.task, kinds, device):
+                return reject(
+                    f"model {claim['model']!r} is a predictor's name: its result has checkpoint "
+                    f"'{PREDICTOR_PREFIX}{claim['model']}' and no parameters"
+                )
             net = load_model(base / checkpoint, held.task, device)
+            reason = check_provenance(claim, entry, load_checkpoint(base / checkpoint),
+                                      held.task.seq_len, num_parameters(net), models)  # fmt: skip
+            if reason:
+                return reject(reason)
     except ValueError as err:
         return reject(f"checkpoint does not load: {err}")
     scores = score_model(net, held, floor_excess(entry, held))
+    try:
+        check_oracle_bound(entry_name, scores)
+    except ValueError as err:
+        return reject(str(err))
     recomputed = {k: float(scores[k]) for k in TOLERANCE}
     claimed = claim["scores"]
     bad = [
@@ -208,11 +348,16 @@ def verify_bundle(
     claims = bundle.get("results", [])
     if not isinstance(claims, list) or not claims:
         raise ValueError(f"bundle {str(path)!r} holds no list of results")
-    verdicts = []
+    verdicts, seen = [], {}
     for claim in claims:
         if isinstance(claim, Mapping) and bundle.get("suite_version") != SUITE_VERSION:
             claim = {**claim, "suite_version": bundle.get("suite_version")}
-        verdicts.append(verify_claim(claim, path.parent, device, suite, kinds))
+        verdict = verify_claim(claim, path.parent, device, suite, kinds)
+        if verdict.ok:
+            reason = _bundle_reason(claim, bundle.get("model"), path.parent, seen)
+            if reason:
+                verdict = Verdict(verdict.entry, verdict.seed, False, reason, verdict.recomputed)
+        verdicts.append(verdict)
     if store is not None and all(v.ok for v in verdicts):
         with ResultsStore(store) as results:
             for claim in claims:
@@ -231,6 +376,34 @@ def verify_bundle(
                 if same or verify_claim(stored, results.path.parent, device, suite, kinds).ok:
                     results.mark_verified(stored["id"])
     return verdicts
+
+
+def _bundle_reason(claim: Mapping[str, Any], model: Any, base: Path, seen: dict[str, tuple]) -> str:
+    """Why a verified ``claim`` does not fit its bundle (``""``: it does): its name is not the
+    bundle's ``model`` name, the bundle's factory and arguments are not its checkpoint's, or
+    its checkpoint (file or weights) is another claim's; records its checkpoint in ``seen``."""
+    model = model if isinstance(model, Mapping) else {}
+    if claim["model"] != model.get("name"):
+        return f"model {claim['model']!r} is not the bundle's model name {model.get('name')!r}"
+    if claim["checkpoint"].startswith(PREDICTOR_PREFIX):
+        return ""
+    path = (base / claim["checkpoint"]).resolve()
+    state = load_checkpoint(path)
+    info = state.get("model_factory") or {}
+    recorded = {"factory": info.get("factory"), "args": info.get("args") or {}}
+    given = {"factory": model.get("factory"), "args": model.get("args")}
+    if json.dumps(given, sort_keys=True, default=str) != json.dumps(recorded, sort_keys=True,
+                                                                     default=str):  # fmt: skip
+        return f"bundle model factory/args {given} are not the checkpoint's {recorded}"
+    me = (claim["entry"], claim["seed"], claim["model"], claim["config_hash"])
+    for key in (f"file:{path}", f"weights:{weights_hash(state)}"):
+        other = seen.setdefault(key, me)
+        if other != me:
+            return (
+                f"checkpoint {claim['checkpoint']!r} is also the claim of {other[0]} seed "
+                f"{other[1]} (same {key.split(':')[0]})"
+            )
+    return ""
 
 
 def format_verdicts(verdicts: list[Verdict]) -> str:

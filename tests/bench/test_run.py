@@ -15,6 +15,7 @@ import pytest
 
 from iclgym.bench import SUITE, ResultsStore
 from iclgym.bench.run import BenchModel, format_summary, run_bench, run_folder, summarize
+from iclgym.bench.store import COLUMNS, ResultRow
 from iclgym.bench.verify import verify_bundle, verify_result
 from iclgym.cli import main
 
@@ -23,7 +24,8 @@ TINY = tuple(
     for e in SUITE
     if e.name in ("markov/bigram", "multi-concept/switched")
 )
-MODEL = BenchModel("tiny-transformer", "baselines.transformer:make_model",
+MODEL = BenchModel("transformer d_model=16 n_layers=1 n_heads=1 --quick",
+                   "baselines.transformer:make_model",
                    {"d_model": 16, "n_layers": 1, "n_heads": 1})  # fmt: skip
 
 
@@ -345,3 +347,103 @@ def test_scoring_runs_on_the_bench_thread_count(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {BENCH_TRAIN.threads} == {1}
+
+
+def _beats_oracle(real):
+    """``score_model`` whose excess loss is 1 nat below the oracle's (what a model reading
+    future tokens past the causality probe scores)."""
+
+    def fake(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        return {**scores, "excess_loss": -1.0, "excess_loss_se": 0.01}
+
+    return fake
+
+
+def test_a_result_that_beats_the_oracle_is_never_stored_or_verified(bench, tmp_path, monkeypatch):
+    from iclgym.bench import run, verify
+    from iclgym.bench.store import check_oracle_bound
+
+    check_oracle_bound("e", {"excess_loss": -0.001, "excess_loss_se": 0.001})  # within chance
+    with pytest.raises(ValueError, match=r"^markov/bigram: excess loss -0.5 \+- 0.01 \(SE\)"):
+        check_oracle_bound("markov/bigram", {"excess_loss": -0.5, "excess_loss_se": 0.01,
+                                             "oracle_mc_error": 0.001})  # fmt: skip
+    folder, _ = _bundle(bench, tmp_path)
+    monkeypatch.setattr(verify, "score_model", _beats_oracle(verify.score_model))
+    verdicts = verify_bundle(folder, tmp_path / "v.db", suite=TINY)
+    assert not any(v.ok for v in verdicts) and not (tmp_path / "v.db").exists()
+    assert all("beats the exact Bayes oracle" in v.reason for v in verdicts)
+
+    monkeypatch.setattr(run, "score_model", _beats_oracle(run.score_model))
+    summary = run_bench(MODEL, tmp_path / "b.db", quick=True, entries=TINY[:1], progress=False)
+    assert sorted(summary["failed"]) == ["markov/bigram seed 0", "markov/bigram seed 1"]
+    assert all("markov/bigram: excess loss -1" in e for e in summary["failed"].values())
+    assert len(ResultsStore(tmp_path / "b.db")) == 0
+    with pytest.raises(ValueError, match="beats the exact Bayes oracle"):
+        run.run_predictor_bench("uniform", tmp_path / "p.db", entries=TINY[:1], progress=False)
+    assert len(ResultsStore(tmp_path / "p.db")) == 0
+    row = ResultsStore(bench[0]).rows()[0]
+    forged = {k: row[k] for k in COLUMNS} | {"scores": {**row["scores"], "excess_loss": -1.0},
+                                             "seed": 9}  # fmt: skip
+    with pytest.raises(ValueError, match="beats the exact Bayes oracle"):
+        ResultsStore(tmp_path / "p.db").add(ResultRow(**forged))
+
+
+def test_a_claim_must_be_its_checkpoints_run(bench, tmp_path):
+    import torch
+
+    folder, bundle = _bundle(bench, tmp_path)
+    good = json.loads(json.dumps(bundle))
+    _forge(bundle, 0, model="oracle", checkpoint=bundle["results"][0]["checkpoint"])
+    _forge(bundle, 1, seed=7)
+    _forge(bundle, 2, config_hash="0" * 16)
+    _forge(bundle, 3, train_flops=1.0)
+    reasons = [v.reason for v in verify_bundle(_write(folder, bundle), suite=TINY)]
+    assert "model 'oracle' is a predictor's name" in reasons[0]
+    assert "seed claimed 7" in reasons[1]
+    assert "config_hash claimed '0000000000000000'" in reasons[2]
+    assert "train_flops claimed 1.0" in reasons[3]
+
+    bundle = json.loads(json.dumps(good))
+    _forge(bundle, 0, steps=2000)
+    for claim in bundle["results"]:  # another model's name, consistently everywhere
+        claim["model"] = "lstm --quick"
+    bundle["model"]["name"] = "lstm --quick"
+    reasons = [v.reason for v in verify_bundle(_write(folder, bundle), suite=TINY)]
+    assert all("model 'lstm --quick' does not name the checkpoint's factory" in r for r in reasons)
+
+    bundle = json.loads(json.dumps(good))
+    _forge(bundle, 0, steps=2000)
+    bundle["model"]["factory"] = "baselines.lstm:make_model"
+    reasons = [v.reason for v in verify_bundle(_write(folder, bundle), suite=TINY)]
+    assert "scores.steps claimed 2000, the checkpoint's run gives 3" in reasons[0]
+    assert all("bundle model factory/args" in r for r in reasons[1:])
+
+    bundle = json.loads(json.dumps(good))  # seed 1's checkpoint, copied, under seed 0's claim
+    first, second = (folder / c["checkpoint"] for c in bundle["results"][:2])
+    state = torch.load(first, weights_only=False)
+    state["meta"]["train_config"]["seed"] = 1  # its recorded seed edited to fit the claim
+    torch.save(state, second)
+    bundle["results"][1] = {**bundle["results"][0], "seed": 1}
+    bundle["results"][1]["checkpoint"] = good["results"][1]["checkpoint"]
+    reasons = [v.reason for v in verify_bundle(_write(folder, bundle), suite=TINY)]
+    assert (
+        reasons[0] == ""
+        and "is also the claim of markov/bigram seed 0 (same weights)" in (reasons[1])
+    )
+    bundle["results"][1]["checkpoint"] = bundle["results"][0]["checkpoint"]
+    bundle["results"][1]["seed"] = 0
+    bundle["results"][1]["config_hash"] = bundle["results"][0]["config_hash"]
+    assert verify_bundle(_write(folder, bundle), suite=TINY)[1].reason == ""  # the same claim
+
+
+def test_bad_arguments_create_no_store_and_export_writes_only_parquet(tmp_path, capsys):
+    from iclgym.bench.export import export_parquet
+    from iclgym.bench.run import run_predictor_bench
+
+    with pytest.raises(ValueError, match="unknown predictor 'bogus'"):
+        run_predictor_bench("bogus", tmp_path / "d" / "a.db", entries=TINY, progress=False)
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match=r"out='.*n.csv' must end in .parquet"):
+        export_parquet("ICL-MarkovChain-v0", tmp_path / "n.csv", num_sequences=8)
+    assert not (tmp_path / "n.csv").exists()

@@ -35,14 +35,14 @@ continues it alone (with its own dropout stream from then on).
 
 **Limits.** A model must run under ``vmap``: no in-place update of buffers (batch-norm
 statistics), no ``.item()`` or data-dependent Python control flow in ``forward``. A dry run
-before training checks it and that the vectorised outputs equal each copy's own; a model that
-fails is refused with ``ValueError`` before the run folder is touched.
+before training checks it (a training-mode forward must leave every buffer as it was; the dry
+run restores them) and that the vectorised outputs equal each copy's own; a model that fails
+is refused with ``ValueError`` naming the cause before the run folder is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import statistics
 import time
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from iclgym.harness.evaluate import HeldOut, evaluate
+from iclgym.harness.evaluate import HeldOut, evaluate, strict_json
 from iclgym.harness.model import (
     CHECKPOINT_FORMAT,
     SEEDS_CHECKPOINT_FORMAT,
@@ -85,6 +85,7 @@ from iclgym.harness.train import (
     _write_log,
     attention_probes,
     build_optimizer,
+    check_finite_loss,
     check_loss,
     check_model_metrics,
     describe_run,
@@ -219,9 +220,13 @@ def optimizer_slice(state: dict, n: int, shapes: Sequence[torch.Size]) -> dict:
 @torch.no_grad()
 def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
     """A dry run before training: the vectorised forward (eval mode) equals every copy's own
-    output, and a training-mode forward and backward run. ``ValueError`` otherwise."""
+    output, and a training-mode forward and backward run without changing any buffer (batch-norm
+    statistics). ``ValueError`` otherwise; the buffers are restored either way."""
     batch = task.sample(2, generator=task.generator(0, "validation", device), device=device)
     devices = [device] if device.type == "cuda" else []
+    saved = {name: b.clone() for name, b in copies.buffers.items()}
+    kept = {name: b.clone() for name, b in copies.template.named_buffers()}
+    changed: list[str] = []
     with torch.random.fork_rng(devices=devices):
         try:
             copies.train(False)
@@ -239,6 +244,8 @@ def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
                 params = list(copies.params.values())
                 loss = copies(batch.inputs).float().square().mean()
                 torch.autograd.grad(loss, params, allow_unused=True)
+            changed = [n for n, b in copies.buffers.items() if not _same(b, saved[n])]
+            changed += [n for n, b in copies.template.named_buffers() if not _same(b, kept[n])]
         except Exception as err:  # a user's module: report whatever it raised, in one line
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ValueError(
@@ -248,6 +255,21 @@ def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
             ) from None
         finally:
             copies.train(True)
+            for name, b in copies.buffers.items():  # the dry run leaves no trace
+                b.copy_(saved[name])
+            for name, b in copies.template.named_buffers():
+                b.copy_(kept[name])
+    if changed:
+        raise ValueError(
+            f"model cannot train with seeds: its forward updates buffer {changed[0]!r} in "
+            "training mode (batch-norm running statistics or another in-place buffer update are "
+            "not vectorised over copies); train the seeds in separate runs (--seed)"
+        )
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN."""
+    return a.shape == b.shape and bool(torch.equal(a, b) or torch.allclose(a, b, 0, 0, True))
 
 
 # ---------------------------------------------------------------------------- training
@@ -518,13 +540,14 @@ def _run_seeds(
                 for _, t, m, laws in batches
             ]
             losses = copy_losses(copies(inputs), targets)
+            values = losses.tolist()
+            check_finite_loss(values, step + 1, out / CHECKPOINT, seeds)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             if config.grad_clip:
                 clip_copies(params, config.grad_clip)
             optimizer.step()
             step += 1
-            values = losses.tolist()
             for n in range(N):
                 sequences[n] += inputs[0].shape[1]
                 loss_sum[n] += values[n]
@@ -535,9 +558,7 @@ def _run_seeds(
                 evaluation()
             if step % run.checkpoint_every == 0 or at_end:
                 checkpoint()
-        if interrupt.requested:
-            if records[0][-1]["step"] != step:
-                evaluation()
+        if interrupt.requested:  # no off-schedule evaluation: resuming must equal one run
             checkpoint()
     if on_cuda:
         torch.cuda.synchronize(device)
@@ -727,7 +748,7 @@ def _peak_rss_mib() -> float:
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
+    return strict_json(obj, indent=2, default=str)
 
 
 __all__ = [

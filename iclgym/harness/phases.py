@@ -4,16 +4,32 @@ strategy; ``docs/results/markov-chain.md``).
 Every evaluation record carries ``strategy_kl_last`` (KL(strategy || model) at the last
 position) and its argmin ``nearest``, the phase label. From a sequence of records this module
 finds the phases (maximal runs of one label; the long ones are the plateaus) and the persistent
-switch step from one strategy to another.
+switch step from one strategy to another. Evaluations with a non-finite (NaN, infinite or
+null) ``kl_last`` or strategy KL carry no phase: every function here ignores them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from math import isfinite
 from typing import Any
 
 Record = Mapping[str, Any]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and isfinite(value)
+
+
+def finite_records(records: Sequence[Record]) -> list[Record]:
+    """The records whose ``kl_last`` and every ``strategy_kl_last`` value are finite numbers."""
+    return [
+        r
+        for r in records
+        if _finite(r.get("kl_last"))
+        and all(_finite(v) for v in (r.get("strategy_kl_last") or {}).values())
+    ]
 
 
 def phases(records: Sequence[Record]) -> list[dict[str, Any]]:
@@ -23,7 +39,7 @@ def phases(records: Sequence[Record]) -> list[dict[str, Any]]:
     ``checkpoints`` (how many evaluations) and the ``kl_last`` range inside it.
     """
     out: list[dict[str, Any]] = []
-    for rec in records:
+    for rec in finite_records(records):
         if out and out[-1]["label"] == rec["nearest"]:
             phase = out[-1]
             phase["end_step"] = rec["step"]
@@ -57,7 +73,7 @@ def persistent_switch_step(
     every later checkpoint; ``None`` when it does not hold at the last one (or either strategy
     is missing)."""
     switch = None
-    for rec in records:
+    for rec in finite_records(records):
         kl = rec["strategy_kl_last"]
         if before not in kl or after not in kl:
             return None

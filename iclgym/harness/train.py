@@ -37,7 +37,8 @@ data regimes, the optimisers, then :func:`train` itself. Paper protocols are rec
   second process training into the same folder is refused while the first runs. ``resume``
   continues bit for bit as if the run had never stopped. ``model_metrics.png`` holds the
   model metrics against training sequences when the task returns any. The first Ctrl-C
-  finishes the current step, evaluates, saves and raises ``KeyboardInterrupt``; a second one
+  finishes the current step, saves (no off-schedule evaluation, so a resumed run's log and
+  summary equal an uninterrupted one's) and raises ``KeyboardInterrupt``; a second one
   interrupts at once.
 
 Random streams of ``config.seed`` (:func:`iclgym.tasks.base.stream_seed`): 0 the train data,
@@ -70,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from iclgym.harness.evaluate import HeldOut, Report, evaluate
+from iclgym.harness.evaluate import HeldOut, Report, evaluate, strict_json
 from iclgym.harness.model import (
     CHECKPOINT_FORMAT,
     ModelPredictor,
@@ -85,7 +86,7 @@ from iclgym.harness.model import (
     num_parameters,
     output_scores,
 )
-from iclgym.harness.phases import phase_report
+from iclgym.harness.phases import finite_records, phase_report
 from iclgym.harness.plots import plot_metrics, plot_run
 from iclgym.harness.probes import induction_score, previous_token_score
 from iclgym.tasks.base import SPLITS, Batch, Task, canonical_split, stream_seed, torch_threads
@@ -750,7 +751,7 @@ def _read_log(path: Path) -> list[dict]:
 def _write_log(path: Path, records: list[dict], mode: str = "a") -> None:
     with path.open(mode) as f:
         for rec in records:
-            f.write(json.dumps(rec) + "\n")
+            f.write(strict_json(rec) + "\n")
 
 
 def report_metrics(report: Report) -> dict[str, Any]:
@@ -1013,14 +1014,30 @@ def finish_run(
     references = summary["references"]
     if records and all(r.get("nearest") is not None for r in records):
         summary.update(phase_report(records, order=list(references)))
-        if plot:
-            summary["plot"] = str(plot_run(records, references, out / PLOT, title=title))
+        finite = finite_records(records)  # a NaN evaluation has no phase
+        if plot and finite:
+            summary["plot"] = str(plot_run(finite, references, out / PLOT, title=title))
     if plot and records and metric_keys:
         path = plot_metrics(records, metric_keys, out / METRICS_PLOT, title=title)
         summary["metrics_plot"] = str(path)
     _write_log(out / LOG, [summary])
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(strict_json(summary, indent=2))
     return summary
+
+
+def check_finite_loss(values: list[float], step: int, checkpoint: Path, seeds=None) -> None:
+    """``ValueError`` naming ``step`` (and the seed of the first bad copy) when a training
+    loss is NaN or infinite; raised before the optimiser step, the last checkpoint kept."""
+    for n, value in enumerate(values):
+        if not math.isfinite(value):
+            copy = f" of seed {seeds[n]}" if seeds is not None else ""
+            kept = (
+                f"checkpoint {str(checkpoint)!r} kept" if checkpoint.exists() else "no checkpoint"
+            )
+            raise ValueError(
+                f"training loss{copy} is {value} at step {step}: training stopped before that "
+                f"update, {kept} (check the model's output and the learning rate)"
+            )
 
 
 # ---------------------------------------------------------------------------- training
@@ -1222,6 +1239,8 @@ def _run(
             inputs, targets, mask, laws = data.next()
             selected = Targets.select(targets, mask, label_values, output, config.loss, laws)
             loss = model_loss(model, inputs, selected)
+            value = loss.item()
+            check_finite_loss([value], step + 1, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -1229,7 +1248,7 @@ def _run(
             optimizer.step()
             step += 1
             sequences += targets.shape[0]
-            loss_sum += loss.item()
+            loss_sum += value
             loss_count += 1
             bar.update()
             at_end = step == total_steps
@@ -1237,9 +1256,7 @@ def _run(
                 evaluation()
             if step % run.checkpoint_every == 0 or at_end:
                 checkpoint()
-        if interrupt.requested:
-            if records[-1]["step"] != step:
-                evaluation()
+        if interrupt.requested:  # no off-schedule evaluation: resuming must equal one run
             checkpoint()
     if on_cuda:
         torch.cuda.synchronize(device)
@@ -1293,6 +1310,7 @@ __all__ = [
     "TrainConfig",
     "attention_probes",
     "build_optimizer",
+    "check_finite_loss",
     "check_loss",
     "check_model_metrics",
     "describe_run",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 from dataclasses import replace
@@ -369,7 +370,7 @@ def test_ctrl_c_saves_the_joint_checkpoint_and_resumes_exactly(tmp_path, markov)
     for seed in (0, 1):
         log = read_log(tmp_path / "stopped" / f"seed{seed}")
         assert log[-1]["type"] == "summary" and log[-1]["interrupted"]
-        assert [r["step"] for r in log if r["type"] == "eval"] == [0, 14]
+        assert [r["step"] for r in log if r["type"] == "eval"] == [0]  # none off schedule
     train(template, markov, MARKOV, replace(run, resume=True))
     a, b = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "stopped")
     for name in a["params"]:
@@ -391,6 +392,53 @@ class ItemModel(nn.Module):
 
 def make_item_model(vocab_size: int, seq_len: int) -> ItemModel:
     return ItemModel(vocab_size, seq_len)
+
+
+class Norm(nn.Module):
+    """Embedding logits through a batch norm (``bn``) or scaled by a constant buffer."""
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, vocab_size)
+        self.bn = nn.BatchNorm1d(vocab_size) if batch_norm else None
+        self.register_buffer("scale", torch.full((vocab_size,), 2.0))
+
+    def forward(self, tokens):
+        out = self.embed(tokens) * self.scale
+        return out if self.bn is None else self.bn(out.transpose(1, 2)).transpose(1, 2)
+
+
+def make_norm(vocab_size: int, seq_len: int, batch_norm: bool = True) -> Norm:
+    return Norm(vocab_size, seq_len, batch_norm)
+
+
+def test_a_model_that_updates_buffers_is_refused_and_constant_buffers_match(tmp_path, markov):
+    """Batch-norm statistics (updated by a training forward) cannot train with seeds; the dry
+    run leaves the copies' buffers as built, and a constant buffer trains like one run."""
+    template = build_model(f"{__name__}:make_norm", markov)
+    with pytest.raises(ValueError, match=r"^model cannot train with seeds: .*'bn.running_mean'"):
+        train(template, markov, MARKOV, run_in(tmp_path, "bn", seeds=(0, 1)))
+    assert not (tmp_path / "bn").exists()
+    assert int(template.bn.num_batches_tracked) == 0
+    template = build_model(f"{__name__}:make_norm", markov, batch_norm=False)
+    config = replace(MARKOV, steps=20, eval_every=10)
+    train(template, markov, config, run_in(tmp_path, "m", seeds=(0, 1)))
+    single = build_model(f"{__name__}:make_norm", markov, seed=1, batch_norm=False)
+    train(single, markov, replace(config, seed=1), run_in(tmp_path, "one"))
+    assert_same_run(tmp_path / "one", tmp_path / "m" / "seed1")
+
+
+def make_nan(vocab_size: int, seq_len: int) -> Norm:
+    model = Norm(vocab_size, seq_len, batch_norm=False)
+    model.scale.fill_(math.nan)
+    return model
+
+
+def test_a_non_finite_training_loss_stops_the_copies(tmp_path, markov):
+    run = run_in(tmp_path, "nan", seeds=(3, 4))
+    with pytest.raises(ValueError, match=r"^training loss of seed 3 is nan at step 1: "):
+        train(build_model(f"{__name__}:make_nan", markov), markov, MARKOV, run)
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
 
 def not_an_optimizer(model, config):

@@ -206,13 +206,123 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, task):
     assert state["step"] == 13  # the step in flight was finished, then saved
     log = read_log(run.out)
     assert log[-1]["type"] == "summary" and log[-1]["interrupted"]
-    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 10, 13]
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 10]  # none off schedule
     batch = task.sample(2, generator=task.generator(1))
     assert load_predictor(run.out, task).predict(batch).shape == (2, 32, 3)
     train(model_for(task), task, TINY, replace(run, resume=True))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
     assert_same_state(a["model"], b["model"])
+
+
+VARYING = ("wall_s", "steps_per_s", "peak_rss_mib", "out", "checkpoint", "elapsed_s")
+
+
+def comparable(record):
+    """A summary or eval record without its timings and paths."""
+    if isinstance(record, dict):
+        return {k: comparable(v) for k, v in record.items() if k not in VARYING}
+    return record
+
+
+def test_a_resumed_interrupted_run_writes_the_uninterrupted_summary(tmp_path, task):
+    """Ctrl-C off the evaluation schedule (step 33 of 40, dropout on): the resumed run's
+    summary.json and eval records equal the uninterrupted run's, field by field (no extra
+    evaluation at the interruption, the running batch loss carried by the checkpoint)."""
+    straight = run_in(tmp_path, "straight", checkpoint_every=1000)
+    train(model_for(task, dropout=0.3), task, TINY, straight)
+    run = run_in(tmp_path, "stopped", checkpoint_every=1000)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 33"):
+        train(model_for(task, dropout=0.3), InterruptingTask(task, 33, TINY.batch_size), TINY, run)
+    train(model_for(task, dropout=0.3), task, TINY, replace(run, resume=True))
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert a.keys() == b.keys()
+    for key in set(a) - set(VARYING):
+        assert comparable(b[key]) == comparable(a[key]), key
+    evals = [
+        [comparable(r) for r in read_log(r.out) if r["type"] == "eval"] for r in (straight, run)
+    ]
+    assert evals[0] == evals[1]
+
+
+class PoisonedTask(InterruptingTask):
+    """The wrapped task; the model turns to NaN outputs while training batch ``at`` is drawn."""
+
+    def __init__(self, task, at: int, batch_size: int, model) -> None:
+        super().__init__(task, at, batch_size)
+        self.model = model
+
+    def sample(self, batch_size, **kwargs):
+        if batch_size == self.batch_size:
+            self.calls += 1
+            if self.calls == self.at:
+                self.model.poisoned = True
+        return self.task.sample(batch_size, **kwargs)
+
+
+class NaNAfter(nn.Module):
+    """Logits of an embedding, all NaN once ``poisoned`` is set."""
+
+    def __init__(self, vocab_size: int, seq_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, vocab_size)
+        self.poisoned = False
+
+    def forward(self, tokens):
+        out = self.embed(tokens)
+        return out * math.nan if self.poisoned else out
+
+
+def make_nan_after(vocab_size: int, seq_len: int) -> NaNAfter:
+    return NaNAfter(vocab_size, seq_len)
+
+
+def test_a_non_finite_training_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, task):
+    model = build_model(f"{__name__}:make_nan_after", task)
+    run = run_in(tmp_path)
+    with pytest.raises(ValueError, match=r"^training loss is nan at step 15: .*checkpoint .* kept"):
+        train(model, PoisonedTask(task, 15, TINY.batch_size, model), TINY, run)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 10
+    model.poisoned = True
+    with pytest.raises(ValueError, match=r"training loss is nan at step 1: .*no checkpoint"):
+        train(model, task, TINY, run_in(tmp_path, "fresh"))
+
+
+def test_summary_and_log_are_strict_json(tmp_path, task):
+    """A one-sequence held-out set has a NaN standard error: written as null, never NaN."""
+    config = replace(TINY, steps=2, eval_sequences=1, eval_batch_size=1)
+    summary = train(model_for(task), task, config, run_in(tmp_path))
+    assert math.isnan(summary["final"]["kl_last_se"])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in strict JSON")
+
+    folder = tmp_path / "run"
+    saved = json.loads((folder / "summary.json").read_text(), parse_constant=refuse)
+    assert saved["final"]["kl_last_se"] is None
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+
+
+def test_phases_ignore_non_finite_evaluations():
+    nan = math.nan
+    records = [
+        {"step": s, "nearest": n, "kl_last": k, "strategy_kl_last": {"unigram": u, "bigram": b}}
+        for s, n, k, u, b in (
+            (0, "unigram", nan, nan, nan),
+            (10, "unigram", 0.5, 0.1, 0.4),
+            (20, "bigram", None, 0.3, None),
+            (30, "unigram", 0.4, 0.1, 0.3),
+        )
+    ]
+    assert [(p["label"], p["start_step"], p["end_step"]) for p in phases(records)] == [
+        ("unigram", 10, 30)
+    ]
+    assert persistent_switch_step(records) is None
+    assert persistent_switch_step(records[:1]) is None  # no switch from NaN
+    report = phase_report(records, order=["unigram", "bigram"])
+    assert report["switches"] == {"unigram->bigram": None}
 
 
 def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path, task):

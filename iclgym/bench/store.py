@@ -13,7 +13,6 @@ flag, which only :meth:`ResultsStore.mark_verified` sets.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -50,18 +49,17 @@ def check_oracle_bound(entry: str, scores: Mapping[str, Any]) -> None:
     recorded) + ``ORACLE_MARGIN``, the margin of :func:`iclgym.harness.evaluate.beats_oracle`
     for the heavy-tailed per-sequence excess). No predictor that reads only the context can, so such
     a result reads what it should not (e.g. future tokens) and is never stored or verified."""
-    from iclgym.harness.evaluate import ORACLE_MARGIN  # one margin for eval, bench, verify
+    from iclgym.harness.evaluate import oracle_bound  # one rule for eval, bench, verify
 
-    excess, se = scores.get("excess_loss"), scores.get("excess_loss_se")
+    excess = scores.get("excess_loss")
     if not isinstance(excess, (int, float)) or isinstance(excess, bool):
         return
-    se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0
-    mc = scores.get("oracle_mc_error")
-    mc = max(float(mc), 0.0) if isinstance(mc, (int, float)) and math.isfinite(mc) else 0.0
-    if excess < -(3 * se + mc + ORACLE_MARGIN):
+    se, mc = scores.get("excess_loss_se"), scores.get("oracle_mc_error")
+    if excess < -oracle_bound(se, mc):
+        se, mc = (f"{x:.2g}" if isinstance(x, (int, float)) else "n/a" for x in (se, mc))
         raise ValueError(
-            f"{entry}: excess loss {excess:.4g} +- {se:.2g} (SE) nats/token beats the exact "
-            f"Bayes oracle (Monte-Carlo error {mc:.2g}): the predictor reads information it "
+            f"{entry}: excess loss {excess:.4g} +- {se} (SE) nats/token beats the exact "
+            f"Bayes oracle (Monte-Carlo error {mc}): the predictor reads information it "
             "should not, e.g. future tokens"
         )
 

@@ -297,10 +297,19 @@ def beats_oracle(report: Report) -> bool:
     predictors (no excess loss)."""
     if report.excess_loss is None:
         return False
-    se = report.excess_loss_se if report.excess_loss_se is not None else math.nan
-    se = 0.0 if math.isnan(se) else se
-    bound = 3 * se + max(report.oracle_mc_error, 0.0) + ORACLE_MARGIN
-    return report.excess_loss < -bound
+    return report.excess_loss < -oracle_bound(report.excess_loss_se, report.oracle_mc_error)
+
+
+def oracle_bound(se: float | None, mc_error: float | None) -> float:
+    """How far (nats/token) an honest mean excess loss may fall below 0 by chance:
+    3 ``se`` + ``mc_error`` + :data:`ORACLE_MARGIN`, a missing or non-finite ``se`` or
+    ``mc_error`` counting 0 (the one rule of :func:`beats_oracle` and the result store)."""
+
+    def finite(x: float | None) -> float:
+        ok = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+        return max(float(x), 0.0) if ok else 0.0  # type: ignore[arg-type]
+
+    return 3 * finite(se) + finite(mc_error) + ORACLE_MARGIN
 
 
 def json_safe(obj: object) -> object:

@@ -269,7 +269,7 @@ def _check_vectorised(copies: Copies, task: Task, device: torch.device) -> None:
 
 def _same(a: Tensor, b: Tensor) -> bool:
     """Equal shapes and values, NaN equal to NaN."""
-    return a.shape == b.shape and bool(torch.equal(a, b) or torch.allclose(a, b, 0, 0, True))
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------- training

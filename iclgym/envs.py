@@ -30,11 +30,13 @@ raises ``ValueError``.
     (a vector summing to 0, e.g. all zeros, is the uniform distribution), floored at
     ``PROB_FLOOR`` (so rewards stay bounded) and renormalised; reward ``log q(x_{t+1})``;
     ``"logits"``: ``Box(-1, 1, (V,))`` read as ``softmax(logit_scale * a)`` (SB3-friendly),
-    reward ``log q(x_{t+1})``. ``reward="squared"`` (probability actions only; default: the
-    task's :attr:`~iclgym.tasks.Task.probability_reward`, ``"logprob"`` except for sparse
-    contextual bigrams, whose paper loss it is) gives instead ``-||e_{x_{t+1}} - f||^2`` with
-    ``f`` the distribution action as given (not renormalised: its expectation is maximal at the
-    true law) or ``softmax(logit_scale * a)``, in [-V, 0] ([-2, 0] for a normalised ``f``);
+    floored at ``PROB_FLOOR`` and renormalised as well; reward ``log q(x_{t+1})``.
+    ``reward="squared"`` (probability actions only; default: the task's
+    :attr:`~iclgym.tasks.Task.probability_reward`, ``"logprob"`` except for sparse contextual
+    bigrams, whose paper loss it is) gives instead ``-||e_{x_{t+1}} - f||^2`` with ``f`` the
+    distribution action as given (not renormalised: its expectation is maximal at the true
+    law) or the floored ``softmax(logit_scale * a)``, in [-V, 0] ([-2, 0] for a normalised
+    ``f``);
     ``"value"``: for tasks with real-valued labels
     (``task.label_values``, the value of each label token), a real prediction in
     ``Box(lo, hi, (1,))`` with ``[lo, hi]`` the label range widened to contain ``[-1, 1]``,
@@ -80,6 +82,7 @@ only what the id names: use ``"iclgym:<id>"`` there, as for any third-party Gymn
 from __future__ import annotations
 
 import colorsys
+import inspect
 import multiprocessing
 import os
 import weakref
@@ -96,7 +99,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from iclgym.argmax import first_argmax_rows
-from iclgym.registry import get_entry
+from iclgym.registry import get_entry, spec_keys
 from iclgym.tasks import SPLITS, Batch, Task, make_family_task
 from iclgym.tasks.base import canonical_split, resolve_split
 from iclgym.validation import as_float, as_int, check_memory, format_bytes, invalid
@@ -167,8 +170,15 @@ def reset_split(options: dict[str, Any] | None, task: Task | None = None) -> str
     return check_split(options["split"], "options['split']", task)
 
 
-def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any]) -> Task:
-    """The task an env runs: an explicit ``task``, or ``env_id``'s family with overrides."""
+def build_task(
+    env_id: str | None,
+    task: Task | None,
+    spec_kwargs: dict[str, Any],
+    env_class: type | None = None,
+) -> Task:
+    """The task an env runs: an explicit ``task``, or ``env_id``'s family with overrides.
+    Raises ``ValueError`` for a keyword that is neither a spec key of ``env_id`` nor an
+    argument of ``env_class`` (a misspelling), listing both."""
     if task is not None:
         if spec_kwargs or env_id is not None:
             raise ValueError("pass either task= or env_id/spec keyword arguments, not both")
@@ -176,7 +186,31 @@ def build_task(env_id: str | None, task: Task | None, spec_kwargs: dict[str, Any
     if env_id is None:
         raise ValueError("an iclgym env needs env_id= (a registered id) or task= (a Task)")
     entry = get_entry(env_id)
+    keys = spec_keys(env_id)
+    unknown = sorted(set(spec_kwargs) - set(keys))
+    if unknown:
+        name = unknown[0]
+        own = [] if env_class is None else keyword_names(env_class)
+        hint = (
+            "; the native vector env autoresets next-step only (for another mode use "
+            "gym.make_vec(..., vectorization_mode='sync', vector_kwargs={'autoreset_mode': ...}))"
+            if name == "autoreset_mode"
+            else ""
+        )
+        raise ValueError(
+            f"keyword {name!r} is invalid for {entry.env_id}: expected a spec key "
+            f"({', '.join(keys)})"
+            + (f" or an env argument ({', '.join(own)})" if own else "")
+            + hint
+        )
     return make_family_task(entry.family, **entry.spec_kwargs(spec_kwargs))
+
+
+def keyword_names(cls: type) -> list[str]:
+    """The named keyword arguments of ``cls.__init__`` (not ``**kwargs``)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
 
 
 def token_dtype(count: int) -> type[np.unsignedinteger]:
@@ -217,6 +251,23 @@ def fresh_copy(a: np.ndarray) -> np.ndarray:
     out = np.empty(a.shape, dtype=a.dtype)
     np.copyto(out, a)
     return out
+
+
+def unshared_laws(true: Any, oracle: Any, handed: set[int]) -> tuple[Any, Any]:
+    """``(true, oracle)`` of one position, each law array that is an array already handed out
+    in this episode (``handed``: their ids, updated) or the other one of the pair replaced by
+    a copy: every step's info holds its own arrays (Gymnasium's contract: users keep what a
+    step returns), whatever a task's ``online`` returns (e.g. one uniform array for several
+    positions). An array returned again is alive, so its id is the recorded one; a recorded
+    id reused by a new array only costs a copy. Point masses (token-id lists) pass through."""
+    out: list[Any] = []
+    for law in (true, oracle):
+        if isinstance(law, np.ndarray):
+            if id(law) in handed or (out and np.may_share_memory(law, out[0])):
+                law = law.copy()
+            handed.add(id(law))
+        out.append(law)
+    return out[0], out[1]
 
 
 def select_rows(batch: Batch, rows: slice) -> Batch:
@@ -313,7 +364,7 @@ class Block:
         self.laws = self.hits = None
         self.batches: list[Batch] | None = None
         if task.seq_len - first == 1:  # the one scored step: laws, hits and labels now
-            self.laws = task.online(batch)(first)
+            self.laws = unshared_laws(*task.online(batch)(first), set())
             oracle = self.laws[1]
             best = oracle if is_point(oracle) else first_argmax(oracle)  # once for both
             self.hits = space.oracle_hits(self.targets[0], best)
@@ -366,6 +417,7 @@ class Round:
         self.hits = None if block.hits is None else block.hits[rows]
         self.batch = None if block.batches is None else block.batches[index]
         self._online = None if block.onlines is None else block.onlines[index]
+        self._handed: set[int] = set()  # ids of the law arrays the round's steps gave out
         self._visited = self.first
 
     def token(self, t: int) -> np.ndarray:
@@ -373,8 +425,12 @@ class Round:
         return (self.tokens[:, t] if t < self.tokens.shape[1] else self.last).astype(np.int64)
 
     def laws(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(true, oracle)`` at position ``t`` (the next unvisited one)."""
-        out = self._laws if self._laws is not None else self._online(t)
+        """``(true, oracle)`` at position ``t`` (the next unvisited one); arrays of their own
+        (:func:`unshared_laws`) when the online function steps the round."""
+        if self._laws is not None:
+            out = self._laws
+        else:
+            out = unshared_laws(*self._online(t), self._handed)
         self._visited = t + 1
         return out
 
@@ -385,6 +441,7 @@ class Round:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._handed = set()  # the rebuilt function's arrays are new objects
         if self._laws is None:
             self._online = self.task.online(self.batch)
             for t in range(self.first, self._visited):
@@ -745,7 +802,8 @@ class _Spaces:
             z = self.logit_scale * a
             z -= z.max(-1, keepdims=True)
             e = np.exp(z)
-            return e / e.sum(-1, keepdims=True)
+            q = np.maximum(e / e.sum(-1, keepdims=True), PROB_FLOOR)  # bounded rewards at any
+            return q / q.sum(-1, keepdims=True)  # logit_scale (exp underflows to 0 past ~745)
         if (a < 0).any() or (a > 1).any():
             raise ValueError(f"distribution action has entries outside [0, 1]: {action}")
         total = a.sum(-1, keepdims=True)
@@ -895,7 +953,7 @@ class ICLEnv(_Spaces, gym.Env):
         **spec_kwargs: Any,
     ) -> None:
         self._setup(
-            build_task(env_id, task, spec_kwargs),
+            build_task(env_id, task, spec_kwargs, ICLEnv),
             observation,
             window,
             action,
@@ -922,7 +980,8 @@ class ICLEnv(_Spaces, gym.Env):
         first, last = self.first, self.seq_len
         seqs = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
         online = self.task.online(batch)
-        laws = [online(t) for t in range(first, last)]
+        handed: set[int] = set()
+        laws = [unshared_laws(*online(t), handed) for t in range(first, last)]
         self._keys = law_keys(*laws[0])
         # the step loop reads positions >= first only (targets and token observations) as
         # Python ints; render reads the rows of the array
@@ -1010,8 +1069,14 @@ class ICLEnv(_Spaces, gym.Env):
             reward = 1.0 if self._token(action) == target else 0.0
             info["regret"] = self._block_hits[k][self._i] - reward
         else:
+            a = np.asarray(action)
+            if a.shape != self.action_space.shape:  # checked here: the scoring is batched
+                raise ValueError(
+                    f"action shape {a.shape} is not {self.action_space.shape}, the shape of "
+                    f"the action space {self.action_space}"
+                )
             rewards, extra = self._score(
-                np.asarray(action)[None], np.array([target]), np.array([true]), np.array([oracle])
+                a[None], np.array([target]), np.array([true]), np.array([oracle])
             )
             reward = float(rewards[0])
             info.update((key, float(value[0])) for key, value in extra.items())
@@ -1095,7 +1160,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         if max_episode_steps is not None:
             max_episode_steps = as_int("max_episode_steps", max_episode_steps, 1)
         self._setup(
-            build_task(env_id, task, spec_kwargs),
+            build_task(env_id, task, spec_kwargs, ICLVectorEnv),
             observation,
             window,
             action,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import pytest
 
 import baselines
@@ -112,7 +113,12 @@ class _Space:
         return {
             "Discrete": lambda n: ("Discrete", n),
             "MultiDiscrete": lambda nvec: ("MultiDiscrete", list(nvec)),
-            "Box": lambda low, high, shape, dtype=None: ("Box", tuple(shape)),
+            "Box": lambda low, high, shape, dtype=None: (
+                "Box",
+                tuple(shape),
+                float(np.float32(low)),
+                float(np.float32(high)),
+            ),
             "Dict": lambda **spaces: ("Dict", spaces),
             "inf": float("inf"),
             "float32": "float32",
@@ -125,8 +131,10 @@ def actual(space: gym.Space) -> tuple:
         return ("Discrete", int(space.n))
     if isinstance(space, gym.spaces.MultiDiscrete):
         return ("MultiDiscrete", [int(v) for v in space.nvec])
-    if isinstance(space, gym.spaces.Box):
-        return ("Box", tuple(space.shape))
+    if isinstance(space, gym.spaces.Box):  # the bounds as stated: one value each
+        low, high = np.unique(space.low), np.unique(space.high)
+        assert low.size == high.size == 1, f"{space}: bounds vary; state them on the page"
+        return ("Box", tuple(space.shape), float(low[0]), float(high[0]))
     if isinstance(space, gym.spaces.Dict):
         return ("Dict", {k: actual(v) for k, v in space.spaces.items()})
     raise AssertionError(f"unexpected space {space}")

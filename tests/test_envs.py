@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import gymnasium as gym
@@ -636,14 +637,41 @@ def test_every_action_inside_the_space_is_valid(env_id):
         max_size=3,
     ),
     st.sampled_from(["distribution", "logits"]),
+    st.sampled_from([0.5, 5.0, 400.0, 1e6]),
 )
-def test_any_box_point_is_a_valid_distribution_or_logits_action(values, action_mode):
+def test_any_box_point_is_a_valid_distribution_or_logits_action(values, action_mode, scale):
+    """Every point of the Box at any logit_scale (a reviewer's logit_scale=400 scored the
+    in-space corner [1, -1, -1] -inf: softmax underflowed to 0 before the floor existed)."""
     a = np.asarray(values, dtype=np.float32)
+    overrides = {"seq_len": 4}
     if action_mode == "logits":
         a = 2 * a - 1
+        overrides["logit_scale"] = scale
     _step_all(
-        "ICL-MarkovChain-v0", action_mode, {"seq_len": 4}, [a, -a if action_mode == "logits" else a]
+        "ICL-MarkovChain-v0", action_mode, overrides, [a, -a if action_mode == "logits" else a]
     )
+
+
+@pytest.mark.parametrize("action", ["distribution", "logits"])
+def test_probability_rewards_are_bounded_by_the_floor(action):
+    """A probability action puts at least PROB_FLOOR / (1 + V PROB_FLOOR) on every token, so
+    the log-prob reward is never below its log (logits at scale 1e6: exp underflows to 0)."""
+    from iclgym.envs import PROB_FLOOR
+
+    env = gym.make("ICL-MarkovChain-v0", action=action, logit_scale=1e6)
+    env.reset(seed=0)
+    v = env.unwrapped.vocab_size
+    bound = np.log(PROB_FLOOR / (1 + v * PROB_FLOOR))
+    worst = np.inf
+    for t in range(30):
+        a = np.full(v, -1.0 if action == "logits" else 0.0, np.float32)
+        a[t % v] = 1.0
+        _, reward, terminated, _, info = env.step(a)
+        assert bound - 1e-9 <= reward <= 0 and np.isfinite(info["kl"])
+        worst = min(worst, reward)
+        if terminated:
+            env.reset()
+    assert worst < bound + 1e-3  # the floor is reached: a missed token scores its log
 
 
 @pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-SymbolCopy-v0"])
@@ -1000,3 +1028,97 @@ def test_val_alias_is_accepted_wherever_a_split_is():
     assert TrainConfig(eval_splits=("val", "test")).eval_splits == ("validation", "test")
     assert main(["eval", "ICL-SparseContextualBigram-v0", "--split", "val", "--json",
                  "--num-sequences", "8"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("order", [4, 5])
+def test_ngram_envs_of_high_order_pass_the_checker(order):
+    """A reviewer's case: positions inside the first context got one shared uniform array as
+    info["oracle_probs"], so writing into one step's info changed the next step's and
+    check_env failed ("infos ... share an object") from order 4 on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(gym.make("ICL-NGram-v0", order=order, seq_len=order + 2).unwrapped)
+
+
+def test_step_infos_never_share_arrays_whatever_online_returns(monkeypatch):
+    """The envs guard Gymnasium's contract for any task: an online function that returns one
+    array for every position and for both laws still gives every step writable arrays of its
+    own (the vector env's info["split"] is one read-only broadcast view by design: nothing
+    can write through it)."""
+    from iclgym.tasks.markov import MarkovChainTask
+
+    def shared_online(self, batch):
+        law = np.full((batch.batch_size, self.vocab_size), 1.0 / self.vocab_size, np.float32)
+        return lambda t: (law, law)
+
+    monkeypatch.setattr(MarkovChainTask, "online", shared_online)
+
+    def arrays(info):
+        return [
+            v
+            for v in info.values()
+            if isinstance(v, np.ndarray) and v.ndim >= 1 and v.flags.writeable
+        ]
+
+    for make in (
+        lambda: gym.make("ICL-MarkovChain-v0", seq_len=6),
+        lambda: gym.make_vec("ICL-MarkovChain-v0", num_envs=3, seq_len=6),
+    ):
+        env = make()
+        env.reset(seed=0)
+        kept = []
+        for _ in range(5):
+            *_, info = env.step(env.action_space.sample())
+            step = arrays(info)
+            assert len(step) >= 2
+            kept.append(step)
+        flat = [a for step in kept for a in step]
+        for i, a in enumerate(flat):
+            for b in flat[i + 1 :]:
+                assert not np.shares_memory(a, b)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "action", "bad", "shape"),
+    [
+        ("ICL-MarkovChain-v0", "distribution", np.full((1, 3), 1 / 3), "(1, 3)"),
+        ("ICL-MarkovChain-v0", "logits", np.zeros(4), "(4,)"),
+        ("ICL-SameDifferent-v0", "value", 0.5, "()"),
+        ("ICL-SameDifferent-v0", "value", np.array([[0.5]]), "(1, 1)"),
+    ],
+)
+def test_single_env_shape_errors_name_the_action_and_its_space(env_id, action, bad, shape):
+    """A reviewer's case: the single env scores a batch of one, and its errors named that
+    internal shape ("action shape (1, 1, 3) is not (1, 3)" for a (1, 3) action)."""
+    env = gym.make(env_id, action=action).unwrapped
+    env.reset(seed=0)
+    want = re.escape(f"action shape {shape} is not {env.action_space.shape}")
+    with pytest.raises(ValueError, match=want):
+        env.step(bad)
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: gym.make("ICL-MarkovChain-v0", num_state=4), "num_state"),
+        (lambda: gym.make("ICL-SymbolTemplate-v0", obsevation="token"), "obsevation"),
+        (lambda: gym.make_vec("ICL-PriorityGraph-v0", num_envs=2, num_token=4), "num_token"),
+        (
+            lambda: gym.make_vec(
+                "ICL-MarkovChain-v0", num_envs=2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+            ),
+            "autoreset_mode",
+        ),
+    ],
+)
+def test_misspelt_env_keywords_raise_value_errors_listing_the_valid_ones(make, name):
+    """A reviewer's case: gym.make with a misspelt keyword raised a TypeError naming the spec
+    dataclass; make_task's ValueError lists the valid keys, and the env path now does too,
+    with the env's own arguments (and the native env's one autoreset mode)."""
+    with pytest.raises(ValueError, match=f"keyword '{name}' is invalid") as err:
+        make()
+    message = str(err.value)
+    assert "a spec key (" in message and "or an env argument (" in message
+    assert "observation" in message and "logit_scale" in message
+    if name == "autoreset_mode":
+        assert "next-step only" in message

@@ -33,18 +33,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from iclgym.harness.metrics import kl_divergence
 from iclgym.harness.predictors import OraclePredictor, Predictor
 from iclgym.tasks.base import Batch, Task, resolve_split
 
 PRIVILEGED_STRATEGIES = ("true",)
 """Strategies that read the latent parameters: reported, never a ``nearest_strategy``."""
-
-
-def kl_at(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) per row, (N, V) -> (N,), with 0 log 0 = 0: entries where p = 0 contribute 0
-    whatever q is there (``-inf`` included)."""
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=log_q.dtype))
-    return terms.sum(-1)
 
 
 def expected_value(log_q: Tensor, values: Tensor) -> Tensor:
@@ -185,7 +179,7 @@ class HeldOut:
             log_true=log_true,
             oracle=oracle,
             oracle_ce=-oracle.gather(-1, targets[:, None])[:, 0],
-            oracle_kl=kl_at(true, log_true, oracle),
+            oracle_kl=kl_divergence(true, oracle, log_true),
             oracle_acc=(oracle.argmax(-1) == targets).float(),
             entropy=-torch.xlogy(true, true).sum(-1),
             strategies=strategies,
@@ -212,7 +206,7 @@ class HeldOut:
             kls = []
             for part in self.parts:
                 p, log_p = part.true[part.last], part.log_true[part.last]
-                kls.append(kl_at(p, log_p, part.strategies[name][1][part.last]))
+                kls.append(kl_divergence(p, part.strategies[name][1][part.last], log_p))
             out[name] = torch.cat(kls).mean().item()
         return out
 
@@ -475,11 +469,11 @@ def _score(
                 log_q = sel
                 ce = -log_q.gather(-1, part.targets[:, None])[:, 0]
                 sums.add("cross_entropy", part, ce, per_seq=True)
-                sums.add("kl", part, kl_at(part.true, part.log_true, log_q), last=True)
+                sums.add("kl", part, kl_divergence(part.true, log_q, part.log_true), last=True)
                 sums.add("accuracy", part, log_q.argmax(-1) == part.targets, per_seq=True)
                 for name in names:
                     p, log_p = part.strategies[name]
-                    sums.add(f"strategy:{name}", part, kl_at(p, log_p, log_q), last=True)
+                    sums.add(f"strategy:{name}", part, kl_divergence(p, log_q, log_p), last=True)
                 pred = None
                 if values_table is not None:
                     pred = expected_value(log_q, values_table).double()

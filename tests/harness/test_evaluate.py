@@ -222,3 +222,23 @@ def test_per_sequence_excess_and_the_marginal_predictor():
     edited = type(batch)(**{**batch.__dict__, "tokens": (batch.tokens + 1) % 3})
     pred = MarginalPredictor(markov, num_sequences=64)
     assert torch.equal(pred.predict(batch), pred.predict(edited))
+
+
+def test_kl_helpers_follow_zero_log_zero_and_are_infinite_off_the_support():
+    """A reviewer's case: kl_divergence([1, 0] || [1, 0]) was NaN (0 * -inf) and
+    kl_divergence_log([.5, .5] || [1, 0]) was -0.35 (the +inf term zeroed). The one KL of the
+    harness (evaluate uses it) now gives 0 and +inf, and the textbook sum elsewhere."""
+    from iclgym.harness.metrics import kl_divergence, kl_divergence_log
+
+    inf = float("inf")
+    log_q = torch.tensor([0.0, -inf], dtype=torch.float64)
+    assert kl_divergence(torch.tensor([1.0, 0.0], dtype=torch.float64), log_q).item() == 0.0
+    half = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    assert kl_divergence_log(half.log(), log_q).item() == inf
+    assert kl_divergence(half, log_q).item() == inf
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(50, 7, generator=g, dtype=torch.float64).softmax(-1)
+    q = torch.rand(50, 7, generator=g, dtype=torch.float64).softmax(-1)
+    want = (p * (p / q).log()).sum(-1)
+    torch.testing.assert_close(kl_divergence(p, q.log()), want)
+    torch.testing.assert_close(kl_divergence_log(p.log(), q.log()), want)

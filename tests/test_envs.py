@@ -1122,3 +1122,30 @@ def test_misspelt_env_keywords_raise_value_errors_listing_the_valid_ones(make, n
     assert "observation" in message and "logit_scale" in message
     if name == "autoreset_mode":
         assert "next-step only" in message
+
+
+def test_multi_concept_with_several_queries_steps_once_per_query():
+    """num_queries = 3 (the same demonstrations for three queries): both checkers' contract,
+    three scored steps per episode in the single and the native vector env, each step's
+    oracle law the task's exact posterior at that query."""
+    env = gym.make("ICL-MultiConcept-v0", num_queries=3, sigma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped)
+    task = env.unwrapped.task
+    first = task.first_scored_position
+    env.reset(seed=3)
+    steps, done = 0, False
+    while not done:
+        _, reward, done, truncated, info = env.step(env.action_space.sample())
+        assert info["t"] == first + steps and reward in (0.0, 1.0) and not truncated
+        steps += 1
+    assert steps == 3 and info["query_y"] in (-1, 1)
+    venv = gym.make_vec("ICL-MultiConcept-v0", num_envs=4, num_queries=3, sigma=0.5)
+    venv.reset(seed=3)
+    flags = [venv.step(venv.action_space.sample())[2] for _ in range(3)]
+    assert [bool(f.all()) for f in flags] == [False, False, True]
+    batch = task.sample(64, generator=task.generator(0, "test"))
+    online, oracle = task.online(batch), task.oracle(batch).exp().numpy()
+    for t in range(first, first + 3):
+        np.testing.assert_allclose(online(t)[1], oracle[:, t], atol=1e-6)

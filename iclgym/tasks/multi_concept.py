@@ -25,13 +25,15 @@ d_j) + N(0, sigma_y^2 I) with kappa = k* (or (k* + 1) mod K with ``cross_pairing
 ``label_extra_concepts`` other concepts than kappa drawn without replacement and rho ~ U{+-1}
 (the label tokens' own task-irrelevant concepts, spec V2). The target is y_L.
 
-**Batch layout** (T = L + 1 positions; vocabulary V = 2: token 0 is the label -1, token 1 the
-label +1): ``tokens[:, l]`` is the label token of demonstration l (l < L) and ``tokens[:, L] = 0``
-is a placeholder that carries no information (the same token in every sequence); ``targets[:,
-t] = tokens[:, t + 1]`` for t < L and ``targets[:, L]`` is the query's label token, the only
-scored position (``loss_mask``, :attr:`~MultiConceptTask.first_scored_position` = L).
-``features`` (B, T, d + d_y) float32: ``[x_l; u_l]`` at demonstration l, ``[x_q; 0]`` at L (the
-reference transformer's tokens e_l and e_q, :mod:`baselines.concept_attention`). ``params``:
+**Batch layout** (T = L + Q positions, Q = ``num_queries``, 1 by default; vocabulary V = 2:
+token 0 is the label -1, token 1 the label +1): ``tokens[:, l]`` is the label token of
+demonstration l (l < L) and ``tokens[:, L + q] = 0`` is a placeholder that carries no
+information (the same token in every sequence); ``targets[:, t] = tokens[:, t + 1]`` for t < L
+and ``targets[:, L + q]`` is query q's label token, the scored positions (``loss_mask``,
+:attr:`~MultiConceptTask.first_scored_position` = L). ``features`` (B, T, d + d_y) float32:
+``[x_l; u_l]`` at demonstration l, ``[x_q; 0]`` at L + q (the reference transformer's tokens
+e_l and e_q, :mod:`baselines.concept_attention`). Words i >= L are the queries, drawn like
+the demonstrations (the same k* and m). ``params``:
 ``task_concept`` (B,) int64, ``mapping`` (B,) int64 in {-1, +1}, ``support`` (B, T, K) bool,
 ``semantic_sign`` (B, T, K) int8 (eps, drawn for every concept; only those in the support act),
 ``coefficient`` (B, T, K) float32 (z on the support, 0 elsewhere), ``clean_label`` (B, T) int64 (m
@@ -40,16 +42,18 @@ bool and ``label_sign`` (B, L, K) int8 (the concepts and signs of each label tok
 at kappa, rho elsewhere).
 
 **Laws** (``true_probs``, the law of each target given the latents): mass 1 - p on the clean
-label of the next word (positions t < L - 1 and the query), a point mass on the placeholder at
-t = L - 1. **Oracle** (:meth:`~MultiConceptTask.oracle`): the exact Bayes posterior given the
-prompt and the world (:meth:`~MultiConceptTask.query_log_probs`); at t < L - 1 the next label is
+label of the next word (positions t < L - 1) and of each query, a point mass on the placeholder
+at t = L - 1. **Oracle** (:meth:`~MultiConceptTask.oracle`): the exact Bayes posterior given the
+prompt and the world (:meth:`~MultiConceptTask.query_log_probs`), at query q given the
+demonstrations and the words of queries 0 .. q (their labels unseen); at t < L - 1 the next label is
 a fresh uniform sign independent of the prefix (eps is, and m eps and its noisy flip are
 too), so the Bayes law there is exactly (1/2, 1/2); at t = L - 1 the placeholder's point mass.
 Log-probabilities are floored at log(1e-30).
 
 **The exact posterior** (float64, log space). Words are independent given (k*, m), so
 P(y_q, prompt) = sum_{k*, m} p(k*) p(m) prod_{l < L} [sum_e A_l(k*, e) P(y_l | m e) U_l(k*)]
-sum_e A_q(k*, e) P(y_q | m e), where A_i(k*, e) = P(x_i, eps_{i,k*} = e | k*) sums over the
+prod_{q' < q} [sum_e A_q'(k*, e)] sum_e A_q(k*, e) P(y_q | m e) (the earlier queries' words
+without their labels), where A_i(k*, e) = P(x_i, eps_{i,k*} = e | k*) sums over the
 supports containing k* and the other signs, U_l(k*) is the label token's likelihood and P(y |
 m e) = 1 - p if y = m e else p. For the orthogonal dictionary the projections of x_i on the
 2K unit word directions are sufficient (the rest is pure noise) and the likelihood factorises
@@ -169,7 +173,12 @@ class MultiConceptSpec(TaskSpec):
         d_y: label-token dimension, same range as ``d``.
         num_concepts: K >= 2.
         s_extra: task-irrelevant concepts per word, 0 <= s_extra <= K - 1.
-        num_demos: L >= 1 demonstrations per prompt (T = L + 1 positions).
+        num_demos: L >= 1 demonstrations per prompt.
+        num_queries: Q >= 1 queries that share the prompt's demonstrations (the env's
+            ``n_queries`` option), each scored at its own position (T = L + Q positions; the env
+            steps Q times per episode). Query q is also seen by the later queries, without
+            its label. The reference transformer (:mod:`baselines.concept_attention`) and its
+            recipe read one query (Q = 1).
         alpha, beta: norms of a_k and b_k, :data:`MAX_SCALE` >= alpha > beta > 0 (so
             <mu_k^+, mu_k^-> = alpha^2 - beta^2 > 0 within a concept, V3).
         gamma, delta: norms of c_k and d_k, :data:`MAX_SCALE` >= gamma > delta > 0.
@@ -203,6 +212,7 @@ class MultiConceptSpec(TaskSpec):
     num_concepts: int = 8
     s_extra: int = 2
     num_demos: int = 16
+    num_queries: int = 1
     alpha: float = 1.0
     beta: float = 0.7
     gamma: float = 1.0
@@ -238,6 +248,7 @@ class MultiConceptSpec(TaskSpec):
             put("d_y", as_int("d_y", self.d_y, 1))
         put("s_extra", as_int("s_extra", self.s_extra, 0, k - 1))
         put("num_demos", as_int("num_demos", self.num_demos, 1))
+        put("num_queries", as_int("num_queries", self.num_queries, 1))
         alpha = as_float("alpha", self.alpha, 0.0, MAX_SCALE, low_open=True)
         put("alpha", alpha)
         put("beta", as_float("beta", self.beta, 0.0, alpha, low_open=True, high_open=True))
@@ -271,7 +282,7 @@ class MultiConceptSpec(TaskSpec):
                     f"contrast between two hypotheses ({contrast:.3g}), so the data cannot "
                     "resolve them (raise the contrast or the noise)",
                 )
-        t, f = self.num_demos + 1, self.d + self.d_y
+        t, f = self.num_demos + self.num_queries, self.d + self.d_y
         check_memory(
             "num_demos",
             self.num_demos,
@@ -416,21 +427,24 @@ def leave_one_out_esp(log_v: Tensor, degree: int) -> Tensor:
 
 
 def _sign_log_probs(sign: Tensor, seq_len: int) -> Tensor:
-    """(B, T, 2) float32 log-probs of a sign rule (B,) in {-1, 0, +1} at the query:
-    (1 - HARD_EPS) on its label, 1/2 each on a tie (:func:`_layout` elsewhere)."""
+    """(B, T, 2) float32 log-probs of a sign rule (B, Q) (or (B,): Q = 1) in {-1, 0, +1} at
+    the queries: (1 - HARD_EPS) on its label, 1/2 each on a tie (:func:`_layout` elsewhere)."""
     p_plus = torch.where(sign > 0, 1.0 - HARD_EPS, HARD_EPS)
     p_plus = torch.where(sign == 0, 0.5, p_plus).to(torch.float64)
     return _layout(torch.stack([1.0 - p_plus, p_plus], -1).log(), seq_len)
 
 
-def _layout(last: Tensor, seq_len: int) -> Tensor:
-    """(B, T, 2) float32 log-probs with ``last`` (B, 2) at the query t = L = T - 1, the
-    placeholder's point mass (log 1, log 1e-30) at t = L - 1 and the fresh sign's (1/2, 1/2)
-    at t < L - 1 (the Bayes laws there, module docstring)."""
-    out = torch.full((last.shape[0], seq_len, 2), -math.log(2.0), device=last.device)
-    out[:, seq_len - 2, 0] = 0.0
-    out[:, seq_len - 2, 1] = math.log(LOG_FLOOR)
-    out[:, -1] = last.float()
+def _layout(queries: Tensor, seq_len: int) -> Tensor:
+    """(B, T, 2) float32 log-probs with ``queries`` (B, Q, 2) (or (B, 2): Q = 1) at the
+    queries t = L .. T - 1 (L = T - Q), the placeholder's point mass (log 1, log 1e-30) at t =
+    L - 1 and the fresh sign's (1/2, 1/2) at t < L - 1 (the Bayes laws there, module
+    docstring)."""
+    queries = queries if queries.dim() == 3 else queries[:, None]
+    L = seq_len - queries.shape[1]
+    out = torch.full((queries.shape[0], seq_len, 2), -math.log(2.0), device=queries.device)
+    out[:, L - 1, 0] = 0.0
+    out[:, L - 1, 1] = math.log(LOG_FLOOR)
+    out[:, L:] = queries.float()
     return out
 
 
@@ -519,8 +533,8 @@ class MultiConceptTask(Task):
 
     @property
     def seq_len(self) -> int:
-        """T = L + 1: the L demonstrations and the query."""
-        return self.spec.num_demos + 1
+        """T = L + Q: the L demonstrations and the Q queries."""
+        return self.spec.num_demos + self.spec.num_queries
 
     @property
     def feature_dim(self) -> int:
@@ -529,7 +543,7 @@ class MultiConceptTask(Task):
 
     @property
     def first_scored_position(self) -> int:
-        """L: only the query's label is scored."""
+        """L: the queries' labels are scored (positions L .. L + Q - 1)."""
         return self.spec.num_demos
 
     @property
@@ -616,11 +630,12 @@ class MultiConceptTask(Task):
         num_demos: int | None = None,
     ) -> dict[str, Tensor]:
         """``batch_size`` prompts as a dict (B = batch_size, L = ``num_demos``,
-        default the spec's, T = L + 1): ``demo_x`` (B, L, d), ``demo_u`` (B, L, d_y) and
-        ``query_x`` (B, d) float32; ``demo_y`` (B, L) and ``query_y`` (B,) int64 in {-1, +1};
+        default the spec's, Q = ``num_queries``, T = L + Q): ``demo_x`` (B, L, d), ``demo_u``
+        (B, L, d_y) and ``queries_x`` (B, Q, d) float32; ``demo_y`` (B, L) and ``queries_y``
+        (B, Q) int64 in {-1, +1}; ``query_x`` (B, d) and ``query_y`` (B,): the first query;
         ``task_concept`` (B,) int64; ``mapping`` (B,) int64 in {-1, +1}; ``support`` (B, T, K)
-        bool and ``semantic_sign`` (B, T, K) int8 (words 0 .. L - 1 then the query); plus
-        ``words`` (B, T, d) (demo_x and query_x are its views), ``coefficient``,
+        bool and ``semantic_sign`` (B, T, K) int8 (words 0 .. L - 1 then the queries); plus
+        ``words`` (B, T, d) (demo_x and the queries are its views), ``coefficient``,
         ``clean_label``, ``label_concept``, ``label_support`` and ``label_sign`` (module
         docstring). Fully vectorised: the support is the ``s_extra`` smallest of K uniform
         scores with k*'s set above 1, then k* forced on; signs, coefficients and noises take
@@ -632,7 +647,7 @@ class MultiConceptTask(Task):
         dev = gen.device
         device = torch.device(device) if device is not None else dev
         tab = self._tables(dev)
-        B, T, K = batch_size, L + 1, s.num_concepts
+        B, T, K = batch_size, L + s.num_queries, s.num_concepts
         u = open_uniform((B,), gen, dev, torch.float64)
         kstar = (u[:, None] > tab["thresholds"]).sum(-1)
         if s.mapping == "random":
@@ -685,6 +700,7 @@ class MultiConceptTask(Task):
             "words": words,
             "demo_u": demo_u,
             "demo_y": labels[:, :L],
+            "queries_y": labels[:, L:],
             "query_y": labels[:, L],
             "task_concept": kstar,
             "mapping": m,
@@ -698,6 +714,7 @@ class MultiConceptTask(Task):
         }
         out = {key: v.to(device) for key, v in out.items()}
         out["demo_x"], out["query_x"] = out["words"][:, :L], out["words"][:, L]
+        out["queries_x"] = out["words"][:, L:]
         return out
 
     def sample(
@@ -712,15 +729,16 @@ class MultiConceptTask(Task):
         p = self.sample_prompts(batch_size, generator=generator, device=device)
         B, L = p["demo_y"].shape
         s = self.spec
-        features = torch.empty(B, L + 1, s.d + s.d_y, device=p["words"].device)
+        T = L + s.num_queries
+        features = torch.empty(B, T, s.d + s.d_y, device=p["words"].device)
         features[..., : s.d] = p["words"]  # every entry written once (no zero fill first)
         features[:, :L, s.d :] = p["demo_u"]
-        features[:, L, s.d :] = 0.0
-        tokens = torch.zeros(B, L + 1, dtype=torch.int64, device=features.device)
+        features[:, L:, s.d :] = 0.0
+        tokens = torch.zeros(B, T, dtype=torch.int64, device=features.device)
         tokens[:, :L] = (p["demo_y"] + 1) // 2
-        targets = torch.cat([tokens[:, 1:], (p["query_y"][:, None] + 1) // 2], 1)
-        mask = torch.zeros(B, L + 1, dtype=torch.bool, device=features.device)
-        mask[:, L] = True
+        targets = torch.cat([tokens[:, 1 : L + 1], (p["queries_y"] + 1) // 2], 1)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=features.device)
+        mask[:, L:] = True
         keys = (
             "task_concept", "mapping", "support", "semantic_sign", "coefficient",
             "clean_label", "label_concept", "label_support", "label_sign",
@@ -737,23 +755,23 @@ class MultiConceptTask(Task):
 
     def true_probs(self, batch: Batch) -> Tensor:
         """(B, T, 2) float32 the law of each target given the latents: 1 - p on the clean
-        label m eps_{i,k*} of the next word i = t + 1 at t < L - 1 and of the query at t = L,
+        label m eps_{i,k*} of the next word i = t + 1 at t < L - 1 and of query q at t = L + q,
         a point mass on the placeholder token 0 at t = L - 1."""
-        clean = batch.params["clean_label"]  # (B, T): words 0 .. L
+        clean = batch.params["clean_label"]  # (B, T): words 0 .. L + Q - 1
         p = self.spec.label_noise
         plus = torch.where(clean > 0, 1.0 - p, p).to(torch.float32)
         law = torch.stack([1.0 - plus, plus], -1)
         out = torch.empty_like(law)
-        L = clean.shape[1] - 1
+        L = clean.shape[1] - self.spec.num_queries
         out[:, : L - 1] = law[:, 1:L]
         out[:, L - 1, 0], out[:, L - 1, 1] = 1.0, 0.0
-        out[:, L] = law[:, L]
+        out[:, L:] = law[:, L:]
         return out
 
     # ------------------------------------------------------------------- the exact oracle
     def oracle(self, batch: Batch) -> Tensor:
         """(B, T, 2) float32 exact Bayes log-probabilities given the tokens and features (the
-        prompt) and the world: :meth:`query_log_probs` at the query, the placeholder's point
+        prompt) and the world: :meth:`query_log_probs` at the queries, the placeholder's point
         mass at t = L - 1 and (1/2, 1/2) before (module docstring). Raises ``ValueError`` for
         a batch without features or of the wrong width."""
         return _layout(self.query_log_probs(batch.tokens, batch.features), batch.seq_len)
@@ -762,34 +780,39 @@ class MultiConceptTask(Task):
         self, tokens: Tensor, features: Tensor | None, *, context: bool = True
     ) -> Tensor:
         """(B, 2) float64 log P(y_q = -1, +1 | prompt) of the exact posterior (module
-        docstring), from ``tokens`` (B, L + 1) int64 (the demonstration labels) and
-        ``features`` (B, L + 1, d + d_y) float32; any L >= 1. ``context=False`` conditions on
-        the query word x_q alone (the no-context Bayes predictor). Computed
-        in float64 log space, in blocks of 512 prompts. Raises ``ValueError`` for missing or
-        mis-shaped features."""
+        docstring), from ``tokens`` (B, L + Q) int64 (the demonstration labels) and
+        ``features`` (B, L + Q, d + d_y) float32, Q = ``num_queries``; any L >= 1. With Q > 1,
+        (B, Q, 2): query q given the demonstrations and the words of queries 0 .. q.
+        ``context=False`` conditions on each query word x_q alone (the no-context Bayes
+        predictor). Computed in float64 log space, in blocks of 512 prompts. Raises
+        ``ValueError`` for missing or mis-shaped features."""
         s = self.spec
         if features is None or features.dim() != 3 or features.shape[-1] != s.d + s.d_y:
             got = None if features is None else tuple(features.shape)
             raise ValueError(f"features must be (B, L + 1, {s.d + s.d_y}) (d + d_y), got {got}")
-        if tokens.shape != features.shape[:2] or features.shape[1] < 2:
+        q = s.num_queries
+        if tokens.shape != features.shape[:2] or features.shape[1] < q + 1:
             raise ValueError(
-                f"tokens {tuple(tokens.shape)} must be (B, L + 1) with L >= 1, matching "
-                f"features {tuple(features.shape)}"
+                f"tokens {tuple(tokens.shape)} must be (B, L + {q}) with L >= 1 (num_queries "
+                f"= {q}), matching features {tuple(features.shape)}"
             )
         blocks = [
             self._query_block(tokens[i : i + 512], features[i : i + 512], context)
             for i in range(0, tokens.shape[0], 512)
         ]
-        return torch.cat(blocks)
+        out = torch.cat(blocks)  # (B, Q, 2)
+        return out[:, 0] if q == 1 else out
 
     def _query_block(self, tokens: Tensor, features: Tensor, context: bool) -> Tensor:
+        """(B, Q, 2) the posteriors of the Q queries (:meth:`query_log_probs`)."""
         s = self.spec
-        L = tokens.shape[1] - 1
+        Q = s.num_queries
+        L = tokens.shape[1] - Q
         tab = self._tables(features.device)
         x = features[..., : s.d].to(torch.float64)
         word = self._word_terms(x if context else x[:, L:], tab)  # (B, T', K, 2)
         log_law = torch.log(torch.tensor(self.concept_law, device=x.device))
-        ctx = log_law.expand(x.shape[0], -1)  # (B, K)
+        ctx = log_law.expand(x.shape[0], -1)[:, None]  # (B, 1, K)
         p = s.label_noise
         same = math.log1p(-p)
         flip = math.log(p) if p > 0 else -math.inf
@@ -801,10 +824,14 @@ class MultiConceptTask(Task):
                 return kept
             return torch.logaddexp(kept + same, flipped + flip)
 
+        q = word[:, -Q:]  # (B, Q, K, 2): e = -1, +1
         if context:
             y = tokens[:, :L].long() * 2 - 1  # (B, L) in {-1, +1}
             u = features[:, :L, s.d :].to(torch.float64)
-            ctx = ctx + self._label_terms(u, y, tab).sum(1)
+            ctx = ctx + self._label_terms(u, y, tab).sum(1)[:, None]
+            if Q > 1:  # the earlier queries' words, their labels unseen: sum_e A(k*, e)
+                seen = torch.logsumexp(q, -1)  # (B, Q, K)
+                ctx = ctx + (seen.cumsum(1) - seen)  # queries 0 .. j - 1 before query j
         mappings = {"fixed": (1,), "switched": (-1,), "random": (1, -1)}[s.mapping]
         log_pm = -math.log(len(mappings))
         joint = []
@@ -815,13 +842,12 @@ class MultiConceptTask(Task):
                 match = (m * y > 0).long()[..., None, None].expand(-1, -1, word.shape[2], 1)
                 w = word[:, :L]
                 demo = noisy(w.gather(-1, match)[..., 0], w.gather(-1, 1 - match)[..., 0])
-                total = total + demo.sum(1)
-            q = word[:, -1]  # (B, K, 2): e = -1, +1
+                total = total + demo.sum(1)[:, None]
             # y_q = +1 needs m e = +1 (e index 1 if m = +1), y_q = -1 the other sign
             plus = q[..., 1] if m > 0 else q[..., 0]
             minus = q[..., 0] if m > 0 else q[..., 1]
-            query = torch.stack([noisy(minus, plus), noisy(plus, minus)], -1)  # (B, K, 2)
-            joint.append(torch.logsumexp(total[..., None] + query, 1) + log_pm)
+            query = torch.stack([noisy(minus, plus), noisy(plus, minus)], -1)  # (B, Q, K, 2)
+            joint.append(torch.logsumexp(total[..., None] + query, 2) + log_pm)
         out = torch.logsumexp(torch.stack(joint), 0)
         return out - torch.logsumexp(out, -1, keepdim=True)
 
@@ -876,33 +902,38 @@ class MultiConceptTask(Task):
 
     # ------------------------------------------------------------ reference predictors
     def _prompt(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(demo_x (B, L, d), demo_u (B, L, d_y), demo_y (B, L) int64 in {-1, +1}, query_x
-        (B, d)) read from a batch's tokens and features."""
+        """(demo_x (B, L, d), demo_u (B, L, d_y), demo_y (B, L) int64 in {-1, +1}, queries_x
+        (B, Q, d)) read from a batch's tokens and features."""
         s, f = self.spec, batch.features
         if f is None:
             raise ValueError("multi-concept strategies need batch.features")
-        L = batch.seq_len - 1
-        return f[:, :L, : s.d], f[:, :L, s.d :], batch.tokens[:, :L].long() * 2 - 1, f[:, L, : s.d]
+        L = batch.seq_len - s.num_queries
+        return f[:, :L, : s.d], f[:, :L, s.d :], batch.tokens[:, :L].long() * 2 - 1, f[:, L:, : s.d]
 
     def dictionary_oracle(self, batch: Batch) -> Tensor:
-        """(B,) int64 in {-1, 0, +1} the dictionary oracle's prediction: k^ =
-        argmax_k sum_l <u_l, c_k> / gamma^2 + sum_i <x_i, a_k> / alpha^2 (all L + 1 words),
+        """(B,) int64 in {-1, 0, +1} the dictionary oracle's prediction ((B, Q) with Q =
+        ``num_queries`` > 1): k^ = argmax_k sum_l <u_l, c_k> / gamma^2 + sum_i <x_i, a_k> /
+        alpha^2 (the L demonstrations and the query's word, with the earlier queries' words),
         s^_i = sign <x_i, b_k^>, m^ = sign sum_l y_l s^_l (random mapping; +1 fixed, -1
         switched), y^_q = m^ s^_q (0: a tie)."""
         s = self.spec
         tab = self._tables(batch.features.device if batch.features is not None else "cpu")
-        demo_x, demo_u, demo_y, query_x = self._prompt(batch)
-        x = torch.cat([demo_x, query_x[:, None]], 1).to(torch.float64)
-        score = (demo_u.to(torch.float64) @ tab["c64"].T).sum(1) / s.gamma
-        score = score + (x @ tab["a64"].T).sum(1) / s.alpha
-        k_hat = score.argmax(-1)  # (B,)
-        b_hat = tab["b64"][k_hat]  # (B, d)
-        signs = torch.sign((x * b_hat[:, None]).sum(-1)).long()  # (B, L + 1)
-        if s.mapping == "random":
-            m_hat = torch.sign((demo_y * signs[:, :-1]).sum(-1))
-        else:
-            m_hat = torch.full_like(k_hat, 1 if s.mapping == "fixed" else -1)
-        return m_hat * signs[:, -1]
+        demo_x, demo_u, demo_y, queries_x = self._prompt(batch)
+        x = torch.cat([demo_x, queries_x], 1).to(torch.float64)
+        L = demo_x.shape[1]
+        label_score = (demo_u.to(torch.float64) @ tab["c64"].T).sum(1) / s.gamma
+        word_score = (x @ tab["a64"].T).cumsum(1) / s.alpha  # (B, L + Q, K)
+        out = []
+        for j in range(queries_x.shape[1]):  # query j reads words 0 .. L + j
+            k_hat = (label_score + word_score[:, L + j]).argmax(-1)  # (B,)
+            b_hat = tab["b64"][k_hat]  # (B, d)
+            signs = torch.sign((x[:, : L + j + 1] * b_hat[:, None]).sum(-1)).long()
+            if s.mapping == "random":
+                m_hat = torch.sign((demo_y * signs[:, :L]).sum(-1))
+            else:
+                m_hat = torch.full_like(k_hat, 1 if s.mapping == "fixed" else -1)
+            out.append(m_hat * signs[:, -1])
+        return out[0] if len(out) == 1 else torch.stack(out, 1)
 
     @property
     def strategies(self) -> Mapping[str, Strategy]:
@@ -915,7 +946,8 @@ class MultiConceptTask(Task):
         their label (1/2 each on a tie); every strategy has the oracle's laws at t < L."""
 
         def uniform(batch: Batch) -> Tensor:
-            return _layout(torch.full((batch.batch_size, 2), -math.log(2.0)), batch.seq_len)
+            shape = (batch.batch_size, self.spec.num_queries, 2)
+            return _layout(torch.full(shape, -math.log(2.0)), batch.seq_len)
 
         def no_context(batch: Batch) -> Tensor:
             lp = self.query_log_probs(batch.tokens, batch.features, context=False)
@@ -923,7 +955,9 @@ class MultiConceptTask(Task):
 
         def rule(score: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Strategy:
             def predict(batch: Batch) -> Tensor:
-                return _sign_log_probs(torch.sign(score(*self._prompt(batch))), batch.seq_len)
+                x, u, y, queries = self._prompt(batch)
+                signs = [torch.sign(score(x, u, y, q)) for q in queries.unbind(1)]
+                return _sign_log_probs(torch.stack(signs, 1), batch.seq_len)
 
             return predict
 
@@ -1062,23 +1096,28 @@ class MultiConceptTask(Task):
 
     # ----------------------------------------------------------------------- env info
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
-        """The laws at the query t = L only: ``(true, oracle)``, (B, 2) float32 numpy (the
-        query label's law given the latents, and :meth:`query_log_probs` exponentiated).
-        Raises ``ValueError`` at any other position."""
-        last = batch.seq_len - 1
-        true = batch.true_probs[:, last].cpu().numpy()
-        oracle = self.query_log_probs(batch.tokens, batch.features).exp().float().cpu().numpy()
+        """The laws at the queries t = L .. L + Q - 1 only: ``(true, oracle)``, (B, 2) float32
+        numpy (the query label's law given the latents, and :meth:`query_log_probs`
+        exponentiated). Raises ``ValueError`` at any other position."""
+        first = batch.seq_len - self.spec.num_queries
+        true = batch.true_probs[:, first:].cpu().numpy()  # (B, Q, 2)
+        lp = self.query_log_probs(batch.tokens, batch.features)
+        oracle = (lp if lp.dim() == 3 else lp[:, None]).exp().float().cpu().numpy()
 
         def step(t: int) -> tuple[np.ndarray, np.ndarray]:
-            if t != last:
-                raise ValueError(f"online: this task scores position {last} only, got t={t}")
-            return true, oracle
+            if not first <= t < batch.seq_len:
+                raise ValueError(
+                    f"online: this task scores positions {first} .. {batch.seq_len - 1} only, "
+                    f"got t={t}"
+                )
+            return true[:, t - first], oracle[:, t - first]
 
         return step
 
     def episode_info(self, batch: Batch) -> dict[str, object]:
         """Per-episode env info, numpy int64 (B,): ``task_concept`` k*,
-        ``mapping`` m in {-1, +1} and ``query_y`` in {-1, +1} (the label after noise)."""
+        ``mapping`` m in {-1, +1} and ``query_y`` in {-1, +1} (the label after noise; the
+        last query's with ``num_queries`` > 1, given at the episode's last step)."""
         p = batch.params
         return {
             "task_concept": p["task_concept"].cpu().numpy().copy(),

@@ -29,7 +29,10 @@ label position because templates are disjoint. Log-probabilities are floored at 
 **Splits.** The sampler reads the split from the generator (:func:`generator_split`): ``train``
 draws from the train alphabet, ``validation`` and ``test`` from theirs. In
 ``data_mode="fixed"`` the train split resamples a fixed set of ``n_train`` strings
-(:meth:`SymbolTemplateTask.train_set`, a function of ``train_set_seed`` only).
+(:meth:`SymbolTemplateTask.train_set`, a function of ``train_set_seed`` only); the laws and the
+oracle stay those of the template law (fresh substitutions), not of that finite set, at the
+context positions: they are never scored (the label position, the only scored one, is
+one-hot under both).
 """
 
 from __future__ import annotations
@@ -1122,7 +1125,9 @@ class SymbolTemplateTask(Task):
         return out
 
     def true_probs(self, batch: Batch) -> Tensor:
-        """Law of each next token given the sampled template (B, T, V)."""
+        """Law (B, T, V) of each next token given the sampled template under the template law
+        (fresh substitutions; with ``data_mode="fixed"`` not the finite training set's law at
+        the unscored context positions, module docstring)."""
         z = batch.params["template_id"]
         post = torch.nn.functional.one_hot(z, self.spec.num_templates)
         return self._laws(batch, post[:, :, None].expand(-1, -1, batch.seq_len))

@@ -99,8 +99,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from iclgym.argmax import first_argmax_rows
-from iclgym.registry import get_entry, spec_keys
-from iclgym.tasks import SPLITS, Batch, Task, make_family_task
+from iclgym.registry import check_overrides, make_task
+from iclgym.tasks import SPLITS, Batch, Task
 from iclgym.tasks.base import canonical_split, resolve_split
 from iclgym.validation import as_float, as_int, check_memory, format_bytes, invalid
 
@@ -185,25 +185,15 @@ def build_task(
         return task
     if env_id is None:
         raise ValueError("an iclgym env needs env_id= (a registered id) or task= (a Task)")
-    entry = get_entry(env_id)
-    keys = spec_keys(env_id)
-    unknown = sorted(set(spec_kwargs) - set(keys))
-    if unknown:
-        name = unknown[0]
-        own = [] if env_class is None else keyword_names(env_class)
-        hint = (
-            "; the native vector env autoresets next-step only (for another mode use "
-            "gym.make_vec(..., vectorization_mode='sync', vector_kwargs={'autoreset_mode': ...}))"
-            if name == "autoreset_mode"
-            else ""
-        )
-        raise ValueError(
-            f"keyword {name!r} is invalid for {entry.env_id}: expected a spec key "
-            f"({', '.join(keys)})"
-            + (f" or an env argument ({', '.join(own)})" if own else "")
-            + hint
-        )
-    return make_family_task(entry.family, **entry.spec_kwargs(spec_kwargs))
+    note = (
+        "; the native vector env autoresets next-step only (for another mode use "
+        "gym.make_vec(..., vectorization_mode='sync', vector_kwargs={'autoreset_mode': ...}))"
+        if "autoreset_mode" in spec_kwargs
+        else ""
+    )
+    own = [] if env_class is None else keyword_names(env_class)
+    check_overrides(env_id, spec_kwargs, own, note)
+    return make_task(env_id, **spec_kwargs)
 
 
 def keyword_names(cls: type) -> list[str]:

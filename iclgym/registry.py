@@ -205,20 +205,33 @@ def spec_keys(env_id: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(typing.get_type_hints(task_class)["spec"]))
 
 
+def check_overrides(
+    env_id: str, overrides: Iterable[str], also: Iterable[str] = (), note: str = ""
+) -> None:
+    """Raise ``ValueError`` for the first key of ``overrides`` that is not a spec key of
+    ``env_id``, listing the spec keys (and ``also``, e.g. an env's own arguments, then
+    ``note``)."""
+    keys = spec_keys(env_id)
+    unknown = sorted(set(overrides) - set(keys))
+    if unknown:
+        others = list(also)
+        raise ValueError(
+            f"spec key {unknown[0]!r} is invalid for {get_entry(env_id).env_id}: expected one "
+            f"of {', '.join(keys)}"
+            + (f"; or an env argument: {', '.join(others)}" if others else "")
+            + note
+        )
+
+
 def make_task(env_id: str, **overrides: Any):
     """The task behind ``env_id`` with spec overrides (e.g. ``num_states=5``).
 
     Raises ``ValueError`` for an unknown id, an override key the spec does not have (listing
-    the valid keys), or a value the spec or the id refuses."""
+    the valid keys, :func:`check_overrides`), or a value the spec or the id refuses."""
     from iclgym.tasks import make_family_task
 
+    check_overrides(env_id, overrides)
     entry = get_entry(env_id)
-    unknown = sorted(set(overrides) - set(spec_keys(env_id)))
-    if unknown:
-        raise ValueError(
-            f"spec key {unknown[0]!r} is invalid for {entry.env_id}: expected one of "
-            f"{', '.join(spec_keys(env_id))}"
-        )
     return make_family_task(entry.family, **entry.spec_kwargs(overrides))
 
 

@@ -34,29 +34,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 import iclgym  # noqa: F401  (registers the ids)
-from iclgym.speed import load_average, vector_steps_per_second
+from iclgym.speed import _best_rate, load_average, vector_steps_per_second
 
 ENTRIES = 1 << 24
 """Entries per random-number timing (64 MB of float32)."""
 COPY_BYTES = 1 << 28
 """Bytes of the write-bandwidth timing (larger than any cache)."""
-
-
-def best_seconds(fn, repeats: int = 3) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def machine_rates() -> dict[str, float]:
@@ -65,11 +54,11 @@ def machine_rates() -> dict[str, float]:
     i64 = torch.empty(ENTRIES, dtype=torch.int64)
     src = torch.ones(COPY_BYTES, dtype=torch.uint8)
     dst = torch.zeros_like(src)  # touched: no page faults in the timing
-    return {
-        "uniform": ENTRIES / best_seconds(f32.uniform_),
-        "word": ENTRIES / best_seconds(i64.random_),
-        "gaussian": ENTRIES / best_seconds(f32.normal_),
-        "bytes": COPY_BYTES / best_seconds(lambda: dst.copy_(src)),
+    return {  # best of 3 (after a warm-up call), as iclgym speed measures
+        "uniform": _best_rate(f32.uniform_, ENTRIES, 3, math.inf),
+        "word": _best_rate(i64.random_, ENTRIES, 3, math.inf),
+        "gaussian": _best_rate(f32.normal_, ENTRIES, 3, math.inf),
+        "bytes": _best_rate(lambda: dst.copy_(src), COPY_BYTES, 3, math.inf),
     }
 
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from iclgym.validation import is_real
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
@@ -52,11 +54,11 @@ def check_oracle_bound(entry: str, scores: Mapping[str, Any]) -> None:
     from iclgym.harness.evaluate import oracle_bound  # one rule for eval, bench, verify
 
     excess = scores.get("excess_loss")
-    if not isinstance(excess, (int, float)) or isinstance(excess, bool):
+    if not is_real(excess):
         return
     se, mc = scores.get("excess_loss_se"), scores.get("oracle_mc_error")
     if excess < -oracle_bound(se, mc):
-        se, mc = (f"{x:.2g}" if isinstance(x, (int, float)) else "n/a" for x in (se, mc))
+        se, mc = (f"{x:.2g}" if is_real(x) else "n/a" for x in (se, mc))
         raise ValueError(
             f"{entry}: excess loss {excess:.4g} +- {se} (SE) nats/token beats the exact "
             f"Bayes oracle (Monte-Carlo error {mc}): the predictor reads information it "

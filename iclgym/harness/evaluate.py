@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from iclgym.harness.metrics import kl_divergence
 from iclgym.harness.predictors import OraclePredictor, Predictor
 from iclgym.tasks.base import Batch, Task, resolve_split
+from iclgym.validation import is_real
 
 PRIVILEGED_STRATEGIES = ("true",)
 """Strategies that read the latent parameters: reported, never a ``nearest_strategy``."""
@@ -300,8 +301,7 @@ def oracle_bound(se: float | None, mc_error: float | None) -> float:
     ``mc_error`` counting 0 (the one rule of :func:`beats_oracle` and the result store)."""
 
     def finite(x: float | None) -> float:
-        ok = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-        return max(float(x), 0.0) if ok else 0.0  # type: ignore[arg-type]
+        return max(float(x), 0.0) if is_real(x) and math.isfinite(x) else 0.0  # type: ignore[arg-type]
 
     return 3 * finite(se) + finite(mc_error) + ORACLE_MARGIN
 

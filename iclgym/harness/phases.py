@@ -15,11 +15,13 @@ from itertools import pairwise
 from math import isfinite
 from typing import Any
 
+from iclgym.validation import is_real
+
 Record = Mapping[str, Any]
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and isfinite(value)
+    return is_real(value) and isfinite(value)
 
 
 def finite_records(records: Sequence[Record]) -> list[Record]:

@@ -542,7 +542,7 @@ class MarkovChainTask(Task):
                     raise ValueError(f"online positions must be visited in order, got {t}")
                 state["t"] = t + 1
                 if t < n - 2:
-                    return init[:, t], uniform.copy()  # fresh per position: callers keep it
+                    return init[:, t], uniform
                 return kernels.online_step(t, n, tokens, rows, row_counts, row_tables, row_alpha)
 
             return compiled
@@ -562,7 +562,7 @@ class MarkovChainTask(Task):
             if t >= n - 1:  # reveal observation x_t; distinct sequences hit distinct cells
                 flat_counts[cells[t]] += 1.0
             if t < n - 2:
-                return init[:, t], uniform.copy()  # fresh per position: callers keep it
+                return init[:, t], uniform
             c = np.take(counts, rows[t], axis=1)
             c += alpha
             c /= c.sum(0)

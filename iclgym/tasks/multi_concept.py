@@ -427,19 +427,17 @@ def leave_one_out_esp(log_v: Tensor, degree: int) -> Tensor:
 
 
 def _sign_log_probs(sign: Tensor, seq_len: int) -> Tensor:
-    """(B, T, 2) float32 log-probs of a sign rule (B, Q) (or (B,): Q = 1) in {-1, 0, +1} at
-    the queries: (1 - HARD_EPS) on its label, 1/2 each on a tie (:func:`_layout` elsewhere)."""
+    """(B, T, 2) float32 log-probs of a sign rule (B, Q) in {-1, 0, +1} at the queries:
+    (1 - HARD_EPS) on its label, 1/2 each on a tie (:func:`_layout` elsewhere)."""
     p_plus = torch.where(sign > 0, 1.0 - HARD_EPS, HARD_EPS)
     p_plus = torch.where(sign == 0, 0.5, p_plus).to(torch.float64)
     return _layout(torch.stack([1.0 - p_plus, p_plus], -1).log(), seq_len)
 
 
 def _layout(queries: Tensor, seq_len: int) -> Tensor:
-    """(B, T, 2) float32 log-probs with ``queries`` (B, Q, 2) (or (B, 2): Q = 1) at the
-    queries t = L .. T - 1 (L = T - Q), the placeholder's point mass (log 1, log 1e-30) at t =
-    L - 1 and the fresh sign's (1/2, 1/2) at t < L - 1 (the Bayes laws there, module
-    docstring)."""
-    queries = queries if queries.dim() == 3 else queries[:, None]
+    """(B, T, 2) float32 log-probs with ``queries`` (B, Q, 2) at the queries t = L .. T - 1
+    (L = T - Q), the placeholder's point mass (log 1, log 1e-30) at t = L - 1 and the fresh
+    sign's (1/2, 1/2) at t < L - 1 (the Bayes laws there, module docstring)."""
     L = seq_len - queries.shape[1]
     out = torch.full((queries.shape[0], seq_len, 2), -math.log(2.0), device=queries.device)
     out[:, L - 1, 0] = 0.0
@@ -774,18 +772,28 @@ class MultiConceptTask(Task):
         prompt) and the world: :meth:`query_log_probs` at the queries, the placeholder's point
         mass at t = L - 1 and (1/2, 1/2) before (module docstring). Raises ``ValueError`` for
         a batch without features or of the wrong width."""
-        return _layout(self.query_log_probs(batch.tokens, batch.features), batch.seq_len)
+        return _layout(self.queries_log_probs(batch.tokens, batch.features), batch.seq_len)
 
     def query_log_probs(
         self, tokens: Tensor, features: Tensor | None, *, context: bool = True
     ) -> Tensor:
         """(B, 2) float64 log P(y_q = -1, +1 | prompt) of the exact posterior (module
-        docstring), from ``tokens`` (B, L + Q) int64 (the demonstration labels) and
-        ``features`` (B, L + Q, d + d_y) float32, Q = ``num_queries``; any L >= 1. With Q > 1,
-        (B, Q, 2): query q given the demonstrations and the words of queries 0 .. q.
-        ``context=False`` conditions on each query word x_q alone (the no-context Bayes
-        predictor). Computed in float64 log space, in blocks of 512 prompts. Raises
-        ``ValueError`` for missing or mis-shaped features."""
+        docstring), from ``tokens`` (B, L + 1) int64 (the demonstration labels) and
+        ``features`` (B, L + 1, d + d_y) float32; any L >= 1. With ``num_queries`` Q > 1 it is
+        :meth:`queries_log_probs`, (B, Q, 2). ``context=False`` conditions on the query word
+        x_q alone (the no-context Bayes predictor). Raises ``ValueError`` for missing or
+        mis-shaped features."""
+        out = self.queries_log_probs(tokens, features, context=context)
+        return out[:, 0] if self.spec.num_queries == 1 else out
+
+    def queries_log_probs(
+        self, tokens: Tensor, features: Tensor | None, *, context: bool = True
+    ) -> Tensor:
+        """(B, Q, 2) float64 log P(y_q = -1, +1 | prompt) of each of the Q = ``num_queries``
+        queries (module docstring): query q given the demonstrations and the words of queries
+        0 .. q, from ``tokens`` (B, L + Q) int64 and ``features`` (B, L + Q, d + d_y) float32;
+        any L >= 1. ``context=False``: each query word alone. Computed in float64 log space,
+        in blocks of 512 prompts. Raises ``ValueError`` for missing or mis-shaped features."""
         s = self.spec
         if features is None or features.dim() != 3 or features.shape[-1] != s.d + s.d_y:
             got = None if features is None else tuple(features.shape)
@@ -800,11 +808,10 @@ class MultiConceptTask(Task):
             self._query_block(tokens[i : i + 512], features[i : i + 512], context)
             for i in range(0, tokens.shape[0], 512)
         ]
-        out = torch.cat(blocks)  # (B, Q, 2)
-        return out[:, 0] if q == 1 else out
+        return torch.cat(blocks)
 
     def _query_block(self, tokens: Tensor, features: Tensor, context: bool) -> Tensor:
-        """(B, Q, 2) the posteriors of the Q queries (:meth:`query_log_probs`)."""
+        """(B, Q, 2) the posteriors of the Q queries (:meth:`queries_log_probs`)."""
         s = self.spec
         Q = s.num_queries
         L = tokens.shape[1] - Q
@@ -912,28 +919,30 @@ class MultiConceptTask(Task):
 
     def dictionary_oracle(self, batch: Batch) -> Tensor:
         """(B,) int64 in {-1, 0, +1} the dictionary oracle's prediction ((B, Q) with Q =
-        ``num_queries`` > 1): k^ = argmax_k sum_l <u_l, c_k> / gamma^2 + sum_i <x_i, a_k> /
-        alpha^2 (the L demonstrations and the query's word, with the earlier queries' words),
-        s^_i = sign <x_i, b_k^>, m^ = sign sum_l y_l s^_l (random mapping; +1 fixed, -1
-        switched), y^_q = m^ s^_q (0: a tie)."""
+        ``num_queries`` > 1, :meth:`dictionary_signs`)."""
+        signs = self.dictionary_signs(batch)
+        return signs[:, 0] if self.spec.num_queries == 1 else signs
+
+    def dictionary_signs(self, batch: Batch) -> Tensor:
+        """(B, Q) int64 in {-1, 0, +1} the dictionary oracle's prediction at each query q:
+        k^ = argmax_k sum_l <u_l, c_k> / gamma^2 + sum_i <x_i, a_k> / alpha^2 (the L
+        demonstrations and the words of queries 0 .. q), s^_i = sign <x_i, b_k^>, m^ = sign
+        sum_l y_l s^_l (random mapping; +1 fixed, -1 switched), y^_q = m^ s^_q (0: a tie)."""
         s = self.spec
         tab = self._tables(batch.features.device if batch.features is not None else "cpu")
         demo_x, demo_u, demo_y, queries_x = self._prompt(batch)
         x = torch.cat([demo_x, queries_x], 1).to(torch.float64)
         L = demo_x.shape[1]
-        label_score = (demo_u.to(torch.float64) @ tab["c64"].T).sum(1) / s.gamma
-        word_score = (x @ tab["a64"].T).cumsum(1) / s.alpha  # (B, L + Q, K)
-        out = []
-        for j in range(queries_x.shape[1]):  # query j reads words 0 .. L + j
-            k_hat = (label_score + word_score[:, L + j]).argmax(-1)  # (B,)
-            b_hat = tab["b64"][k_hat]  # (B, d)
-            signs = torch.sign((x[:, : L + j + 1] * b_hat[:, None]).sum(-1)).long()
-            if s.mapping == "random":
-                m_hat = torch.sign((demo_y * signs[:, :L]).sum(-1))
-            else:
-                m_hat = torch.full_like(k_hat, 1 if s.mapping == "fixed" else -1)
-            out.append(m_hat * signs[:, -1])
-        return out[0] if len(out) == 1 else torch.stack(out, 1)
+        label_score = (demo_u.to(torch.float64) @ tab["c64"].T).sum(1) / s.gamma  # (B, K)
+        word_score = (x @ tab["a64"].T).cumsum(1)[:, L:] / s.alpha  # (B, Q, K): words .. L + q
+        b_hat = tab["b64"][(label_score[:, None] + word_score).argmax(-1)]  # (B, Q, d)
+        query_signs = torch.sign((x[:, L:] * b_hat).sum(-1)).long()  # (B, Q)
+        if s.mapping == "random":
+            demo_signs = torch.sign(torch.einsum("bld,bqd->bql", x[:, :L], b_hat)).long()
+            m_hat = torch.sign((demo_y[:, None] * demo_signs).sum(-1))  # (B, Q)
+        else:
+            m_hat = 1 if s.mapping == "fixed" else -1
+        return m_hat * query_signs
 
     @property
     def strategies(self) -> Mapping[str, Strategy]:
@@ -950,7 +959,7 @@ class MultiConceptTask(Task):
             return _layout(torch.full(shape, -math.log(2.0)), batch.seq_len)
 
         def no_context(batch: Batch) -> Tensor:
-            lp = self.query_log_probs(batch.tokens, batch.features, context=False)
+            lp = self.queries_log_probs(batch.tokens, batch.features, context=False)
             return _layout(lp, batch.seq_len)
 
         def rule(score: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Strategy:
@@ -962,7 +971,7 @@ class MultiConceptTask(Task):
             return predict
 
         def dictionary(batch: Batch) -> Tensor:
-            return _sign_log_probs(self.dictionary_oracle(batch), batch.seq_len)
+            return _sign_log_probs(self.dictionary_signs(batch), batch.seq_len)
 
         return {
             "uniform": uniform,
@@ -1097,12 +1106,11 @@ class MultiConceptTask(Task):
     # ----------------------------------------------------------------------- env info
     def online(self, batch: Batch) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """The laws at the queries t = L .. L + Q - 1 only: ``(true, oracle)``, (B, 2) float32
-        numpy (the query label's law given the latents, and :meth:`query_log_probs`
+        numpy (the query label's law given the latents, and :meth:`queries_log_probs`
         exponentiated). Raises ``ValueError`` at any other position."""
         first = batch.seq_len - self.spec.num_queries
         true = batch.true_probs[:, first:].cpu().numpy()  # (B, Q, 2)
-        lp = self.query_log_probs(batch.tokens, batch.features)
-        oracle = (lp if lp.dim() == 3 else lp[:, None]).exp().float().cpu().numpy()
+        oracle = self.queries_log_probs(batch.tokens, batch.features).exp().float().cpu().numpy()
 
         def step(t: int) -> tuple[np.ndarray, np.ndarray]:
             if not first <= t < batch.seq_len:

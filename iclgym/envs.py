@@ -345,6 +345,14 @@ class Block:
             self.targets = narrow.cpu().numpy()
         else:
             self.targets = np.ascontiguousarray(targets[:, first:].T, dtype=space.obs_dtype)
+        # what the context observation reveals after each step: the next input token (the
+        # label at the end), the target itself except where a task's next input is not its
+        # target (a multi-concept query's placeholder)
+        if torch.equal(batch.targets[:, first:-1], batch.tokens[:, first + 1 :]):
+            self.reveals = self.targets
+        else:
+            nxt = torch.cat([batch.tokens[:, first + 1 :], batch.targets[:, -1:]], 1)
+            self.reveals = np.ascontiguousarray(nxt.cpu().numpy().T, dtype=space.obs_dtype)
         self.obs = space.initial_buffer(self.tokens, self.last)
         self.features = None if batch.features is None else batch.features.cpu().numpy()
         self.feature_obs = space.initial_features(self.features)
@@ -394,6 +402,7 @@ class Round:
         self.task, self.first = block.task, block.first
         self.tokens, self.last = block.tokens[rows], block.last[rows]
         self.targets = block.targets[:, rows]
+        self.reveals = block.reveals[:, rows]
         self.obs = None if block.obs is None else block.obs[rows]
         self.features = None if block.features is None else block.features[rows]
         self.feature_obs = None if block.feature_obs is None else block.feature_obs[rows]
@@ -969,6 +978,7 @@ class ICLEnv(_Spaces, gym.Env):
         dense laws and buffers as arrays."""
         first, last = self.first, self.seq_len
         seqs = torch.cat([batch.tokens, batch.targets[:, -1:]], 1).cpu().numpy()
+        targets = batch.targets.cpu().numpy()
         online = self.task.online(batch)
         handed: set[int] = set()
         laws = [unshared_laws(*online(t), handed) for t in range(first, last)]
@@ -977,12 +987,21 @@ class ICLEnv(_Spaces, gym.Env):
         # Python ints; render reads the rows of the array
         self._block_seqs = seqs
         self._block_tokens = [[]] * first + [seqs[:, j].tolist() for j in range(first, last + 1)]
+        # what step t scores: targets[:, t], the next token x_{t+1} except where a task's
+        # next input is not the target (a multi-concept query's placeholder): revealed, the
+        # next token; scored, the target
+        self._block_targets = [
+            self._block_tokens[t + 1]
+            if np.array_equal(targets[:, t], seqs[:, t + 1])
+            else targets[:, t].tolist()
+            for t in range(first, last)
+        ]
         # per scored step k: a list of token ids (point masses) or a (B, V) array of laws
         self._block_true, self._block_oracle = (
             [law[j].tolist() if is_point(law[j]) else law[j] for law in laws] for j in (0, 1)
         )
         self._block_hits = [
-            self.oracle_hits(seqs[:, t + 1], law[1]).tolist()
+            self.oracle_hits(targets[:, t], law[1]).tolist()
             for t, law in zip(range(first, last), laws, strict=True)
         ]
         self._block_obs = self.initial_buffer(seqs[:, :-1], seqs[:, -1])
@@ -1051,7 +1070,7 @@ class ICLEnv(_Spaces, gym.Env):
         if t >= self.seq_len:
             raise RuntimeError("step() called after the episode ended; call reset() first")
         k = t - self.first
-        target = self._block_tokens[t + 1][self._i]
+        target = self._block_targets[k][self._i]
         true, oracle = self._block_true[k][self._i], self._block_oracle[k][self._i]
         key_true, key_oracle = self._keys
         info = {"t": t, key_true: true, key_oracle: oracle, "split": self.split}
@@ -1071,8 +1090,8 @@ class ICLEnv(_Spaces, gym.Env):
             reward = float(rewards[0])
             info.update((key, float(value[0])) for key, value in extra.items())
         self._t = t + 1
-        if self.obs_mode == "context":
-            self._obs_buffer[t + 1] = target
+        if self.obs_mode == "context":  # reveal the next input token (the label at the end)
+            self._obs_buffer[t + 1] = self._block_tokens[t + 1][self._i]
         reveal = self.obs_mode in ("context", "features") and t + 1 < self.seq_len
         if self._block_fobs is not None and reveal:  # reveal position t + 1's features
             self._fobs_buffer[t + 1] = self._block_features[self._i, t + 1]
@@ -1244,7 +1263,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         reward, extra = self._score(actions, target, true, oracle, self._round.hits)
         self._t = t + 1
         if self.obs_mode == "context":
-            self._obs_buffer[:, t + 1] = target
+            self._obs_buffer[:, t + 1] = self._round.reveals[t - self.first]
         reveal = self.obs_mode in ("context", "features") and t + 1 < self.seq_len
         if self._fobs_buffer is not None and reveal:  # reveal position t + 1's features
             self._fobs_buffer[:, t + 1] = self._round.features[:, t + 1]

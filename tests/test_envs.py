@@ -1145,6 +1145,27 @@ def test_multi_concept_with_several_queries_steps_once_per_query():
     venv.reset(seed=3)
     flags = [venv.step(venv.action_space.sample())[2] for _ in range(3)]
     assert [bool(f.all()) for f in flags] == [False, False, True]
+    # A reviewer's cases: the single env scored queries 0 .. Q - 2 against the next query's
+    # placeholder (a constant action scored 1.0), and the native vector env's context
+    # observation showed each query's label once scored. Each step scores its own query's
+    # label (without label noise the true law is one-hot on it) and no label is shown
+    # before the episode ends, in both envs.
+    L = task.spec.num_demos
+    for env in (gym.make("ICL-MultiConcept-v0", num_queries=3),
+                gym.make_vec("ICL-MultiConcept-v0", num_envs=64, num_queries=3)):  # fmt: skip
+        vector = hasattr(env, "num_envs")
+        for episode in range(1 if vector else 40):  # 64 vector envs, or 40 single episodes
+            obs, _ = env.reset(seed=episode)
+            for j in range(3):
+                action = np.zeros(64, np.int64) if vector else 0
+                obs, reward, *_, info = env.step(action)
+                label = np.asarray(info["true_probs"]).argmax(-1)
+                np.testing.assert_array_equal(reward, (label == 0).astype(float))
+                if j < 2:  # revealed query slots hold the placeholder 0, the rest PAD (2)
+                    assert (obs["tokens"][..., L : L + j + 2] == 0).all()
+                    assert (obs["tokens"][..., L + j + 2 :] == 2).all()
+        if vector:
+            env.close()
     batch = task.sample(64, generator=task.generator(0, "test"))
     online, oracle = task.online(batch), task.oracle(batch).exp().numpy()
     for t in range(first, first + 3):

@@ -283,9 +283,10 @@ class MultiConceptSpec(TaskSpec):
                     "resolve them (raise the contrast or the noise)",
                 )
         t, f = self.num_demos + self.num_queries, self.d + self.d_y
+        longer = "num_queries" if self.num_queries > self.num_demos else "num_demos"
         check_memory(
-            "num_demos",
-            self.num_demos,
+            longer,
+            getattr(self, longer),
             BLOCK_SEQUENCES * t * (4.0 * f + 8.0 * k * k + 16.0 * k + 32.0),
             f"{BLOCK_SEQUENCES} prompts of {t} positions (features, latents and the oracle's "
             f"{k}x{k} tables per word)",

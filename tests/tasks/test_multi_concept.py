@@ -523,3 +523,5 @@ def test_several_queries_strategies_and_online_score_every_query():
         step(L - 1)
     with pytest.raises(ValueError, match="num_queries"):
         MultiConceptTask(**TINY, num_queries=0)
+    with pytest.raises(ValueError, match="num_queries=1000000 is invalid"):  # memory: names Q
+        MultiConceptTask(num_queries=1_000_000)

@@ -71,7 +71,7 @@ torch's elementwise work when the second core is idle and stalls at OpenMP barri
 is not; the compiled kernels run on one thread either way. The grid runs at iclgym's default."""
 ENV_THREADS = 1
 """Torch threads of the env rows (every iclgym command's default): the envs step in Python on
-one core while a worker thread prepares blocks on the other; a second OpenMP thread spin-waits
+one core while worker threads prepare blocks on the other; a second OpenMP thread spin-waits
 on the stepping core (CartPole-v1, which runs no torch, stepped at 78 k vs 120 k steps/s next to
 2-thread iclgym envs)."""
 MIN_SECONDS = 0.1

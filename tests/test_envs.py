@@ -17,7 +17,14 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import iclgym
 from iclgym.argmax import first_argmax_rows
 from iclgym.cli import main
-from iclgym.envs import PROB_FLOOR, ICLEnv, ICLVectorEnv, first_argmax
+from iclgym.envs import (
+    PROB_FLOOR,
+    SINGLE_MIN_STEPS,
+    ICLEnv,
+    ICLVectorEnv,
+    block_sequences,
+    first_argmax,
+)
 
 
 @pytest.mark.parametrize("env_id", ["ICL-MarkovChain-v0", "ICL-NGram-v0"])
@@ -1170,3 +1177,53 @@ def test_multi_concept_with_several_queries_steps_once_per_query():
     online, oracle = task.online(batch), task.oracle(batch).exp().numpy()
     for t in range(first, first + 3):
         np.testing.assert_allclose(online(t)[1], oracle[:, t], atol=1e-6)
+
+
+@pytest.mark.parametrize("env_id", ALL_IDS)
+def test_vector_env_with_one_env_reproduces_single_env_for_every_id(env_id):
+    # Each block of episodes has its own seed, so the block size is part of the stream: with
+    # one sub-env the vector env draws the single env's blocks (episodes across a block edge).
+    single, vector = ICLEnv(env_id), ICLVectorEnv(1, env_id)
+    per_block = block_sequences(single.task, 1, SINGLE_MIN_STEPS)
+    steps = single.seq_len - single.first
+    if per_block * steps > 3000:  # long blocks: compare the first episodes only
+        per_block = 0
+    o1, _ = single.reset(seed=5)
+    o2, _ = vector.reset(seed=5)
+    np.testing.assert_equal(o1, _first_row(o2))
+    for _episode in range(per_block + 2):
+        for _ in range(steps):
+            o1, r1, term1, _, _ = single.step(0)
+            o2, r2, term2, _, _ = vector.step(np.zeros(1, np.int64))
+            np.testing.assert_equal(o1, _first_row(o2))
+            assert r1 == pytest.approx(r2[0], rel=1e-6) and term1 == term2[0]
+        o1, _ = single.reset()
+        o2 = vector.step(np.zeros(1, np.int64))[0]  # next-step autoreset
+        np.testing.assert_equal(o1, _first_row(o2))
+    vector.close()
+
+
+def _first_row(obs):
+    return {k: v[0] for k, v in obs.items()} if isinstance(obs, dict) else obs[0]
+
+
+@pytest.mark.parametrize(
+    "env_id", ["ICL-PriorityGraph-v0", "ICL-SparseContextualBigram-v0", "ICL-MarkovChain-v0"]
+)
+def test_vector_env_rounds_do_not_depend_on_the_workers(env_id, monkeypatch):
+    # blocks are seeded in order and prepared by WORKERS threads: whichever finishes first,
+    # the rounds are the same as with one worker, and as with none ahead (LOOKAHEAD 1)
+    import iclgym.envs as envs
+
+    runs = []
+    for workers, lookahead in ((1, 1), (2, 3), (3, 2)):
+        monkeypatch.setattr(envs, "WORKERS", workers)
+        monkeypatch.setattr(envs, "LOOKAHEAD", lookahead)
+        kwargs = {"seq_len": 5} if "Markov" in env_id else {}
+        venv = ICLVectorEnv(64, env_id, **kwargs)
+        venv.block = 128  # two rounds a block: many blocks in a short run
+        venv.reset(seed=1)
+        runs.append(_trajectory(venv, [np.zeros(64, np.int64)] * 40, True))
+        venv.close()
+    np.testing.assert_equal(runs[0], runs[1])
+    np.testing.assert_equal(runs[0], runs[2])

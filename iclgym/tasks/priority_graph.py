@@ -237,23 +237,22 @@ def planted_weights(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor
     on S* and 0 elsewhere (the shift is common to a row, so it cancels in the law).
 
     O(B (T + K)) work without a (B, T, K) one-hot: the level and weight of
-    every position are read from the flattened (K * K) tables, the top level is a max over
-    the T positions, and the scatter-add of the top positions' weights over the token ids sums
-    the multiplicities. When some ``exp`` of the shifted beta underflows (a spread of beta
-    beyond ~700 within a query row) the weights are computed in log space instead."""
+    every position is read from the flattened (K * K) level table, the top level is a max over
+    the T positions, a scatter-add of the top positions over the token ids counts n_X(j), and
+    one product with the query's row of exp(beta) weighs them. When some ``exp`` of the
+    shifted beta underflows (a spread of beta beyond ~700 within a query row) the weights are
+    computed in log space instead."""
     b, k = tokens.shape[0], level.shape[0]
     query = tokens[:, -1:]
     cell = (query * k + tokens).reshape(-1)  # index of (query, token) in the flat tables
     lev = level.reshape(-1).index_select(0, cell).view(tokens.shape)
     in_top = lev == lev.amax(1, keepdim=True)  # (B, T) positions holding a token of S*
+    counts = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
+    counts.scatter_add_(1, tokens, in_top.double())  # n_X(j) on S*, exact integers
     exp_beta = (beta - beta.amax(1, keepdim=True)).exp()
     if bool((exp_beta > 0).all()):
-        weights = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
-        per_position = exp_beta.reshape(-1).index_select(0, cell).view(tokens.shape)
-        weights.scatter_add_(1, tokens, per_position * in_top)
+        weights = counts * exp_beta.index_select(0, query[:, 0])
         return weights, weights > 0
-    counts = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
-    counts.scatter_add_(1, tokens, in_top.double())
     top = counts > 0
     logits = torch.where(top, counts.log() + beta[query[:, 0]], -torch.inf)
     return (logits - logits.amax(1, keepdim=True)).exp(), top
@@ -297,40 +296,39 @@ def _planted_draw(  # pragma: no cover - compiled
 ):
     b, t = seq.shape[0], seq.shape[1] - 1
     k = level.shape[0]
-    row = np.empty(t, dtype=np.int64)
-    weights = np.zeros(k)  # each row's last pass zeroes it again
-    cdf = np.empty(k)
-    for r in range(b):  # few fused passes per row (fewer, longer passes measured faster)
+    count = np.zeros(k)  # n_X(j) of the row (each row's last pass zeroes it again)
+    for r in range(b):
         query = kernels.uniform_index(words[r, t - 1], shift, k)
-        lq, eq = level[query], exp_beta[query]
         high = -1
         for p in range(t):
-            row[p] = seq[r, p] = j = kernels.uniform_index(words[r, p], shift, k)
-            high = max(high, lq[j])
-        for p in range(t):  # branch-free; equal addends per token, so any order sums alike
-            j = row[p]
-            weights[j] += eq[j] * (lq[j] == high)
-        total = 0.0  # the cumulative weights, as torch's cumsum
+            seq[r, p] = j = kernels.uniform_index(words[r, p], shift, k)
+            count[j] += 1.0
+            lj = level[query, j]
+            high = lj if lj > high else high
+        total = 0.0  # the weights n_X(j) exp_beta (on S*) in probs, their sum, first argmax
+        best = 0
         for j in range(k):
-            total += weights[j]
-            cdf[j] = total
-        label = 0
+            w = count[j] * exp_beta[query, j] * (level[query, j] == high)
+            probs[r, j] = w
+            top[r, j] = w > 0
+            count[j] = 0.0
+            best = j if w > probs[r, best] else best
+            total += w
         if deterministic:  # the first argmax, a point mass
-            for j in range(1, k):
-                if weights[j] > weights[label]:
-                    label = j
             for j in range(k):
-                top[r, j] = weights[j] > 0
-                probs[r, j] = weights[j] = 0.0
-            probs[r, label] = 1.0
-        else:  # inverse CDF: the tokens whose cumulative weight is below u * total
+                probs[r, j] = 0.0
+            probs[r, best] = 1.0
+            seq[r, t] = best
+        else:  # inverse CDF: the tokens whose cumulative weight (torch's cumsum) is below u total
             x = np.float64((words[r, t] >> 10) + 1) * 2.0**-53 * total
+            label = 0
+            cdf = 0.0
             for j in range(k):
-                label += cdf[j] < x
-                top[r, j] = weights[j] > 0
-                probs[r, j] = weights[j] / total
-                weights[j] = 0.0
-        seq[r, t] = label
+                w = probs[r, j]
+                cdf += w
+                label += cdf < x
+                probs[r, j] = w / total
+            seq[r, t] = label
 
 
 def planted_draw(

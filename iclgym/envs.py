@@ -87,7 +87,7 @@ import multiprocessing
 import os
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -505,8 +505,9 @@ class RoundQueue:
         if self._block is None or self._index == len(self._block.rows):
             if self._ready:
                 block = self._ready.pop(0)
-            elif self._pending:
-                block = self._pending.pop(0).result()
+            elif self._pending:  # a worker's error is raised again at every call
+                block = self._pending[0].result()
+                self._pending.pop(0)
             else:
                 block = self._produce(self.stream.next_seed())
             self._block, self._index = block, 0
@@ -516,9 +517,11 @@ class RoundQueue:
         return self._block.round(self._index - 1)
 
     def settle(self) -> None:
-        """Wait for the blocks being prepared and keep them, in order."""
-        pending, self._pending = self._pending, []
-        self._ready.extend(future.result() for future in pending)
+        """Wait for the blocks being prepared and keep them in order; a block whose worker
+        failed stays pending (with those after it), so :meth:`next` raises its error."""
+        wait(self._pending)
+        while self._pending and self._pending[0].exception() is None:
+            self._ready.append(self._pending.pop(0).result())
 
     def close(self) -> None:
         for future in self._pending:
@@ -530,6 +533,8 @@ class RoundQueue:
 
     def __getstate__(self) -> dict[str, Any]:
         self.settle()
+        if self._pending:  # a worker failed: pickling raises its error, the queue keeps it
+            self._pending[0].result()
         state = dict(self.__dict__)
         state["_pool"], state["_pending"] = None, []
         return state
@@ -546,8 +551,8 @@ def _before_fork() -> None:
 
 def _after_fork_in_child() -> None:
     torch.set_num_threads(1)
-    for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child
-        queue._pool, queue._pending = None, []
+    for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child; its
+        queue._pool = None  # pending futures are done (settled before the fork), failed ones
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
@@ -1252,7 +1257,14 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         view = self._obs_buffer[:, t : t + self.window] if self.obs_mode == "window" else None
         return fresh_copy(self._obs_buffer if view is None else view)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "this vector env is closed (close() stopped its block workers): make a new one"
+            )
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        self._check_open()
         split = reset_split(options, self.base_task)
         super().reset(seed=seed)
         if seed is not None or self._rounds is None or split not in (None, self.split):
@@ -1268,6 +1280,7 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         return self._start_round()
 
     def step(self, actions: Any):
+        self._check_open()
         if self._t is None:
             raise RuntimeError("step() called before reset()")
         if self._autoreset:
@@ -1287,10 +1300,8 @@ class ICLVectorEnv(_Spaces, VectorEnv):
         if self.render_mode is not None:
             self._regrets[:, t] = extra["regret"]
         terminated = self._t == self.seq_len
-        truncated = (
-            not terminated
-            and self.max_episode_steps is not None
-            and self._t - self.first >= self.max_episode_steps
+        truncated = (  # as Gymnasium's TimeLimit (gym.make): set at the limit, ended or not
+            self.max_episode_steps is not None and self._t - self.first >= self.max_episode_steps
         )
         self._autoreset = terminated or truncated
         key_true, key_oracle = law_keys(true, oracle)

@@ -1227,3 +1227,73 @@ def test_vector_env_rounds_do_not_depend_on_the_workers(env_id, monkeypatch):
         venv.close()
     np.testing.assert_equal(runs[0], runs[1])
     np.testing.assert_equal(runs[0], runs[2])
+
+
+class _FailingTask(iclgym.tasks.priority_graph.PriorityGraphTask):
+    """A planted priority-graph task whose ``fail_at``-th sampler call raises."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(num_tokens=8, context_len=6)
+        self.fail_at, self.calls = fail_at, 0
+
+    def sample(self, batch_size, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("sampler failed")
+        return super().sample(batch_size, **kwargs)
+
+
+@pytest.mark.parametrize("waited_by", ["step", "pickle", "fork"])
+def test_a_block_workers_error_is_raised_at_every_step_and_never_skipped(waited_by):
+    # A reviewer's cases: the error of a failed block was dropped when a fork or a pickle
+    # waited for the workers (the blocks after it too), and a step after the error went on
+    # with the next block, skipping one seed's episodes without a sign.
+    import pickle
+
+    import iclgym.envs as envs
+
+    venv = ICLVectorEnv(64, task=_FailingTask(fail_at=3))
+    venv.block = 128
+    venv.reset(seed=0)
+    if waited_by == "pickle":
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            pickle.dumps(venv)
+    elif waited_by == "fork":
+        envs._before_fork()  # what os.fork runs first; it never raises
+    for _ in range(2):  # two steps past the failure point: the same error both times
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            for _step in range(20):
+                venv.step(np.zeros(64, np.int64))
+    venv.close()
+
+
+def test_a_closed_vector_env_refuses_to_step_and_leaves_no_worker_threads():
+    import time
+
+    venv = ICLVectorEnv(16, "ICL-PriorityGraph-v0")
+    venv.reset(seed=0)
+    venv.step(np.zeros(16, np.int64))
+    workers = list(venv._rounds._pool._threads)  # this env's (other tests' envs may live on)
+    assert workers
+    venv.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        venv.step(np.zeros(16, np.int64))
+    with pytest.raises(RuntimeError, match="closed"):
+        venv.reset(seed=1)
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in workers):
+        assert time.monotonic() < deadline, "block workers still running after close()"
+        time.sleep(0.05)
+
+
+def test_vector_env_truncates_at_the_limit_as_gym_make_does():
+    # Gymnasium's TimeLimit (gym.make) sets truncated at the limit even on the terminating
+    # step; the native vector env flagged only terminated there
+    single = gym.make("ICL-PriorityGraph-v0", max_episode_steps=1)
+    vector = gym.make_vec("ICL-PriorityGraph-v0", num_envs=1, max_episode_steps=1)
+    single.reset(seed=0)
+    vector.reset(seed=0)
+    _, _, term1, trunc1, _ = single.step(0)
+    _, _, term2, trunc2, _ = vector.step(np.zeros(1, np.int64))
+    assert (term1, trunc1) == (term2[0], trunc2[0]) == (True, True)
+    vector.close()

@@ -551,8 +551,8 @@ def _before_fork() -> None:
 
 def _after_fork_in_child() -> None:
     torch.set_num_threads(1)
-    for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child; its
-        queue._pool = None  # pending futures are done (settled before the fork), failed ones
+    for queue in list(_LIVE_QUEUES):  # the worker threads do not exist in the child; the
+        queue._pool = None  # pending futures, settled before the fork, are failed ones: kept
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

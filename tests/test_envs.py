@@ -1212,7 +1212,7 @@ def _first_row(obs):
 )
 def test_vector_env_rounds_do_not_depend_on_the_workers(env_id, monkeypatch):
     # blocks are seeded in order and prepared by WORKERS threads: whichever finishes first,
-    # the rounds are the same as with one worker, and as with none ahead (LOOKAHEAD 1)
+    # the rounds are the same as with one worker preparing one block ahead (LOOKAHEAD 1)
     import iclgym.envs as envs
 
     runs = []

@@ -236,15 +236,15 @@ def planted_weights(tokens: Tensor, level: Tensor, beta: Tensor) -> tuple[Tensor
     level present); ``weights`` (B, K) float64 are ``n_X(j) exp(beta[k, j] - max_i beta[k, i])``
     on S* and 0 elsewhere (the shift is common to a row, so it cancels in the law).
 
-    O(B (T + K)) work without a (B, T, K) one-hot: the level and weight of
-    every position is read from the flattened (K * K) level table, the top level is a max over
+    O(B (T + K)) work without a (B, T, K) one-hot: the level of every position is read
+    from the flattened (K * K) level table, the top level is a max over
     the T positions, a scatter-add of the top positions over the token ids counts n_X(j), and
     one product with the query's row of exp(beta) weighs them. When some ``exp`` of the
     shifted beta underflows (a spread of beta beyond ~700 within a query row) the weights are
     computed in log space instead."""
     b, k = tokens.shape[0], level.shape[0]
     query = tokens[:, -1:]
-    cell = (query * k + tokens).reshape(-1)  # index of (query, token) in the flat tables
+    cell = (query * k + tokens).reshape(-1)  # index of (query, token) in the flat table
     lev = level.reshape(-1).index_select(0, cell).view(tokens.shape)
     in_top = lev == lev.amax(1, keepdim=True)  # (B, T) positions holding a token of S*
     counts = torch.zeros(b, k, dtype=torch.float64, device=tokens.device)
